@@ -1,0 +1,1 @@
+"""Shared pieces: settings, schemas, key names, the decision rule and the consumer loop."""

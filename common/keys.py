@@ -1,0 +1,79 @@
+"""Every Redis key and stream name, in one place.
+
+Each name carries its partition's hash tag (``tribunal:{0}:items``) so that all
+keys one item touches hash to the same cluster slot: the multi-key scripts and
+pipelines below stay valid when the fleet later runs on a Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Keys:
+    namespace: str = "tribunal"
+    partition: int = 0
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.namespace}:{{{self.partition}}}"
+
+    # Streams, in the order an item travels through them.
+    @property
+    def items(self) -> str:
+        """Producers XADD items here; every worker model reads it in its own group."""
+        return f"{self.prefix}:items"
+
+    @property
+    def ready(self) -> str:
+        """Workers notify the aggregator here once an item has enough votes to decide."""
+        return f"{self.prefix}:ready"
+
+    @property
+    def judge(self) -> str:
+        """Items the workers could not agree on, waiting for the judge."""
+        return f"{self.prefix}:judge"
+
+    @property
+    def output(self) -> str:
+        """Final decisions, one per item."""
+        return f"{self.prefix}:output"
+
+    @property
+    def rejects(self) -> str:
+        """Items refused for bad input, with the reason."""
+        return f"{self.prefix}:rejects"
+
+    @property
+    def dead(self) -> str:
+        """Entries given up on after ``max_deliveries`` failed deliveries."""
+        return f"{self.prefix}:dead"
+
+    # Per-item state.
+    def votes(self, item_id: str) -> str:
+        """Hash: worker name -> vote JSON, plus ``_item`` -> the item JSON."""
+        return f"{self.prefix}:votes:{item_id}"
+
+    def state(self, item_id: str) -> str:
+        """String: ``judge`` while escalated, ``done`` once final (expires after the dedupe TTL)."""
+        return f"{self.prefix}:state:{item_id}"
+
+    @property
+    def deadlines(self) -> str:
+        """Sorted set: item id -> time by which its missing votes are no longer awaited."""
+        return f"{self.prefix}:deadlines"
+
+    @property
+    def final_streams(self) -> tuple[str, str, str]:
+        """Where an item can end: exactly one entry in exactly one of these."""
+        return (self.output, self.rejects, self.dead)
+
+
+def worker_group(worker: str) -> str:
+    """Consumer group of one worker model: replicas of that model share it."""
+    return f"worker:{worker}"
+
+
+AGGREGATOR_GROUP = "aggregator"
+JUDGE_GROUP = "judge"

@@ -1,0 +1,116 @@
+"""The records that travel through the streams: Item in, Vote per worker, Decision or Reject out.
+
+Every record is a pydantic model serialised with orjson (never pickle), so any
+language can read the streams and a malformed record fails loudly with a reason.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+# Ids become part of Redis key names: keep them short and free of braces, spaces
+# and glob characters so an id can never change a key's hash slot or pattern.
+ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
+ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
+
+
+def is_item_id(value: object) -> bool:
+    return isinstance(value, str) and re.fullmatch(ITEM_ID_PATTERN, value) is not None
+
+
+def now() -> float:
+    """Wall-clock seconds; every timestamp in the records uses it."""
+    return time.time()
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def dump(self) -> bytes:
+        return orjson.dumps(self.model_dump())
+
+
+class Item(Record):
+    """One thing to label. ``text_b`` is the second text of pair tasks (similar_ticket)."""
+
+    id: ItemId
+    task: str
+    text: str
+    text_b: str | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    gold: str | None = None  # known label, for evaluation and the demo; never shown to models
+    produced_at: float | None = None
+
+
+class Vote(Record):
+    """One worker's answer for one item. ``label=None`` is an abstention (never counted)."""
+
+    worker: str
+    label: str | None = None
+    confidence: float | None = None
+    latency_ms: float = 0.0
+    error: str | None = None
+    raw: str | None = None  # what the model said, kept when it could not be parsed
+
+
+class Prediction(Record):
+    """What a backend returns for one item; the worker turns it into a Vote."""
+
+    label: str | None = None
+    confidence: float | None = None
+    error: str | None = None
+    raw: str | None = None
+
+
+class Decision(Record):
+    """The final label of an item, with the votes behind it kept for audit."""
+
+    id: str
+    task: str
+    label: str
+    source: Literal["workers", "judge"]
+    reason: str
+    votes: list[Vote]
+    judge: Vote | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    gold: str | None = None
+    produced_at: float | None = None
+    decided_at: float
+
+
+class Reject(Record):
+    """An entry that could not be labeled because its input is bad; ``reason`` says why."""
+
+    id: str
+    reason: str
+    stream: str
+    entry_id: str
+    raw: str  # the start of the offending payload, for the operator
+    rejected_at: float
+
+
+class DeadLetter(Record):
+    """An entry given up on after too many failed deliveries, with the last error."""
+
+    id: str
+    error: str
+    stream: str
+    group: str
+    entry_id: str
+    deliveries: int
+    fields: dict[str, str]
+    dead_at: float
+
+
+class Escalation(Record):
+    """An item the workers could not settle, on its way to the judge with their votes."""
+
+    item: Item
+    votes: list[Vote]
+    reason: str
+    escalated_at: float

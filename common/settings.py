@@ -1,0 +1,126 @@
+"""Settings: environment (``TRIBUNAL_*``), ``.env``, then the TOML fleet file, then defaults.
+
+The fleet file names the tasks, the worker models and the judge; any other
+setting may also appear at its top level. Environment variables win over the
+file so an operator can override one knob without editing it.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from common.tasks import BUILTIN_TASKS, TaskSpec
+
+FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
+_fleet_file: ContextVar[Path | None] = ContextVar("fleet_file", default=None)
+
+
+class ModelSpec(BaseModel):
+    """A model the fleet runs: which backend, its options, how many replica processes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    replicas: int = Field(default=1, ge=1, le=64)
+
+
+def _default_workers() -> dict[str, ModelSpec]:
+    return {name: ModelSpec(backend=name) for name in ("vader", "textblob", "afinn")}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="TRIBUNAL_",
+        env_file=".env",
+        env_nested_delimiter="__",
+        extra="forbid",
+    )
+
+    # Connection and naming
+    redis_url: str | None = Field(
+        default=None, description="Redis URL; unset means start an embedded valkey server."
+    )
+    namespace: str = Field(default="tribunal", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    fleet_file: Path | None = Field(default=None, description="The TOML fleet file in use.")
+
+    # Consumer loop
+    batch_size: int = Field(default=64, ge=1, le=10_000)
+    block_ms: int = Field(default=1000, ge=10, le=60_000)
+    reclaim_idle_s: float = Field(default=60.0, gt=0)
+    reclaim_every_s: float = Field(default=5.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1)
+
+    # Decision rule
+    quorum: int | None = Field(default=None, ge=1, description="Default: majority of workers.")
+    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    vote_timeout_s: float = Field(default=30.0, gt=0)
+
+    # Limits and retention
+    max_text_chars: int = Field(default=8000, ge=1)
+    max_metadata_bytes: int = Field(default=4096, ge=0)
+    max_backlog: int = Field(default=10_000, ge=1)
+    decided_ttl_s: int = Field(default=86_400, ge=1)
+
+    # The fleet
+    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    workers: dict[str, ModelSpec] = Field(default_factory=_default_workers)
+    judge: ModelSpec = Field(default_factory=lambda: ModelSpec(backend="lexicon-judge"))
+
+    @model_validator(mode="after")
+    def _check_fleet(self) -> Settings:
+        if not 1 <= len(self.workers) <= 9:
+            raise ValueError(f"the fleet needs 1 to 9 workers, got {len(self.workers)}")
+        if self.quorum is not None and self.quorum > len(self.workers):
+            raise ValueError(f"quorum {self.quorum} exceeds the {len(self.workers)} workers")
+        for name in self.workers:
+            if not name.replace("-", "").replace("_", "").isalnum():
+                raise ValueError(f"worker name {name!r}: use letters, digits, - and _")
+        return self
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum if self.quorum is not None else len(self.workers) // 2 + 1
+
+    @property
+    def all_tasks(self) -> dict[str, TaskSpec]:
+        return {**BUILTIN_TASKS, **self.tasks}
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        fleet = _fleet_file.get()
+        if fleet is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=fleet))
+        return (*sources, file_secret_settings)
+
+
+def load_settings(fleet_file: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load settings, reading the fleet file named here or by ``TRIBUNAL_FLEET_FILE``."""
+    path = fleet_file or os.environ.get(FLEET_FILE_ENV) or None
+    resolved = Path(path).expanduser().resolve() if path else None
+    if resolved is not None and not resolved.is_file():
+        raise FileNotFoundError(f"fleet file not found: {resolved}")
+    token = _fleet_file.set(resolved)
+    try:
+        return Settings(fleet_file=resolved, **overrides)
+    finally:
+        _fleet_file.reset(token)

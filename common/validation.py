@@ -1,0 +1,94 @@
+"""Turn untrusted input into an Item, or say exactly what is wrong with it.
+
+Producers call this per record before XADD; consumers call it again per entry,
+because anything can write to a stream. Every failure is an ``InvalidItem``
+whose message is the reason stored with the reject.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from common.schemas import Item
+from common.settings import Settings
+
+ITEM_FIELD = b"d"  # the one field of an items-stream entry: the item as JSON
+
+
+class InvalidItem(ValueError):
+    """The input can never be labeled; the message says why."""
+
+
+def parse_payload(payload: bytes | str) -> dict[str, Any]:
+    raw = payload.encode() if isinstance(payload, str) else payload
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidItem(f"payload is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidItem(f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidItem(f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def validate_item(data: dict[str, Any], settings: Settings) -> Item:
+    """Check one record against the schema, the task registry and the size limits."""
+    try:
+        item = Item.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidItem(_explain(exc)) from None
+    tasks = settings.all_tasks
+    task = tasks.get(item.task)
+    if task is None:
+        raise InvalidItem(f"unknown task {item.task!r} (known: {', '.join(sorted(tasks))})")
+    for field, text in (("text", item.text), ("text_b", item.text_b)):
+        if text is None:
+            continue
+        if not text.strip():
+            raise InvalidItem(f"{field} is empty")
+        if len(text) > settings.max_text_chars:
+            raise InvalidItem(
+                f"{field} has {len(text)} characters, over the limit of {settings.max_text_chars}"
+            )
+    if task.pair and item.text_b is None:
+        raise InvalidItem(f"task {item.task!r} compares two tickets and needs text_b")
+    if not task.pair and item.text_b is not None:
+        raise InvalidItem(f"task {item.task!r} takes one text; text_b is not allowed")
+    size = len(orjson.dumps(item.metadata))
+    if size > settings.max_metadata_bytes:
+        raise InvalidItem(
+            f"metadata is {size} bytes, over the limit of {settings.max_metadata_bytes}"
+        )
+    if item.gold is not None and item.gold not in task.labels:
+        raise InvalidItem(f"gold label {item.gold!r} is not one of {task.labels}")
+    return item
+
+
+def item_from_entry(fields: dict[bytes, bytes], settings: Settings) -> Item:
+    payload = fields.get(ITEM_FIELD)
+    if payload is None:
+        names = ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
+        raise InvalidItem(f"entry has no 'd' field with the item JSON (fields: {names})")
+    return validate_item(parse_payload(payload), settings)
+
+
+def _explain(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err["loc"]) or "item"
+        if err["type"] == "missing":
+            parts.append(f"missing field '{where}'")
+        elif err["type"] == "extra_forbidden":
+            parts.append(f"unknown field '{where}'")
+        elif err["type"] == "string_pattern_mismatch" and where == "id":
+            parts.append("field 'id' must be 1-128 characters of letters, digits and ._:@/-")
+        else:
+            parts.append(f"field '{where}': {err['msg']}")
+    more = f" (+{len(exc.errors()) - 3} more)" if len(exc.errors()) > 3 else ""
+    return "; ".join(parts) + more

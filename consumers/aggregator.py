@@ -1,0 +1,113 @@
+"""Aggregator: applies the decision rule to an item's votes and settles or escalates it.
+
+Workers notify it (on the ready stream) once an item has enough votes that a
+decision may be possible. Items whose remaining votes never arrive (a worker is
+down) are swept from the deadlines set after ``vote_timeout_s`` and decided with
+the votes present. Settling goes through a script that acts once per item, so
+replicas, re-deliveries and the sweep can race safely.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic
+from redis.client import Pipeline
+
+from common.consumer import Entry, Handler
+from common.decision import Rule, decide
+from common.keys import AGGREGATOR_GROUP
+from common.schemas import Decision, Escalation, Item, Vote, now
+from consumers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+ITEM_KEY = b"_item"
+
+
+class AggregatorHandler(Handler):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        self.rule = Rule(len(s.workers), s.effective_quorum, s.confidence_threshold)
+        self._next_sweep = 0.0
+
+    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+        ids = list(dict.fromkeys(e.fields[b"id"].decode() for e in entries if b"id" in e.fields))
+        self.settle(ids, pipe, timed_out=False)
+        return {}
+
+    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+        item_id = entry.fields.get(b"id", entry.id.encode()).decode()
+        self.rt.dead_letter(pipe, self.rt.keys.ready, AGGREGATOR_GROUP, entry, item_id, error)
+        return True
+
+    def tick(self) -> None:
+        """Decide items whose vote timeout passed, with the votes they have."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + min(1.0, self.rt.settings.vote_timeout_s / 4)
+        due: Any = self.rt.redis.zrangebyscore(
+            self.rt.keys.deadlines, "-inf", now(), start=0, num=self.rt.settings.batch_size
+        )
+        if due:
+            log.info("vote timeout: deciding %d items with the votes present", len(due))
+            pipe = self.rt.redis.pipeline(transaction=False)
+            self.settle([d.decode() for d in due], pipe, timed_out=True)
+            pipe.execute()
+
+    def settle(self, ids: list[str], pipe: Pipeline, timed_out: bool) -> None:
+        keys = self.rt.keys
+        reads = self.rt.redis.pipeline(transaction=False)
+        for item_id in ids:
+            reads.hgetall(keys.votes(item_id))
+        for item_id, fields in zip(ids, reads.execute(), strict=True):
+            raw_item = fields.pop(ITEM_KEY, None)
+            if raw_item is None:
+                if timed_out:  # settled meanwhile; only its deadline entry was left
+                    pipe.zrem(keys.deadlines, item_id)
+                continue
+            item = Item.model_validate_json(raw_item)
+            votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
+            final = timed_out or len(votes) >= self.rule.n_workers
+            outcome = decide(votes, self.rule, final=final)
+            if outcome.kind == "accept":
+                assert outcome.label is not None
+                decision = Decision(
+                    id=item.id,
+                    task=item.task,
+                    label=outcome.label,
+                    source="workers",
+                    reason=outcome.reason,
+                    votes=votes,
+                    metadata=item.metadata,
+                    gold=item.gold,
+                    produced_at=item.produced_at,
+                    decided_at=now(),
+                )
+                self.rt.scripts.settle(pipe, item.id, keys.output, decision.dump())
+            elif outcome.kind == "escalate":
+                reason = ("vote timeout: " if timed_out else "") + outcome.reason
+                escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
+                self.rt.scripts.escalate(pipe, item.id, escalation.dump())
+
+
+def _read_vote(worker: bytes, raw: bytes) -> Vote:
+    """A vote that cannot be read counts as an abstention, never as a crash."""
+    try:
+        return Vote.model_validate_json(raw)
+    except pydantic.ValidationError as exc:
+        name = worker.decode(errors="replace")
+        return Vote(
+            worker=name,
+            label=None,
+            error=f"unreadable vote: {exc.error_count()} errors",
+            raw=raw[:200].decode(errors="replace"),
+        )
+
+
+def run_aggregator(rt: Runtime) -> None:
+    rt.consume(rt.keys.ready, AGGREGATOR_GROUP, AggregatorHandler(rt), role="aggregator")

@@ -1,0 +1,48 @@
+"""Model backends behind one small protocol: a batch of items in, one prediction per item out.
+
+A backend gets the whole batch in one call so it can batch on the device or send
+requests concurrently. Backends are imported only when a fleet selects them, so
+heavy engines (vLLM) are optional.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
+
+from common.schemas import Item, Prediction
+from common.tasks import TaskSpec
+
+
+class Backend(Protocol):
+    def classify(self, items: Sequence[Item]) -> list[Prediction]:
+        """One prediction per item, in order. Never raise for one bad item: abstain instead."""
+        ...
+
+
+# backend name -> "module:factory"; the factory takes (options, tasks).
+REGISTRY: dict[str, str] = {
+    "vader": "consumers.backends.lexicon:Vader",
+    "textblob": "consumers.backends.lexicon:TextBlobPolarity",
+    "afinn": "consumers.backends.lexicon:Afinn",
+    "lexicon-judge": "consumers.backends.lexicon:LexiconJudge",
+    "simulated": "consumers.backends.simulated:Simulated",
+}
+
+
+class UnknownBackend(ValueError):
+    pass
+
+
+def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> Backend:
+    target = REGISTRY.get(name)
+    if target is None:
+        raise UnknownBackend(f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))})")
+    module, factory = target.split(":")
+    backend: Backend = getattr(importlib.import_module(module), factory)(dict(options), tasks)
+    return backend
+
+
+def unsupported(backend: str, item: Item) -> Prediction:
+    return Prediction(label=None, error=f"backend {backend} does not handle task {item.task!r}")

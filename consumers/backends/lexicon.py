@@ -1,0 +1,147 @@
+"""Offline sentiment backends that run on a CPU with nothing to download.
+
+Three independent lexicon classifiers from PyPI (VADER, TextBlob's pattern
+lexicon, AFINN) act as the small worker models; ``LexiconJudge`` combines them
+with cues specific to support tickets (a calm "my payment failed" is a
+complaint) and plays the stronger, slower judge. They stand in for LLMs so the
+whole fleet can be run and tested anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from common.schemas import Item, Prediction
+from common.tasks import TaskSpec
+from consumers.backends import unsupported
+
+TASK = "sentiment"
+
+
+class PolarityClassifier:
+    """Maps a polarity score in [-1, 1] to positive / negative / neutral.
+
+    ``band`` is the half-width of the neutral zone. Confidence grows with the
+    distance from the nearest boundary, so a score right at a boundary is a coin toss.
+    """
+
+    name = "polarity"
+    band = 0.05
+
+    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+        self.band = float(options.get("band", self.band))
+
+    def score(self, text: str) -> float:
+        raise NotImplementedError
+
+    def classify(self, items: Sequence[Item]) -> list[Prediction]:
+        return [self.predict(item) for item in items]
+
+    def predict(self, item: Item) -> Prediction:
+        if item.task != TASK:
+            return unsupported(self.name, item)
+        s = max(-1.0, min(1.0, self.score(item.text)))
+        if s > self.band:
+            label, margin = "positive", (s - self.band) / (1 - self.band)
+        elif s < -self.band:
+            label, margin = "negative", (-s - self.band) / (1 - self.band)
+        else:
+            label, margin = "neutral", 1 - abs(s) / self.band if self.band else 1.0
+        return Prediction(label=label, confidence=round(0.5 + 0.5 * math.sqrt(margin), 4))
+
+
+class Vader(PolarityClassifier):
+    name = "vader"
+
+    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+        super().__init__(options, tasks)
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, text: str) -> float:
+        return float(self._analyzer.polarity_scores(text)["compound"])
+
+
+class TextBlobPolarity(PolarityClassifier):
+    name = "textblob"
+
+    def score(self, text: str) -> float:
+        from textblob import TextBlob
+
+        return float(TextBlob(text).sentiment.polarity)
+
+
+class Afinn(PolarityClassifier):
+    name = "afinn"
+    band = 0.2
+
+    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+        super().__init__(options, tasks)
+        from afinn import Afinn as AfinnLexicon
+
+        self._afinn = AfinnLexicon(emoticons=True)
+
+    def score(self, text: str) -> float:
+        return math.tanh(float(self._afinn.score(text)) / 4)
+
+
+# Support-desk cues the general lexicons miss. A ticket is mostly about a problem
+# (time lost, money taken, things broken), a question, or thanks; sarcasm wraps a
+# problem in praise words, so problem cues outvote the lexicon.
+_PROBLEM = re.compile(
+    r"\b(fail(ed|s|ing)?|broken|broke|crash(ed|es|ing)?|errors?|not work(ing)?|"
+    r"(doesn|isn|didn|won|can|hasn|haven|wasn)'?t|cannot|unable|never|nobody|no one|nothing|"
+    r"still|again|every (single )?time|keeps?|wrong|missing|lost|gone|wiped|stuck|down|"
+    r"outage|duplicat\w*|charged|overcharged|refund\w*|late|delay\w*|waiting|waited|weeks?|"
+    r"days|hours|unacceptable|ridiculous|worst|disappointed|useless|ignored|zero stars|"
+    r"blocking|locked out|times out|damaged|crushed|used|drains?|loop|promised)\b",
+    re.IGNORECASE,
+)
+_PRAISE = re.compile(
+    r"\b(thank(s| you)|appreciated|grateful|kudos|shout ?out|well done|above and beyond|"
+    r"deserves|5 stars|five stars|smooth|faster|saved|exactly what|bless|rare|"
+    r"works (now|great|perfectly)|love (it|the)|impressed|fantastic job|great job)\b",
+    re.IGNORECASE,
+)
+_QUESTION = re.compile(
+    r"(\?|^\s*(how|what|when|where|which|who|why|does|do|is|are|can|could|would|will|"
+    r"please|requesting|feature request|i'?d like|we'?d like|quick q)\b)",
+    re.IGNORECASE | re.MULTILINE,
+)
+_SHOUTING = re.compile(r"\b[A-Z]{3,}\b|[!?]{2,}")
+
+
+class LexiconJudge(PolarityClassifier):
+    """The offline judge: support-desk cues first, the three lexicons for the rest.
+
+    Slower and more careful than any one worker, as a judge should be; still a
+    stand-in for a large LLM, and its cues were written with the bundled sample in
+    view, so its accuracy there flatters it.
+    """
+
+    name = "lexicon-judge"
+    band = 0.1
+
+    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+        super().__init__(options, tasks)
+        self._parts = (
+            Vader(options, tasks),
+            TextBlobPolarity(options, tasks),
+            Afinn(options, tasks),
+        )
+
+    def score(self, text: str) -> float:
+        problems = len(_PROBLEM.findall(text)) + len(_SHOUTING.findall(text))
+        praise = len(_PRAISE.findall(text))
+        lexical = sum(p.score(text) for p in self._parts) / len(self._parts)
+        if problems >= 2 and problems > praise:
+            return -0.5 - 0.1 * min(problems, 5)
+        if praise and praise >= problems:
+            return 0.5 + 0.1 * min(praise, 5)
+        if _QUESTION.search(text) and problems <= 1:
+            return 0.0
+        return lexical - 0.15 * problems

@@ -1,0 +1,86 @@
+"""Judge consumer: the large model settles the items the workers could not agree on.
+
+It reads escalations in batches, asks the judge backend once per batch, and writes
+the final decision with the workers' votes kept for audit. A judge that gives no
+usable label leaves the entry pending; after ``max_deliveries`` it is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+import pydantic
+from redis.client import Pipeline
+
+from common.consumer import Entry, Handler
+from common.keys import JUDGE_GROUP
+from common.schemas import Decision, Escalation, Vote, now
+from consumers.backends import Backend, load_backend
+from consumers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+JUDGE_NAME = "judge"
+
+
+class JudgeHandler(Handler):
+    def __init__(self, rt: Runtime, backend: Backend) -> None:
+        self.rt = rt
+        self.backend = backend
+        self.tasks = rt.settings.all_tasks
+
+    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+        failures: dict[str, str] = {}
+        cases: list[tuple[Entry, Escalation]] = []
+        for entry in entries:
+            try:
+                cases.append((entry, Escalation.model_validate_json(entry.fields[b"d"])))
+            except (KeyError, pydantic.ValidationError) as exc:
+                failures[entry.id] = f"unreadable escalation: {exc}"
+        if not cases:
+            return failures
+        started = time.perf_counter()
+        predictions = self.backend.classify([case.item for _, case in cases])
+        latency_ms = (time.perf_counter() - started) * 1000 / len(cases)
+        for (entry, case), p in zip(cases, predictions, strict=True):
+            labels = self.tasks[case.item.task].labels
+            if p.label not in labels:
+                failures[entry.id] = f"judge gave no label in {labels}: {p.error or p.raw!r}"
+                continue
+            item = case.item
+            decision = Decision(
+                id=item.id,
+                task=item.task,
+                label=p.label,
+                source="judge",
+                reason=case.reason,
+                votes=case.votes,
+                judge=Vote(
+                    worker=JUDGE_NAME,
+                    label=p.label,
+                    confidence=p.confidence,
+                    latency_ms=round(latency_ms, 3),
+                ),
+                metadata=item.metadata,
+                gold=item.gold,
+                produced_at=item.produced_at,
+                decided_at=now(),
+            )
+            self.rt.scripts.settle_escalated(pipe, item.id, self.rt.keys.output, decision.dump())
+        return failures
+
+    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+        try:
+            item_id, escalated = Escalation.model_validate_json(entry.fields[b"d"]).item.id, True
+        except (KeyError, pydantic.ValidationError):  # written by hand: not a real escalation
+            item_id, escalated = f"entry-{entry.id}", False
+        self.rt.dead_letter(pipe, self.rt.keys.judge, JUDGE_GROUP, entry, item_id, error, escalated)
+        return True
+
+
+def run_judge(rt: Runtime) -> None:
+    spec = rt.settings.judge
+    backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
+    rt.consume(rt.keys.judge, JUDGE_GROUP, JudgeHandler(rt, backend), role="judge")

@@ -1,0 +1,36 @@
+"""Labels reader: streams final decisions to JSONL through its own consumer group.
+
+Its own group means several readers (an exporter, an archiver) each get every
+label, and a restarted reader continues where it stopped: a line is written and
+flushed before its entry is acked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import IO
+
+from redis.client import Pipeline
+
+from common.consumer import Entry, Handler
+from consumers.runtime import Runtime
+
+
+class LabelsHandler(Handler):
+    def __init__(self, out: IO[bytes]) -> None:
+        self.out = out
+        self.written = 0
+
+    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+        lines = [e.fields[b"d"] + b"\n" for e in entries if b"d" in e.fields]
+        self.out.write(b"".join(lines))
+        self.out.flush()
+        self.written += len(lines)
+        return {}
+
+
+def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
+    """Write decisions as JSONL until the stream is drained (or until stopped, with ``follow``)."""
+    handler = LabelsHandler(out)
+    rt.consume(rt.keys.output, group, handler, role="labels", drain=not follow)
+    return handler.written

@@ -1,0 +1,91 @@
+"""What every consumer process shares: settings, one Redis client, key names, scripts, stop flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+from redis import Redis
+from redis.client import Pipeline
+
+from common.connection import connect
+from common.consumer import Entry, Handler, StreamConsumer, consumer_name
+from common.keys import Keys
+from common.lifecycle import StopFlag
+from common.schemas import DeadLetter, Reject, is_item_id, now
+from common.scripts import Scripts
+from common.settings import Settings
+from common.validation import ITEM_FIELD, InvalidItem
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: Redis
+    keys: Keys
+    scripts: Scripts
+    stop: StopFlag
+
+    @classmethod
+    def create(cls, settings: Settings, stop: StopFlag | None = None) -> Runtime:
+        redis = connect(settings)
+        keys = Keys(settings.namespace)
+        return cls(
+            settings, redis, keys, Scripts(redis, keys, settings.decided_ttl_s), stop or StopFlag()
+        )
+
+    def consume(
+        self, stream: str, group: str, handler: Handler, role: str, drain: bool = False
+    ) -> None:
+        """Run the shared consumer loop until a stop signal (or, with ``drain``, until idle)."""
+        StreamConsumer(
+            self.redis, stream, group, handler, self.settings, self.stop, consumer_name(role)
+        ).run(drain=drain)
+
+    def reject(self, pipe: Pipeline, stream: str, entry: Entry, error: InvalidItem) -> None:
+        """Settle a bad entry as a reject, once, whichever consumer sees it first."""
+        payload = entry.fields.get(ITEM_FIELD, b"")
+        record = Reject(
+            id=entry_item_id(entry),
+            reason=str(error),
+            stream=stream,
+            entry_id=entry.id,
+            raw=payload[:300].decode("utf-8", errors="replace"),
+            rejected_at=now(),
+        )
+        self.scripts.settle(pipe, record.id, self.keys.rejects, record.dump())
+
+    def dead_letter(
+        self,
+        pipe: Pipeline,
+        stream: str,
+        group: str,
+        entry: Entry,
+        item_id: str,
+        error: str,
+        escalated: bool = False,
+    ) -> None:
+        record = DeadLetter(
+            id=item_id,
+            error=error,
+            stream=stream,
+            group=group,
+            entry_id=entry.id,
+            deliveries=entry.deliveries,
+            fields={
+                k.decode(errors="replace"): v.decode(errors="replace")
+                for k, v in entry.fields.items()
+            },
+            dead_at=now(),
+        )
+        settle = self.scripts.settle_escalated if escalated else self.scripts.settle
+        settle(pipe, item_id, self.keys.dead, record.dump())
+
+
+def entry_item_id(entry: Entry) -> str:
+    """The item id an entry claims, or one derived from the entry id when it has none usable."""
+    try:
+        claimed = orjson.loads(entry.fields.get(ITEM_FIELD, b""))["id"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        claimed = None
+    return claimed if is_item_id(claimed) else f"entry-{entry.id}"

@@ -1,0 +1,105 @@
+"""Worker-model consumer: every item gets one vote from each worker model.
+
+Each worker model has its own consumer group on the items stream, so every
+model sees every item while replicas of one model share its load. A batch goes
+to the backend in one call; each vote is cast by a script that stores it in the
+item's vote hash and notifies the aggregator once enough votes are in.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+
+from redis.client import Pipeline
+
+from common.consumer import Entry, Handler
+from common.keys import worker_group
+from common.schemas import Item, Prediction, Vote, now
+from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
+from consumers.backends import Backend, load_backend
+from consumers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class WorkerHandler(Handler):
+    def __init__(self, rt: Runtime, worker: str, backend: Backend) -> None:
+        self.rt = rt
+        self.worker = worker
+        self.backend = backend
+        self.tasks = rt.settings.all_tasks
+        # The aggregator is woken once a decision may be possible, not on every vote.
+        self.notify_at = rt.settings.effective_quorum
+
+    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+        valid: list[tuple[Entry, Item]] = []
+        for entry in entries:
+            try:
+                valid.append((entry, item_from_entry(entry.fields, self.rt.settings)))
+            except InvalidItem as exc:
+                self.rt.reject(pipe, self.rt.keys.items, entry, exc)
+        if not valid:
+            return {}
+        started = time.perf_counter()
+        predictions = self.backend.classify([item for _, item in valid])
+        if len(predictions) != len(valid):
+            raise RuntimeError(
+                f"backend returned {len(predictions)} predictions for {len(valid)} items"
+            )
+        per_item_ms = (time.perf_counter() - started) * 1000 / len(valid)
+        for (entry, item), prediction in zip(valid, predictions, strict=True):
+            self.cast(pipe, entry, item, self.vote(item, prediction, per_item_ms))
+        return {}
+
+    def vote(self, item: Item, p: Prediction, latency_ms: float) -> Vote:
+        """Turn a prediction into a vote; a label outside the task's set is an abstention."""
+        label, error = p.label, p.error
+        if label is not None and label not in self.tasks[item.task].labels:
+            label, error = None, f"label {p.label!r} is not one of {self.tasks[item.task].labels}"
+        return Vote(
+            worker=self.worker,
+            label=label,
+            confidence=p.confidence if label is not None else None,
+            latency_ms=round(latency_ms, 3),
+            error=error,
+            raw=p.raw if label is None else None,
+        )
+
+    def cast(self, pipe: Pipeline, entry: Entry, item: Item, vote: Vote) -> None:
+        self.rt.scripts.cast_vote(
+            pipe,
+            item.id,
+            self.worker,
+            vote.dump(),
+            entry.fields[ITEM_FIELD],
+            self.notify_at,
+            now() + self.rt.settings.vote_timeout_s,
+        )
+
+    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+        """This model keeps failing on the item: abstain with the error, so the other
+        workers and the judge can still settle it."""
+        try:
+            item = item_from_entry(entry.fields, self.rt.settings)
+        except InvalidItem as exc:
+            self.rt.reject(pipe, self.rt.keys.items, entry, exc)
+            return True
+        abstain = Vote(
+            worker=self.worker,
+            label=None,
+            error=f"gave up after {entry.deliveries} deliveries: {error}",
+        )
+        self.cast(pipe, entry, item, abstain)
+        return True
+
+
+def run_worker(rt: Runtime, worker: str) -> None:
+    spec = rt.settings.workers.get(worker)
+    if spec is None:
+        known = ", ".join(sorted(rt.settings.workers))
+        raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
+    backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
+    handler = WorkerHandler(rt, worker, backend)
+    rt.consume(rt.keys.items, worker_group(worker), handler, role=f"worker:{worker}")

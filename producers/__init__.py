@@ -1,0 +1,5 @@
+"""Getting items onto the items stream: files, stdin, or the Python API."""
+
+from producers.api import Producer, ProduceReport
+
+__all__ = ["ProduceReport", "Producer"]

@@ -1,0 +1,85 @@
+"""End to end: the real fleet (separate processes) on a real Redis, every item accounted for."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from common.connection import connect
+from common.keys import Keys
+from common.settings import Settings
+from producers.api import Producer
+from tribunal.demo import BAD_ENTRIES, Outcome, collect, load_sample
+from tribunal.fleet import Fleet
+
+
+def wait_for(redis: Any, keys: Keys, expected: int, timeout: float = 120.0) -> Outcome:
+    outcome = Outcome()
+    cursors = dict.fromkeys(keys.final_streams, "0-0")
+    deadline = time.monotonic() + timeout
+    while outcome.ended < expected and time.monotonic() < deadline:
+        collect(redis, keys, cursors, outcome)
+        time.sleep(0.1)
+    time.sleep(0.5)  # anything extra (a second label for an item) would show up now
+    collect(redis, keys, cursors, outcome)
+    return outcome
+
+
+def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> None:
+    redis = connect(settings)
+    keys = Keys(settings.namespace)
+    records = load_sample("sentiment")
+    assert len(records) >= 200
+    fleet = Fleet(
+        settings,
+        settings.redis_url or "",
+        log_level="WARNING",
+        extra_env={"TRIBUNAL_NAMESPACE": settings.namespace},
+    ).start()
+    try:
+        report = Producer(redis, settings).send(records)
+        assert report.produced == len(records) and not report.invalid
+        bad_ids = []
+        for fields in BAD_ENTRIES:
+            entry_id = redis.xadd(keys.items, fields)  # type: ignore[arg-type]
+            bad_ids.append(entry_id.decode())
+        outcome = wait_for(redis, keys, len(records) + len(BAD_ENTRIES))
+    finally:
+        fleet.stop()
+
+    labeled = [d["id"] for d in outcome.decisions]
+    rejected = [r["id"] for r in outcome.rejects]
+    assert outcome.dead == []
+    assert len(labeled) == len(set(labeled)), "an item was labeled twice"
+    assert set(labeled) == {r["id"] for r in records}
+    assert len(rejected) == len(BAD_ENTRIES) == len(set(rejected))
+    # Entries without a usable id are named after their stream entry.
+    assert {"entry-" + bad_ids[0], "entry-" + bad_ids[-1]} <= set(rejected)
+    tasks = settings.all_tasks
+    for d in outcome.decisions:
+        assert d["label"] in tasks[d["task"]].labels
+        assert d["source"] in ("workers", "judge")
+        assert d["votes"], d
+    assert redis.keys(keys.votes("*")) == [], "per-item vote hashes left behind"
+    assert redis.zcard(keys.deadlines) == 0
+    assert any(d["source"] == "judge" for d in outcome.decisions)
+
+
+def test_demo_command_prints_a_summary_with_every_item_accounted(redis_url: str) -> None:
+    env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, "COLUMNS": "120"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tribunal", "demo", "--limit", "60"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "Summary" in out and "Agreement with gold labels" in out
+    assert "65 (60 tickets + 5 malformed)" in out
+    assert re.search(r"not settled\s*│\s*0\s", out), out

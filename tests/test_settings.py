@@ -1,0 +1,76 @@
+"""Settings from the fleet file, the environment and defaults, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from common.settings import load_settings
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in ("TRIBUNAL_FLEET_FILE", "TRIBUNAL_QUORUM", "TRIBUNAL_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def test_defaults_are_the_offline_fleet_with_a_majority_quorum() -> None:
+    s = load_settings()
+    assert sorted(s.workers) == ["afinn", "textblob", "vader"]
+    assert s.judge.backend == "lexicon-judge"
+    assert s.effective_quorum == 2
+    assert {"sentiment", "similar_ticket"} <= set(s.all_tasks)
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.toml")))
+def test_every_example_fleet_file_loads(example: str) -> None:
+    s = load_settings(EXAMPLES / example)
+    assert s.workers and s.judge.backend
+
+
+def test_fleet_file_defines_tasks_and_workers_and_env_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(
+        'quorum = 1\nbatch_size = 7\n[workers.one]\nbackend = "simulated"\n'
+        '[workers.two]\nbackend = "simulated"\nreplicas = 3\n'
+        '[tasks.topic]\nlabels = ["billing", "bug"]\ninstructions = "Topic?"\n'
+    )
+    monkeypatch.setenv("TRIBUNAL_QUORUM", "2")
+    monkeypatch.setenv("TRIBUNAL_FLEET_FILE", str(fleet))
+    s = load_settings()
+    assert s.quorum == 2 and s.batch_size == 7
+    assert s.workers["two"].replicas == 3
+    assert s.all_tasks["topic"].labels == ["billing", "bug"]
+
+
+def test_missing_fleet_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="fleet file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("quorum = 5\n", "quorum 5 exceeds the 3 workers"),
+        ('[tasks.x]\nlabels = ["a"]\ninstructions = "?"\n', "at least 2"),
+        ('[tasks.x]\nlabels = ["a", "a"]\ninstructions = "?"\n', "duplicate labels"),
+        (
+            '[tasks.x]\nlabels = ["a", "b"]\ninstructions = "?"\nsynonyms = {c = ["d"]}\n',
+            "not in the label set",
+        ),
+        ('[workers."bad name"]\nbackend = "vader"\n', "worker name"),
+        ("bogus_setting = 1\n", "bogus_setting"),
+    ],
+)
+def test_invalid_fleet_files_say_what_is_wrong(tmp_path: Path, toml: str, message: str) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(toml)
+    with pytest.raises(ValidationError, match=message):
+        load_settings(fleet)

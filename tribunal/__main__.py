@@ -1,0 +1,3 @@
+from tribunal.cli import app
+
+app(prog_name="tribunal")

@@ -1,0 +1,255 @@
+"""The ``tribunal`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import redis
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from common.connection import EmbeddedRedis, connect
+from common.lifecycle import StopFlag, setup_logging
+from common.settings import Settings, load_settings
+
+app = typer.Typer(
+    help=(
+        "Label a stream of support tickets cheaply: small worker models vote on every item, "
+        "and a large judge model decides only the items they disagree on.\n\n"
+        "Items flow over Redis Streams: produce → workers (one vote each) → aggregator "
+        "(majority or judge) → judge → output. Configure with TRIBUNAL_* environment "
+        "variables, a .env file, or a TOML fleet file (--fleet)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+log = logging.getLogger("tribunal")
+
+
+class State:
+    fleet: Path | None = None
+    redis_url: str | None = None
+
+
+state = State()
+
+
+@app.callback()
+def main(
+    fleet: Annotated[
+        Path | None,
+        typer.Option(
+            "--fleet",
+            "-f",
+            envvar="TRIBUNAL_FLEET_FILE",
+            help="TOML fleet file: tasks, worker models, judge, and any setting.",
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar="TRIBUNAL_REDIS_URL",
+            help="Redis to use, e.g. redis://localhost:6379/0.",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    setup_logging(log_level)
+    state.fleet, state.redis_url = fleet, redis_url
+
+
+def settings() -> Settings:
+    """The settings for this command, or a readable error and exit code 2."""
+    overrides = {"redis_url": state.redis_url} if state.redis_url else {}
+    try:
+        return load_settings(state.fleet, **overrides)
+    except FileNotFoundError as exc:
+        err.print(f"[red]error:[/] {exc}")
+    except ValidationError as exc:
+        err.print(f"[red]invalid settings:[/]\n{exc}")
+    raise typer.Exit(2)
+
+
+def needs_redis(s: Settings) -> Settings:
+    if not s.redis_url:
+        err.print(
+            "[red]error:[/] no Redis configured: set TRIBUNAL_REDIS_URL or --redis-url "
+            "(or use `tribunal run` / `tribunal demo`, which start an embedded server)"
+        )
+        raise typer.Exit(2)
+    return s
+
+
+def runtime(s: Settings):  # type: ignore[no-untyped-def]
+    from consumers.runtime import Runtime
+
+    return Runtime.create(needs_redis(s), StopFlag().install())
+
+
+@app.command()
+def demo(
+    task: Annotated[str, typer.Option(help="sentiment or similar_ticket")] = "sentiment",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N sample items.")] = None,
+) -> None:
+    """Run a real fleet on the bundled sample tickets and print labels and statistics.
+
+    Starts an embedded valkey server unless TRIBUNAL_REDIS_URL is set, the three worker
+    models, the aggregator and the judge as separate processes, then waits until every
+    item is labeled, rejected or dead-lettered.
+    """
+    from tribunal.demo import SAMPLES, run_demo
+
+    if task not in SAMPLES:
+        err.print(f"[red]error:[/] no sample for task {task!r} (have: {', '.join(SAMPLES)})")
+        raise typer.Exit(2)
+    ok = run_demo(settings(), task, limit, Console())
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def produce(
+    source: Annotated[str, typer.Argument(help="JSONL or CSV file, or - for stdin.")],
+    fmt: Annotated[
+        str | None, typer.Option("--format", help="jsonl or csv (default: by file extension).")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Task for records that name none.")] = None,
+    follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
+    text_col: Annotated[str, typer.Option(help="CSV column with the text.")] = "text",
+    text_b_col: Annotated[str, typer.Option(help="CSV column with the second text.")] = "text_b",
+    id_col: Annotated[str, typer.Option(help="CSV column with the item id.")] = "id",
+    task_col: Annotated[str, typer.Option(help="CSV column with the task.")] = "task",
+    gold_col: Annotated[str, typer.Option(help="CSV column with a known label.")] = "gold",
+) -> None:
+    """Validate records and add them to the items stream.
+
+    Each bad record is reported with its line and skipped; the rest still go. When the
+    slowest worker falls more than max_backlog items behind, producing waits.
+    Records: {"id": optional, "task": "sentiment", "text": "...", "text_b": for pair
+    tasks, "metadata": {...}}. CSV columns other than the mapped ones become metadata.
+    """
+    from producers.api import Producer
+    from producers.readers import (
+        CsvColumns,
+        csv_records,
+        detect_format,
+        jsonl_records,
+        lines_of,
+        open_binary,
+    )
+
+    s = needs_redis(settings())
+    stop = StopFlag().install()
+    kind = detect_format(source, fmt)
+    name = "stdin" if source == "-" else source
+    try:
+        stream = open_binary(source)
+    except OSError as exc:
+        err.print(f"[red]error:[/] cannot read {source}: {exc.strerror}")
+        raise typer.Exit(2) from None
+    lines = lines_of(stream, follow, stop.is_set)
+    columns = CsvColumns(text_col, text_b_col, id_col, task_col, gold_col)
+    records = csv_records(lines, name, columns) if kind == "csv" else jsonl_records(lines, name)
+    producer = Producer(connect(s), s, chunk_size=chunk_size, default_task=task)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed} produced"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    )
+    try:
+        with progress:
+            job = progress.add_task(
+                f"producing from {name}" + (" (following; Ctrl-C to stop)" if follow else "")
+            )
+            report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        err.print(f"[red]error:[/] cannot reach Redis at {s.redis_url}: {exc}")
+        raise typer.Exit(3) from None
+    for where, reason in report.invalid[:50]:
+        err.print(f"[yellow]skipped[/] {where}: {reason}")
+    if len(report.invalid) > 50:
+        err.print(f"... and {len(report.invalid) - 50} more")
+    err.print(
+        f"produced {report.produced}, skipped {len(report.invalid)} invalid"
+        + (f", waited {report.waited_s:.1f}s for the workers" if report.waited_s else "")
+    )
+    raise typer.Exit(1 if report.invalid and not report.produced else 0)
+
+
+@app.command()
+def worker(name: Annotated[str, typer.Argument(help="Worker name from the fleet file.")]) -> None:
+    """Run one worker-model consumer: vote on every item of the items stream."""
+    from consumers.worker import run_worker
+
+    run_worker(runtime(settings()), name)
+
+
+@app.command()
+def aggregator() -> None:
+    """Run the aggregator: accept the workers' majority or send the item to the judge."""
+    from consumers.aggregator import run_aggregator
+
+    run_aggregator(runtime(settings()))
+
+
+@app.command()
+def judge() -> None:
+    """Run the judge consumer: the large model decides the items the workers split on."""
+    from consumers.judge import run_judge
+
+    run_judge(runtime(settings()))
+
+
+@app.command()
+def labels(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write JSONL here (default stdout).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new labels.")] = False,
+    group: Annotated[
+        str, typer.Option(help="Consumer group of this reader: each group gets every label once.")
+    ] = "labels",
+) -> None:
+    """Write final labels as JSONL, continuing where this reader's group left off."""
+    from consumers.labels import read_labels
+
+    rt = runtime(settings())
+    with open(output, "ab") if output else sys.stdout.buffer as out:
+        written = read_labels(rt, out, group, follow)
+    err.print(f"wrote {written} labels" + (f" to {output}" if output else ""))
+
+
+@app.command()
+def run() -> None:
+    """Start the whole fleet from the fleet file, one process per worker replica, the
+    aggregator and the judge; restart any that dies. Starts an embedded valkey when no
+    Redis URL is set. Ctrl-C (or SIGTERM) stops everything gracefully."""
+    from tribunal.fleet import Fleet
+
+    s = settings()
+    embedded = None if s.redis_url else EmbeddedRedis().start()
+    url = s.redis_url or embedded.url  # type: ignore[union-attr]
+    if embedded:
+        err.print(
+            f"embedded valkey at [bold]{url}[/] (data in {embedded.data_dir}); "
+            f"produce with: TRIBUNAL_REDIS_URL={url} tribunal produce FILE"
+        )
+    stop = StopFlag().install()
+    fleet = Fleet(s, url).start()
+    try:
+        while not stop.wait(0.5):
+            fleet.supervise()
+    finally:
+        fleet.stop()
+        if embedded:
+            embedded.stop()

@@ -1,0 +1,233 @@
+"""``tribunal demo``: a real fleet labels the bundled tickets on an embedded Redis.
+
+Starts valkey (unless ``TRIBUNAL_REDIS_URL`` is set; then a fresh namespace is
+used), the consumers as separate processes, produces the sample, writes a few
+malformed entries by hand to show rejects, waits until every item has ended
+somewhere final, and prints what happened.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import orjson
+from redis import Redis
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.connection import EmbeddedRedis, connect
+from common.keys import Keys
+from common.settings import Settings
+from common.validation import ITEM_FIELD
+from producers.api import Producer
+from tribunal.fleet import Fleet, log_file
+
+SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
+
+# Entries written to the items stream by hand, bypassing the producer's checks,
+# to show that a consumer rejects them with a reason and keeps going.
+BAD_ENTRIES: list[dict[bytes, bytes]] = [
+    {ITEM_FIELD: b'{"id": "bad-json", "task": "sentiment", "text": "unterminated'},
+    {ITEM_FIELD: b'{"id": "bad-empty", "task": "sentiment", "text": "   "}'},
+    {ITEM_FIELD: b'{"id": "bad-task", "task": "horoscope", "text": "Will my refund come?"}'},
+    {ITEM_FIELD: b'{"id": "bad-type", "task": "sentiment", "text": 42}'},
+    {b"text": b"an entry without the item field"},
+]
+
+
+def load_sample(task: str, limit: int | None = None) -> list[dict[str, Any]]:
+    path = resources.files("producers") / "samples" / SAMPLES[task]
+    records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    return records[:limit] if limit else records
+
+
+@dataclass
+class Outcome:
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ended(self) -> int:
+        return len(self.decisions) + len(self.rejects) + len(self.dead)
+
+
+def collect(redis: Redis, keys: Keys, cursors: dict[str, str], outcome: Outcome) -> None:
+    """Read what reached the final streams since the last call (plain XRANGE, no group)."""
+    targets = {
+        keys.output: outcome.decisions,
+        keys.rejects: outcome.rejects,
+        keys.dead: outcome.dead,
+    }
+    for stream, sink in targets.items():
+        entries: Any = redis.xrange(stream, min=f"({cursors[stream]}", count=1000)
+        for entry_id, fields in entries:
+            sink.append(orjson.loads(fields[b"d"]))
+            cursors[stream] = entry_id.decode()
+
+
+def run_demo(
+    settings: Settings, task: str, limit: int | None, console: Console, stall_s: float = 120.0
+) -> bool:
+    """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
+    workdir = Path(tempfile.mkdtemp(prefix="tribunal-demo-"))
+    embedded = None if settings.redis_url else EmbeddedRedis(workdir / "valkey").start()
+    url = settings.redis_url or embedded.url  # type: ignore[union-attr]
+    namespace = f"demo{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
+    settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
+    console.print(
+        f"[bold]tribunal demo[/]: task [cyan]{task}[/], Redis {url}"
+        + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
+    )
+    with log_file(workdir) as logs:
+        fleet = Fleet(settings, url, log_to=logs, extra_env={"TRIBUNAL_NAMESPACE": namespace})
+        console.print(
+            f"starting {len(fleet.children)} processes "
+            f"({', '.join(c.role for c in fleet.children)}); logs in {logs.name}"
+        )
+        fleet.start()
+        try:
+            return _drive(settings, task, limit, console, fleet, stall_s)
+        finally:
+            fleet.stop()
+            if embedded is not None:
+                embedded.stop()
+
+
+def _drive(
+    settings: Settings, task: str, limit: int | None, console: Console, fleet: Fleet, stall_s: float
+) -> bool:
+    redis = connect(settings)
+    keys = Keys(settings.namespace)
+    records = load_sample(task, limit)
+    started = time.time()
+    report = Producer(redis, settings).send(records)
+    for fields in BAD_ENTRIES:
+        redis.xadd(keys.items, fields)  # type: ignore[arg-type]
+    expected = report.produced + len(BAD_ENTRIES)
+    console.print(f"produced {report.produced} tickets and {len(BAD_ENTRIES)} malformed entries")
+
+    outcome = Outcome()
+    cursors = dict.fromkeys(keys.final_streams, "0-0")
+    last_progress, seen = time.monotonic(), 0
+    columns = (TextColumn("labeling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        job = bar.add_task("labeling", total=expected)
+        while outcome.ended < expected:
+            fleet.supervise()
+            collect(redis, keys, cursors, outcome)
+            bar.update(job, completed=outcome.ended)
+            if outcome.ended > seen:
+                seen, last_progress = outcome.ended, time.monotonic()
+            elif time.monotonic() - last_progress > stall_s:
+                console.print(
+                    f"[red]stalled: {expected - outcome.ended} items not settled "
+                    f"after {stall_s:.0f}s without progress"
+                )
+                break
+            time.sleep(0.1)
+    elapsed = time.time() - started
+    print_summary(console, records, outcome, expected, elapsed)
+    ids = (
+        [d["id"] for d in outcome.decisions]
+        + [r["id"] for r in outcome.rejects]
+        + [d["id"] for d in outcome.dead]
+    )
+    every_sample_ended = {r["id"] for r in records} <= set(ids)
+    return outcome.ended == expected and len(ids) == len(set(ids)) and every_sample_ended
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{part} ({100 * part / whole:.0f}%)" if whole else "0"
+
+
+def print_summary(
+    console: Console,
+    records: list[dict[str, Any]],
+    outcome: Outcome,
+    expected: int,
+    elapsed: float,
+) -> None:
+    decisions = outcome.decisions
+    texts = {r["id"]: r["text"] for r in records}
+    sample = Table(title="Some labels", title_justify="left")
+    for column in ("id", "ticket", "label", "by", "gold"):
+        sample.add_column(
+            column,
+            overflow="ellipsis",
+            no_wrap=column != "ticket",
+            max_width=60 if column == "ticket" else None,
+        )
+    for d in decisions[:8]:
+        sample.add_row(
+            d["id"], texts.get(d["id"], "")[:120], d["label"], d["source"], d.get("gold") or "-"
+        )
+    console.print(sample)
+
+    by_source = Counter(d["source"] for d in decisions)
+    latencies = sorted(
+        d["decided_at"] - d["produced_at"] for d in decisions if d.get("produced_at")
+    )
+    summary = Table(title="Summary", title_justify="left", show_header=False)
+    summary.add_column(style="bold")
+    summary.add_column()
+    summary.add_row(
+        "items", f"{expected} ({len(records)} tickets + {expected - len(records)} malformed)"
+    )
+    summary.add_row("accepted by workers", _pct(by_source["workers"], len(decisions)))
+    summary.add_row("sent to judge", _pct(by_source["judge"], len(decisions)))
+    summary.add_row("rejected", str(len(outcome.rejects)))
+    summary.add_row("dead letters", str(len(outcome.dead)))
+    summary.add_row("not settled", str(expected - outcome.ended))
+    summary.add_row("throughput", f"{outcome.ended / elapsed:.1f} items/s over {elapsed:.1f}s")
+    if latencies:
+        p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+        summary.add_row(
+            "latency p50 / p95",
+            f"{statistics.median(latencies) * 1000:.0f} ms / {p95 * 1000:.0f} ms",
+        )
+    console.print(summary)
+    console.print(agreement_table(decisions))
+    for r in outcome.rejects:
+        console.print(f"  rejected {r['id']}: {r['reason']}")
+    for d in outcome.dead:
+        console.print(f"  dead letter {d['id']}: {d['error']}")
+
+
+def agreement_table(decisions: list[dict[str, Any]]) -> Table:
+    """Agreement with the gold labels, per worker, for the judge, and for the fleet's output."""
+    hits: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for d in decisions:
+        gold = d.get("gold")
+        if gold is None:
+            continue
+        voters = [v for v in d["votes"] if v.get("label") is not None]
+        if d.get("judge"):
+            voters.append(d["judge"])
+        for v in voters:
+            seen[v["worker"]] += 1
+            hits[v["worker"]] += v["label"] == gold
+        for name, ok in (
+            ("fleet (final label)", d["label"] == gold),
+            (f"fleet, {d['source']}-decided", d["label"] == gold),
+        ):
+            seen[name] += 1
+            hits[name] += ok
+    table = Table(title="Agreement with gold labels", title_justify="left")
+    table.add_column("who")
+    table.add_column("agree", justify="right")
+    table.add_column("of", justify="right")
+    table.add_column("rate", justify="right")
+    for who in sorted(seen, key=lambda w: (w.startswith("fleet"), w)):
+        table.add_row(who, str(hits[who]), str(seen[who]), f"{hits[who] / seen[who]:.0%}")
+    return table

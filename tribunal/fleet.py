@@ -1,0 +1,120 @@
+"""Run the whole fleet as separate processes: one per worker replica, the aggregator, the judge.
+
+Separate processes because that is how the fleet runs in production (and how a
+crash of one model must not take the others down). A child that dies is restarted
+with backoff; SIGTERM to the fleet is passed on so every child finishes its batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from common.settings import FLEET_FILE_ENV, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    role: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+
+
+def fleet_roles(settings: Settings) -> list[tuple[str, list[str]]]:
+    """(role, CLI arguments) for every process the fleet file asks for."""
+    roles = [
+        (f"worker:{name}" + (f"#{r}" if spec.replicas > 1 else ""), ["worker", name])
+        for name, spec in settings.workers.items()
+        for r in range(spec.replicas)
+    ]
+    return [*roles, ("aggregator", ["aggregator"]), ("judge", ["judge"])]
+
+
+class Fleet:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        log_level: str = "INFO",
+        log_to: IO[bytes] | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, **(extra_env or {})}
+        if settings.fleet_file is not None:
+            self.env[FLEET_FILE_ENV] = str(settings.fleet_file)
+        self.log_to = log_to
+        self.children = [
+            Child(role, [sys.executable, "-m", "tribunal", "--log-level", log_level, *args])
+            for role, args in fleet_roles(settings)
+        ]
+        self.stopping = False
+
+    def start(self) -> Fleet:
+        for child in self.children:
+            self._spawn(child)
+        return self
+
+    def _spawn(self, child: Child) -> None:
+        child.process = subprocess.Popen(
+            child.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_to,
+            stderr=subprocess.STDOUT if self.log_to else None,
+        )
+        log.info("started %s (pid %d)", child.role, child.process.pid)
+
+    def supervise(self) -> None:
+        """Restart children that died; call this periodically."""
+        if self.stopping:
+            return
+        for child in self.children:
+            if child.process is None or child.process.poll() is None:
+                continue
+            if child.restart_at == 0.0:
+                delay = min(2.0**child.restarts, 30.0)
+                log.warning(
+                    "%s exited with %s; restarting in %.0fs",
+                    child.role,
+                    child.process.returncode,
+                    delay,
+                )
+                child.restart_at = time.monotonic() + delay
+            elif time.monotonic() >= child.restart_at:
+                child.restarts += 1
+                child.restart_at = 0.0
+                self._spawn(child)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM everyone (they finish their batch), SIGKILL whoever is still there after
+        ``timeout`` (their un-acked entries are reclaimed by the next fleet)."""
+        self.stopping = True
+        running = [c.process for c in self.children if c.process and c.process.poll() is None]
+        for process in running:
+            process.terminate()
+        deadline = time.monotonic() + timeout
+        for process in running:
+            try:
+                process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.warning("pid %d did not stop in %.0fs: killing it", process.pid, timeout)
+                process.kill()
+                process.wait()
+
+    def pids(self) -> dict[str, int]:
+        return {c.role: c.process.pid for c in self.children if c.process}
+
+
+def log_file(directory: Path) -> IO[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return open(directory / "fleet.log", "ab")
