@@ -21,7 +21,9 @@ import redis
 from redis import Redis
 from redis.client import Pipeline
 
+from common import metrics
 from common.lifecycle import StopFlag
+from common.metrics import Stats
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class StreamConsumer:
         settings: Settings,
         stop: StopFlag,
         name: str,
+        stats: Stats | None = None,
     ) -> None:
         self.redis = redis
         self.stream = stream
@@ -74,6 +77,7 @@ class StreamConsumer:
         self.settings = settings
         self.stop = stop
         self.name = name
+        self.stats = stats
         self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
         self._next_reclaim = 0.0
         self.last_batch = 0  # size of the last batch of new entries
@@ -162,30 +166,16 @@ class StreamConsumer:
             if entries:
                 log.info("%s reclaimed %d idle entries", self.name, len(entries))
                 self._count_deliveries(entries)
-                self.process(entries)
+                self.process(entries, reclaimed=True)
             if cursor == "0-0" or self.stop.is_set():
                 return
 
-    def process(self, entries: list[Entry]) -> None:
+    def process(self, entries: list[Entry], reclaimed: bool = False) -> None:
         if not entries:
             return
+        limit = self.settings.max_deliveries
+        fresh = [e for e in entries if e.deliveries <= limit]
         pipe = self.redis.pipeline(transaction=False)
-        settled: list[str] = []
-        fresh: list[Entry] = []
-        for entry in entries:
-            if entry.deliveries > self.settings.max_deliveries:
-                error = self._errors.pop(entry.id, "the consumer died or timed out on it")
-                if self.handler.give_up(entry, error, pipe):
-                    log.error(
-                        "%s gave up on %s after %d deliveries: %s",
-                        self.name,
-                        entry.id,
-                        entry.deliveries,
-                        error,
-                    )
-                    settled.append(entry.id)
-            else:
-                fresh.append(entry)
         failures: dict[str, str] = {}
         if fresh:
             try:
@@ -197,13 +187,37 @@ class StreamConsumer:
                 failures = {e.id: f"{type(exc).__name__}: {exc}" for e in fresh}
                 pipe = self.redis.pipeline(transaction=False)  # drop half-queued writes
                 self.stop.wait(1.0)
+        acked = [e.id for e in fresh if e.id not in failures]
+        for entry in entries:
+            if entry.deliveries > limit and self._give_up(entry, pipe):
+                acked.append(entry.id)
+        if len(self._errors) > 10_000:  # entries another consumer finished: forget the oldest
+            for stale in list(self._errors)[:5_000]:
+                del self._errors[stale]
         for entry_id, error in failures.items():
             self._errors[entry_id] = error
             log.warning("%s: entry %s left pending for a retry: %s", self.name, entry_id, error)
-        acked = settled + [e.id for e in fresh if e.id not in failures]
         if acked:
             pipe.xack(self.stream, self.group, *acked)
+        if self.stats is not None:
+            group = {"group": self.group}
+            self.stats.incr(pipe, metrics.RETRIES, group, len(failures))
+            self.stats.incr(pipe, metrics.RECLAIMED, group, len(entries) if reclaimed else 0)
+            self.stats.observe(pipe, metrics.BATCH_SIZE, len(entries), group, metrics.SIZE_BUCKETS)
         pipe.execute()
+
+    def _give_up(self, entry: Entry, pipe: Pipeline) -> bool:
+        error = self._errors.pop(entry.id, "the consumer died or timed out while handling it")
+        if not self.handler.give_up(entry, error, pipe):
+            return False
+        log.error(
+            "%s gave up on entry %s after %d deliveries: %s",
+            self.name,
+            entry.id,
+            entry.deliveries,
+            error,
+        )
+        return True
 
     def _count_deliveries(self, entries: list[Entry]) -> None:
         """Fill in how often each entry has been delivered (only needed off the hot path)."""

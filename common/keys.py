@@ -65,6 +65,11 @@ class Keys:
         return f"{self.prefix}:deadlines"
 
     @property
+    def stats(self) -> str:
+        """Hash of fleet counters and histogram buckets (see ``common.metrics``)."""
+        return f"{self.prefix}:stats"
+
+    @property
     def final_streams(self) -> tuple[str, str, str]:
         """Where an item can end: exactly one entry in exactly one of these."""
         return (self.output, self.rejects, self.dead)

@@ -82,6 +82,31 @@ class Decision(Record):
     produced_at: float | None = None
     decided_at: float
 
+    @classmethod
+    def of(
+        cls,
+        item: Item,
+        label: str,
+        source: Literal["workers", "judge"],
+        reason: str,
+        votes: list[Vote],
+        judge: Vote | None = None,
+    ) -> Decision:
+        """The decision for ``item``, carrying its metadata, gold label and timing through."""
+        return cls(
+            id=item.id,
+            task=item.task,
+            label=label,
+            source=source,
+            reason=reason,
+            votes=votes,
+            judge=judge,
+            metadata=item.metadata,
+            gold=item.gold,
+            produced_at=item.produced_at,
+            decided_at=now(),
+        )
+
 
 class Reject(Record):
     """An entry that could not be labeled because its input is bad; ``reason`` says why."""

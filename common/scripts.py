@@ -13,10 +13,13 @@ from typing import Any
 from redis import Redis
 from redis.client import Pipeline
 
+from common import metrics
 from common.keys import Keys
+from common.schemas import Vote
 
-# KEYS: votes hash, state, ready stream, deadlines zset
-# ARGV: worker, vote json, item json, item id, notify_at (votes), deadline (epoch s)
+# KEYS: votes hash, state, ready stream, deadlines zset, stats hash
+# ARGV: worker, vote json, item json, item id, notify_at (votes), deadline (epoch s),
+#       counter field to increment when the vote is new
 # Returns the number of votes stored, or -1 when the item is already settled
 # (a late or re-delivered vote is dropped, so no per-item key is re-created).
 CAST_VOTE = """
@@ -25,14 +28,16 @@ local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSETNX', KEYS[1], '_item', ARGV[3])
 local n = redis.call('HLEN', KEYS[1]) - 1
 if added == 1 then
+  redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
   redis.call('ZADD', KEYS[4], 'NX', ARGV[6], ARGV[4])
   if n >= tonumber(ARGV[5]) then redis.call('XADD', KEYS[3], '*', 'id', ARGV[4]) end
 end
 return n
 """
 
-# KEYS: state, votes hash, deadlines zset, target stream
-# ARGV: expected state ('' = unsettled), new state, ttl seconds (0 = keep), item id, payload
+# KEYS: state, votes hash, deadlines zset, target stream, stats hash
+# ARGV: expected state ('' = unsettled), new state, ttl seconds (0 = keep), item id, payload,
+#       counter field to increment when this call settles the item
 # Returns 1 when this call settled the item, 0 when another call already had.
 SETTLE = """
 local cur = redis.call('GET', KEYS[1]) or ''
@@ -45,6 +50,7 @@ end
 redis.call('XADD', KEYS[4], '*', 'id', ARGV[4], 'd', ARGV[5])
 redis.call('DEL', KEYS[2])
 redis.call('ZREM', KEYS[3], ARGV[4])
+redis.call('HINCRBY', KEYS[5], ARGV[6], 1)
 return 1
 """
 
@@ -65,38 +71,53 @@ class Scripts:
         self,
         pipe: Pipeline,
         item_id: str,
-        worker: str,
-        vote: bytes,
+        vote: Vote,
         item: bytes,
         notify_at: int,
         deadline: float,
     ) -> None:
         k = self.keys
+        counter = metrics.field(
+            metrics.VOTES, {"worker": vote.worker, "label": vote.label or "abstain"}
+        )
         self._cast(
-            keys=[k.votes(item_id), k.state(item_id), k.ready, k.deadlines],
-            args=[worker, vote, item, item_id, notify_at, f"{deadline:.3f}"],
+            keys=[k.votes(item_id), k.state(item_id), k.ready, k.deadlines, k.stats],
+            args=[vote.worker, vote.dump(), item, item_id, notify_at, f"{deadline:.3f}", counter],
             client=pipe,
         )
 
-    def settle(self, pipe: Pipeline, item_id: str, stream: str, payload: bytes) -> None:
+    def settle(
+        self, pipe: Pipeline, item_id: str, stream: str, payload: bytes, counter: str
+    ) -> None:
         """Make the item final: one entry in ``stream`` (output, rejects or dead), once."""
-        self._run_settle(pipe, item_id, stream, payload, expect="", new=DONE)
+        self._run(pipe, item_id, stream, payload, counter, expect="", new=DONE)
 
     def escalate(self, pipe: Pipeline, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""
-        self._run_settle(pipe, item_id, self.keys.judge, payload, expect="", new=ESCALATED)
+        self._run(
+            pipe, item_id, self.keys.judge, payload, metrics.ESCALATIONS, expect="", new=ESCALATED
+        )
 
-    def settle_escalated(self, pipe: Pipeline, item_id: str, stream: str, payload: bytes) -> None:
+    def settle_escalated(
+        self, pipe: Pipeline, item_id: str, stream: str, payload: bytes, counter: str
+    ) -> None:
         """The judge's (or a dead letter's) final word on an escalated item, once."""
-        self._run_settle(pipe, item_id, stream, payload, expect=ESCALATED, new=DONE)
+        self._run(pipe, item_id, stream, payload, counter, expect=ESCALATED, new=DONE)
 
-    def _run_settle(
-        self, pipe: Pipeline, item_id: str, stream: str, payload: bytes, expect: str, new: str
+    def _run(
+        self,
+        pipe: Pipeline,
+        item_id: str,
+        stream: str,
+        payload: bytes,
+        counter: str,
+        expect: str,
+        new: str,
     ) -> None:
         k = self.keys
         ttl: Any = self.done_ttl_s if new == DONE else 0
         self._settle(
-            keys=[k.state(item_id), k.votes(item_id), k.deadlines, stream],
-            args=[expect, new, ttl, item_id, payload],
+            keys=[k.state(item_id), k.votes(item_id), k.deadlines, stream, k.stats],
+            args=[expect, new, ttl, item_id, payload, counter],
             client=pipe,
         )

@@ -74,21 +74,9 @@ class AggregatorHandler(Handler):
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
             final = timed_out or len(votes) >= self.rule.n_workers
             outcome = decide(votes, self.rule, final=final)
-            if outcome.kind == "accept":
-                assert outcome.label is not None
-                decision = Decision(
-                    id=item.id,
-                    task=item.task,
-                    label=outcome.label,
-                    source="workers",
-                    reason=outcome.reason,
-                    votes=votes,
-                    metadata=item.metadata,
-                    gold=item.gold,
-                    produced_at=item.produced_at,
-                    decided_at=now(),
-                )
-                self.rt.scripts.settle(pipe, item.id, keys.output, decision.dump())
+            if outcome.kind == "accept" and outcome.label is not None:
+                decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
+                self.rt.publish(pipe, decision, escalated=False)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())

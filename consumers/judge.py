@@ -14,9 +14,10 @@ from collections.abc import Sequence
 import pydantic
 from redis.client import Pipeline
 
+from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import JUDGE_GROUP
-from common.schemas import Decision, Escalation, Vote, now
+from common.schemas import Decision, Escalation, Vote
 from consumers.backends import Backend, load_backend
 from consumers.runtime import Runtime
 
@@ -30,6 +31,7 @@ class JudgeHandler(Handler):
         self.rt = rt
         self.backend = backend
         self.tasks = rt.settings.all_tasks
+        self.call_labels = {"worker": JUDGE_NAME, "backend": rt.settings.judge.backend}
 
     def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
         failures: dict[str, str] = {}
@@ -43,32 +45,22 @@ class JudgeHandler(Handler):
             return failures
         started = time.perf_counter()
         predictions = self.backend.classify([case.item for _, case in cases])
-        latency_ms = (time.perf_counter() - started) * 1000 / len(cases)
+        elapsed = time.perf_counter() - started
+        self.rt.stats.observe(pipe, metrics.MODEL_CALL, elapsed, self.call_labels)
+        latency_ms = elapsed * 1000 / len(cases)
         for (entry, case), p in zip(cases, predictions, strict=True):
             labels = self.tasks[case.item.task].labels
             if p.label not in labels:
                 failures[entry.id] = f"judge gave no label in {labels}: {p.error or p.raw!r}"
                 continue
-            item = case.item
-            decision = Decision(
-                id=item.id,
-                task=item.task,
+            verdict = Vote(
+                worker=JUDGE_NAME,
                 label=p.label,
-                source="judge",
-                reason=case.reason,
-                votes=case.votes,
-                judge=Vote(
-                    worker=JUDGE_NAME,
-                    label=p.label,
-                    confidence=p.confidence,
-                    latency_ms=round(latency_ms, 3),
-                ),
-                metadata=item.metadata,
-                gold=item.gold,
-                produced_at=item.produced_at,
-                decided_at=now(),
+                confidence=p.confidence,
+                latency_ms=round(latency_ms, 3),
             )
-            self.rt.scripts.settle_escalated(pipe, item.id, self.rt.keys.output, decision.dump())
+            decision = Decision.of(case.item, p.label, "judge", case.reason, case.votes, verdict)
+            self.rt.publish(pipe, decision, escalated=True)
         return failures
 
     def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:

@@ -8,11 +8,13 @@ import orjson
 from redis import Redis
 from redis.client import Pipeline
 
+from common import metrics
 from common.connection import connect
 from common.consumer import Entry, Handler, StreamConsumer, consumer_name
 from common.keys import Keys
 from common.lifecycle import StopFlag
-from common.schemas import DeadLetter, Reject, is_item_id, now
+from common.metrics import Stats
+from common.schemas import DeadLetter, Decision, Reject, is_item_id, now
 from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem
@@ -25,21 +27,28 @@ class Runtime:
     keys: Keys
     scripts: Scripts
     stop: StopFlag
+    stats: Stats
 
     @classmethod
     def create(cls, settings: Settings, stop: StopFlag | None = None) -> Runtime:
         redis = connect(settings)
         keys = Keys(settings.namespace)
-        return cls(
-            settings, redis, keys, Scripts(redis, keys, settings.decided_ttl_s), stop or StopFlag()
-        )
+        scripts = Scripts(redis, keys, settings.decided_ttl_s)
+        return cls(settings, redis, keys, scripts, stop or StopFlag(), Stats(keys.stats))
 
     def consume(
         self, stream: str, group: str, handler: Handler, role: str, drain: bool = False
     ) -> None:
         """Run the shared consumer loop until a stop signal (or, with ``drain``, until idle)."""
         StreamConsumer(
-            self.redis, stream, group, handler, self.settings, self.stop, consumer_name(role)
+            self.redis,
+            stream,
+            group,
+            handler,
+            self.settings,
+            self.stop,
+            consumer_name(role),
+            self.stats,
         ).run(drain=drain)
 
     def reject(self, pipe: Pipeline, stream: str, entry: Entry, error: InvalidItem) -> None:
@@ -53,7 +62,16 @@ class Runtime:
             raw=payload[:300].decode("utf-8", errors="replace"),
             rejected_at=now(),
         )
-        self.scripts.settle(pipe, record.id, self.keys.rejects, record.dump())
+        self.scripts.settle(pipe, record.id, self.keys.rejects, record.dump(), metrics.REJECTS)
+
+    def publish(self, pipe: Pipeline, decision: Decision, escalated: bool) -> None:
+        """Settle an item with its final label, once, and record how long it took."""
+        counter = metrics.field(metrics.DECISIONS, {"source": decision.source})
+        settle = self.scripts.settle_escalated if escalated else self.scripts.settle
+        settle(pipe, decision.id, self.keys.output, decision.dump(), counter)
+        if decision.produced_at is not None:
+            latency = max(decision.decided_at - decision.produced_at, 0.0)
+            self.stats.observe(pipe, metrics.ITEM_LATENCY, latency, {"source": decision.source})
 
     def dead_letter(
         self,
@@ -78,8 +96,9 @@ class Runtime:
             },
             dead_at=now(),
         )
+        counter = metrics.field(metrics.DEAD_LETTERS, {"group": group})
         settle = self.scripts.settle_escalated if escalated else self.scripts.settle
-        settle(pipe, item_id, self.keys.dead, record.dump())
+        settle(pipe, item_id, self.keys.dead, record.dump(), counter)
 
 
 def entry_item_id(entry: Entry) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from redis.client import Pipeline
 
+from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import worker_group
 from common.schemas import Item, Prediction, Vote, now
@@ -32,6 +33,7 @@ class WorkerHandler(Handler):
         self.tasks = rt.settings.all_tasks
         # The aggregator is woken once a decision may be possible, not on every vote.
         self.notify_at = rt.settings.effective_quorum
+        self.call_labels = {"worker": worker, "backend": rt.settings.workers[worker].backend}
 
     def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
         valid: list[tuple[Entry, Item]] = []
@@ -48,7 +50,9 @@ class WorkerHandler(Handler):
             raise RuntimeError(
                 f"backend returned {len(predictions)} predictions for {len(valid)} items"
             )
-        per_item_ms = (time.perf_counter() - started) * 1000 / len(valid)
+        elapsed = time.perf_counter() - started
+        self.rt.stats.observe(pipe, metrics.MODEL_CALL, elapsed, self.call_labels)
+        per_item_ms = elapsed * 1000 / len(valid)
         for (entry, item), prediction in zip(valid, predictions, strict=True):
             self.cast(pipe, entry, item, self.vote(item, prediction, per_item_ms))
         return {}
@@ -71,8 +75,7 @@ class WorkerHandler(Handler):
         self.rt.scripts.cast_vote(
             pipe,
             item.id,
-            self.worker,
-            vote.dump(),
+            vote,
             entry.fields[ITEM_FIELD],
             self.notify_at,
             now() + self.rt.settings.vote_timeout_s,

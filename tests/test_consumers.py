@@ -10,7 +10,7 @@ import pytest
 
 from common.consumer import StreamConsumer
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, worker_group
-from common.schemas import Item, Prediction
+from common.schemas import Item, Prediction, Vote
 from common.settings import ModelSpec, Settings
 from consumers.aggregator import AggregatorHandler
 from consumers.judge import JudgeHandler
@@ -74,6 +74,10 @@ class Fleet:
 
     def outputs(self) -> list[dict[str, Any]]:
         return self.final(self.rt.keys.output)
+
+    def stats(self) -> dict[str, float]:
+        raw = self.rt.redis.hgetall(self.rt.keys.stats)
+        return {k.decode(): float(v) for k, v in raw.items()}
 
 
 def drain(consumer: StreamConsumer) -> None:
@@ -184,9 +188,8 @@ def test_redelivered_votes_and_racing_aggregators_give_one_label(fleet: Fleet) -
     item = fleet.rt.redis.xrange(fleet.rt.keys.items)[0][1][b"d"]
     pipe = fleet.rt.redis.pipeline(transaction=False)
     for name in WORKERS:
-        fleet.rt.scripts.cast_vote(
-            pipe, item_id, name, b'{"worker":"%s","label":"neutral"}' % name.encode(), item, 2, 1e12
-        )
+        vote = Vote(worker=name, label="neutral")
+        fleet.rt.scripts.cast_vote(pipe, item_id, vote, item, 2, 1e12)
     # Two aggregator replicas decide the same item at once.
     second = AggregatorHandler(fleet.rt)
     second.settle([item_id], pipe, timed_out=False)
@@ -194,6 +197,11 @@ def test_redelivered_votes_and_racing_aggregators_give_one_label(fleet: Fleet) -
     pipe.execute()
     drain(fleet.aggregator)
     assert [d["id"] for d in fleet.outputs()] == [item_id]
+    # The counters count what happened, not what was attempted.
+    stats = fleet.stats()
+    assert sum(v for k, v in stats.items() if k.startswith("votes_total|")) == 3
+    assert stats["votes_total|label=neutral|worker=alpha"] == 1
+    assert stats["decisions_total|source=workers"] == 1
 
 
 BAD_ENTRIES = {
@@ -233,6 +241,7 @@ def test_bad_entries_are_rejected_once_with_a_reason_and_workers_keep_going(flee
     ):
         assert expected in reasons
     assert [d["id"] for d in fleet.outputs()] == ["i0"]
+    assert fleet.stats()["rejects_total"] == len(BAD_ENTRIES)
 
 
 def test_reclaim_takes_over_entries_a_dead_consumer_left_pending(make_settings: Any) -> None:
@@ -272,6 +281,8 @@ def test_a_judge_that_never_answers_ends_in_the_dead_letter_stream(make_settings
     assert dead["deliveries"] == 3
     assert fleet.rt.redis.xpending(fleet.rt.keys.judge, JUDGE_GROUP)["pending"] == 0
     assert fleet.outputs() == []
+    assert fleet.stats()["dead_letters_total|group=judge"] == 1
+    assert fleet.stats()["escalations_total"] == 1
 
 
 def test_a_worker_that_keeps_crashing_on_an_item_abstains_after_max_deliveries(

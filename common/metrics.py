@@ -1,0 +1,72 @@
+"""Fleet counters and histograms kept in Redis, so they add up across processes and restarts.
+
+Each partition has one hash, ``tribunal:{p}:stats``. A field is a metric name with
+its labels, ``votes_total|label=positive|worker=vader``, holding a count; histogram
+fields add ``le=<bucket>`` (not cumulative: the exporter sums them up), plus
+``…|sum`` and ``…|count``. Counters of things that must not be double counted
+(votes, settled items) are incremented inside the Lua scripts, only when the
+step really happened; the rest are incremented in the writer's pipeline.
+Queue depths are never counted here: they are read from the streams themselves.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Mapping
+
+from redis.client import Pipeline
+
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+# Counters
+VOTES = "votes_total"  # worker, label ("abstain" for abstentions)
+DECISIONS = "decisions_total"  # source: workers | judge
+ESCALATIONS = "escalations_total"
+REJECTS = "rejects_total"
+DEAD_LETTERS = "dead_letters_total"  # group
+RETRIES = "retries_total"  # group: entries left pending after a failure
+RECLAIMED = "reclaimed_total"  # group: entries taken over from an idle consumer
+# Histograms
+MODEL_CALL = "model_call_seconds"  # worker (the judge is worker="judge"), backend
+BATCH_SIZE = "batch_size"  # role
+ITEM_LATENCY = "item_latency_seconds"  # source: produce to final label
+
+
+def field(name: str, labels: Mapping[str, str] | None = None) -> str:
+    """``name|k=v|…`` with labels sorted, the one spelling of a metric field."""
+    if not labels:
+        return name
+    return "|".join([name, *(f"{k}={v}" for k, v in sorted(labels.items()))])
+
+
+def parse_field(raw: str) -> tuple[str, dict[str, str]]:
+    name, *pairs = raw.split("|")
+    labels = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
+    return name, labels
+
+
+class Stats:
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def incr(
+        self, pipe: Pipeline, name: str, labels: Mapping[str, str] | None = None, n: int = 1
+    ) -> None:
+        if n:
+            pipe.hincrby(self.key, field(name, labels), n)
+
+    def observe(
+        self,
+        pipe: Pipeline,
+        name: str,
+        value: float,
+        labels: Mapping[str, str] | None = None,
+        buckets: tuple[float, ...] = SECONDS_BUCKETS,
+    ) -> None:
+        index = bisect.bisect_left(buckets, value)
+        le = "+Inf" if index == len(buckets) else f"{buckets[index]:g}"
+        base = dict(labels or {})
+        pipe.hincrby(self.key, field(name, {**base, "le": le}), 1)
+        pipe.hincrbyfloat(self.key, field(name, base) + "|sum", value)
+        pipe.hincrby(self.key, field(name, base) + "|count", 1)
