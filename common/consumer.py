@@ -22,6 +22,7 @@ from redis import Redis
 from redis.client import Pipeline
 
 from common import metrics
+from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.metrics import Stats
 from common.settings import Settings
@@ -62,22 +63,24 @@ class StreamConsumer:
     def __init__(
         self,
         redis: Redis,
+        keys: Keys,
         stream: str,
         group: str,
         handler: Handler,
         settings: Settings,
         stop: StopFlag,
         name: str,
-        stats: Stats | None = None,
     ) -> None:
         self.redis = redis
+        self.keys = keys
         self.stream = stream
         self.group = group
         self.handler = handler
         self.settings = settings
         self.stop = stop
         self.name = name
-        self.stats = stats
+        self.stats = Stats(keys.stats)
+        self._next_heartbeat = 0.0
         self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
         self._next_reclaim = 0.0
         self.last_batch = 0  # size of the last batch of new entries
@@ -93,6 +96,7 @@ class StreamConsumer:
                 if not group_ready:
                     self.ensure_group()
                     group_ready = True
+                self.heartbeat()
                 self.handler.tick()
                 if time.monotonic() >= self._next_reclaim:
                     self.reclaim()
@@ -110,6 +114,18 @@ class StreamConsumer:
                 backoff = min(backoff * 2, 10.0)
                 pending_cursor = "0"
         log.info("%s stopped", self.name)
+
+    def heartbeat(self) -> None:
+        """Say this consumer's loop is alive (``tribunal health`` reads it); forget consumers
+        silent for an hour."""
+        now = time.time()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.settings.heartbeat_every_s
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zadd(self.keys.heartbeats, {self.name: now})
+        pipe.zremrangebyscore(self.keys.heartbeats, "-inf", now - 3600)
+        pipe.execute()
 
     def ensure_group(self) -> None:
         try:
@@ -199,11 +215,10 @@ class StreamConsumer:
             log.warning("%s: entry %s left pending for a retry: %s", self.name, entry_id, error)
         if acked:
             pipe.xack(self.stream, self.group, *acked)
-        if self.stats is not None:
-            group = {"group": self.group}
-            self.stats.incr(pipe, metrics.RETRIES, group, len(failures))
-            self.stats.incr(pipe, metrics.RECLAIMED, group, len(entries) if reclaimed else 0)
-            self.stats.observe(pipe, metrics.BATCH_SIZE, len(entries), group, metrics.SIZE_BUCKETS)
+        group = {"group": self.group}
+        self.stats.incr(pipe, metrics.RETRIES, group, len(failures))
+        self.stats.incr(pipe, metrics.RECLAIMED, group, len(entries) if reclaimed else 0)
+        self.stats.observe(pipe, metrics.BATCH_SIZE, len(entries), group, metrics.SIZE_BUCKETS)
         pipe.execute()
 
     def _give_up(self, entry: Entry, pipe: Pipeline) -> bool:

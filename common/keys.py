@@ -70,6 +70,11 @@ class Keys:
         return f"{self.prefix}:stats"
 
     @property
+    def heartbeats(self) -> str:
+        """Sorted set: consumer name (``role@host:pid``) -> last time its loop came round."""
+        return f"{self.prefix}:heartbeats"
+
+    @property
     def final_streams(self) -> tuple[str, str, str]:
         """Where an item can end: exactly one entry in exactly one of these."""
         return (self.output, self.rejects, self.dead)

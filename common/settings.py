@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     reclaim_idle_s: float = Field(default=60.0, gt=0)
     reclaim_every_s: float = Field(default=5.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
+    heartbeat_every_s: float = Field(default=2.0, gt=0)
+    heartbeat_ttl_s: float = Field(default=60.0, gt=0, description="Silent longer: not live.")
 
     # Decision rule
     quorum: int | None = Field(default=None, ge=1, description="Default: majority of workers.")

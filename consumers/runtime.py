@@ -40,15 +40,9 @@ class Runtime:
         self, stream: str, group: str, handler: Handler, role: str, drain: bool = False
     ) -> None:
         """Run the shared consumer loop until a stop signal (or, with ``drain``, until idle)."""
+        name = consumer_name(role)
         StreamConsumer(
-            self.redis,
-            stream,
-            group,
-            handler,
-            self.settings,
-            self.stop,
-            consumer_name(role),
-            self.stats,
+            self.redis, self.keys, stream, group, handler, self.settings, self.stop, name
         ).run(drain=drain)
 
     def reject(self, pipe: Pipeline, stream: str, entry: Entry, error: InvalidItem) -> None:

@@ -57,8 +57,9 @@ class Fleet:
         self.judge = self._consumer(keys.judge, JUDGE_GROUP, JudgeHandler(rt, self.judge_backend))
 
     def _consumer(self, stream: str, group: str, handler: Any, name: str = "c1") -> StreamConsumer:
+        rt = self.rt
         consumer = StreamConsumer(
-            self.rt.redis, stream, group, handler, self.rt.settings, self.rt.stop, name
+            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name
         )
         consumer.ensure_group()
         return consumer
