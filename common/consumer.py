@@ -55,6 +55,16 @@ class Handler:
         """Called once per loop iteration, for periodic work (cheap when there is none)."""
 
 
+def ensure_group(client: Redis, stream: str, group: str) -> None:
+    """Create the group (and stream) if missing; a group starts from the stream's beginning."""
+    try:
+        client.xgroup_create(stream, group, id="0", mkstream=True)
+        log.info("created consumer group %s on %s", group, stream)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 def consumer_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
@@ -113,6 +123,14 @@ class StreamConsumer:
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
                 pending_cursor = "0"
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                # The stream or group is gone (a Redis restarted without persistence, or
+                # deleted by hand): recreate it rather than crash-looping.
+                log.warning("%s: %s; recreating the group", self.name, exc)
+                group_ready = False
+                pending_cursor = "0"
         log.info("%s stopped", self.name)
 
     def heartbeat(self) -> None:
@@ -128,12 +146,7 @@ class StreamConsumer:
         pipe.execute()
 
     def ensure_group(self) -> None:
-        try:
-            self.redis.xgroup_create(self.stream, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, self.stream)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.redis, self.stream, self.group)
 
     def read_once(self, pending_cursor: str | None) -> str | None:
         """Read and process one batch; return where to continue in our own pending list."""

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     reclaim_idle_s: float = Field(default=60.0, gt=0)
     reclaim_every_s: float = Field(default=5.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)
+    shutdown_grace_s: float = Field(default=30.0, gt=0, description="Bound on a graceful stop.")
     heartbeat_every_s: float = Field(default=2.0, gt=0)
     heartbeat_ttl_s: float = Field(default=60.0, gt=0, description="Silent longer: not live.")
 
@@ -73,7 +74,9 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(default=8000, ge=1)
     max_metadata_bytes: int = Field(default=4096, ge=0)
     max_backlog: int = Field(default=10_000, ge=1)
-    decided_ttl_s: int = Field(default=86_400, ge=1)
+    decided_ttl_s: int = Field(default=86_400, ge=1, description="Dedupe window for item ids.")
+    retention_s: float = Field(default=7 * 86_400, gt=0, description="Keep final records so long.")
+    trim_every_s: float = Field(default=30.0, gt=0)
 
     # The fleet
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)

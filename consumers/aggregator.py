@@ -20,6 +20,7 @@ from redis.client import Pipeline
 from common.consumer import Entry, Handler
 from common.decision import Rule, decide
 from common.keys import AGGREGATOR_GROUP
+from common.retention import trim_all
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers.runtime import Runtime
 
@@ -34,6 +35,7 @@ class AggregatorHandler(Handler):
         s = rt.settings
         self.rule = Rule(len(s.workers), s.effective_quorum, s.confidence_threshold)
         self._next_sweep = 0.0
+        self._next_trim = 0.0
 
     def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
         ids = list(dict.fromkeys(e.fields[b"id"].decode() for e in entries if b"id" in e.fields))
@@ -46,6 +48,12 @@ class AggregatorHandler(Handler):
         return True
 
     def tick(self) -> None:
+        if time.monotonic() >= self._next_trim:
+            self._next_trim = time.monotonic() + self.rt.settings.trim_every_s
+            trim_all(self.rt.redis, self.rt.keys, self.rt.settings)
+        self.sweep()
+
+    def sweep(self) -> None:
         """Decide items whose vote timeout passed, with the votes they have."""
         if time.monotonic() < self._next_sweep:
             return

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from redis.client import Pipeline
 
 from common import metrics
-from common.consumer import Entry, Handler
+from common.consumer import Entry, Handler, ensure_group
 from common.keys import worker_group
 from common.schemas import Item, Prediction, Vote, now
 from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
@@ -105,4 +105,6 @@ def run_worker(rt: Runtime, worker: str) -> None:
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
     handler = WorkerHandler(rt, worker, backend)
+    for name in rt.settings.workers:  # every model's group exists before any trimming
+        ensure_group(rt.redis, rt.keys.items, worker_group(name))
     rt.consume(rt.keys.items, worker_group(worker), handler, role=f"worker:{worker}")

@@ -52,6 +52,7 @@ class Fleet:
             for name in WORKERS
         }
         self.aggregator_handler = AggregatorHandler(rt)
+        self.aggregator_handler._next_trim = float("inf")  # the janitor has its own tests
         self.aggregator = self._consumer(keys.ready, AGGREGATOR_GROUP, self.aggregator_handler)
         self.judge_backend = Scripted("judge")
         self.judge = self._consumer(keys.judge, JUDGE_GROUP, JudgeHandler(rt, self.judge_backend))

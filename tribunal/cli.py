@@ -90,7 +90,7 @@ def needs_redis(s: Settings) -> Settings:
 def runtime(s: Settings):  # type: ignore[no-untyped-def]
     from consumers.runtime import Runtime
 
-    return Runtime.create(needs_redis(s), StopFlag().install())
+    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s).install())
 
 
 @app.command()

@@ -1,0 +1,88 @@
+"""Keeping streams from growing forever without ever dropping work someone still needs.
+
+Acked entries stay in a stream (and in memory) until trimmed. Trimming by length
+(MAXLEN) could drop entries a slow group has not read yet, so tribunal only
+trims by id (XTRIM MINID): below the oldest entry any expected group still has
+pending or unread. The final streams (output, rejects, dead) are kept for a
+retention period, and even then only once every group reading them has acked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from redis import Redis
+
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
+from common.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _id(value: bytes | str) -> tuple[int, int]:
+    text = value.decode() if isinstance(value, bytes) else value
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def needed_floor(redis: Redis, stream: str, groups: Iterable[str] | None) -> tuple[int, int] | None:
+    """The oldest entry id still needed by a group: the first pending entry, or the first not
+    yet delivered. ``groups=None`` means whatever groups exist. None: nothing can be trimmed
+    (an expected group does not exist yet, so it has read nothing)."""
+    if not redis.exists(stream):
+        return None
+    info: Any = redis.xinfo_groups(stream)
+    existing = {_text(g["name"]): g for g in info}
+    wanted = list(existing) if groups is None else list(groups)
+    floors = []
+    for name in wanted:
+        group = existing.get(name)
+        if group is None:
+            return None
+        if group["pending"]:
+            summary: Any = redis.xpending(stream, name)
+            floors.append(_id(summary["min"]))
+        else:
+            ms, seq = _id(group["last-delivered-id"])
+            floors.append((ms, seq + 1))
+    return min(floors) if floors else (2**63 - 1, 0)
+
+
+def trim(
+    redis: Redis,
+    stream: str,
+    groups: Iterable[str] | None,
+    max_age_s: float | None,
+    approximate: bool = True,
+) -> int:
+    """XTRIM MINID below what the groups still need (and, with ``max_age_s``, only entries
+    older than that). Approximate trimming (``~``) may keep a little more, never less."""
+    floor = needed_floor(redis, stream, groups)
+    if floor is None:
+        return 0
+    if max_age_s is not None:
+        floor = min(floor, (int((time.time() - max_age_s) * 1000), 0))
+    minid = f"{floor[0]}-{floor[1]}"
+    trimmed = int(redis.xtrim(stream, minid=minid, approximate=approximate))
+    if trimmed:
+        log.debug("trimmed %d entries from %s", trimmed, stream)
+    return trimmed
+
+
+def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
+    """One janitor pass over every stream of a partition."""
+    worker_groups = [worker_group(name) for name in settings.workers]
+    done = 0
+    done += trim(redis, keys.items, worker_groups, None)
+    done += trim(redis, keys.ready, [AGGREGATOR_GROUP], None)
+    done += trim(redis, keys.judge, [JUDGE_GROUP], None)
+    for stream in keys.final_streams:
+        done += trim(redis, stream, None, settings.retention_s)
+    return done
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
