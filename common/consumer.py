@@ -117,6 +117,8 @@ class StreamConsumer:
                 if drain and reading_new and self.last_batch == 0:
                     break
             except REDIS_ERRORS as exc:
+                if drain:  # a one-off read: say so now rather than wait for Redis forever
+                    raise
                 log.warning(
                     "%s: Redis unavailable (%s); retrying in %.1fs", self.name, exc, backoff
                 )

@@ -129,6 +129,7 @@ class DeadLetter(Record):
     entry_id: str
     deliveries: int
     fields: dict[str, str]
+    item: Item | None = None  # the item itself, when known: what `tribunal dlq replay` re-injects
     dead_at: float
 
 

@@ -60,7 +60,10 @@ def validate_item(data: dict[str, Any], settings: Settings) -> Item:
         raise InvalidItem(f"task {item.task!r} compares two tickets and needs text_b")
     if not task.pair and item.text_b is not None:
         raise InvalidItem(f"task {item.task!r} takes one text; text_b is not allowed")
-    size = len(orjson.dumps(item.metadata))
+    try:
+        size = len(orjson.dumps(item.metadata))
+    except orjson.JSONEncodeError as exc:
+        raise InvalidItem(f"metadata cannot be encoded as JSON: {exc}") from None
     if size > settings.max_metadata_bytes:
         raise InvalidItem(
             f"metadata is {size} bytes, over the limit of {settings.max_metadata_bytes}"

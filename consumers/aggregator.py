@@ -44,7 +44,13 @@ class AggregatorHandler(Handler):
 
     def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
         item_id = entry.fields.get(b"id", entry.id.encode()).decode()
-        self.rt.dead_letter(pipe, self.rt.keys.ready, AGGREGATOR_GROUP, entry, item_id, error)
+        raw: Any = self.rt.redis.hget(self.rt.keys.votes(item_id), ITEM_KEY)
+        try:
+            item = Item.model_validate_json(raw) if raw else None
+        except pydantic.ValidationError:
+            item = None
+        keys = self.rt.keys
+        self.rt.dead_letter(pipe, keys.ready, AGGREGATOR_GROUP, entry, item_id, error, item)
         return True
 
     def tick(self) -> None:

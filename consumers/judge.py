@@ -17,7 +17,7 @@ from redis.client import Pipeline
 from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import JUDGE_GROUP
-from common.schemas import Decision, Escalation, Vote
+from common.schemas import Decision, Escalation, Item, Vote
 from consumers.backends import Backend, load_backend
 from consumers.runtime import Runtime
 
@@ -64,11 +64,15 @@ class JudgeHandler(Handler):
         return failures
 
     def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+        item: Item | None
         try:
-            item_id, escalated = Escalation.model_validate_json(entry.fields[b"d"]).item.id, True
+            item = Escalation.model_validate_json(entry.fields[b"d"]).item
+            item_id = item.id
         except (KeyError, pydantic.ValidationError):  # written by hand: not a real escalation
-            item_id, escalated = f"entry-{entry.id}", False
-        self.rt.dead_letter(pipe, self.rt.keys.judge, JUDGE_GROUP, entry, item_id, error, escalated)
+            item, item_id = None, f"entry-{entry.id}"
+        keys = self.rt.keys
+        escalated = item is not None
+        self.rt.dead_letter(pipe, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated)
         return True
 
 

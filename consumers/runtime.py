@@ -14,7 +14,7 @@ from common.consumer import Entry, Handler, StreamConsumer, consumer_name
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.metrics import Stats
-from common.schemas import DeadLetter, Decision, Reject, is_item_id, now
+from common.schemas import DeadLetter, Decision, Item, Reject, is_item_id, now
 from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem
@@ -75,10 +75,12 @@ class Runtime:
         entry: Entry,
         item_id: str,
         error: str,
+        item: Item | None,
         escalated: bool = False,
     ) -> None:
         record = DeadLetter(
             id=item_id,
+            item=item,
             error=error,
             stream=stream,
             group=group,

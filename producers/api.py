@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis import Redis
 
 from common.keys import Keys
@@ -61,6 +62,13 @@ class Producer:
         data["produced_at"] = now()
         return validate_item(data, self.settings)
 
+    def encode(self, record: dict[str, Any]) -> bytes:
+        item = self.prepare(record)
+        try:
+            return item.dump()
+        except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in the text
+            raise InvalidItem(f"cannot be encoded as JSON: {exc}") from None
+
     def send(
         self,
         records: Iterable[dict[str, Any]] | Iterable[Record],
@@ -73,7 +81,7 @@ class Producer:
             try:
                 if isinstance(record, InvalidItem):
                     raise record
-                chunk.append(self.prepare(record).dump())
+                chunk.append(self.encode(record))
             except InvalidItem as exc:
                 report.invalid.append((where, str(exc)))
                 log.warning("%s: %s", where, exc)
@@ -115,12 +123,13 @@ class Producer:
         announced = False
         while (depth := self.backlog()) > self.settings.max_backlog:
             if not announced:
+                started = time.monotonic()
                 log.info(
                     "backlog %d > %d: waiting for the workers", depth, self.settings.max_backlog
                 )
                 announced = True
             time.sleep(0.2)
-        return time.monotonic() - started
+        return time.monotonic() - started if announced else 0.0
 
 
 def _numbered(records: Iterable[Any]) -> Iterator[Record]:

@@ -63,7 +63,8 @@ def jsonl_records(lines: Iterator[bytes], name: str) -> Iterator[Record]:
 
 
 def csv_records(lines: Iterator[bytes], name: str, columns: CsvColumns) -> Iterator[Record]:
-    reader = csv.DictReader(line.decode("utf-8", errors="replace") for line in lines)
+    # utf-8-sig: spreadsheets often start a CSV with a byte order mark.
+    reader = csv.DictReader(line.decode("utf-8-sig", errors="replace") for line in lines)
     for row in reader:
         where = f"{name}:{reader.line_num}"
         try:

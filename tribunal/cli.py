@@ -11,6 +11,7 @@ import redis
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.connection import EmbeddedRedis, connect
@@ -28,7 +29,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, even in a pipe
 log = logging.getLogger("tribunal")
 
 
@@ -65,15 +66,23 @@ def main(
     state.fleet, state.redis_url = fleet, redis_url
 
 
+def say(prefix: str, message: str) -> None:
+    """A line on stderr: ``prefix`` may be styled, ``message`` (user data) is printed as is."""
+    if prefix:
+        err.print(prefix, escape(message))
+    else:
+        err.print(escape(message))
+
+
 def settings() -> Settings:
     """The settings for this command, or a readable error and exit code 2."""
     overrides = {"redis_url": state.redis_url} if state.redis_url else {}
     try:
         return load_settings(state.fleet, **overrides)
     except FileNotFoundError as exc:
-        err.print(f"[red]error:[/] {exc}")
+        say("[red]error:[/]", str(exc))
     except ValidationError as exc:
-        err.print(f"[red]invalid settings:[/]\n{exc}")
+        say("[red]invalid settings:[/]", f"\n{exc}")
     raise typer.Exit(2)
 
 
@@ -107,7 +116,7 @@ def demo(
     from tribunal.demo import SAMPLES, run_demo
 
     if task not in SAMPLES:
-        err.print(f"[red]error:[/] no sample for task {task!r} (have: {', '.join(SAMPLES)})")
+        say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
         raise typer.Exit(2)
     ok = run_demo(settings(), task, limit, Console())
     raise typer.Exit(0 if ok else 1)
@@ -152,7 +161,7 @@ def produce(
     try:
         stream = open_binary(source)
     except OSError as exc:
-        err.print(f"[red]error:[/] cannot read {source}: {exc.strerror}")
+        say("[red]error:[/]", f"cannot read {source}: {exc.strerror}")
         raise typer.Exit(2) from None
     lines = lines_of(stream, follow, stop.is_set)
     columns = CsvColumns(text_col, text_b_col, id_col, task_col, gold_col)
@@ -169,14 +178,15 @@ def produce(
     try:
         with progress:
             job = progress.add_task(
-                f"producing from {name}" + (" (following; Ctrl-C to stop)" if follow else "")
+                f"producing from {escape(name)}"
+                + (" (following; Ctrl-C to stop)" if follow else "")
             )
             report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        err.print(f"[red]error:[/] cannot reach Redis at {s.redis_url}: {exc}")
+        say("[red]error:[/]", f"cannot reach Redis at {s.redis_url}: {exc}")
         raise typer.Exit(3) from None
     for where, reason in report.invalid[:50]:
-        err.print(f"[yellow]skipped[/] {where}: {reason}")
+        say("[yellow]skipped[/]", f"{where}: {reason}")
     if len(report.invalid) > 50:
         err.print(f"... and {len(report.invalid) - 50} more")
     err.print(
@@ -224,9 +234,13 @@ def labels(
     from consumers.labels import read_labels
 
     rt = runtime(settings())
-    with open(output, "ab") if output else sys.stdout.buffer as out:
-        written = read_labels(rt, out, group, follow)
-    err.print(f"wrote {written} labels" + (f" to {output}" if output else ""))
+    try:
+        with open(output, "ab") if output else sys.stdout.buffer as out:
+            written = read_labels(rt, out, group, follow)
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        say("[red]error:[/]", f"cannot reach Redis at {rt.settings.redis_url}: {exc}")
+        raise typer.Exit(3) from None
+    say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
 
 
 @app.command()
