@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.connection import EmbeddedRedis, connect
+from common.keys import Keys
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings, load_settings
 
@@ -241,6 +242,58 @@ def labels(
         say("[red]error:[/]", f"cannot reach Redis at {rt.settings.redis_url}: {exc}")
         raise typer.Exit(3) from None
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
+
+
+dlq_app = typer.Typer(
+    help="Inspect and replay dead letters (entries given up on after "
+    "max_deliveries failed deliveries).",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+@dlq_app.command("list")
+def dlq_list(
+    limit: Annotated[int, typer.Option(help="Show at most this many.")] = 50,
+    json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Show dead letters, oldest first: item id, where it died, deliveries, the error."""
+    from tribunal.dlq import as_json, dead_letters
+
+    s = needs_redis(settings())
+    letters = dead_letters(connect(s), Keys(s.namespace), limit)
+    for entry_id, letter in letters:
+        if json:
+            sys.stdout.buffer.write(as_json(letter) + b"\n")
+        else:
+            say(
+                "",
+                f"{letter.id}  {letter.group} on {letter.stream} after {letter.deliveries} "
+                f"deliveries (entry {entry_id}): {letter.error}",
+            )
+    if not json:
+        say("", f"{len(letters)} dead letters shown")
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[
+        list[str] | None, typer.Option("--id", help="Item id to replay (repeatable).")
+    ] = None,
+    replay_all: Annotated[bool, typer.Option("--all", help="Replay every dead letter.")] = False,
+) -> None:
+    """Put dead-lettered items back on the items stream to be labeled afresh."""
+    from tribunal.dlq import replay
+
+    if not ids and not replay_all:
+        say("[red]error:[/]", "name items with --id ID (repeatable) or pass --all")
+        raise typer.Exit(2)
+    s = needs_redis(settings())
+    report = replay(connect(s), Keys(s.namespace), None if replay_all else set(ids or ()))
+    for item_id, why in report.skipped:
+        say("[yellow]skipped[/]", f"{item_id}: {why}")
+    say("", f"replayed {len(report.replayed)}: {', '.join(report.replayed) or '-'}")
+    raise typer.Exit(1 if report.skipped and not report.replayed else 0)
 
 
 @app.command()
