@@ -33,7 +33,16 @@ class WorkerHandler(Handler):
         self.tasks = rt.settings.all_tasks
         # The aggregator is woken once a decision may be possible, not on every vote.
         self.notify_at = rt.settings.effective_quorum
+        self._groups_ready = False
         self.call_labels = {"worker": worker, "backend": rt.settings.workers[worker].backend}
+
+    def tick(self) -> None:
+        """Once connected: make sure every model's group exists, so the janitor never trims
+        entries a model that has not started yet would still need."""
+        if not self._groups_ready:
+            for name in self.rt.settings.workers:
+                ensure_group(self.rt.redis, self.rt.keys.items, worker_group(name))
+            self._groups_ready = True
 
     def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
         valid: list[tuple[Entry, Item]] = []
@@ -105,6 +114,4 @@ def run_worker(rt: Runtime, worker: str) -> None:
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
     handler = WorkerHandler(rt, worker, backend)
-    for name in rt.settings.workers:  # every model's group exists before any trimming
-        ensure_group(rt.redis, rt.keys.items, worker_group(name))
     rt.consume(rt.keys.items, worker_group(worker), handler, role=f"worker:{worker}")

@@ -38,7 +38,6 @@ def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> No
         settings,
         settings.redis_url or "",
         log_level="WARNING",
-        extra_env={"TRIBUNAL_NAMESPACE": settings.namespace},
     ).start()
     try:
         report = Producer(redis, settings).send(records)

@@ -89,7 +89,7 @@ def run_demo(
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        fleet = Fleet(settings, url, log_to=logs, extra_env={"TRIBUNAL_NAMESPACE": namespace})
+        fleet = Fleet(settings, url, log_to=logs)
         console.print(
             f"starting {len(fleet.children)} processes "
             f"({', '.join(c.role for c in fleet.children)}); logs in {logs.name}"

@@ -49,7 +49,12 @@ class Fleet:
         log_to: IO[bytes] | None = None,
         extra_env: dict[str, str] | None = None,
     ) -> None:
-        self.env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "TRIBUNAL_REDIS_URL": redis_url,
+            "TRIBUNAL_NAMESPACE": settings.namespace,
+            **(extra_env or {}),
+        }
         if settings.fleet_file is not None:
             self.env[FLEET_FILE_ENV] = str(settings.fleet_file)
         self.log_to = log_to
@@ -63,6 +68,11 @@ class Fleet:
         for child in self.children:
             self._spawn(child)
         return self
+
+    def respawn(self, child: Child) -> None:
+        """Start ``child`` again now (after it was stopped or killed)."""
+        child.restart_at = 0.0
+        self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
         child.process = subprocess.Popen(
@@ -92,8 +102,7 @@ class Fleet:
                 child.restart_at = time.monotonic() + delay
             elif time.monotonic() >= child.restart_at:
                 child.restarts += 1
-                child.restart_at = 0.0
-                self._spawn(child)
+                self.respawn(child)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM everyone (they finish their batch), SIGKILL whoever is still there after
