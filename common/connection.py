@@ -6,6 +6,7 @@ import logging
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
 
@@ -16,17 +17,42 @@ log = logging.getLogger(__name__)
 
 def connect(settings: Settings, url: str | None = None) -> Redis:
     """A client for the configured server. Reads block up to ``block_ms``, so the socket
-    timeout sits above it: a dead server is noticed, a quiet stream is not an error."""
+    timeout sits above it: a dead server is noticed, a quiet stream is not an error.
+
+    ``rediss://`` URLs use TLS, verified against ``tls_ca_file`` (and a client certificate
+    when set); a password may come from ``redis_password_file`` instead of the URL."""
     target = url or settings.redis_url
     if not target:
         raise RuntimeError("no Redis URL: set TRIBUNAL_REDIS_URL or start the embedded server")
+    options: dict[str, Any] = {}
+    if settings.redis_password_file is not None:
+        options["password"] = settings.redis_password_file.read_text().strip()
+    tls_files = {
+        "ssl_ca_certs": settings.tls_ca_file,
+        "ssl_certfile": settings.tls_cert_file,
+        "ssl_keyfile": settings.tls_key_file,
+    }
+    if target.startswith("rediss://"):
+        options.update({k: str(v) for k, v in tls_files.items() if v is not None})
+    elif any(tls_files.values()):
+        raise ValueError("TLS files are set but the Redis URL is not rediss://")
     return Redis.from_url(
         target,
         socket_timeout=settings.block_ms / 1000 + 10,
         socket_connect_timeout=5,
         health_check_interval=30,
         client_name="tribunal",
+        **options,
     )
+
+
+def redact(url: str) -> str:
+    """The URL with its password masked, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class EmbeddedRedis:

@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset means start an embedded valkey server."
     )
+    redis_password_file: Path | None = Field(
+        default=None, description="Read the Redis password from this file (e.g. a secret mount)."
+    )
+    tls_ca_file: Path | None = Field(default=None, description="CA to verify a rediss:// server.")
+    tls_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS).")
+    tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")
     namespace: str = Field(default="tribunal", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     fleet_file: Path | None = Field(default=None, description="The TOML fleet file in use.")
 

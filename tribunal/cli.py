@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import EmbeddedRedis, connect, redact
 from common.keys import Keys
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings, load_settings
@@ -184,7 +184,7 @@ def produce(
             )
             report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        say("[red]error:[/]", f"cannot reach Redis at {s.redis_url}: {exc}")
+        say("[red]error:[/]", f"cannot reach Redis at {redact(s.redis_url or '')}: {exc}")
         raise typer.Exit(3) from None
     for where, reason in report.invalid[:50]:
         say("[yellow]skipped[/]", f"{where}: {reason}")
@@ -239,7 +239,7 @@ def labels(
         with open(output, "ab") if output else sys.stdout.buffer as out:
             written = read_labels(rt, out, group, follow)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        say("[red]error:[/]", f"cannot reach Redis at {rt.settings.redis_url}: {exc}")
+        say("[red]error:[/]", f"cannot reach Redis at {redact(rt.settings.redis_url or '')}: {exc}")
         raise typer.Exit(3) from None
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
 
@@ -297,6 +297,30 @@ def dlq_replay(
 
 
 @app.command()
+def acl(
+    namespace: Annotated[str, typer.Option(help="Key namespace the fleet uses.")] = "tribunal",
+) -> None:
+    """Print a Redis ACL users file with the least each role needs (producer, worker,
+    aggregator, judge, labels, monitor). Passwords come from TRIBUNAL_ACL_<ROLE>_PASSWORD
+    and are written only as SHA-256. Load it with redis-server --aclfile FILE (add your own
+    admin user, and consider "user default off")."""
+    import os
+
+    from common.acl import ROLES, user_line
+
+    missing = [
+        f"TRIBUNAL_ACL_{r.upper()}_PASSWORD"
+        for r in ROLES
+        if not os.environ.get(f"TRIBUNAL_ACL_{r.upper()}_PASSWORD")
+    ]
+    if missing:
+        say("[red]error:[/]", f"set {', '.join(missing)}")
+        raise typer.Exit(2)
+    for role in ROLES:
+        print(user_line(role, os.environ[f"TRIBUNAL_ACL_{role.upper()}_PASSWORD"], namespace))
+
+
+@app.command()
 def run() -> None:
     """Start the whole fleet from the fleet file, one process per worker replica, the
     aggregator and the judge; restart any that dies. Starts an embedded valkey when no
@@ -320,3 +344,57 @@ def run() -> None:
         fleet.stop()
         if embedded:
             embedded.stop()
+
+
+@app.command()
+def status(
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place.")] = False,
+    interval: Annotated[
+        float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
+    ] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
+    stall_after: Annotated[
+        float | None,
+        typer.Option(help="Flag a group whose consumers are all idle this long (s).", min=0.1),
+    ] = None,
+) -> None:
+    """Show every stream's length and every group's lag, pending entries and consumers,
+    read from Redis now; throughput, judge-call rate, worker agreement, rejects, dead
+    letters, live consumers per role. Stalled groups are flagged."""
+    from tribunal.status import run_status
+
+    s = needs_redis(settings())
+    raise typer.Exit(run_status(s, watch, interval, as_json, stall_after))
+
+
+@app.command()
+def exporter(
+    port: Annotated[int, typer.Option(help="Port to serve /metrics on.")] = 9464,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
+) -> None:
+    """Serve Prometheus metrics at /metrics: queue depth, lag, live consumers, fleet
+    counters and histograms, all read from Redis at scrape time (tribunal_up 0 when
+    Redis is down)."""
+    from tribunal.exporter import serve
+
+    serve(needs_redis(settings()), port, host)
+
+
+@app.command()
+def health(
+    role: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--role", help="Role to check (repeatable): worker:NAME, aggregator, judge, labels."
+        ),
+    ] = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Count only consumers on this host (container).")
+    ] = False,
+) -> None:
+    """Exit 0 when each role (default: every worker, the aggregator and the judge of the
+    fleet file) has a live consumer per heartbeats, else 1 naming what is missing; for
+    compose and Kubernetes healthchecks."""
+    from tribunal.health import run_health
+
+    raise typer.Exit(run_health(needs_redis(settings()), role or (), local))

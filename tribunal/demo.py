@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import EmbeddedRedis, connect, redact
 from common.keys import Keys
 from common.settings import Settings
 from common.validation import ITEM_FIELD
@@ -85,7 +85,7 @@ def run_demo(
     namespace = f"demo{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
     console.print(
-        f"[bold]tribunal demo[/]: task [cyan]{task}[/], Redis {url}"
+        f"[bold]tribunal demo[/]: task [cyan]{task}[/], Redis {redact(url)}"
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:

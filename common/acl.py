@@ -1,0 +1,100 @@
+"""The least each role needs from Redis, as ACL rules: which commands, which keys.
+
+One place for the rules, so the shipped ACL file, the docs and the tests agree.
+Scripts run with the caller's permissions, so a role that casts votes or settles
+items also needs the commands its Lua scripts call. ``tribunal acl`` prints a
+users file with passwords taken from the environment, stored only as SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
+
+_CONNECT = "+ping +client|setname"  # CLIENT SETINFO (7.2+) may fail: redis-py ignores it
+_CONSUMER = (
+    "+xreadgroup +xack +xautoclaim +xpending +xgroup|create "
+    "+zadd +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
+)
+# EVALSHA plus what common/scripts.py's cast_vote and settle call inside.
+_SCRIPTS = (
+    "+evalsha +script|load +script|exists "
+    "+exists +get +set +del +hset +hsetnx +hlen +hincrby +zadd +zrem +xadd"
+)
+_JANITOR = "+xinfo|groups +xpending +xtrim +exists"
+
+
+def _keys(namespace: str, *names: str) -> str:
+    return " ".join(f"~{namespace}:{{*}}:{name}" for name in names)
+
+
+def rules(role: str, namespace: str = "tribunal") -> str:
+    """ACL rules (without user name and password) for one role."""
+    ns = namespace
+    per_role = {
+        "producer": ("+xadd +xinfo|groups +xlen +exists", _keys(ns, "items")),
+        "worker": (
+            f"{_CONSUMER} {_SCRIPTS}",
+            _keys(
+                ns,
+                "items",
+                "votes:*",
+                "state:*",
+                "ready",
+                "deadlines",
+                "rejects",
+                "stats",
+                "heartbeats",
+            ),
+        ),
+        "aggregator": (
+            f"{_CONSUMER} {_SCRIPTS} {_JANITOR} +hgetall +hget +zrangebyscore",
+            _keys(
+                ns,
+                "ready",
+                "votes:*",
+                "state:*",
+                "deadlines",
+                "judge",
+                "output",
+                "dead",
+                "stats",
+                "heartbeats",
+                "items",
+                "rejects",
+            ),
+        ),
+        "judge": (
+            f"{_CONSUMER} {_SCRIPTS}",
+            _keys(
+                ns,
+                "judge",
+                "state:*",
+                "votes:*",
+                "deadlines",
+                "output",
+                "dead",
+                "stats",
+                "heartbeats",
+            ),
+        ),
+        "labels": (_CONSUMER, _keys(ns, "output", "stats", "heartbeats")),
+        "monitor": (
+            "+xinfo|stream +xinfo|groups +xinfo|consumers +xlen +xrange +xrevrange +xpending "
+            "+hgetall +zrange +zrangebyscore +zcard +exists +scan",
+            f"%R~{ns}:*",
+        ),
+    }
+    if role not in per_role:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+    commands, keys = per_role[role]
+    return f"resetkeys resetchannels -@all {_CONNECT} {commands} {keys}"
+
+
+def user_line(
+    role: str, password: str, namespace: str = "tribunal", user: str | None = None
+) -> str:
+    """One line of an ACL users file; the password is stored only as its SHA-256."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return f"user {user or 'tribunal-' + role} on #{digest} {rules(role, namespace)}"
