@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     tls_ca_file: Path | None = Field(default=None, description="CA to verify a rediss:// server.")
     tls_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS).")
     tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")
+    embedded_appendfsync: Literal["always", "everysec", "no"] = Field(
+        default="everysec", description="AOF fsync policy of the embedded valkey (demo, run)."
+    )
     namespace: str = Field(default="tribunal", pattern=r"^[A-Za-z0-9_-]{1,32}$")
     fleet_file: Path | None = Field(default=None, description="The TOML fleet file in use.")
 

@@ -328,7 +328,7 @@ def run() -> None:
     from tribunal.fleet import Fleet
 
     s = settings()
-    embedded = None if s.redis_url else EmbeddedRedis().start()
+    embedded = None if s.redis_url else EmbeddedRedis(appendfsync=s.embedded_appendfsync).start()
     url = s.redis_url or embedded.url  # type: ignore[union-attr]
     if embedded:
         err.print(

@@ -80,7 +80,11 @@ def run_demo(
 ) -> bool:
     """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-demo-"))
-    embedded = None if settings.redis_url else EmbeddedRedis(workdir / "valkey").start()
+    embedded = (
+        None
+        if settings.redis_url
+        else EmbeddedRedis(workdir / "valkey", appendfsync=settings.embedded_appendfsync).start()
+    )
     url = settings.redis_url or embedded.url  # type: ignore[union-attr]
     namespace = f"demo{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})

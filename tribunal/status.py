@@ -1,0 +1,388 @@
+"""``tribunal status``: queue depth, lag and liveness of the fleet, read from Redis at call time.
+
+Every number about queues comes from the streams themselves at the moment of the call
+(XLEN, XINFO STREAM / GROUPS / CONSUMERS): a counter kept by the consumers would drift
+the first time one died between its work and its increment; the streams cannot. Rates
+of outcomes (judge calls, agreement) divide the fleet counters of ``common.metrics``,
+which the Lua scripts increment only when a step really happened.
+
+Throughput is the number of ``output`` entries whose stream id (Redis's own clock, read
+with TIME, so a skewed client clock does not matter) falls in the last 60 s: one
+``XREVRANGE output + <now-60s> COUNT 1000``. It needs no state, so a single
+``tribunal status`` answers it; a delta of ``entries-added`` between two calls would be
+O(1) but means nothing on the first call. The COUNT cap bounds the cost at high rates:
+when it is hit, the rate is the cap over the time those newest entries span.
+
+A group is *stalled* when work waits for it (lag or pending > 0) and nobody is taking
+it: none of its consumers has a live heartbeat (``heartbeat_ttl_s``), or all have been
+idle (no read attempt, XINFO's ``idle``) longer than the threshold. Groups the fleet file
+implies (one per worker model, ``aggregator``, ``judge``) are listed even before their
+first consumer created them, with the whole stream as lag: a fleet that never started
+shows as stalled, not as nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis import Redis
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError, ResponseError
+from redis.retry import Retry
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from common import metrics
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
+from common.lifecycle import StopFlag
+from common.settings import Settings
+
+STREAMS = ("items", "ready", "judge", "output", "rejects", "dead")
+THROUGHPUT_WINDOW_S = 60
+THROUGHPUT_CAP = 1000
+Snapshot = dict[str, Any]
+
+
+def quick_client(settings: Settings, timeout_s: float = 3.0) -> Redis:
+    """A client that fails within seconds: status, health and scrapes must answer, not wait
+    out the consumers' long socket timeout (one retry rides over a dropped connection)."""
+    return Redis.from_url(
+        settings.redis_url or "",
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        client_name="tribunal-ops",
+    )
+
+
+def expected_groups(settings: Settings) -> dict[str, list[str]]:
+    """Consumer groups the fleet file implies, by stream."""
+    return {
+        "items": [worker_group(name) for name in settings.workers],
+        "ready": [AGGREGATOR_GROUP],
+        "judge": [JUDGE_GROUP],
+    }
+
+
+def expected_roles(settings: Settings) -> list[str]:
+    """Heartbeat roles the fleet file runs (replicas share their model's role)."""
+    from tribunal.fleet import fleet_roles as processes
+
+    return list(dict.fromkeys(role.partition("#")[0] for role, _ in processes(settings)))
+
+
+def role_of(consumer: str) -> str:
+    """``worker:vader@host:123`` -> ``worker:vader`` (see ``common.consumer.consumer_name``)."""
+    return consumer.partition("@")[0]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_heartbeats(redis: Redis, keys: Keys) -> dict[str, float]:
+    """Consumer name -> seconds since its loop last came round (the set forgets after 1 h)."""
+    now = time.time()
+    rows: Any = redis.zrange(keys.heartbeats, 0, -1, withscores=True)
+    return {_text(name): max(now - float(score), 0.0) for name, score in rows}
+
+
+def live_by_role(heartbeats: Mapping[str, float], ttl_s: float) -> dict[str, list[str]]:
+    live: dict[str, list[str]] = {}
+    for name, age in sorted(heartbeats.items()):
+        if age <= ttl_s:
+            live.setdefault(role_of(name), []).append(name)
+    return live
+
+
+def read_streams(
+    redis: Redis, keys: Keys, expected: Mapping[str, Sequence[str]]
+) -> list[dict[str, Any]]:
+    """Length, entries ever added, and every group with its consumers, for each stream;
+    three pipelined round trips whatever the number of groups."""
+    pipe = redis.pipeline(transaction=False)
+    for name in STREAMS:
+        pipe.xinfo_stream(getattr(keys, name))
+    streams: list[dict[str, Any]] = []
+    for name, info in zip(STREAMS, pipe.execute(raise_on_error=False), strict=True):
+        if isinstance(info, ResponseError):  # "no such key": nothing was ever added
+            info = None
+        elif isinstance(info, Exception):
+            raise info
+        streams.append(
+            {
+                "stream": name,
+                "key": getattr(keys, name),
+                "exists": info is not None,
+                "length": int(info["length"]) if info else 0,
+                "entries_added": int(info.get("entries-added") or 0) if info else 0,
+                "last_id": _text(info["last-generated-id"]) if info else None,
+                "groups": [],
+            }
+        )
+    present = [s for s in streams if s["exists"]]
+    pipe = redis.pipeline(transaction=False)
+    for stream in present:
+        pipe.xinfo_groups(stream["key"])
+    group_rows: list[tuple[dict[str, Any], dict[str, Any]]] = [
+        (stream, row) for stream, rows in zip(present, pipe.execute(), strict=True) for row in rows
+    ]
+    pipe = redis.pipeline(transaction=False)
+    for stream, row in group_rows:
+        pipe.xinfo_consumers(stream["key"], row["name"])
+    for (stream, row), consumers in zip(group_rows, pipe.execute(), strict=True):
+        lag = row.get("lag")
+        stream["groups"].append(
+            {
+                "group": _text(row["name"]),
+                "exists": True,
+                "lag": None if lag is None else int(lag),
+                "pending": int(row["pending"]),
+                "entries_read": row.get("entries-read"),
+                "last_delivered_id": _text(row["last-delivered-id"]),
+                "consumers": [
+                    {
+                        "name": _text(c["name"]),
+                        "pending": int(c["pending"]),
+                        "idle_s": int(c["idle"]) / 1000,
+                    }
+                    for c in sorted(consumers, key=lambda c: int(c["idle"]))
+                ],
+            }
+        )
+    for stream in streams:
+        have = {g["group"] for g in stream["groups"]}
+        for group in expected.get(stream["stream"], ()):
+            if group not in have:  # its consumers will create it at id 0: all of it is lag
+                stream["groups"].append(
+                    {
+                        "group": group,
+                        "exists": False,
+                        "lag": stream["length"],
+                        "pending": 0,
+                        "entries_read": 0,
+                        "last_delivered_id": None,
+                        "consumers": [],
+                    }
+                )
+    return streams
+
+
+def flag_stalls(
+    streams: list[dict[str, Any]], heartbeats: Mapping[str, float], ttl_s: float, after_s: float
+) -> list[str]:
+    """Mark each group ``stalled`` (with a reason) as defined above; return ``stream/group``
+    of the stalled ones. Also counts each group's consumers with a live heartbeat."""
+    stalled = []
+    for stream in streams:
+        for group in stream["groups"]:
+            consumers = group["consumers"]
+            live = [c for c in consumers if heartbeats.get(c["name"], float("inf")) <= ttl_s]
+            group["live_consumers"] = len(live)
+            lag_unknown = group["lag"] is None and group["last_delivered_id"] != stream["last_id"]
+            waiting = lag_unknown or (group["lag"] or 0) > 0 or group["pending"] > 0
+            reason = None
+            if not waiting:
+                pass
+            elif not consumers:
+                reason = "no consumer has ever read it"
+            elif not live:
+                reason = f"no consumer with a heartbeat in the last {ttl_s:g}s"
+            elif min(c["idle_s"] for c in consumers) > after_s:
+                reason = f"every consumer idle for more than {after_s:g}s"
+            group["stalled"], group["stall_reason"] = reason is not None, reason
+            if reason is not None:
+                stalled.append(f"{stream['stream']}/{group['group']}")
+    return stalled
+
+
+@dataclass(frozen=True)
+class StatSample:
+    """One field of the stats hash: ``suffix`` is ``sum``/``count`` for histogram totals."""
+
+    name: str
+    labels: dict[str, str]
+    suffix: str
+    value: float
+
+
+def read_stats(redis: Redis, keys: Keys) -> list[StatSample]:
+    raw: Any = redis.hgetall(keys.stats)
+    samples = []
+    for key, value in raw.items():
+        field, suffix = _text(key), ""
+        for tail in ("sum", "count"):
+            if field.endswith("|" + tail):
+                field, suffix = field[: -len(tail) - 1], tail
+        name, labels = metrics.parse_field(field)
+        samples.append(StatSample(name, labels, suffix, float(value)))
+    return samples
+
+
+def recent_outputs(redis: Redis, key: str) -> dict[str, Any]:
+    """Final labels per second over the last minute (see the module docstring)."""
+    seconds, micros = redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000
+    rows: Any = redis.xrevrange(
+        key, "+", str(now_ms - THROUGHPUT_WINDOW_S * 1000), count=THROUGHPUT_CAP
+    )
+    capped = len(rows) >= THROUGHPUT_CAP
+    span_s = float(THROUGHPUT_WINDOW_S)
+    if capped:
+        oldest_ms = int(_text(rows[-1][0]).split("-")[0])
+        span_s = max((now_ms - oldest_ms) / 1000, 0.001)
+    return {
+        "window_s": THROUGHPUT_WINDOW_S,
+        "outputs": len(rows),
+        "capped": capped,
+        "per_s": round(len(rows) / span_s, 3),
+    }
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = None) -> Snapshot:
+    """Everything ``tribunal status`` shows, as JSON-ready data; raises ``RedisError`` when
+    Redis cannot be read. ``stall_after_s`` defaults to ``heartbeat_ttl_s``."""
+    keys = Keys(settings.namespace)
+    ttl = settings.heartbeat_ttl_s
+    streams = read_streams(redis, keys, expected_groups(settings))
+    beats = read_heartbeats(redis, keys)
+    stalled = flag_stalls(streams, beats, ttl, stall_after_s or ttl)
+    stats = read_stats(redis, keys)
+    decisions = {
+        s.labels.get("source", "?"): int(s.value) for s in stats if s.name == metrics.DECISIONS
+    }
+    escalations = int(sum(s.value for s in stats if s.name == metrics.ESCALATIONS))
+    votes: dict[str, dict[str, int]] = {}
+    for s in stats:
+        if s.name == metrics.VOTES:
+            by_label = votes.setdefault(s.labels.get("worker", "?"), {})
+            by_label[s.labels.get("label", "?")] = int(s.value)
+    total = sum(decisions.values())
+    live = live_by_role(beats, ttl)
+    by_name = {s["stream"]: s for s in streams}
+    return {
+        "namespace": settings.namespace,
+        "time": round(time.time(), 3),
+        "streams": streams,
+        "stalled": stalled,
+        "throughput": recent_outputs(redis, keys.output),
+        "decisions": {"total": total, **decisions},
+        "escalations": escalations,
+        "judge_call_rate": _ratio(escalations, total),
+        "agreement_rate": _ratio(decisions.get("workers", 0), total),
+        "rejects": by_name["rejects"]["entries_added"],
+        "dead_letters": by_name["dead"]["entries_added"],
+        "votes": votes,
+        "live_consumers": {role: len(live.get(role, [])) for role in expected_roles(settings)}
+        | {role: len(names) for role, names in live.items()},
+        "heartbeat_ttl_s": ttl,
+    }
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+def _consumers_cell(group: dict[str, Any], shown: int = 3) -> str:
+    lines = [
+        f"{c['name']}  idle {c['idle_s']:.1f}s  pending {c['pending']}"
+        for c in group["consumers"][:shown]
+    ]
+    if len(group["consumers"]) > shown:
+        lines.append(f"… {len(group['consumers']) - shown} more, idle longer")
+    return "\n".join(lines) or "-"
+
+
+def render(snap: Snapshot) -> RenderableType:
+    """The snapshot as rich tables: queues first, then outcomes and the fleet."""
+    queues = Table(title=f"tribunal · namespace {snap['namespace']}", title_justify="left")
+    for column in ("stream", "length", "added", "group", "lag", "pending", "live"):
+        queues.add_column(column, justify="left" if column in ("stream", "group") else "right")
+    queues.add_column("consumers (idle, pending)")
+    queues.add_column("state")
+    for stream in snap["streams"]:
+        head = [stream["stream"], str(stream["length"]), str(stream["entries_added"])]
+        for group in stream["groups"] or [None]:
+            if group is None:
+                queues.add_row(*head, "-", "", "", "", "", "")
+                continue
+            state = f"[red]STALLED[/] {group['stall_reason']}" if group["stalled"] else "[green]ok"
+            lag = "?" if group["lag"] is None else str(group["lag"])
+            queues.add_row(
+                *head,
+                group["group"] + ("" if group["exists"] else " [dim](not created)"),
+                lag,
+                str(group["pending"]),
+                f"{group['live_consumers']}/{len(group['consumers'])}",
+                _consumers_cell(group),
+                state,
+            )
+            head = ["", "", ""]
+    facts = Table.grid(padding=(0, 2))
+    tp = snap["throughput"]
+    d = snap["decisions"]
+    rows = [
+        ("throughput", f"{tp['per_s']:.2f} labels/s ({tp['outputs']} in the last minute)"),
+        (
+            "decisions",
+            f"{d['total']} ({d.get('workers', 0)} by workers, {d.get('judge', 0)} judge)",
+        ),
+        ("judge-call rate", f"{_percent(snap['judge_call_rate'])} ({snap['escalations']} sent)"),
+        ("worker agreement", _percent(snap["agreement_rate"])),
+        ("rejects / dead letters", f"{snap['rejects']} / {snap['dead_letters']}"),
+        ("live consumers", ", ".join(f"{r} {n}" for r, n in snap["live_consumers"].items())),
+    ]
+    for worker, labels in sorted(snap["votes"].items()):
+        detail = ", ".join(f"{label} {n}" for label, n in sorted(labels.items()))
+        rows.append((f"votes {worker}", f"{sum(labels.values())} ({detail})"))
+    for name, value in rows:
+        facts.add_row(f"[bold]{name}", value)
+    return Group(queues, facts)
+
+
+def _render_or_error(redis: Redis, settings: Settings, stall_after_s: float | None) -> Any:
+    try:
+        return render(snapshot(redis, settings, stall_after_s))
+    except RedisError as exc:
+        return Panel(f"[red]cannot read Redis:[/] {escape(str(exc))}", title="tribunal")
+
+
+def run_status(
+    settings: Settings,
+    watch: bool = False,
+    interval_s: float = 2.0,
+    as_json: bool = False,
+    stall_after_s: float | None = None,
+) -> int:
+    """The command: one snapshot (a table, or JSON on stdout), or a live table until Ctrl-C.
+    Returns the exit code: 3 when Redis cannot be read."""
+    redis = quick_client(settings)
+    console = Console()
+    if watch:
+        stop = StopFlag().install()
+        with Live(_render_or_error(redis, settings, stall_after_s), console=console) as live:
+            while not stop.wait(interval_s):
+                live.update(_render_or_error(redis, settings, stall_after_s), refresh=True)
+        return 0
+    try:
+        snap = snapshot(redis, settings, stall_after_s)
+    except RedisError as exc:
+        Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+        return 3
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(snap, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        console.print(render(snap))
+    return 0
