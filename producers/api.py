@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
+import redis
 from redis import Redis
 
 from common.keys import Keys
@@ -45,12 +46,14 @@ class Producer:
         settings: Settings,
         chunk_size: int = 500,
         default_task: str | None = None,
+        wait_for_redis: bool = False,
     ) -> None:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.namespace)
         self.chunk_size = chunk_size
         self.default_task = default_task
+        self.wait_for_redis = wait_for_redis  # else a Redis outage raises at once
 
     def prepare(self, record: dict[str, Any]) -> Item:
         """Validate one record; fill in the task default, an id if absent, and the time."""
@@ -95,11 +98,22 @@ class Producer:
     ) -> None:
         if not chunk:
             return
-        report.waited_s += self.wait_for_room()
-        pipe = self.redis.pipeline(transaction=False)
-        for payload in chunk:
-            pipe.xadd(self.keys.items, {ITEM_FIELD: payload})
-        pipe.execute()
+        backoff = 0.2
+        while True:
+            try:
+                report.waited_s += self.wait_for_room()
+                pipe = self.redis.pipeline(transaction=False)
+                for payload in chunk:
+                    pipe.xadd(self.keys.items, {ITEM_FIELD: payload})
+                pipe.execute()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                if not self.wait_for_redis:
+                    raise
+                # A chunk cut off mid-way is sent again: ids make the repeats harmless.
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                time.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
         report.produced += len(chunk)
         if on_progress is not None:
             on_progress(len(chunk))

@@ -132,6 +132,9 @@ def produce(
     task: Annotated[str | None, typer.Option(help="Task for records that name none.")] = None,
     follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
+    wait_for_redis: Annotated[
+        bool, typer.Option(help="While Redis is unreachable, wait and retry instead of failing.")
+    ] = False,
     text_col: Annotated[str, typer.Option(help="CSV column with the text.")] = "text",
     text_b_col: Annotated[str, typer.Option(help="CSV column with the second text.")] = "text_b",
     id_col: Annotated[str, typer.Option(help="CSV column with the item id.")] = "id",
@@ -167,7 +170,9 @@ def produce(
     lines = lines_of(stream, follow, stop.is_set)
     columns = CsvColumns(text_col, text_b_col, id_col, task_col, gold_col)
     records = csv_records(lines, name, columns) if kind == "csv" else jsonl_records(lines, name)
-    producer = Producer(connect(s), s, chunk_size=chunk_size, default_task=task)
+    producer = Producer(
+        connect(s), s, chunk_size=chunk_size, default_task=task, wait_for_redis=wait_for_redis
+    )
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
