@@ -39,6 +39,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
             _keys(
                 ns,
                 "items",
+                "tiebreak",
                 "votes:*",
                 "state:*",
                 "ready",
@@ -62,6 +63,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "stats",
                 "heartbeats",
                 "items",
+                "tiebreak",
                 "rejects",
             ),
         ),

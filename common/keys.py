@@ -26,6 +26,15 @@ class Keys:
         return f"{self.prefix}:items"
 
     @property
+    def tiebreak(self) -> str:
+        """Staged policy: items the first workers split on, for the backup workers."""
+        return f"{self.prefix}:tiebreak"
+
+    def source_of(self, worker: str, backup_workers: list[str]) -> str:
+        """The stream a worker model reads."""
+        return self.tiebreak if worker in backup_workers else self.items
+
+    @property
     def ready(self) -> str:
         """Workers notify the aggregator here once an item has enough votes to decide."""
         return f"{self.prefix}:ready"

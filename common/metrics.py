@@ -27,6 +27,8 @@ REJECTS = "rejects_total"
 DEAD_LETTERS = "dead_letters_total"  # group
 RETRIES = "retries_total"  # group: entries left pending after a failure
 RECLAIMED = "reclaimed_total"  # group: entries taken over from an idle consumer
+SKIPPED = "skipped_total"  # worker: items already settled when the worker got to them
+TIEBREAKS = "tiebreaks_total"  # staged policy: items sent to the backup workers
 # Histograms
 MODEL_CALL = "model_call_seconds"  # worker (the judge is worker="judge"), backend
 BATCH_SIZE = "batch_size"  # role

@@ -74,9 +74,11 @@ def trim(
 
 def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
     """One janitor pass over every stream of a partition."""
-    worker_groups = [worker_group(name) for name in settings.workers]
-    done = 0
-    done += trim(redis, keys.items, worker_groups, None)
+    backups = settings.backup_workers
+    first = [worker_group(name) for name in settings.workers if name not in backups]
+    done = trim(redis, keys.items, first, None)
+    if backups:
+        done += trim(redis, keys.tiebreak, [worker_group(name) for name in backups], None)
     done += trim(redis, keys.ready, [AGGREGATOR_GROUP], None)
     done += trim(redis, keys.judge, [JUDGE_GROUP], None)
     for stream in keys.final_streams:

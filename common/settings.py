@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     quorum: int | None = Field(default=None, ge=1, description="Default: majority of workers.")
     confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     vote_timeout_s: float = Field(default=30.0, gt=0)
+    policy: Literal["parallel", "staged"] = Field(
+        default="parallel",
+        description="parallel: every worker votes on every item. staged: the first `quorum` "
+        "workers vote first; the others only when those did not settle it.",
+    )
+    early_exit: bool = Field(default=True, description="Skip items already settled.")
 
     # Limits and retention
     max_text_chars: int = Field(default=8000, ge=1)
@@ -106,6 +112,11 @@ class Settings(BaseSettings):
     @property
     def effective_quorum(self) -> int:
         return self.quorum if self.quorum is not None else len(self.workers) // 2 + 1
+
+    @property
+    def backup_workers(self) -> list[str]:
+        """Workers asked only when the first ones split (``policy = "staged"``)."""
+        return list(self.workers)[self.effective_quorum :] if self.policy == "staged" else []
 
     @property
     def all_tasks(self) -> dict[str, TaskSpec]:

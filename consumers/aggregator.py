@@ -17,11 +17,13 @@ from typing import Any
 import pydantic
 from redis.client import Pipeline
 
+from common import metrics
 from common.consumer import Entry, Handler
 from common.decision import Rule, decide
 from common.keys import AGGREGATOR_GROUP
 from common.retention import trim_all
 from common.schemas import Decision, Escalation, Item, Vote, now
+from common.validation import ITEM_FIELD
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,16 @@ class AggregatorHandler(Handler):
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
                 self.rt.scripts.escalate(pipe, item.id, escalation.dump())
+            elif self.needs_backups(votes):
+                pipe.xadd(keys.tiebreak, {ITEM_FIELD: raw_item})
+                self.rt.stats.incr(pipe, metrics.TIEBREAKS)
+
+    def needs_backups(self, votes: list[Vote]) -> bool:
+        """Staged policy: the first workers have all voted without settling the item and no
+        backup has been asked yet."""
+        backups = self.rt.settings.backup_workers
+        voters = {v.worker for v in votes}
+        return bool(backups) and not voters & set(backups) and len(voters) >= self.rule.quorum
 
 
 def _read_vote(worker: bytes, raw: bytes) -> Vote:

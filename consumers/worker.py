@@ -33,6 +33,7 @@ class WorkerHandler(Handler):
         self.tasks = rt.settings.all_tasks
         # The aggregator is woken once a decision may be possible, not on every vote.
         self.notify_at = rt.settings.effective_quorum
+        self.stream = rt.keys.source_of(worker, rt.settings.backup_workers)
         self._groups_ready = False
         self.call_labels = {"worker": worker, "backend": rt.settings.workers[worker].backend}
 
@@ -40,8 +41,10 @@ class WorkerHandler(Handler):
         """Once connected: make sure every model's group exists, so the janitor never trims
         entries a model that has not started yet would still need."""
         if not self._groups_ready:
+            backups = self.rt.settings.backup_workers
             for name in self.rt.settings.workers:
-                ensure_group(self.rt.redis, self.rt.keys.items, worker_group(name))
+                stream = self.rt.keys.source_of(name, backups)
+                ensure_group(self.rt.redis, stream, worker_group(name))
             self._groups_ready = True
 
     def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
@@ -50,7 +53,9 @@ class WorkerHandler(Handler):
             try:
                 valid.append((entry, item_from_entry(entry.fields, self.rt.settings)))
             except InvalidItem as exc:
-                self.rt.reject(pipe, self.rt.keys.items, entry, exc)
+                self.rt.reject(pipe, self.stream, entry, exc)
+        if self.rt.settings.early_exit:
+            valid = self.unsettled(valid, pipe)
         if not valid:
             return {}
         started = time.perf_counter()
@@ -65,6 +70,18 @@ class WorkerHandler(Handler):
         for (entry, item), prediction in zip(valid, predictions, strict=True):
             self.cast(pipe, entry, item, self.vote(item, prediction, per_item_ms))
         return {}
+
+    def unsettled(
+        self, valid: list[tuple[Entry, Item]], pipe: Pipeline
+    ) -> list[tuple[Entry, Item]]:
+        """Early exit: drop items another path settled already (the others agreed, the judge
+        decided, a duplicate id), so a lagging model spends nothing on them."""
+        check = self.rt.redis.pipeline(transaction=False)
+        for _, item in valid:
+            check.exists(self.rt.keys.state(item.id))
+        settled = check.execute()
+        self.rt.stats.incr(pipe, metrics.SKIPPED, {"worker": self.worker}, sum(settled))
+        return [pair for pair, done in zip(valid, settled, strict=True) if not done]
 
     def vote(self, item: Item, p: Prediction, latency_ms: float) -> Vote:
         """Turn a prediction into a vote; a label outside the task's set is an abstention."""
@@ -96,7 +113,7 @@ class WorkerHandler(Handler):
         try:
             item = item_from_entry(entry.fields, self.rt.settings)
         except InvalidItem as exc:
-            self.rt.reject(pipe, self.rt.keys.items, entry, exc)
+            self.rt.reject(pipe, self.stream, entry, exc)
             return True
         abstain = Vote(
             worker=self.worker,
@@ -114,4 +131,4 @@ def run_worker(rt: Runtime, worker: str) -> None:
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
     handler = WorkerHandler(rt, worker, backend)
-    rt.consume(rt.keys.items, worker_group(worker), handler, role=f"worker:{worker}")
+    rt.consume(handler.stream, worker_group(worker), handler, role=f"worker:{worker}")

@@ -22,7 +22,8 @@ WORKERS = ("alpha", "beta", "gamma")
 
 
 class Scripted:
-    """A backend whose answer for each item is written in the item's metadata under its name."""
+    """A backend whose answer for each item is written in the item's metadata under its name,
+    as ``label`` (confidence 0.9) or ``label@confidence``."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -35,7 +36,14 @@ class Scripted:
             answer = item.metadata.get(self.name)
             if answer == "!raise":
                 raise RuntimeError(f"{self.name} crashed")
-            out.append(Prediction(label=answer, confidence=0.9, raw=None if answer else "???"))
+            label, _, confidence = (answer or "").partition("@")  # "label@confidence"
+            out.append(
+                Prediction(
+                    label=label or None,
+                    confidence=float(confidence or 0.9),
+                    raw=None if label else "???",
+                )
+            )
         return out
 
 
@@ -45,11 +53,11 @@ class Fleet:
     def __init__(self, settings: Settings) -> None:
         self.rt = Runtime.create(settings)
         rt, keys = self.rt, self.rt.keys
+        self.backends = {name: Scripted(name) for name in WORKERS}
+        handlers = {name: WorkerHandler(rt, name, self.backends[name]) for name in WORKERS}
         self.workers = {
-            name: self._consumer(
-                keys.items, worker_group(name), WorkerHandler(rt, name, Scripted(name))
-            )
-            for name in WORKERS
+            name: self._consumer(handler.stream, worker_group(name), handler)
+            for name, handler in handlers.items()
         }
         self.aggregator_handler = AggregatorHandler(rt)
         self.aggregator_handler._next_trim = float("inf")  # the janitor has its own tests

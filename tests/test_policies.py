@@ -1,0 +1,71 @@
+"""Policies that save worker model time: staged voting and early exit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from test_consumers import WORKERS, Fleet, agree, produce
+
+from common.settings import ModelSpec
+
+SPECS = {name: ModelSpec(backend="simulated") for name in WORKERS}
+
+
+def test_staged_asks_the_third_worker_only_when_the_first_two_split(make_settings: Any) -> None:
+    fleet = Fleet(make_settings(workers=SPECS, policy="staged", block_ms=20))
+    assert fleet.rt.settings.backup_workers == ["gamma"]
+    produce(
+        fleet.rt.settings,
+        agree("positive"),  # settled by alpha and beta
+        {"alpha": "positive", "beta": "negative", "gamma": "negative"},  # gamma breaks the tie
+        {"alpha": "positive", "beta": "negative", "gamma": "neutral", "judge": "neutral"},
+    )
+    fleet.step("alpha", "beta")
+    fleet.step("gamma")
+    decided = {d["id"]: d for d in fleet.outputs()}
+    assert (decided["i0"]["label"], decided["i0"]["source"]) == ("positive", "workers")
+    assert {v["worker"] for v in decided["i0"]["votes"]} == {"alpha", "beta"}
+    assert (decided["i1"]["label"], decided["i1"]["source"]) == ("negative", "workers")
+    assert {v["worker"] for v in decided["i1"]["votes"]} == {"alpha", "beta", "gamma"}
+    assert (decided["i2"]["label"], decided["i2"]["source"]) == ("neutral", "judge")
+    # gamma saw only the two items its colleagues split on.
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tiebreak) == 2
+    assert fleet.stats()["tiebreaks_total"] == 2
+    assert fleet.stats()["votes_total|label=negative|worker=gamma"] == 1
+
+
+def test_staged_with_a_threshold_asks_the_third_when_a_vote_is_unsure(make_settings: Any) -> None:
+    settings = make_settings(workers=SPECS, policy="staged", confidence_threshold=0.8, block_ms=20)
+    fleet = Fleet(settings)
+    produce(
+        settings,
+        {"alpha": "neutral", "beta": "neutral@0.5", "gamma": "neutral"},  # gamma confirms
+        {"alpha": "neutral@0.3", "beta": "neutral@0.5", "judge": "positive"},  # hopeless: judge
+    )
+    fleet.step("alpha", "beta")
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tiebreak) == 1
+    fleet.step("gamma")
+    decided = {d["id"]: (d["label"], d["source"]) for d in fleet.outputs()}
+    assert decided == {"i0": ("neutral", "workers"), "i1": ("positive", "judge")}
+
+
+def test_early_exit_skips_items_settled_before_a_lagging_worker_reads_them(
+    make_settings: Any,
+) -> None:
+    fleet = Fleet(make_settings(workers=SPECS, block_ms=20))
+    produce(fleet.rt.settings, *[agree("negative") for _ in range(5)])
+    fleet.step("alpha", "beta")
+    assert len(fleet.outputs()) == 5
+    fleet.step("gamma")
+    assert fleet.backends["gamma"].calls == 0
+    assert fleet.stats()["skipped_total|worker=gamma"] == 5
+    assert len(fleet.outputs()) == 5
+
+
+def test_without_early_exit_the_lagging_worker_still_runs(make_settings: Any) -> None:
+    fleet = Fleet(make_settings(workers=SPECS, block_ms=20, early_exit=False))
+    produce(fleet.rt.settings, agree("negative"))
+    fleet.step("alpha", "beta")
+    fleet.step("gamma")
+    assert fleet.backends["gamma"].calls == 1
+    assert len(fleet.outputs()) == 1
