@@ -39,6 +39,7 @@ def cli(tmp_path: Path, settings: Settings) -> Any:
             TRIBUNAL_REDIS_URL=str(settings.redis_url),
             TRIBUNAL_NAMESPACE=settings.namespace,
             TRIBUNAL_BLOCK_MS="200",  # keeps the drain of `labels` short
+            COLUMNS="200",  # help text laid out on wide lines, whatever the terminal
         )
         for key, value in (env or {}).items():
             if value is None:

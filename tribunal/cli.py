@@ -114,11 +114,13 @@ def demo(
     models, the aggregator and the judge as separate processes, then waits until every
     item is labeled, rejected or dead-lettered.
     """
-    from tribunal.demo import SAMPLES, run_demo
+    from tribunal.demo import DEMO_FLEETS, SAMPLES, run_demo
 
     if task not in SAMPLES:
         say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
         raise typer.Exit(2)
+    if state.fleet is None and task in DEMO_FLEETS:
+        state.fleet = DEMO_FLEETS[task]
     ok = run_demo(settings(), task, limit, Console())
     raise typer.Exit(0 if ok else 1)
 

@@ -32,6 +32,10 @@ from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
+# The default fleet's lexicon models only know sentiment; pairs get their own offline fleet.
+DEMO_FLEETS = {
+    "similar_ticket": Path(__file__).resolve().parent / "fleets" / "similar_offline.toml"
+}
 
 # Entries written to the items stream by hand, bypassing the producer's checks,
 # to show that a consumer rejects them with a reason and keeps going.

@@ -28,6 +28,12 @@ REGISTRY: dict[str, str] = {
     "afinn": "consumers.backends.lexicon:Afinn",
     "lexicon-judge": "consumers.backends.lexicon:LexiconJudge",
     "simulated": "consumers.backends.simulated:Simulated",
+    "openai": "consumers.backends.openai_compat:OpenAICompatible",
+    "vllm": "consumers.backends.vllm_engine:VLLMEngine",
+    "jaccard": "consumers.backends.similarity:Jaccard",
+    "tfidf": "consumers.backends.similarity:TfIdf",
+    "char-ngrams": "consumers.backends.similarity:CharNgrams",
+    "similarity-judge": "consumers.backends.similarity:SimilarityJudge",
 }
 
 

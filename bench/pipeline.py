@@ -1,0 +1,311 @@
+"""The fleet's own overhead, measured beside its two baselines in one run on one server.
+
+    python bench/pipeline.py [--items 20000] [--rq-items 300] [--json]
+
+With instant models (the simulated backend at zero latency) whatever time is left
+is tribunal's: stream reads, validation, votes, the decision, the output. Three
+numbers, all on the same embedded valkey, all in the same run, so the ratios hold
+on a noisy shared machine even when the absolute numbers wander:
+
+- raw ceiling: a minimal XADD → XREADGROUP → XACK loop, same batch size, one producer
+  process and one consumer process; the most any Streams design can do here.
+- tribunal: producer → 3 worker processes → aggregator → judge → an output reader,
+  items/s from the first XADD to the last label read, then p50/p95 produce-to-label
+  latency at half that rate, and CPU seconds per 1,000 items for every process.
+- rq: the design one might write first: one rq job per item per worker model plus an
+  aggregation job once three votes are in (JSON serializer, default forking workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from redis import Redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.connection import EmbeddedRedis  # noqa: E402
+from common.keys import Keys  # noqa: E402
+from common.settings import load_settings  # noqa: E402
+from producers.api import Producer  # noqa: E402
+from tribunal.fleet import Fleet  # noqa: E402
+
+BATCH = 256
+LABELS = ("positive", "negative", "neutral")
+FLEET = """
+batch_size = {batch}
+block_ms = 50
+[workers.a]
+backend = "simulated"
+options = {{ accuracy = 0.95, seed = "a" }}
+[workers.b]
+backend = "simulated"
+options = {{ accuracy = 0.95, seed = "b" }}
+[workers.c]
+backend = "simulated"
+options = {{ accuracy = 0.95, seed = "c" }}
+[judge]
+backend = "simulated"
+options = {{ accuracy = 1.0, seed = "j" }}
+"""
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def records(n: int, prefix: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"{prefix}{i}",
+            "task": "sentiment",
+            "text": f"ticket {i} about an invoice",
+            "gold": LABELS[i % 3],
+        }
+        for i in range(n)
+    ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (no psutil needed)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+# --- raw ceiling ------------------------------------------------------------------------
+
+
+def _raw_produce(url: str, stream: str, n: int) -> None:
+    client = Redis.from_url(url)
+    payload = orjson.dumps(records(1, "x")[0])
+    for start in range(0, n, 500):
+        pipe = client.pipeline(transaction=False)
+        for _ in range(min(500, n - start)):
+            pipe.xadd(stream, {"d": payload})
+        pipe.execute()
+
+
+def _raw_consume(url: str, stream: str, n: int) -> None:
+    client = Redis.from_url(url)
+    seen = 0
+    while seen < n:
+        reply: Any = client.xreadgroup("g", "c", {stream: ">"}, count=BATCH, block=1000)
+        for _, entries in reply or ():
+            ids = [eid for eid, _ in entries]
+            client.xack(stream, "g", *ids)
+            seen += len(ids)
+
+
+def raw_ceiling(url: str, n: int) -> float:
+    stream = "raw:{0}:items"
+    client = Redis.from_url(url)
+    client.delete(stream)
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    consumer = multiprocessing.Process(target=_raw_consume, args=(url, stream, n))
+    producer = multiprocessing.Process(target=_raw_produce, args=(url, stream, n))
+    consumer.start()
+    started = time.perf_counter()
+    producer.start()
+    producer.join()
+    consumer.join()
+    elapsed = time.perf_counter() - started
+    client.delete(stream)
+    return n / elapsed
+
+
+# --- tribunal ---------------------------------------------------------------------------
+
+
+def drain_output(client: Redis, keys: Keys, n: int, timeout: float = 300) -> list[dict[str, Any]]:
+    """Read decisions through a consumer group, like `tribunal labels`, until n arrived."""
+    decisions: list[dict[str, Any]] = []
+    with contextlib.suppress(redis.ResponseError):  # BUSYGROUP: made by an earlier phase
+        client.xgroup_create(keys.output, "bench", id="0", mkstream=True)
+    deadline = time.monotonic() + timeout
+    while len(decisions) < n and time.monotonic() < deadline:
+        reply: Any = client.xreadgroup("bench", "r", {keys.output: ">"}, count=BATCH, block=1000)
+        for _, entries in reply or ():
+            decisions += [orjson.loads(fields[b"d"]) for _, fields in entries]
+            client.xack(keys.output, "bench", *[eid for eid, _ in entries])
+    return decisions
+
+
+def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
+    fleet_file = workdir / "fleet.toml"
+    fleet_file.write_text(FLEET.format(batch=BATCH))
+    settings = load_settings(fleet_file, redis_url=server.url, namespace="bench", max_backlog=10**9)
+    client = Redis.from_url(server.url)
+    keys = Keys(settings.namespace)
+    fleet = Fleet(settings, server.url, log_level="WARNING").start()
+    try:
+        time.sleep(3.0)  # let every process import and create its group
+        warm = Producer(client, settings).send(records(500, "warm"))
+        drain_output(client, keys, warm.produced)
+        pids = {**fleet.pids(), "redis": server._server._process.pid}
+        cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        cpu_bench = time.process_time()
+        started = time.perf_counter()
+        Producer(client, settings, chunk_size=BATCH).send(records(n, "max"))
+        decisions = drain_output(client, keys, n)
+        elapsed = time.perf_counter() - started
+        cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
+        cpu["producer + output reader (bench)"] = time.process_time() - cpu_bench
+        rate = len(decisions) / elapsed
+        latencies = paced_latencies(server.url, settings, keys, rate / 2, seconds=5.0)
+    finally:
+        fleet.stop()
+    judged = sum(d["source"] == "judge" for d in decisions)
+    return {
+        "items": len(decisions),
+        "items_per_s": rate,
+        "judge_fraction": judged / max(len(decisions), 1),
+        "latency_rate": rate / 2,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p95_ms": sorted(latencies)[int(0.95 * len(latencies))] * 1000,
+        "cpu_s_per_1k": {role: 1000 * s / len(decisions) for role, s in cpu.items()},
+    }
+
+
+def paced_latencies(
+    url: str, settings: Any, keys: Keys, rate: float, seconds: float
+) -> list[float]:
+    """Produce at a steady ``rate`` and return each item's produce-to-label time."""
+    n = int(rate * seconds)
+    batch = records(n, "paced")
+    chunk = max(1, int(rate / 100))  # about 100 sends a second
+    producer = Producer(Redis.from_url(url), settings, chunk_size=chunk)
+    out: list[dict[str, Any]] = []
+    reader = threading.Thread(target=lambda: out.extend(drain_output(Redis.from_url(url), keys, n)))
+    reader.start()
+    started = time.perf_counter()
+    for i in range(0, n, chunk):
+        producer.send(batch[i : i + chunk])
+        pause = started + (i + chunk) / rate - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+    reader.join()
+    return [d["decided_at"] - d["produced_at"] for d in out]
+
+
+# --- rq ---------------------------------------------------------------------------------
+
+
+def rq_vote(url: str, worker: str, item: dict[str, Any]) -> None:
+    """One worker model's job for one item: vote, and enqueue the aggregation on the third."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    client = Redis.from_url(url)
+    key = f"rq:votes:{item['id']}"
+    client.hset(key, worker, item["gold"])
+    if client.hlen(key) == 3:
+        Queue("agg", connection=client, serializer=JSONSerializer).enqueue(
+            "pipeline.rq_aggregate", url, item["id"]
+        )
+
+
+def rq_aggregate(url: str, item_id: str) -> None:
+    client = Redis.from_url(url)
+    votes: Any = client.hgetall(f"rq:votes:{item_id}")
+    label, count = statistics.mode(v.decode() for v in votes.values()), len(votes)
+    client.rpush("rq:output", orjson.dumps({"id": item_id, "label": label, "votes": count}))
+    client.delete(f"rq:votes:{item_id}")
+
+
+def _rq_worker(url: str, queue: str) -> None:
+    from rq import Queue, Worker
+    from rq.serializers import JSONSerializer
+
+    client = Redis.from_url(url)
+    Worker(
+        [Queue(queue, connection=client, serializer=JSONSerializer)],
+        connection=client,
+        serializer=JSONSerializer,
+    ).work(logging_level="WARNING")
+
+
+def rq_run(url: str, n: int) -> float:
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    client = Redis.from_url(url)
+    client.delete("rq:output")
+    workers = [
+        multiprocessing.Process(target=_rq_worker, args=(url, q), daemon=True)
+        for q in ("w1", "w2", "w3", "agg")
+    ]
+    for w in workers:
+        w.start()
+    time.sleep(2.0)
+    queues = [Queue(q, connection=client, serializer=JSONSerializer) for q in ("w1", "w2", "w3")]
+    started = time.perf_counter()
+    for item in records(n, "rq"):
+        for worker, queue in zip("abc", queues, strict=True):
+            queue.enqueue("pipeline.rq_vote", url, worker, item)
+    while client.llen("rq:output") < n and time.perf_counter() - started < 600:
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    for w in workers:
+        w.terminate()
+    return int(client.llen("rq:output")) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--items", type=int, default=20_000)
+    parser.add_argument("--rq-items", type=int, default=300)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="tribunal-bench-"))
+    with EmbeddedRedis(workdir / "valkey") as server:
+        raw = raw_ceiling(server.url, args.items)
+        fleet = fleet_run(server, args.items, workdir)
+        rq = rq_run(server.url, args.rq_items) if args.rq_items else 0.0
+    result = {
+        "machine": f"{os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
+        "raw_items_per_s": raw,
+        "rq_items_per_s": rq,
+        "tribunal": fleet,
+        "of_raw_ceiling": fleet["items_per_s"] / raw,
+        "times_rq": fleet["items_per_s"] / rq if rq else None,
+    }
+    if args.json:
+        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    else:
+        report(result)
+
+
+def report(r: dict[str, Any]) -> None:
+    f = r["tribunal"]
+    print(f"raw Streams ceiling   {r['raw_items_per_s']:9.0f} items/s")
+    print(
+        f"tribunal (3 workers)  {f['items_per_s']:9.0f} items/s  = {r['of_raw_ceiling']:.0%} "
+        f"of the ceiling, judge on {f['judge_fraction']:.1%}"
+    )
+    if r["rq_items_per_s"]:
+        print(
+            f"rq, job per vote      {r['rq_items_per_s']:9.1f} items/s  -> tribunal is "
+            f"{r['times_rq']:.0f}x"
+        )
+    print(
+        f"latency at {f['latency_rate']:.0f} items/s: p50 {f['p50_ms']:.1f} ms, "
+        f"p95 {f['p95_ms']:.1f} ms"
+    )
+    print("CPU seconds per 1,000 items:")
+    for role, seconds in sorted(f["cpu_s_per_1k"].items()):
+        print(f"  {role:34s} {seconds:6.3f}")
+
+
+if __name__ == "__main__":
+    main()

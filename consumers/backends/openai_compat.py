@@ -1,0 +1,267 @@
+"""Backend ``openai``: any OpenAI-compatible chat server (vllm serve, llama.cpp, TGI, Ollama).
+
+One request per item, sent concurrently up to ``max_concurrency`` so the server can
+batch them; temperature 0, a few output tokens, the label set sent as a constraint in
+the style the server understands, logprobs requested for the confidence. The answer
+is always parsed and checked against the label set (``answers.py``): an old server
+ignores a constraint field it does not know without saying so.
+
+``classify`` is synchronous, as the worker loop is. It hands the batch to an asyncio
+loop that runs for the backend's lifetime in a daemon thread, so one
+``httpx.AsyncClient`` — and its pool of keep-alive connections — serves every batch.
+(``asyncio.run`` per batch would need a new client each time, because connections are
+bound to the loop that opened them: a new TCP, and for hosted APIs TLS, handshake per
+connection per batch.) The thread costs nothing while idle and dies with the process.
+
+Failures are per item: after ``max_retries`` retries (429, 408, 5xx, connection errors
+and timeouts, with exponential backoff and jitter, honouring ``Retry-After``) the item
+gets an abstention carrying the error; the rest of the batch is unaffected. Keep
+``timeout_s * (max_retries + 1)`` under the fleet's ``reclaim_idle_s``, or a slow batch
+is reclaimed by another replica while still running (its votes are then cast twice,
+which is harmless but wasted work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import threading
+from collections import Counter
+from collections.abc import Coroutine, Mapping, Sequence
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal, TypeVar
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from common.schemas import Item, Prediction, now
+from common.tasks import TaskSpec
+from consumers.backends import unsupported
+from consumers.backends.answers import TokenLogprob, parsers
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Constraint = Literal["structured_outputs", "guided_choice", "response_format", "none"]
+# Output tokens per constraint style: a bare label is a few tokens, JSON and free text more.
+DEFAULT_MAX_TOKENS: dict[str, int] = {
+    "structured_outputs": 16,
+    "guided_choice": 16,
+    "response_format": 32,
+    "none": 48,
+}
+
+
+class OpenAIOptions(BaseModel):
+    """The backend's ``options`` in the fleet file; unknown keys are an error at start."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str  # up to and including /v1, e.g. http://127.0.0.1:8001/v1
+    model: str
+    api_key: SecretStr | None = None  # SecretStr: never shown in logs or reprs
+    api_key_env: str | None = None  # or the name of an environment variable holding it
+    constraint: Constraint = "structured_outputs"
+    logprobs: bool = True
+    top_logprobs: int = Field(default=10, ge=1, le=20)  # vLLM caps it at --max-logprobs (20)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    timeout_s: float = Field(default=20.0, gt=0)
+    max_retries: int = Field(default=2, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, ge=0)
+    backoff_max_s: float = Field(default=8.0, ge=0)
+    retry_after_max_s: float = Field(default=30.0, ge=0)
+    extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every request
+
+    def key(self) -> str | None:
+        if self.api_key is not None:
+            return self.api_key.get_secret_value()
+        if self.api_key_env:
+            value = os.environ.get(self.api_key_env)
+            if not value:
+                raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set")
+            return value
+        return None
+
+
+class RequestFailed(Exception):
+    """An item's request failed for good (retries exhausted or not worth retrying)."""
+
+
+def constraint_fields(style: Constraint, labels: Sequence[str]) -> dict[str, Any]:
+    """The request fields that restrict the answer to the labels, per server generation."""
+    if style == "structured_outputs":  # vLLM >= 0.11
+        return {"structured_outputs": {"choice": list(labels)}}
+    if style == "guided_choice":  # vLLM < 0.12 (ignored by newer servers)
+        return {"guided_choice": list(labels)}
+    if style == "response_format":  # OpenAI, llama.cpp, Ollama, TGI, vLLM: JSON schema
+        schema = {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": list(labels)}},
+            "required": ["label"],
+            "additionalProperties": False,
+        }
+        return {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "label", "schema": schema, "strict": True},
+            }
+        }
+    return {}
+
+
+def parse_completion(data: Any) -> tuple[str, list[TokenLogprob] | None]:
+    """The answer text and per-token logprobs of a chat completion body (vLLM's shape)."""
+    choice = data["choices"][0]
+    text = choice["message"].get("content") or ""
+    if not isinstance(text, str):
+        raise TypeError(f"message content is {type(text).__name__}, not text")
+    logprobs = choice.get("logprobs")
+    entries = logprobs.get("content") if isinstance(logprobs, dict) else None
+    if not entries:
+        return text, None
+    return text, [
+        TokenLogprob(
+            str(e["token"]),
+            float(e["logprob"]),
+            tuple((str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or ()),
+        )
+        for e in entries
+    ]
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header: a number of seconds or an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - now())
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAICompatible:
+    name = "openai"
+
+    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+        self.opts = OpenAIOptions.model_validate(dict(options))
+        self.tasks = dict(tasks)
+        self.parsers = parsers(tasks)
+        self.max_tokens = self.opts.max_tokens or DEFAULT_MAX_TOKENS[self.opts.constraint]
+        self.stats: Counter[str] = Counter()  # requests, retries, failures: for tests and logs
+        headers = {"Content-Type": "application/json"}
+        key = self.opts.key()
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name=f"openai:{self.opts.model}", daemon=True
+        )
+        self._thread.start()
+        self._client = self._run(self._open(headers))
+        self._limit = asyncio.Semaphore(self.opts.max_concurrency)
+
+    async def _open(self, headers: dict[str, str]) -> httpx.AsyncClient:
+        n = self.opts.max_concurrency
+        return httpx.AsyncClient(
+            base_url=self.opts.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(self.opts.timeout_s),
+            limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+        )
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._run(self._client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
+
+    def classify(self, items: Sequence[Item]) -> list[Prediction]:
+        return self._run(self._classify(items))
+
+    async def _classify(self, items: Sequence[Item]) -> list[Prediction]:
+        return list(await asyncio.gather(*(self._one(item) for item in items)))
+
+    def request(self, item: Item, task: TaskSpec) -> dict[str, Any]:
+        """The chat completion request body for one item."""
+        body: dict[str, Any] = {
+            "model": self.opts.model,
+            "messages": task.messages(item, json_answer=self.opts.constraint == "response_format"),
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+            **constraint_fields(self.opts.constraint, task.labels),
+        }
+        if self.opts.logprobs:
+            body |= {"logprobs": True, "top_logprobs": self.opts.top_logprobs}
+        return body | self.opts.extra_body
+
+    async def _one(self, item: Item) -> Prediction:
+        task = self.tasks.get(item.task)
+        if task is None:
+            return unsupported(self.name, item)
+        async with self._limit:
+            try:
+                data = await self._post(self.request(item, task))
+            except RequestFailed as exc:
+                self.stats["failures"] += 1
+                return Prediction(label=None, error=str(exc))
+        try:
+            text, tokens = parse_completion(data)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+            self.stats["failures"] += 1
+            return Prediction(
+                label=None,
+                error=f"unexpected response shape: {exc!r}",
+                raw=orjson.dumps(data)[:500].decode(errors="replace"),
+            )
+        return self.parsers[item.task].prediction(text, tokens)
+
+    async def _post(self, body: dict[str, Any]) -> Any:
+        """POST with retries; returns the decoded JSON body of a 200 answer."""
+        attempts = self.opts.max_retries + 1
+        for attempt in range(attempts):
+            wait: float | None = None
+            self.stats["requests"] += 1
+            try:
+                response = await self._client.post("/chat/completions", content=orjson.dumps(body))
+            except httpx.TimeoutException:
+                error = f"timed out after {self.opts.timeout_s}s"
+            except httpx.TransportError as exc:
+                error = f"connection error: {type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        return orjson.loads(response.content)
+                    except orjson.JSONDecodeError as exc:
+                        # Deterministic at temperature 0: retrying would get the same.
+                        raise RequestFailed(f"malformed JSON in the response: {exc}") from None
+                error = f"HTTP {response.status_code}: {response.text[:200]}"
+                if not (response.status_code in (408, 429) or response.status_code >= 500):
+                    raise RequestFailed(error)
+                wait = retry_after_s(response.headers.get("retry-after"))
+            if attempt + 1 < attempts:
+                self.stats["retries"] += 1
+                delay = self.backoff(attempt, wait)
+                log.debug("%s: %s; retry %d in %.2fs", self.opts.model, error, attempt + 1, delay)
+                await asyncio.sleep(delay)
+        raise RequestFailed(f"{error} (gave up after {attempts} attempts)")
+
+    def backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with equal jitter; a server's Retry-After is a minimum."""
+        cap = min(self.opts.backoff_max_s, self.opts.backoff_s * 2.0**attempt)
+        delay = cap / 2 + random.uniform(0, cap / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.opts.retry_after_max_s))
+        return delay

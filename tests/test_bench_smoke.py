@@ -1,0 +1,77 @@
+"""The benchmarks at tiny size, so they cannot rot: each must complete and report sane fields.
+
+Speed is never asserted here (see DEVELOPERS.md): only that every field is present and
+consistent. The benches start their own embedded valkey and fleet subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_cascade_bench_quick_reports_every_policy() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cascade.py"), "--quick", "--json"],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    n = report["items"]
+    runs = report["runs"]
+    assert set(runs) == {"judge-only", "parallel", "parallel+exit", "staged"}
+    for name, run in runs.items():
+        assert run["items"] == n, name
+        assert run["wall_s"] > 0 and run["speedup"] > 0, name
+        assert 0 <= run["judge_fraction"] <= 1 and 0 <= run["accuracy"] <= 1, name
+        assert run["vote_mismatches"] == 0, name  # the fleet's votes are the seeded answers
+        assert run["timeouts"] == 0, name
+    base, parallel, staged = runs["judge-only"], runs["parallel"], runs["staged"]
+    assert base["judge_fraction"] == 1 and base["worker_model_s"] == 0
+    assert base["judge_model_s"] > 0 and parallel["worker_model_s"] > 0
+    # The third worker of the staged run voted only on the items the first two split on.
+    backup = list(report["calibration"]["workers"])[-1]
+    assert staged["tiebreaks"] == staged["votes_recorded"][backup] < n
+    assert staged["tiebreaks"] == round(report["first_two_split"] * n)
+    assert staged["same_as_parallel"]["identical"] == 1.0, staged["same_as_parallel"]["ex"]
+    assert base["same_as_parallel"] is None
+    pairs = report["agreement"]
+    assert len(pairs) == 3 and all(0 <= p["measured"] <= 1 for p in pairs)
+    assert -1 < report["staged_worker_cut"] < 1
+
+
+def test_pipeline_bench_tiny_reports_ratios_and_cpu_per_role() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "pipeline.py"),
+            "--items",
+            "400",
+            "--rq-items",
+            "10",
+            "--json",
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    fleet = report["tribunal"]
+    assert fleet["items"] == 400
+    assert report["raw_items_per_s"] > 0 and report["rq_items_per_s"] > 0
+    assert report["of_raw_ceiling"] > 0 and report["times_rq"] > 0
+    assert 0 < fleet["p50_ms"] <= fleet["p95_ms"]
+    roles = set(fleet["cpu_s_per_1k"])
+    assert {"aggregator", "judge", "redis", "worker:a", "worker:b", "worker:c"} <= roles

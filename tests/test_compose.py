@@ -1,0 +1,250 @@
+"""The compose stack without a Docker engine: the file validates, and everything it refers to
+exists — files, fleet files, CLI commands and options, workers, provisioning, vLLM wiring."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import typer
+import yaml
+
+from common.settings import Settings, load_settings
+from tribunal.cli import app
+from tribunal.status import expected_roles
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+SECRETS = {"REDIS_PASSWORD": "test-password", "GRAFANA_PASSWORD": "test-password"}
+SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
+
+
+def interpolate(value: Any) -> Any:
+    """Compose's ``${VAR:-default}`` / ``${VAR:?error}`` with no variables set (secrets set)."""
+    if isinstance(value, str):
+        return re.sub(
+            r"\$\{(\w+)(?::([-?])([^}]*))?\}",
+            lambda m: SECRETS.get(m[1]) or (m[3] if m[2] == "-" else "x"),
+            value,
+        )
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    data = interpolate(yaml.safe_load(COMPOSE.read_text()))
+    return dict(data["services"])
+
+
+def tribunal_services(services: dict[str, Any]) -> dict[str, Any]:
+    return {name: s for name, s in services.items() if "build" in s}
+
+
+def test_compose_file_validates() -> None:
+    env = {**os.environ, **SECRETS}
+    if shutil.which("docker-compose"):
+        ok = subprocess.run(
+            ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert ok.returncode == 0, ok.stderr
+        missing = subprocess.run(
+            ["docker-compose", "-f", str(COMPOSE), "config", "-q"],
+            env={k: v for k, v in env.items() if k != "REDIS_PASSWORD"},
+            capture_output=True,
+            text=True,
+        )
+        assert missing.returncode != 0 and "set REDIS_PASSWORD" in missing.stderr
+        return
+    jsonschema = pytest.importorskip("jsonschema", reason="neither docker-compose nor jsonschema")
+    if not SCHEMA.is_file():
+        pytest.skip(f"docker-compose not installed and no compose schema at {SCHEMA}")
+    data = yaml.safe_load(COMPOSE.read_text())
+    jsonschema.Draft201909Validator(json.loads(SCHEMA.read_text())).validate(data)
+
+
+def test_referenced_files_exist(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        if "build" in service:
+            assert (ROOT / service["build"] / "Dockerfile").is_file(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), f"{name}: {source}"
+        fleet = service.get("environment", {}).get("TRIBUNAL_FLEET_FILE")
+        if fleet:
+            assert fleet.startswith("/app/examples/"), (name, fleet)
+            assert (ROOT / "examples" / Path(fleet).name).is_file(), fleet
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
+    assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
+    assert "pip install -c requirements.lock ." in dockerfile
+    for line in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+        for source in line.split():
+            assert (ROOT / source).exists(), source
+
+
+def test_images_are_pinned(services: dict[str, Any]) -> None:
+    for name, service in services.items():
+        image = service.get("image", "")
+        if "build" in service:
+            continue
+        repo, _, tag = image.rpartition(":")
+        assert repo and tag and tag != "latest" and re.search(r"\d", tag), (name, image)
+
+
+def cli_options() -> dict[str, set[str]]:
+    commands: dict[str, Any] = getattr(typer.main.get_command(app), "commands", {})
+    return {name: {opt for p in cmd.params for opt in p.opts} for name, cmd in commands.items()}
+
+
+def test_every_tribunal_command_exists(services: dict[str, Any]) -> None:
+    commands = cli_options()
+    used = []
+    for service in tribunal_services(services).values():
+        used.append(service["command"])
+        health = service.get("healthcheck", {}).get("test", [])
+        if "tribunal" in health:
+            used.append(health[health.index("tribunal") + 1 :])
+    for argv in used:
+        assert argv[0] in commands, argv
+        options = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
+        assert options <= commands[argv[0]], (argv, options - commands[argv[0]])
+
+
+def profile_settings(
+    services: dict[str, Any], profile: str, monkeypatch: pytest.MonkeyPatch
+) -> Settings:
+    """The settings the profile's tribunal services run with: their environment (the same
+    in every one of them) over the fleet file, as ``load_settings`` reads them."""
+    envs = [
+        s["environment"]
+        for s in tribunal_services(services).values()
+        if profile in s.get("profiles", [])
+    ]
+    assert envs and all(env == envs[0] for env in envs), f"{profile}: one environment"
+    fleet = ROOT / "examples" / Path(envs[0]["TRIBUNAL_FLEET_FILE"]).name
+    if not fleet.is_file():
+        pytest.skip(f"{fleet.name} is not written yet: the {profile} profile cannot be checked")
+    for key in [k for k in os.environ if k.startswith("TRIBUNAL_")]:
+        monkeypatch.delenv(key)
+    for key, value in envs[0].items():
+        if key not in ("TRIBUNAL_FLEET_FILE", "TRIBUNAL_REDIS_URL"):
+            monkeypatch.setenv(key, value)
+    return load_settings(fleet, redis_url=envs[0]["TRIBUNAL_REDIS_URL"])
+
+
+def check_fleet_services(services: dict[str, Any], profile: str, settings: Settings) -> None:
+    """Each role of the profile's fleet has a service running it, healthchecked for it."""
+    mine = {n: s for n, s in tribunal_services(services).items() if profile in s["profiles"]}
+    roles = {}
+    for name, service in mine.items():
+        command = service["command"]
+        if command[0] in ("worker", "aggregator", "judge"):
+            role = f"worker:{command[1]}" if command[0] == "worker" else command[0]
+            assert role not in roles, f"{role} runs twice in {profile}"
+            roles[role] = name
+            test = service["healthcheck"]["test"]
+            assert test[test.index("--role") + 1] == role, name
+    assert sorted(roles) == sorted(expected_roles(settings)), profile
+    assert any(s["command"][0] == "exporter" for s in mine.values()), profile
+
+
+def test_cpu_profile_runs_the_offline_fleet(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = profile_settings(services, "cpu", monkeypatch)
+    check_fleet_services(services, "cpu", settings)
+    assert {spec.backend for spec in settings.workers.values()} <= {"vader", "textblob", "afinn"}
+
+
+def vllm_services(services: dict[str, Any]) -> dict[str, Any]:
+    return {n: s for n, s in services.items() if s.get("image", "").startswith("vllm/")}
+
+
+def flag(service: dict[str, Any], name: str) -> str:
+    (found,) = [a.split("=", 1)[1] for a in service["command"] if a.startswith(f"--{name}=")]
+    return found.split()[0]
+
+
+def test_gpu_profile_fits_one_card_and_starts_servers_in_turn(services: dict[str, Any]) -> None:
+    servers = vllm_services(services)
+    assert len(servers) >= 2
+    fractions = 0.0
+    for name, s in servers.items():
+        assert s["profiles"] == ["gpu"] and s["ipc"] == "host", name
+        (device,) = s["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert any("hf-cache:" in v for v in s["volumes"])
+        assert "/health" in " ".join(s["healthcheck"]["test"])
+        assert int(flag(s, "max-model-len")) > 0
+        fractions += float(flag(s, "gpu-memory-utilization"))
+    assert fractions <= 0.95
+    waits_for = {
+        n: [d for d, c in s.get("depends_on", {}).items() if c["condition"] == "service_healthy"]
+        for n, s in servers.items()
+    }
+    order = [n for n, deps in waits_for.items() if not deps]
+    assert len(order) == 1, "exactly one vLLM server starts first"
+    while len(order) < len(servers):  # each next one waits for the one before: a chain
+        (after,) = [n for n, deps in waits_for.items() if deps == [order[-1]]]
+        order.append(after)
+
+
+def test_gpu_profile_points_the_paper_fleet_at_its_servers(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = profile_settings(services, "gpu", monkeypatch)
+    check_fleet_services(services, "gpu", settings)
+    servers = vllm_services(services)
+    served = set()
+    for spec in [*settings.workers.values(), settings.judge]:
+        assert spec.backend == "openai", spec
+        url = urlparse(spec.options["base_url"])
+        assert url.hostname in servers and url.port == 8000, spec.options["base_url"]
+        assert servers[url.hostname]["command"][0] == spec.options["model"]
+        assert flag(servers[url.hostname], "port") == "8000"
+        served.add(url.hostname)
+    assert served == set(servers), "a vLLM server nobody uses"
+
+
+def test_monitoring_is_provisioned_from_the_repository(services: dict[str, Any]) -> None:
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["tribunal"]["static_configs"][0]["targets"] == ["exporter:9464"]
+    exporters = [s for s in services.values() if s.get("command", [None])[0] == "exporter"]
+    for s in exporters:
+        assert "exporter" in s["networks"]["default"]["aliases"]
+        assert s["command"][s["command"].index("--port") + 1] == "9464"
+    servers = vllm_services(services)
+    assert set(jobs["vllm"]["dns_sd_configs"][0]["names"]) == set(servers)
+    assert jobs["vllm"]["dns_sd_configs"][0]["port"] == 8000
+
+    grafana = services["grafana"]
+    mounts = dict(v.split(":")[:2] for v in grafana["volumes"] if v.startswith("./"))
+    provisioning = ROOT / "deploy/grafana/provisioning"
+    assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    (source,) = yaml.safe_load((provisioning / "datasources/prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services
+    (provider,) = yaml.safe_load((provisioning / "dashboards/tribunal.yml").read_text())[
+        "providers"
+    ]
+    assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/tribunal.json").read_text())
+    uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    assert uids == {source["uid"]}

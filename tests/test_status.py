@@ -1,0 +1,191 @@
+"""``tribunal status`` against a live fleet (real processes, real Redis) with known counts:
+lag is every item before the fleet runs, 0 while it runs, and comes back for one worker's
+group only when that worker stops, which is then flagged as stalled."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import orjson
+
+from common.connection import connect
+from common.settings import Settings
+from producers.api import Producer
+from tribunal.demo import load_sample
+from tribunal.fleet import Fleet
+from tribunal.status import snapshot
+
+T = TypeVar("T")
+# Quick heartbeats and reads, so a stopped consumer is noticed within seconds.
+FAST = {"TRIBUNAL_HEARTBEAT_EVERY_S": "0.3", "TRIBUNAL_BLOCK_MS": "200"}
+TTL_S = 3.0
+
+
+def fast_settings(make_settings: Any) -> Settings:
+    return make_settings(heartbeat_ttl_s=TTL_S)  # type: ignore[no-any-return]
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    """Environment for ``python -m tribunal`` children on the test's Redis and namespace."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    return {
+        **environ,
+        **FAST,
+        "TRIBUNAL_REDIS_URL": str(settings.redis_url),
+        "TRIBUNAL_NAMESPACE": settings.namespace,
+        "TRIBUNAL_HEARTBEAT_TTL_S": str(settings.heartbeat_ttl_s),
+    }
+
+
+def start_fleet(settings: Settings) -> Fleet:
+    fleet = Fleet(settings, str(settings.redis_url), log_level="WARNING")
+    fleet.env = cli_env(settings)
+    return fleet.start()
+
+
+def stop_role(fleet: Fleet, role: str) -> None:
+    child = next(c for c in fleet.children if c.role == role)
+    assert child.process is not None
+    child.process.terminate()
+    child.process.wait(15)
+
+
+def wait_until(read: Callable[[], T], done: Callable[[T], bool], timeout: float = 30.0) -> T:
+    """Poll ``read`` until ``done`` holds; return the last value either way."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = read()
+    return value
+
+
+def fresh_records(n: int, offset: int = 0) -> list[dict[str, Any]]:
+    """Sample tickets without their ids (the producer gives new ones: no duplicates)."""
+    return [
+        {k: v for k, v in r.items() if k != "id"} for r in load_sample("sentiment")[offset:][:n]
+    ]
+
+
+def groups(snap: dict[str, Any], stream: str = "items") -> dict[str, dict[str, Any]]:
+    (found,) = [s for s in snap["streams"] if s["stream"] == stream]
+    return {g["group"]: g for g in found["groups"]}
+
+
+def test_status_follows_lag_as_the_fleet_starts_and_a_worker_stops(make_settings: Any) -> None:
+    settings = fast_settings(make_settings)
+    redis = connect(settings)
+    workers = [f"worker:{w}" for w in settings.workers]
+    n, m = 40, 12
+    assert Producer(redis, settings).send(fresh_records(n)).produced == n
+
+    before = snapshot(redis, settings)
+    items = groups(before)
+    assert [s["length"] for s in before["streams"] if s["stream"] == "items"] == [n]
+    for group in workers:  # not created yet: what its consumers will have to read
+        assert items[group]["lag"] == n and items[group]["exists"] is False
+        assert items[group]["stalled"], items[group]
+    assert sorted(before["stalled"]) == sorted(f"items/{g}" for g in workers)
+    assert before["decisions"]["total"] == 0 and before["judge_call_rate"] is None
+    assert set(before["live_consumers"].values()) == {0}
+
+    fleet = start_fleet(settings)
+    try:
+        running = wait_until(
+            lambda: snapshot(redis, settings),
+            lambda s: (
+                s["decisions"]["total"] == n and all(g["lag"] == 0 for g in groups(s).values())
+            ),
+        )
+        assert running["decisions"]["total"] == n, running
+        for group in workers:
+            g = groups(running)[group]
+            assert g["exists"] and g["lag"] == 0 and g["live_consumers"] == 1, g
+            assert g["consumers"][0]["name"].startswith(group + "@")
+        assert running["stalled"] == []
+        assert running["throughput"]["outputs"] == n and not running["throughput"]["capped"]
+        d = running["decisions"]
+        assert d.get("workers", 0) + d.get("judge", 0) == n
+        assert running["agreement_rate"] == round(d.get("workers", 0) / n, 4)
+        assert running["judge_call_rate"] == round(running["escalations"] / n, 4)
+        assert running["rejects"] == 0 and running["dead_letters"] == 0
+        votes = sum(c for by_label in running["votes"].values() for c in by_label.values())
+        assert votes >= 2 * n  # a decision needs a quorum of two, an escalation two votes
+        assert all(running["live_consumers"][r] == 1 for r in [*workers, "aggregator", "judge"])
+
+        stop_role(fleet, "worker:vader")
+        Producer(redis, settings).send(fresh_records(m, offset=n))
+        stopped = wait_until(
+            lambda: snapshot(redis, settings),
+            lambda s: (
+                s["stalled"] == ["items/worker:vader"]
+                and all(groups(s)[g]["lag"] == 0 for g in workers if g != "worker:vader")
+            ),
+        )
+        assert groups(stopped)["worker:vader"]["lag"] == m
+        assert stopped["stalled"] == ["items/worker:vader"], stopped["stalled"]
+        assert "heartbeat" in groups(stopped)["worker:vader"]["stall_reason"]
+        assert stopped["live_consumers"]["worker:vader"] == 0
+
+        result = subprocess.run(
+            [sys.executable, "-m", "tribunal", "status", "--json"],
+            env=cli_env(settings),
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr
+        printed = orjson.loads(result.stdout)
+        assert groups(printed)["worker:vader"]["lag"] == m
+        assert printed["stalled"] == ["items/worker:vader"]
+        assert printed["decisions"]["total"] >= n
+    finally:
+        fleet.stop()
+
+
+def test_status_table_and_errors(settings: Settings) -> None:
+    env = cli_env(settings)
+    Producer(connect(settings), settings).send(fresh_records(3))
+    table = subprocess.run(
+        [sys.executable, "-m", "tribunal", "status"],
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert table.returncode == 0, table.stderr
+    assert "worker:vader" in table.stdout and "STALLED" in table.stdout
+    assert "judge-call rate" in table.stdout
+    down = subprocess.run(
+        [sys.executable, "-m", "tribunal", "status", "--json"],
+        env={**env, "TRIBUNAL_REDIS_URL": "redis://127.0.0.1:1/0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert down.returncode == 3 and "cannot read Redis" in down.stderr
+    assert down.stdout == ""
+
+
+def test_watch_refreshes_until_interrupted(settings: Settings) -> None:
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "tribunal", "status", "--watch", "--interval", "0.2"],
+        env={**cli_env(settings), "COLUMNS": "200"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(1.5)  # the first frame shows an empty items stream
+    Producer(connect(settings), settings).send(fresh_records(5))
+    time.sleep(1.0)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=15)
+    assert watch.returncode == 0, err
+    # Off a terminal, rich prints the last frame when the live display stops.
+    assert re.search(r"items\s*│\s*5\s*│\s*5\s*│", out), out
