@@ -84,7 +84,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
         "labels": (_CONSUMER, _keys(ns, "output", "stats", "heartbeats")),
         "monitor": (
             "+xinfo|stream +xinfo|groups +xinfo|consumers +xlen +xrange +xrevrange +xpending "
-            "+hgetall +zrange +zrangebyscore +zcard +exists +scan",
+            "+hgetall +zrange +zrangebyscore +zcard +exists +scan +time",
             f"%R~{ns}:*",
         ),
     }

@@ -15,12 +15,15 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def connect(settings: Settings, url: str | None = None) -> Redis:
+def connect(
+    settings: Settings, url: str | None = None, timeout_s: float | None = None, **extra: Any
+) -> Redis:
     """A client for the configured server. Reads block up to ``block_ms``, so the socket
     timeout sits above it: a dead server is noticed, a quiet stream is not an error.
 
     ``rediss://`` URLs use TLS, verified against ``tls_ca_file`` (and a client certificate
-    when set); a password may come from ``redis_password_file`` instead of the URL."""
+    when set); a password may come from ``redis_password_file`` instead of the URL.
+    ``timeout_s`` makes a client that gives up quickly (status, health, scrapes)."""
     target = url or settings.redis_url
     if not target:
         raise RuntimeError("no Redis URL: set TRIBUNAL_REDIS_URL or start the embedded server")
@@ -38,11 +41,12 @@ def connect(settings: Settings, url: str | None = None) -> Redis:
         raise ValueError("TLS files are set but the Redis URL is not rediss://")
     return Redis.from_url(
         target,
-        socket_timeout=settings.block_ms / 1000 + 10,
-        socket_connect_timeout=5,
+        socket_timeout=timeout_s or settings.block_ms / 1000 + 10,
+        socket_connect_timeout=timeout_s or 5,
         health_check_interval=30,
         client_name="tribunal",
         **options,
+        **extra,
     )
 
 

@@ -188,10 +188,11 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
 
     from test_consumers import drain
 
-    from common.consumer import StreamConsumer
+    from common.consumer import StreamConsumer, consumer_name
 
     def consumer(rt: Runtime, stream: str, group: str, handler: Any) -> StreamConsumer:
-        c = StreamConsumer(rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, "c")
+        name = consumer_name(group)  # group names are the heartbeat roles
+        c = StreamConsumer(rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name)
         c.ensure_group()
         c.heartbeat()
         return c
@@ -219,6 +220,20 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
     out: list[bytes] = []
     sink = type("Sink", (), {"write": lambda self, b: out.append(b), "flush": lambda self: None})
     assert read_labels(runtime("labels"), sink(), "labels", follow=False) == 1  # type: ignore[arg-type]
+
+    # The monitor role: status, health and a Prometheus scrape, all read-only.
+    from prometheus_client import generate_latest
+
+    from tribunal.exporter import registry_for
+    from tribunal.health import run_health
+    from tribunal.status import snapshot
+
+    monitor_settings = tls_redis.settings("monitor", **common)
+    snap = snapshot(connect(monitor_settings), monitor_settings)
+    assert snap["decisions"] == {"total": 1, "workers": 1} and snap["rejects"] == 1
+    assert run_health(monitor_settings, roles=["aggregator", "judge"]) == 0
+    scrape = generate_latest(registry_for(monitor_settings)).decode()
+    assert "tribunal_up 1.0" in scrape
 
 
 def _backend(rt: Runtime, name: str) -> Any:

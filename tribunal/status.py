@@ -41,11 +41,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from common import metrics
+from common.connection import connect
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.lifecycle import StopFlag
 from common.settings import Settings
 
-STREAMS = ("items", "ready", "judge", "output", "rejects", "dead")
+STREAMS = ("items", "tiebreak", "ready", "judge", "output", "rejects", "dead")
 THROUGHPUT_WINDOW_S = 60
 THROUGHPUT_CAP = 1000
 Snapshot = dict[str, Any]
@@ -54,19 +55,16 @@ Snapshot = dict[str, Any]
 def quick_client(settings: Settings, timeout_s: float = 3.0) -> Redis:
     """A client that fails within seconds: status, health and scrapes must answer, not wait
     out the consumers' long socket timeout (one retry rides over a dropped connection)."""
-    return Redis.from_url(
-        settings.redis_url or "",
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        client_name="tribunal-ops",
-    )
+    return connect(settings, timeout_s=timeout_s, retry=Retry(NoBackoff(), 1))
 
 
 def expected_groups(settings: Settings) -> dict[str, list[str]]:
     """Consumer groups the fleet file implies, by stream."""
+    backups = settings.backup_workers
+    first = [worker_group(name) for name in settings.workers if name not in backups]
     return {
-        "items": [worker_group(name) for name in settings.workers],
+        "items": first,
+        "tiebreak": [worker_group(name) for name in backups],
         "ready": [AGGREGATOR_GROUP],
         "judge": [JUDGE_GROUP],
     }
