@@ -217,6 +217,8 @@ def rq_vote(url: str, worker: str, item: dict[str, Any]) -> None:
 def rq_aggregate(url: str, item_id: str) -> None:
     client = Redis.from_url(url)
     votes: Any = client.hgetall(f"rq:votes:{item_id}")
+    if not votes:  # two vote jobs both saw the third vote: this naive design labels twice
+        return
     label, count = statistics.mode(v.decode() for v in votes.values()), len(votes)
     client.rpush("rq:output", orjson.dumps({"id": item_id, "label": label, "votes": count}))
     client.delete(f"rq:votes:{item_id}")

@@ -17,10 +17,10 @@ _CONSUMER = (
     "+xreadgroup +xack +xautoclaim +xpending +xgroup|create "
     "+zadd +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
 )
-# EVALSHA plus what common/scripts.py's cast_vote and settle call inside.
+# EVALSHA plus what common/scripts.py's scripts call inside.
 _SCRIPTS = (
     "+evalsha +script|load +script|exists "
-    "+exists +get +set +del +hset +hsetnx +hlen +hincrby +zadd +zrem +xadd"
+    "+exists +get +set +del +hset +hsetnx +hlen +hincrby +hgetall +zadd +zrem +xadd"
 )
 _JANITOR = "+xinfo|groups +xpending +xtrim +exists"
 
@@ -35,7 +35,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
     per_role = {
         "producer": ("+xadd +xinfo|groups +xlen +exists", _keys(ns, "items")),
         "worker": (
-            f"{_CONSUMER} {_SCRIPTS}",
+            f"{_CONSUMER} {_SCRIPTS} +mget",  # MGET: which items of a batch are settled
             _keys(
                 ns,
                 "items",

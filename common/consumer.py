@@ -19,13 +19,13 @@ from typing import Any
 
 import redis
 from redis import Redis
-from redis.client import Pipeline
 
 from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
-from common.metrics import Stats
+from common.scripts import Scripts
 from common.settings import Settings
+from common.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,12 @@ class Entry:
 class Handler:
     """What a consumer does with a batch. Subclasses implement ``handle``."""
 
-    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
-        """Queue the batch's results on ``pipe``; return ``{entry_id: error}`` for entries
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
+        """Queue the batch's results on ``writes``; return ``{entry_id: error}`` for entries
         to leave pending (they are retried after ``reclaim_idle_s``)."""
         raise NotImplementedError
 
-    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+    def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         """Settle an entry that failed too often; return False to keep it pending."""
         return False
 
@@ -80,6 +80,7 @@ class StreamConsumer:
         settings: Settings,
         stop: StopFlag,
         name: str,
+        scripts: Scripts,
     ) -> None:
         self.redis = redis
         self.keys = keys
@@ -89,7 +90,7 @@ class StreamConsumer:
         self.settings = settings
         self.stop = stop
         self.name = name
-        self.stats = Stats(keys.stats)
+        self.scripts = scripts
         self._next_heartbeat = 0.0
         self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
         self._next_reclaim = 0.0
@@ -206,21 +207,21 @@ class StreamConsumer:
             return
         limit = self.settings.max_deliveries
         fresh = [e for e in entries if e.deliveries <= limit]
-        pipe = self.redis.pipeline(transaction=False)
+        writes = self._writes()
         failures: dict[str, str] = {}
         if fresh:
             try:
-                failures = self.handler.handle(fresh, pipe)
+                failures = self.handler.handle(fresh, writes)
             except REDIS_ERRORS:
                 raise
             except Exception as exc:  # a handler bug or a backend failure: retry later
                 log.exception("%s failed on a batch of %d", self.name, len(fresh))
                 failures = {e.id: f"{type(exc).__name__}: {exc}" for e in fresh}
-                pipe = self.redis.pipeline(transaction=False)  # drop half-queued writes
+                writes = self._writes()  # drop half-queued writes
                 self.stop.wait(1.0)
         acked = [e.id for e in fresh if e.id not in failures]
         for entry in entries:
-            if entry.deliveries > limit and self._give_up(entry, pipe):
+            if entry.deliveries > limit and self._give_up(entry, writes):
                 acked.append(entry.id)
         if len(self._errors) > 10_000:  # entries another consumer finished: forget the oldest
             for stale in list(self._errors)[:5_000]:
@@ -228,17 +229,21 @@ class StreamConsumer:
         for entry_id, error in failures.items():
             self._errors[entry_id] = error
             log.warning("%s: entry %s left pending for a retry: %s", self.name, entry_id, error)
+        group = {"group": self.group}
+        writes.incr(metrics.RETRIES, group, len(failures))
+        writes.incr(metrics.RECLAIMED, group, len(entries) if reclaimed else 0)
+        writes.observe(metrics.BATCH_SIZE, len(entries), group, metrics.SIZE_BUCKETS)
+        pipe = writes.flush()
         if acked:
             pipe.xack(self.stream, self.group, *acked)
-        group = {"group": self.group}
-        self.stats.incr(pipe, metrics.RETRIES, group, len(failures))
-        self.stats.incr(pipe, metrics.RECLAIMED, group, len(entries) if reclaimed else 0)
-        self.stats.observe(pipe, metrics.BATCH_SIZE, len(entries), group, metrics.SIZE_BUCKETS)
         pipe.execute()
 
-    def _give_up(self, entry: Entry, pipe: Pipeline) -> bool:
+    def _writes(self) -> Writes:
+        return Writes(self.redis.pipeline(transaction=False), self.scripts, self.keys)
+
+    def _give_up(self, entry: Entry, writes: Writes) -> bool:
         error = self._errors.pop(entry.id, "the consumer died or timed out while handling it")
-        if not self.handler.give_up(entry, error, pipe):
+        if not self.handler.give_up(entry, error, writes):
             return False
         log.error(
             "%s gave up on entry %s after %d deliveries: %s",

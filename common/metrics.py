@@ -5,16 +5,14 @@ its labels, ``votes_total|label=positive|worker=vader``, holding a count; histog
 fields add ``le=<bucket>`` (not cumulative: the exporter sums them up), plus
 ``…|sum`` and ``…|count``. Counters of things that must not be double counted
 (votes, settled items) are incremented inside the Lua scripts, only when the
-step really happened; the rest are incremented in the writer's pipeline.
+step really happened; the rest are summed per batch (``common.writes``) and
+incremented in the batch's pipeline.
 Queue depths are never counted here: they are read from the streams themselves.
 """
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Mapping
-
-from redis.client import Pipeline
 
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -46,29 +44,3 @@ def parse_field(raw: str) -> tuple[str, dict[str, str]]:
     name, *pairs = raw.split("|")
     labels = dict(pair.split("=", 1) for pair in pairs if "=" in pair)
     return name, labels
-
-
-class Stats:
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def incr(
-        self, pipe: Pipeline, name: str, labels: Mapping[str, str] | None = None, n: int = 1
-    ) -> None:
-        if n:
-            pipe.hincrby(self.key, field(name, labels), n)
-
-    def observe(
-        self,
-        pipe: Pipeline,
-        name: str,
-        value: float,
-        labels: Mapping[str, str] | None = None,
-        buckets: tuple[float, ...] = SECONDS_BUCKETS,
-    ) -> None:
-        index = bisect.bisect_left(buckets, value)
-        le = "+Inf" if index == len(buckets) else f"{buckets[index]:g}"
-        base = dict(labels or {})
-        pipe.hincrby(self.key, field(name, {**base, "le": le}), 1)
-        pipe.hincrbyfloat(self.key, field(name, base) + "|sum", value)
-        pipe.hincrby(self.key, field(name, base) + "|count", 1)

@@ -1,123 +1,151 @@
-"""The two server-side steps that must be atomic: casting a vote and settling an item.
+"""The server-side steps that must be atomic: casting votes, settling items, reading votes.
 
-They are tiny Lua scripts, not the decision rule (that stays in Python, in
-``common.decision``): they only make "store the vote, notify once" and
-"move the item to its final stream exactly once" race-free across replicas,
-re-deliveries and crashes. All keys of one call share a hash tag (one slot).
+They are small Lua scripts, not the decision rule (that stays in Python, in
+``common.decision``): they only make "store the vote, notify once" and "move the
+item to its final stream exactly once" race-free across replicas, re-deliveries
+and crashes. Each call carries a whole batch, so the hot path costs one command
+per batch instead of one per item; every key is passed in KEYS and all of them
+share the partition's hash tag (one cluster slot).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
 
-from common import metrics
 from common.keys import Keys
-from common.schemas import Vote
 
-# KEYS: votes hash, state, ready stream, deadlines zset, stats hash
-# ARGV: worker, vote json, item json, item id, notify_at (votes), deadline (epoch s),
-#       counter field to increment when the vote is new
-# Returns the number of votes stored, or -1 when the item is already settled
-# (a late or re-delivered vote is dropped, so no per-item key is re-created).
-CAST_VOTE = """
-if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-local added = redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HSETNX', KEYS[1], '_item', ARGV[3])
-local n = redis.call('HLEN', KEYS[1]) - 1
-if added == 1 then
-  redis.call('HINCRBY', KEYS[5], ARGV[7], 1)
-  redis.call('ZADD', KEYS[4], 'NX', ARGV[6], ARGV[4])
-  if n >= tonumber(ARGV[5]) then redis.call('XADD', KEYS[3], '*', 'id', ARGV[4]) end
+# KEYS: ready stream, deadlines zset, stats hash, then per item: votes hash, state
+# ARGV: per item: item id, worker, vote json, item json, notify_at, deadline, counter field
+# For each item: store the vote unless the item is settled (late or re-delivered votes are
+# dropped, and no per-item key is re-created); count it and start the vote timeout when it
+# is new; notify the aggregator (one entry for the whole batch) once enough votes are in.
+CAST_VOTES = """
+local ready = {}
+for i = 0, (#KEYS - 3) / 2 - 1 do
+  local votes, state = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local a = 7 * i
+  local id = ARGV[a + 1]
+  if redis.call('EXISTS', state) == 0 then
+    local added = redis.call('HSET', votes, ARGV[a + 2], ARGV[a + 3])
+    redis.call('HSETNX', votes, '_item', ARGV[a + 4])
+    if added == 1 then
+      local n = redis.call('HLEN', votes) - 1
+      redis.call('HINCRBY', KEYS[3], ARGV[a + 7], 1)
+      if n == 1 then redis.call('ZADD', KEYS[2], 'NX', ARGV[a + 6], id) end
+      if n >= tonumber(ARGV[a + 5]) then ready[#ready + 1] = id end
+    end
+  end
 end
-return n
+if #ready > 0 then redis.call('XADD', KEYS[1], '*', 'ids', table.concat(ready, ' ')) end
+return #ready
 """
 
-# KEYS: state, votes hash, deadlines zset, target stream, stats hash
-# ARGV: expected state ('' = unsettled), new state, ttl seconds (0 = keep), item id, payload,
-#       counter field to increment when this call settles the item
-# Returns 1 when this call settled the item, 0 when another call already had.
+# KEYS: deadlines zset, stats hash, then per item: state, votes hash, target stream
+# ARGV: per item: expected state ('' = unsettled), new state, ttl s (0 = keep), item id,
+#       payload, counter field
+# Settles each item whose state is as expected: one entry in its target stream, the votes
+# and the deadline gone, the counter incremented. Returns 1/0 per item.
 SETTLE = """
-local cur = redis.call('GET', KEYS[1]) or ''
-if cur ~= ARGV[1] then return 0 end
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+local done = {}
+for i = 0, (#KEYS - 2) / 3 - 1 do
+  local state, votes, target = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
+  local a = 6 * i
+  local cur = redis.call('GET', state) or ''
+  if cur == ARGV[a + 1] then
+    if ARGV[a + 3] == '0' then
+      redis.call('SET', state, ARGV[a + 2])
+    else
+      redis.call('SET', state, ARGV[a + 2], 'EX', ARGV[a + 3])
+    end
+    redis.call('XADD', target, '*', 'id', ARGV[a + 4], 'd', ARGV[a + 5])
+    redis.call('DEL', votes)
+    redis.call('ZREM', KEYS[1], ARGV[a + 4])
+    redis.call('HINCRBY', KEYS[2], ARGV[a + 6], 1)
+    done[i + 1] = 1
+  else
+    done[i + 1] = 0
+  end
 end
-redis.call('XADD', KEYS[4], '*', 'id', ARGV[4], 'd', ARGV[5])
-redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[3], ARGV[4])
-redis.call('HINCRBY', KEYS[5], ARGV[6], 1)
-return 1
+return done
+"""
+
+# KEYS: vote hashes. Returns each as a flat field/value list: one round trip per batch.
+GATHER = """
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
+return out
 """
 
 ESCALATED = "judge"
 DONE = "done"
 
 
+@dataclass(frozen=True)
+class CastVote:
+    item_id: str
+    worker: str
+    vote: bytes
+    item: bytes
+    notify_at: int
+    deadline: float
+    counter: str
+
+
+@dataclass(frozen=True)
+class Settle:
+    item_id: str
+    stream: str
+    payload: bytes
+    counter: str
+    expect: str = ""  # the state it must be in: unsettled, or ESCALATED for the judge
+    new: str = DONE
+
+
 class Scripts:
-    """Registered scripts; calls go into the caller's pipeline (EVALSHA, loaded on demand)."""
+    """Registered scripts (EVALSHA, loaded on demand); writes go into the caller's pipeline."""
 
     def __init__(self, redis: Redis, keys: Keys, done_ttl_s: int) -> None:
         self.keys = keys
         self.done_ttl_s = done_ttl_s
-        self._cast = redis.register_script(CAST_VOTE)
+        self._cast = redis.register_script(CAST_VOTES)
         self._settle = redis.register_script(SETTLE)
+        self._gather = redis.register_script(GATHER)
 
-    def cast_vote(
-        self,
-        pipe: Pipeline,
-        item_id: str,
-        vote: Vote,
-        item: bytes,
-        notify_at: int,
-        deadline: float,
-    ) -> None:
+    def cast_votes(self, pipe: Pipeline, casts: Sequence[CastVote]) -> None:
         k = self.keys
-        counter = metrics.field(
-            metrics.VOTES, {"worker": vote.worker, "label": vote.label or "abstain"}
-        )
-        self._cast(
-            keys=[k.votes(item_id), k.state(item_id), k.ready, k.deadlines, k.stats],
-            args=[vote.worker, vote.dump(), item, item_id, notify_at, f"{deadline:.3f}", counter],
-            client=pipe,
-        )
+        keys: list[Any] = [k.ready, k.deadlines, k.stats]
+        args: list[Any] = []
+        for c in casts:
+            keys += [k.votes(c.item_id), k.state(c.item_id)]
+            args += [
+                c.item_id,
+                c.worker,
+                c.vote,
+                c.item,
+                c.notify_at,
+                f"{c.deadline:.3f}",
+                c.counter,
+            ]
+        self._cast(keys=keys, args=args, client=pipe)
 
-    def settle(
-        self, pipe: Pipeline, item_id: str, stream: str, payload: bytes, counter: str
-    ) -> None:
-        """Make the item final: one entry in ``stream`` (output, rejects or dead), once."""
-        self._run(pipe, item_id, stream, payload, counter, expect="", new=DONE)
-
-    def escalate(self, pipe: Pipeline, item_id: str, payload: bytes) -> None:
-        """Hand the item to the judge, once; its votes travel in the payload."""
-        self._run(
-            pipe, item_id, self.keys.judge, payload, metrics.ESCALATIONS, expect="", new=ESCALATED
-        )
-
-    def settle_escalated(
-        self, pipe: Pipeline, item_id: str, stream: str, payload: bytes, counter: str
-    ) -> None:
-        """The judge's (or a dead letter's) final word on an escalated item, once."""
-        self._run(pipe, item_id, stream, payload, counter, expect=ESCALATED, new=DONE)
-
-    def _run(
-        self,
-        pipe: Pipeline,
-        item_id: str,
-        stream: str,
-        payload: bytes,
-        counter: str,
-        expect: str,
-        new: str,
-    ) -> None:
+    def settle(self, pipe: Pipeline, settles: Sequence[Settle]) -> None:
         k = self.keys
-        ttl: Any = self.done_ttl_s if new == DONE else 0
-        self._settle(
-            keys=[k.state(item_id), k.votes(item_id), k.deadlines, stream, k.stats],
-            args=[expect, new, ttl, item_id, payload, counter],
-            client=pipe,
-        )
+        keys: list[Any] = [k.deadlines, k.stats]
+        args: list[Any] = []
+        for s in settles:
+            keys += [k.state(s.item_id), k.votes(s.item_id), s.stream]
+            ttl = self.done_ttl_s if s.new == DONE else 0
+            args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter]
+        self._settle(keys=keys, args=args, client=pipe)
+
+    def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """The vote hash of each item (empty once settled), in one round trip."""
+        if not item_ids:
+            return []
+        reply: Any = self._gather(keys=[self.keys.votes(i) for i in item_ids], client=redis)
+        return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in reply]

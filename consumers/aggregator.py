@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import pydantic
-from redis.client import Pipeline
 
 from common import metrics
 from common.consumer import Entry, Handler
@@ -24,6 +23,7 @@ from common.keys import AGGREGATOR_GROUP
 from common.retention import trim_all
 from common.schemas import Decision, Escalation, Item, Vote, now
 from common.validation import ITEM_FIELD
+from common.writes import Writes
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -39,20 +39,21 @@ class AggregatorHandler(Handler):
         self._next_sweep = 0.0
         self._next_trim = 0.0
 
-    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
-        ids = list(dict.fromkeys(e.fields[b"id"].decode() for e in entries if b"id" in e.fields))
-        self.settle(ids, pipe, timed_out=False)
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
+        ids = list(dict.fromkeys(item_id for e in entries for item_id in _ids(e)))
+        self.settle(ids, writes, timed_out=False)
         return {}
 
-    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
-        item_id = entry.fields.get(b"id", entry.id.encode()).decode()
-        raw: Any = self.rt.redis.hget(self.rt.keys.votes(item_id), ITEM_KEY)
-        try:
-            item = Item.model_validate_json(raw) if raw else None
-        except pydantic.ValidationError:
-            item = None
+    def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
+        """Dead-letter every item the notification names, each with its item when known."""
         keys = self.rt.keys
-        self.rt.dead_letter(pipe, keys.ready, AGGREGATOR_GROUP, entry, item_id, error, item)
+        for item_id in _ids(entry) or [f"entry-{entry.id}"]:
+            raw: Any = self.rt.redis.hget(keys.votes(item_id), ITEM_KEY)
+            try:
+                item = Item.model_validate_json(raw) if raw else None
+            except pydantic.ValidationError:
+                item = None
+            self.rt.dead_letter(writes, keys.ready, AGGREGATOR_GROUP, entry, item_id, error, item)
         return True
 
     def tick(self) -> None:
@@ -71,20 +72,21 @@ class AggregatorHandler(Handler):
         )
         if due:
             log.info("vote timeout: deciding %d items with the votes present", len(due))
-            pipe = self.rt.redis.pipeline(transaction=False)
-            self.settle([d.decode() for d in due], pipe, timed_out=True)
-            pipe.execute()
+            writes = Writes(
+                self.rt.redis.pipeline(transaction=False), self.rt.scripts, self.rt.keys
+            )
+            self.settle([d.decode() for d in due], writes, timed_out=True)
+            writes.flush().execute()
 
-    def settle(self, ids: list[str], pipe: Pipeline, timed_out: bool) -> None:
+    def settle(self, ids: list[str], writes: Writes, timed_out: bool) -> None:
         keys = self.rt.keys
-        reads = self.rt.redis.pipeline(transaction=False)
-        for item_id in ids:
-            reads.hgetall(keys.votes(item_id))
-        for item_id, fields in zip(ids, reads.execute(), strict=True):
+        for item_id, fields in zip(
+            ids, self.rt.scripts.gather_votes(self.rt.redis, ids), strict=True
+        ):
             raw_item = fields.pop(ITEM_KEY, None)
             if raw_item is None:
                 if timed_out:  # settled meanwhile; only its deadline entry was left
-                    pipe.zrem(keys.deadlines, item_id)
+                    writes.pipe.zrem(keys.deadlines, item_id)
                 continue
             item = Item.model_validate_json(raw_item)
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
@@ -92,14 +94,14 @@ class AggregatorHandler(Handler):
             outcome = decide(votes, self.rule, final=final)
             if outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
-                self.rt.publish(pipe, decision, escalated=False)
+                self.rt.publish(writes, decision, escalated=False)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
-                self.rt.scripts.escalate(pipe, item.id, escalation.dump())
+                writes.escalate(item.id, escalation.dump())
             elif self.needs_backups(votes):
-                pipe.xadd(keys.tiebreak, {ITEM_FIELD: raw_item})
-                self.rt.stats.incr(pipe, metrics.TIEBREAKS)
+                writes.pipe.xadd(keys.tiebreak, {ITEM_FIELD: raw_item})
+                writes.incr(metrics.TIEBREAKS)
 
     def needs_backups(self, votes: list[Vote]) -> bool:
         """Staged policy: the first workers have all voted without settling the item and no
@@ -107,6 +109,11 @@ class AggregatorHandler(Handler):
         backups = self.rt.settings.backup_workers
         voters = {v.worker for v in votes}
         return bool(backups) and not voters & set(backups) and len(voters) >= self.rule.quorum
+
+
+def _ids(entry: Entry) -> list[str]:
+    """The item ids a notification names (one entry per batch of votes)."""
+    return entry.fields.get(b"ids", b"").decode().split()
 
 
 def _read_vote(worker: bytes, raw: bytes) -> Vote:

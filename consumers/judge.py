@@ -12,12 +12,12 @@ import time
 from collections.abc import Sequence
 
 import pydantic
-from redis.client import Pipeline
 
 from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import JUDGE_GROUP
 from common.schemas import Decision, Escalation, Item, Vote
+from common.writes import Writes
 from consumers.backends import Backend, load_backend
 from consumers.runtime import Runtime
 
@@ -33,7 +33,7 @@ class JudgeHandler(Handler):
         self.tasks = rt.settings.all_tasks
         self.call_labels = {"worker": JUDGE_NAME, "backend": rt.settings.judge.backend}
 
-    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         failures: dict[str, str] = {}
         cases: list[tuple[Entry, Escalation]] = []
         for entry in entries:
@@ -46,7 +46,7 @@ class JudgeHandler(Handler):
         started = time.perf_counter()
         predictions = self.backend.classify([case.item for _, case in cases])
         elapsed = time.perf_counter() - started
-        self.rt.stats.observe(pipe, metrics.MODEL_CALL, elapsed, self.call_labels)
+        writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
         latency_ms = elapsed * 1000 / len(cases)
         for (entry, case), p in zip(cases, predictions, strict=True):
             labels = self.tasks[case.item.task].labels
@@ -60,10 +60,10 @@ class JudgeHandler(Handler):
                 latency_ms=round(latency_ms, 3),
             )
             decision = Decision.of(case.item, p.label, "judge", case.reason, case.votes, verdict)
-            self.rt.publish(pipe, decision, escalated=True)
+            self.rt.publish(writes, decision, escalated=True)
         return failures
 
-    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+    def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         item: Item | None
         try:
             item = Escalation.model_validate_json(entry.fields[b"d"]).item
@@ -72,7 +72,7 @@ class JudgeHandler(Handler):
             item, item_id = None, f"entry-{entry.id}"
         keys = self.rt.keys
         escalated = item is not None
-        self.rt.dead_letter(pipe, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated)
+        self.rt.dead_letter(writes, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated)
         return True
 
 

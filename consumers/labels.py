@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
-from redis.client import Pipeline
-
 from common.consumer import Entry, Handler
+from common.writes import Writes
 from consumers.runtime import Runtime
 
 
@@ -21,7 +20,7 @@ class LabelsHandler(Handler):
         self.out = out
         self.written = 0
 
-    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         lines = [e.fields[b"d"] + b"\n" for e in entries if b"d" in e.fields]
         self.out.write(b"".join(lines))
         self.out.flush()

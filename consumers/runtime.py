@@ -6,18 +6,17 @@ from dataclasses import dataclass
 
 import orjson
 from redis import Redis
-from redis.client import Pipeline
 
 from common import metrics
 from common.connection import connect
 from common.consumer import Entry, Handler, StreamConsumer, consumer_name
 from common.keys import Keys
 from common.lifecycle import StopFlag
-from common.metrics import Stats
 from common.schemas import DeadLetter, Decision, Item, Reject, is_item_id, now
 from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem
+from common.writes import Writes
 
 
 @dataclass
@@ -27,14 +26,13 @@ class Runtime:
     keys: Keys
     scripts: Scripts
     stop: StopFlag
-    stats: Stats
 
     @classmethod
     def create(cls, settings: Settings, stop: StopFlag | None = None) -> Runtime:
         redis = connect(settings)
         keys = Keys(settings.namespace)
         scripts = Scripts(redis, keys, settings.decided_ttl_s)
-        return cls(settings, redis, keys, scripts, stop or StopFlag(), Stats(keys.stats))
+        return cls(settings, redis, keys, scripts, stop or StopFlag())
 
     def consume(
         self, stream: str, group: str, handler: Handler, role: str, drain: bool = False
@@ -42,10 +40,18 @@ class Runtime:
         """Run the shared consumer loop until a stop signal (or, with ``drain``, until idle)."""
         name = consumer_name(role)
         StreamConsumer(
-            self.redis, self.keys, stream, group, handler, self.settings, self.stop, name
+            self.redis,
+            self.keys,
+            stream,
+            group,
+            handler,
+            self.settings,
+            self.stop,
+            name,
+            self.scripts,
         ).run(drain=drain)
 
-    def reject(self, pipe: Pipeline, stream: str, entry: Entry, error: InvalidItem) -> None:
+    def reject(self, writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> None:
         """Settle a bad entry as a reject, once, whichever consumer sees it first."""
         payload = entry.fields.get(ITEM_FIELD, b"")
         record = Reject(
@@ -56,20 +62,20 @@ class Runtime:
             raw=payload[:300].decode("utf-8", errors="replace"),
             rejected_at=now(),
         )
-        self.scripts.settle(pipe, record.id, self.keys.rejects, record.dump(), metrics.REJECTS)
+        writes.settle(record.id, self.keys.rejects, record.dump(), metrics.REJECTS)
 
-    def publish(self, pipe: Pipeline, decision: Decision, escalated: bool) -> None:
+    def publish(self, writes: Writes, decision: Decision, escalated: bool) -> None:
         """Settle an item with its final label, once, and record how long it took."""
         counter = metrics.field(metrics.DECISIONS, {"source": decision.source})
-        settle = self.scripts.settle_escalated if escalated else self.scripts.settle
-        settle(pipe, decision.id, self.keys.output, decision.dump(), counter)
+        settle = writes.settle_escalated if escalated else writes.settle
+        settle(decision.id, self.keys.output, decision.dump(), counter)
         if decision.produced_at is not None:
             latency = max(decision.decided_at - decision.produced_at, 0.0)
-            self.stats.observe(pipe, metrics.ITEM_LATENCY, latency, {"source": decision.source})
+            writes.observe(metrics.ITEM_LATENCY, latency, {"source": decision.source})
 
     def dead_letter(
         self,
-        pipe: Pipeline,
+        writes: Writes,
         stream: str,
         group: str,
         entry: Entry,
@@ -93,8 +99,8 @@ class Runtime:
             dead_at=now(),
         )
         counter = metrics.field(metrics.DEAD_LETTERS, {"group": group})
-        settle = self.scripts.settle_escalated if escalated else self.scripts.settle
-        settle(pipe, item_id, self.keys.dead, record.dump(), counter)
+        settle = writes.settle_escalated if escalated else writes.settle
+        settle(item_id, self.keys.dead, record.dump(), counter)
 
 
 def entry_item_id(entry: Entry) -> str:

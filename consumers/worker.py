@@ -11,14 +11,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-
-from redis.client import Pipeline
+from typing import Any
 
 from common import metrics
 from common.consumer import Entry, Handler, ensure_group
 from common.keys import worker_group
 from common.schemas import Item, Prediction, Vote, now
 from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
+from common.writes import Writes
 from consumers.backends import Backend, load_backend
 from consumers.runtime import Runtime
 
@@ -47,15 +47,15 @@ class WorkerHandler(Handler):
                 ensure_group(self.rt.redis, stream, worker_group(name))
             self._groups_ready = True
 
-    def handle(self, entries: Sequence[Entry], pipe: Pipeline) -> dict[str, str]:
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         valid: list[tuple[Entry, Item]] = []
         for entry in entries:
             try:
                 valid.append((entry, item_from_entry(entry.fields, self.rt.settings)))
             except InvalidItem as exc:
-                self.rt.reject(pipe, self.stream, entry, exc)
+                self.rt.reject(writes, self.stream, entry, exc)
         if self.rt.settings.early_exit:
-            valid = self.unsettled(valid, pipe)
+            valid = self.unsettled(valid, writes)
         if not valid:
             return {}
         started = time.perf_counter()
@@ -65,23 +65,21 @@ class WorkerHandler(Handler):
                 f"backend returned {len(predictions)} predictions for {len(valid)} items"
             )
         elapsed = time.perf_counter() - started
-        self.rt.stats.observe(pipe, metrics.MODEL_CALL, elapsed, self.call_labels)
+        writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
         per_item_ms = elapsed * 1000 / len(valid)
         for (entry, item), prediction in zip(valid, predictions, strict=True):
-            self.cast(pipe, entry, item, self.vote(item, prediction, per_item_ms))
+            self.cast(writes, entry, item, self.vote(item, prediction, per_item_ms))
         return {}
 
     def unsettled(
-        self, valid: list[tuple[Entry, Item]], pipe: Pipeline
+        self, valid: list[tuple[Entry, Item]], writes: Writes
     ) -> list[tuple[Entry, Item]]:
         """Early exit: drop items another path settled already (the others agreed, the judge
         decided, a duplicate id), so a lagging model spends nothing on them."""
-        check = self.rt.redis.pipeline(transaction=False)
-        for _, item in valid:
-            check.exists(self.rt.keys.state(item.id))
-        settled = check.execute()
-        self.rt.stats.incr(pipe, metrics.SKIPPED, {"worker": self.worker}, sum(settled))
-        return [pair for pair, done in zip(valid, settled, strict=True) if not done]
+        states: Any = self.rt.redis.mget([self.rt.keys.state(item.id) for _, item in valid])
+        kept = [pair for pair, state in zip(valid, states, strict=True) if state is None]
+        writes.incr(metrics.SKIPPED, {"worker": self.worker}, len(valid) - len(kept))
+        return kept
 
     def vote(self, item: Item, p: Prediction, latency_ms: float) -> Vote:
         """Turn a prediction into a vote; a label outside the task's set is an abstention."""
@@ -97,30 +95,24 @@ class WorkerHandler(Handler):
             raw=p.raw if label is None else None,
         )
 
-    def cast(self, pipe: Pipeline, entry: Entry, item: Item, vote: Vote) -> None:
-        self.rt.scripts.cast_vote(
-            pipe,
-            item.id,
-            vote,
-            entry.fields[ITEM_FIELD],
-            self.notify_at,
-            now() + self.rt.settings.vote_timeout_s,
-        )
+    def cast(self, writes: Writes, entry: Entry, item: Item, vote: Vote) -> None:
+        deadline = now() + self.rt.settings.vote_timeout_s
+        writes.cast_vote(item.id, vote, entry.fields[ITEM_FIELD], self.notify_at, deadline)
 
-    def give_up(self, entry: Entry, error: str, pipe: Pipeline) -> bool:
+    def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         """This model keeps failing on the item: abstain with the error, so the other
         workers and the judge can still settle it."""
         try:
             item = item_from_entry(entry.fields, self.rt.settings)
         except InvalidItem as exc:
-            self.rt.reject(pipe, self.stream, entry, exc)
+            self.rt.reject(writes, self.stream, entry, exc)
             return True
         abstain = Vote(
             worker=self.worker,
             label=None,
             error=f"gave up after {entry.deliveries} deliveries: {error}",
         )
-        self.cast(pipe, entry, item, abstain)
+        self.cast(writes, entry, item, abstain)
         return True
 
 

@@ -12,6 +12,7 @@ from common.consumer import StreamConsumer
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, worker_group
 from common.schemas import Item, Prediction, Vote
 from common.settings import ModelSpec, Settings
+from common.writes import Writes
 from consumers.aggregator import AggregatorHandler
 from consumers.judge import JudgeHandler
 from consumers.runtime import Runtime
@@ -68,7 +69,7 @@ class Fleet:
     def _consumer(self, stream: str, group: str, handler: Any, name: str = "c1") -> StreamConsumer:
         rt = self.rt
         consumer = StreamConsumer(
-            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name
+            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name, rt.scripts
         )
         consumer.ensure_group()
         return consumer
@@ -197,13 +198,15 @@ def test_redelivered_votes_and_racing_aggregators_give_one_label(fleet: Fleet) -
     # Every worker casts its vote a second time (a re-delivery after a crash before XACK).
     item = fleet.rt.redis.xrange(fleet.rt.keys.items)[0][1][b"d"]
     pipe = fleet.rt.redis.pipeline(transaction=False)
+    recast = Writes(pipe, fleet.rt.scripts, fleet.rt.keys)
     for name in WORKERS:
-        vote = Vote(worker=name, label="neutral")
-        fleet.rt.scripts.cast_vote(pipe, item_id, vote, item, 2, 1e12)
+        recast.cast_vote(item_id, Vote(worker=name, label="neutral"), item, 2, 1e12)
+    recast.flush()
     # Two aggregator replicas decide the same item at once.
-    second = AggregatorHandler(fleet.rt)
-    second.settle([item_id], pipe, timed_out=False)
-    fleet.aggregator_handler.settle([item_id], pipe, timed_out=False)
+    for aggregator in (AggregatorHandler(fleet.rt), fleet.aggregator_handler):
+        writes = Writes(pipe, fleet.rt.scripts, fleet.rt.keys)
+        aggregator.settle([item_id], writes, timed_out=False)
+        writes.flush()
     pipe.execute()
     drain(fleet.aggregator)
     assert [d["id"] for d in fleet.outputs()] == [item_id]

@@ -192,7 +192,9 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
 
     def consumer(rt: Runtime, stream: str, group: str, handler: Any) -> StreamConsumer:
         name = consumer_name(group)  # group names are the heartbeat roles
-        c = StreamConsumer(rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name)
+        c = StreamConsumer(
+            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name, rt.scripts
+        )
         c.ensure_group()
         c.heartbeat()
         return c
