@@ -30,6 +30,7 @@ from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
+from tribunal.status import expected_roles, read_heartbeats
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
 # The default fleet's lexicon models only know sentiment; pairs get their own offline fleet.
@@ -117,6 +118,7 @@ def _drive(
     redis = connect(settings)
     keys = Keys(settings.namespace)
     records = load_sample(task, limit)
+    wait_until_live(redis, settings, fleet, console)
     started = time.time()
     report = Producer(redis, settings).send(records)
     for fields in BAD_ENTRIES:
@@ -152,6 +154,22 @@ def _drive(
     )
     every_sample_ended = {r["id"] for r in records} <= set(ids)
     return outcome.ended == expected and len(ids) == len(set(ids)) and every_sample_ended
+
+
+def wait_until_live(redis: Redis, settings: Settings, fleet: Fleet, console: Console) -> None:
+    """Produce only once every process reads its stream, so the latencies measure labeling,
+    not Python start-up (items produced earlier would simply wait: nothing is lost)."""
+    from tribunal.health import missing_roles
+
+    deadline = time.monotonic() + 60
+    roles, keys, ttl = expected_roles(settings), Keys(settings.namespace), settings.heartbeat_ttl_s
+    with console.status("starting the fleet ..."):
+        while missing_roles(read_heartbeats(redis, keys), roles, ttl):
+            fleet.supervise()
+            if time.monotonic() > deadline:
+                console.print("[yellow]not every process is up after 60s; producing anyway")
+                return
+            time.sleep(0.2)
 
 
 def _pct(part: int, whole: int) -> str:
