@@ -82,3 +82,17 @@ def test_demo_command_prints_a_summary_with_every_item_accounted(redis_url: str)
     assert "Summary" in out and "Agreement with gold labels" in out
     assert "65 (60 tickets + 5 malformed)" in out
     assert re.search(r"not settled\s*│\s*0\s", out), out
+
+
+def test_demo_watch_shows_the_live_queues_while_producing_at_a_rate(redis_url: str) -> None:
+    env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, "-m", "tribunal", "demo", "--limit", "20", "--rate", "40", "--watch"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "live consumers" in result.stdout and "lag" in result.stdout
+    assert "25 (20 tickets + 5 malformed)" in result.stdout

@@ -107,21 +107,28 @@ def runtime(s: Settings):  # type: ignore[no-untyped-def]
 def demo(
     task: Annotated[str, typer.Option(help="sentiment or similar_ticket")] = "sentiment",
     limit: Annotated[int | None, typer.Option(help="Use only the first N sample items.")] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Produce this many items per second (default: at once).")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Show the live status table (queue depth, lag) while it runs.")
+    ] = False,
 ) -> None:
     """Run a real fleet on the bundled sample tickets and print labels and statistics.
 
     Starts an embedded valkey server unless TRIBUNAL_REDIS_URL is set, the three worker
     models, the aggregator and the judge as separate processes, then waits until every
-    item is labeled, rejected or dead-lettered.
+    item is labeled, rejected or dead-lettered. To watch the queues move:
+    tribunal demo --rate 20 --watch.
     """
-    from tribunal.demo import DEMO_FLEETS, SAMPLES, run_demo
+    from tribunal.demo import DEMO_FLEETS, SAMPLES, DemoOptions, run_demo
 
     if task not in SAMPLES:
         say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
         raise typer.Exit(2)
     if state.fleet is None and task in DEMO_FLEETS:
         state.fleet = DEMO_FLEETS[task]
-    ok = run_demo(settings(), task, limit, Console())
+    ok = run_demo(settings(), DemoOptions(task, limit, rate, watch), Console())
     raise typer.Exit(0 if ok else 1)
 
 

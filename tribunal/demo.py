@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,6 +24,7 @@ from typing import Any
 import orjson
 from redis import Redis
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,7 +34,7 @@ from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
-from tribunal.status import expected_roles, read_heartbeats
+from tribunal.status import expected_roles, read_heartbeats, render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
 # The default fleet's lexicon models only know sentiment; pairs get their own offline fleet.
@@ -80,9 +84,16 @@ def collect(redis: Redis, keys: Keys, cursors: dict[str, str], outcome: Outcome)
             cursors[stream] = entry_id.decode()
 
 
-def run_demo(
-    settings: Settings, task: str, limit: int | None, console: Console, stall_s: float = 120.0
-) -> bool:
+@dataclass(frozen=True)
+class DemoOptions:
+    task: str = "sentiment"
+    limit: int | None = None
+    rate: float | None = None  # items/s; None: all at once
+    watch: bool = False  # show the live status table instead of a progress bar
+    stall_s: float = 120.0
+
+
+def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:
     """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-demo-"))
     embedded = (
@@ -94,7 +105,7 @@ def run_demo(
     namespace = f"demo{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
     console.print(
-        f"[bold]tribunal demo[/]: task [cyan]{task}[/], Redis {redact(url)}"
+        f"[bold]tribunal demo[/]: task [cyan]{options.task}[/], Redis {redact(url)}"
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
@@ -105,43 +116,38 @@ def run_demo(
         )
         fleet.start()
         try:
-            return _drive(settings, task, limit, console, fleet, stall_s)
+            return _drive(settings, options, console, fleet)
         finally:
             fleet.stop()
             if embedded is not None:
                 embedded.stop()
 
 
-def _drive(
-    settings: Settings, task: str, limit: int | None, console: Console, fleet: Fleet, stall_s: float
-) -> bool:
+def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fleet) -> bool:
     redis = connect(settings)
     keys = Keys(settings.namespace)
-    records = load_sample(task, limit)
+    records = load_sample(options.task, options.limit)
     wait_until_live(redis, settings, fleet, console)
     started = time.time()
-    report = Producer(redis, settings).send(records)
-    for fields in BAD_ENTRIES:
-        redis.xadd(keys.items, fields)  # type: ignore[arg-type]
-    expected = report.produced + len(BAD_ENTRIES)
-    console.print(f"produced {report.produced} tickets and {len(BAD_ENTRIES)} malformed entries")
-
+    expected = len(records) + len(BAD_ENTRIES)
+    producing = threading.Thread(
+        target=_produce, args=(redis, settings, records, options.rate), daemon=True
+    )
+    producing.start()
     outcome = Outcome()
     cursors = dict.fromkeys(keys.final_streams, "0-0")
     last_progress, seen = time.monotonic(), 0
-    columns = (TextColumn("labeling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        job = bar.add_task("labeling", total=expected)
+    with _display(console, options.watch, expected) as show:
         while outcome.ended < expected:
             fleet.supervise()
             collect(redis, keys, cursors, outcome)
-            bar.update(job, completed=outcome.ended)
-            if outcome.ended > seen:
+            show(redis, settings, outcome.ended)
+            if outcome.ended > seen or producing.is_alive():
                 seen, last_progress = outcome.ended, time.monotonic()
-            elif time.monotonic() - last_progress > stall_s:
+            elif time.monotonic() - last_progress > options.stall_s:
                 console.print(
                     f"[red]stalled: {expected - outcome.ended} items not settled "
-                    f"after {stall_s:.0f}s without progress"
+                    f"after {options.stall_s:.0f}s without progress"
                 )
                 break
             time.sleep(0.1)
@@ -154,6 +160,40 @@ def _drive(
     )
     every_sample_ended = {r["id"] for r in records} <= set(ids)
     return outcome.ended == expected and len(ids) == len(set(ids)) and every_sample_ended
+
+
+def _produce(
+    redis: Redis, settings: Settings, records: list[dict[str, Any]], rate: float | None
+) -> None:
+    """The sample (at ``rate`` items/s, or all at once), then the malformed entries."""
+    chunk = max(1, int(rate / 10)) if rate else len(records)
+    producer = Producer(redis, settings, chunk_size=chunk)
+    started = time.monotonic()
+    for start in range(0, len(records), chunk):
+        producer.send(records[start : start + chunk])
+        if rate:
+            time.sleep(max(0.0, started + (start + chunk) / rate - time.monotonic()))
+    keys = Keys(settings.namespace)
+    for fields in BAD_ENTRIES:
+        redis.xadd(keys.items, fields)  # type: ignore[arg-type]
+
+
+@contextmanager
+def _display(console: Console, watch: bool, total: int) -> Iterator[Any]:
+    """A progress bar, or with ``watch`` the live ``tribunal status`` table."""
+    if watch:
+        with Live(console=console, refresh_per_second=4) as live:
+
+            def show(redis: Redis, settings: Settings, done: int) -> None:
+                live.update(render(snapshot(redis, settings)))
+
+            yield show
+        console.print()
+        return
+    columns = (TextColumn("labeling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        job = bar.add_task("labeling", total=total)
+        yield lambda redis, settings, done: bar.update(job, completed=done)
 
 
 def wait_until_live(redis: Redis, settings: Settings, fleet: Fleet, console: Console) -> None:
