@@ -11,21 +11,27 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_cascade_bench_quick_reports_every_policy() -> None:
+def run_bench(script: str, *args: str) -> Any:
+    """Run ``bench/SCRIPT ARGS --json`` on a clean environment; its JSON report."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "cascade.py"), "--quick", "--json"],
+        [sys.executable, str(ROOT / "bench" / script), *args, "--json"],
         cwd=ROOT,
         env={k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout)
+    return json.loads(result.stdout)
+
+
+def test_cascade_bench_quick_reports_every_policy() -> None:
+    report = run_bench("cascade.py", "--quick")
     n = report["items"]
     runs = report["runs"]
     assert set(runs) == {"judge-only", "parallel", "parallel+exit", "staged"}
@@ -50,24 +56,7 @@ def test_cascade_bench_quick_reports_every_policy() -> None:
 
 
 def test_pipeline_bench_tiny_reports_ratios_and_cpu_per_role() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "pipeline.py"),
-            "--items",
-            "400",
-            "--rq-items",
-            "10",
-            "--json",
-        ],
-        cwd=ROOT,
-        env={k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    report = json.loads(result.stdout)
+    report = run_bench("pipeline.py", "--items", "400", "--rq-items", "10")
     fleet = report["tribunal"]
     assert fleet["items"] == 400
     assert report["raw_items_per_s"] > 0 and report["rq_items_per_s"] > 0
