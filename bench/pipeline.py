@@ -161,6 +161,8 @@ def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
         cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
         cpu["producer + output reader (bench)"] = time.process_time() - cpu_bench
         rate = len(decisions) / elapsed
+        rss = {role: rss_mib(pid) for role, pid in pids.items() if role != "redis"}
+        leftover_votes = sum(1 for _ in client.scan_iter(keys.votes("*"), count=1000))
         latencies = paced_latencies(server.url, settings, keys, rate / 2, seconds=5.0)
     finally:
         fleet.stop()
@@ -173,7 +175,49 @@ def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
         "p50_ms": statistics.median(latencies) * 1000,
         "p95_ms": sorted(latencies)[int(0.95 * len(latencies))] * 1000,
         "cpu_s_per_1k": {role: 1000 * s / len(decisions) for role, s in cpu.items()},
+        "consumer_rss_mib": rss,
+        "leftover_vote_hashes": leftover_votes,
     }
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
+    """Redis bytes per item: queued (an items-stream entry) and in flight (its vote hash with
+    three votes, its deadline and its share of the notifications), each measured as the
+    difference in used_memory over ``n`` items in a namespace of its own."""
+    from common.schemas import Vote
+    from common.scripts import Scripts
+    from common.writes import Writes
+
+    client = Redis.from_url(url)
+    settings = load_settings(redis_url=url, namespace="memory", max_backlog=10**9)
+    keys = Keys(settings.namespace)
+
+    def used() -> int:
+        return int(client.info("memory")["used_memory"])
+
+    start = used()
+    Producer(client, settings, chunk_size=BATCH).send(records(n, "mem"))
+    queued = used()
+    scripts = Scripts(client, keys, settings.decided_ttl_s)
+    payloads: Any = client.xrange(keys.items)
+    for worker in "abc":
+        for offset in range(0, n, BATCH):
+            writes = Writes(client.pipeline(transaction=False), scripts, keys)
+            for _, fields in payloads[offset : offset + BATCH]:
+                item = orjson.loads(fields[b"d"])
+                vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
+                writes.cast_vote(item["id"], vote, fields[b"d"], 2, time.time() + 60)
+            writes.flush().execute()
+    in_flight = used()
+    client.delete(*client.keys(f"{keys.prefix}:*"))
+    return {"queued_bytes": (queued - start) / n, "in_flight_bytes": (in_flight - queued) / n}
 
 
 def paced_latencies(
@@ -271,6 +315,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-bench-"))
     with EmbeddedRedis(workdir / "valkey") as server:
         raw = raw_ceiling(server.url, args.items)
+        memory = memory_per_item(server.url, min(args.items, 10_000))
         fleet = fleet_run(server, args.items, workdir)
         rq = rq_run(server.url, args.rq_items) if args.rq_items else 0.0
     result = {
@@ -279,6 +324,7 @@ def main() -> None:
         "raw_items_per_s": raw,
         "rq_items_per_s": rq,
         "tribunal": fleet,
+        "redis_memory_per_item": memory,
         "of_raw_ceiling": fleet["items_per_s"] / raw,
         "times_rq": fleet["items_per_s"] / rq if rq else None,
     }
@@ -307,6 +353,16 @@ def report(r: dict[str, Any]) -> None:
     print("CPU seconds per 1,000 items:")
     for role, seconds in sorted(f["cpu_s_per_1k"].items()):
         print(f"  {role:34s} {seconds:6.3f}")
+    m = r["redis_memory_per_item"]
+    print(
+        f"Redis memory per item: queued {m['queued_bytes']:.0f} B, in flight (3 votes) "
+        f"{m['in_flight_bytes']:.0f} B; vote hashes left after the drain: "
+        f"{f['leftover_vote_hashes']}"
+    )
+    print(
+        "consumer RSS (MiB): "
+        + ", ".join(f"{role} {mib:.0f}" for role, mib in sorted(f["consumer_rss_mib"].items()))
+    )
 
 
 if __name__ == "__main__":

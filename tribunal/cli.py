@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -40,6 +41,9 @@ class State:
 
 
 state = State()
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / (
+    "tribunal/valkey"
+)
 
 
 @app.callback()
@@ -335,20 +339,32 @@ def acl(
 
 
 @app.command()
-def run() -> None:
-    """Start the whole fleet from the fleet file, one process per worker replica, the
-    aggregator and the judge; restart any that dies. Starts an embedded valkey when no
+def run(
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Embedded valkey only: where its append-only file lives, so a "
+            "restarted fleet carries on where it stopped."
+        ),
+    ] = DEFAULT_DATA_DIR,
+    port: Annotated[
+        int | None, typer.Option(help="Embedded valkey only: its port (default: a free one).")
+    ] = None,
+) -> None:
+    """Start the whole fleet from the fleet file: one process per worker replica, the
+    aggregator and the judge, restarting any that dies. Starts an embedded valkey when no
     Redis URL is set. Ctrl-C (or SIGTERM) stops everything gracefully."""
     from tribunal.fleet import Fleet
 
     s = settings()
-    embedded = None if s.redis_url else EmbeddedRedis(appendfsync=s.embedded_appendfsync).start()
+    embedded = None
+    if not s.redis_url:
+        embedded = EmbeddedRedis(data_dir, port, appendfsync=s.embedded_appendfsync).start()
     url = s.redis_url or embedded.url  # type: ignore[union-attr]
     if embedded:
-        err.print(
-            f"embedded valkey at [bold]{url}[/] (data in {embedded.data_dir}); "
-            f"produce with: TRIBUNAL_REDIS_URL={url} tribunal produce FILE"
-        )
+        say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
+        say("", f"  export TRIBUNAL_REDIS_URL={url}")
+        say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
     stop = StopFlag().install()
     fleet = Fleet(s, url).start()
     try:

@@ -8,6 +8,7 @@ somewhere final, and prints what happened.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 import tempfile
 import threading
@@ -112,15 +113,21 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool
         fleet = Fleet(settings, url, log_to=logs)
         console.print(
             f"starting {len(fleet.children)} processes "
-            f"({', '.join(c.role for c in fleet.children)}); logs in {logs.name}"
+            f"({', '.join(c.role for c in fleet.children)}); logs in {logs.name} (kept only "
+            "if something goes wrong)"
         )
         fleet.start()
         try:
-            return _drive(settings, options, console, fleet)
+            ok = _drive(settings, options, console, fleet)
         finally:
             fleet.stop()
             if embedded is not None:
                 embedded.stop()
+    if ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        console.print(f"the fleet's logs and data are kept in {workdir}")
+    return ok
 
 
 def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fleet) -> bool:
@@ -289,7 +296,12 @@ def agreement_table(decisions: list[dict[str, Any]]) -> Table:
         ):
             seen[name] += 1
             hits[name] += ok
-    table = Table(title="Agreement with gold labels", title_justify="left")
+    table = Table(
+        title="Agreement with gold labels",
+        title_justify="left",
+        caption="a worker counts only on items it voted on before two others settled them",
+        caption_justify="left",
+    )
     table.add_column("who")
     table.add_column("agree", justify="right")
     table.add_column("of", justify="right")

@@ -191,7 +191,7 @@ def flag_stalls(
             if not waiting:
                 pass
             elif not consumers:
-                reason = "no consumer has ever read it"
+                reason = "no consumer is reading it"
             elif not live:
                 reason = f"no consumer with a heartbeat in the last {ttl_s:g}s"
             elif min(c["idle_s"] for c in consumers) > after_s:
