@@ -271,9 +271,9 @@ def print_summary(
     console.print(summary)
     console.print(agreement_table(decisions))
     for r in outcome.rejects:
-        console.print(f"  rejected {r['id']}: {r['reason']}")
+        console.print(f"  rejected {r['id']}: {r['reason']}", markup=False, soft_wrap=True)
     for d in outcome.dead:
-        console.print(f"  dead letter {d['id']}: {d['error']}")
+        console.print(f"  dead letter {d['id']}: {d['error']}", markup=False, soft_wrap=True)
 
 
 def agreement_table(decisions: list[dict[str, Any]]) -> Table:
