@@ -22,7 +22,7 @@ _SCRIPTS = (
     "+evalsha +script|load +script|exists "
     "+exists +get +set +del +hset +hsetnx +hlen +hincrby +hgetall +zadd +zrem +xadd"
 )
-_JANITOR = "+xinfo|groups +xpending +xtrim +exists"
+_JANITOR = "+xinfo|groups +xinfo|consumers +xpending +xtrim +exists"
 
 
 def _keys(namespace: str, *names: str) -> str:

@@ -72,6 +72,17 @@ def trim(
     return trimmed
 
 
+def forget_idle_consumers(redis: Redis, stream: str, group: str, idle_s: float = 3600) -> int:
+    """Remove consumers with nothing pending that have been idle longer than ``idle_s`` (killed
+    processes: a clean exit removes itself). A live one that is merely quiet loses nothing:
+    its next read registers it again."""
+    consumers: Any = redis.xinfo_consumers(stream, group)
+    gone = [_text(c["name"]) for c in consumers if not c["pending"] and c["idle"] > idle_s * 1000]
+    for name in gone:
+        redis.xgroup_delconsumer(stream, group, name)
+    return len(gone)
+
+
 def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
     """One janitor pass over every stream of a partition."""
     backups = settings.backup_workers
@@ -83,6 +94,10 @@ def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
     done += trim(redis, keys.judge, [JUDGE_GROUP], None)
     for stream in keys.final_streams:
         done += trim(redis, stream, None, settings.retention_s)
+    for stream in (keys.items, keys.tiebreak, keys.ready, keys.judge, keys.output):
+        if redis.exists(stream):
+            for group in redis.xinfo_groups(stream):
+                forget_idle_consumers(redis, stream, _text(group["name"]))
     return done
 
 

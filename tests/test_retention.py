@@ -8,7 +8,7 @@ import pytest
 from redis import Redis
 
 from common.keys import Keys
-from common.retention import needed_floor, trim, trim_all
+from common.retention import forget_idle_consumers, needed_floor, trim, trim_all
 from common.settings import Settings
 
 
@@ -74,3 +74,17 @@ def test_janitor_pass_runs_on_every_stream(redis: Redis, keys: Keys, settings: S
     fill(redis, keys.items, 3)
     fill(redis, keys.output, 3)
     assert trim_all(redis, keys, settings) == 0  # no groups yet: nothing is known to be done
+
+
+def test_idle_consumers_with_nothing_pending_are_forgotten(redis: Redis, s: str) -> None:
+    fill(redis, s, 4)
+    redis.xgroup_create(s, "g", id="0")
+    redis.xreadgroup("g", "killed", {s: ">"}, count=2)  # pending 2: must stay
+    redis.xreadgroup("g", "done", {s: ">"}, count=2)
+    redis.xack(
+        s, "g", *[e["message_id"] for e in redis.xpending_range(s, "g", "-", "+", 10, "done")]
+    )
+    time.sleep(0.05)
+    assert forget_idle_consumers(redis, s, "g", idle_s=0.01) == 1
+    names = {c["name"] for c in redis.xinfo_consumers(s, "g")}  # type: ignore[union-attr]
+    assert names == {b"killed"}
