@@ -108,7 +108,7 @@ class StreamConsumer:
                     self.ensure_group()
                     group_ready = True
                 self.heartbeat()
-                self.handler.tick()
+                self._tick()
                 if time.monotonic() >= self._next_reclaim:
                     self.reclaim()
                     self._next_reclaim = time.monotonic() + self.settings.reclaim_every_s
@@ -150,6 +150,16 @@ class StreamConsumer:
                 self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
         except (*REDIS_ERRORS, redis.ResponseError):
             pass  # Redis gone or group deleted: nothing to tidy
+
+    def _tick(self) -> None:
+        """The handler's periodic work; a bug there is logged, never fatal to the consumer."""
+        try:
+            self.handler.tick()
+        except REDIS_ERRORS:
+            raise
+        except Exception:
+            log.exception("%s: periodic work failed; carrying on", self.name)
+            self.stop.wait(1.0)
 
     def heartbeat(self) -> None:
         """Say this consumer's loop is alive (``tribunal health`` reads it); forget consumers

@@ -42,8 +42,10 @@ def needed_floor(redis: Redis, stream: str, groups: Iterable[str] | None) -> tup
         group = existing.get(name)
         if group is None:
             return None
-        if group["pending"]:
-            summary: Any = redis.xpending(stream, name)
+        # The group info is a moment old: entries may have been acked since (then XPENDING's
+        # min is None) — its last-delivered id is then an older, so safe, floor.
+        summary: Any = redis.xpending(stream, name) if group["pending"] else {"min": None}
+        if summary["min"] is not None:
             floors.append(_id(summary["min"]))
         else:
             ms, seq = _id(group["last-delivered-id"])
