@@ -22,6 +22,9 @@ from common.settings import Settings
 log = logging.getLogger(__name__)
 
 
+TRIM_LIMIT = 10_000
+
+
 def _id(value: bytes | str) -> tuple[int, int]:
     text = value.decode() if isinstance(value, bytes) else value
     ms, _, seq = text.partition("-")
@@ -68,7 +71,15 @@ def trim(
     if max_age_s is not None:
         floor = min(floor, (int((time.time() - max_age_s) * 1000), 0))
     minid = f"{floor[0]}-{floor[1]}"
-    trimmed = int(redis.xtrim(stream, minid=minid, approximate=approximate))
+    # An approximate XTRIM removes at most LIMIT entries per call (default 100 macro nodes,
+    # 10,000 entries): keep going, or a fast stream would outgrow the janitor.
+    trimmed = 0
+    for _ in range(1000):
+        limit = TRIM_LIMIT if approximate else None
+        batch = int(redis.xtrim(stream, minid=minid, approximate=approximate, limit=limit))
+        trimmed += batch
+        if batch < TRIM_LIMIT // 2 or not approximate:  # whole nodes: a full call is ~LIMIT
+            break
     if trimmed:
         log.debug("trimmed %d entries from %s", trimmed, stream)
     return trimmed
