@@ -209,7 +209,7 @@ def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
     payloads: Any = client.xrange(keys.items)
     for worker in "abc":
         for offset in range(0, n, BATCH):
-            writes = Writes(client.pipeline(transaction=False), scripts, keys)
+            writes = Writes(client.pipeline(transaction=False), scripts)
             for _, fields in payloads[offset : offset + BATCH]:
                 item = orjson.loads(fields[b"d"])
                 vote = Vote(worker=worker, label=item["gold"], confidence=0.9)

@@ -264,7 +264,7 @@ class StreamConsumer:
         pipe.execute()
 
     def _writes(self) -> Writes:
-        return Writes(self.redis.pipeline(transaction=False), self.scripts, self.keys)
+        return Writes(self.redis.pipeline(transaction=False), self.scripts)
 
     def _give_up(self, entry: Entry, writes: Writes) -> bool:
         error = self._errors.pop(entry.id, "the consumer died or timed out while handling it")

@@ -14,16 +14,15 @@ from collections.abc import Mapping
 from redis.client import Pipeline
 
 from common import metrics
-from common.keys import Keys
 from common.schemas import Vote
 from common.scripts import DONE, ESCALATED, CastVote, Scripts, Settle
 
 
 class Writes:
-    def __init__(self, pipe: Pipeline, scripts: Scripts, keys: Keys) -> None:
+    def __init__(self, pipe: Pipeline, scripts: Scripts) -> None:
         self.pipe = pipe  # for anything else the batch writes
         self.scripts = scripts
-        self.keys = keys
+        self.keys = scripts.keys
         self._casts: list[CastVote] = []
         self._settles: list[Settle] = []
         self._counts: Counter[str] = Counter()

@@ -72,9 +72,7 @@ class AggregatorHandler(Handler):
         )
         if due:
             log.info("vote timeout: deciding %d items with the votes present", len(due))
-            writes = Writes(
-                self.rt.redis.pipeline(transaction=False), self.rt.scripts, self.rt.keys
-            )
+            writes = Writes(self.rt.redis.pipeline(transaction=False), self.rt.scripts)
             self.settle([d.decode() for d in due], writes, timed_out=True)
             writes.flush().execute()
 

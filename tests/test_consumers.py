@@ -198,13 +198,13 @@ def test_redelivered_votes_and_racing_aggregators_give_one_label(fleet: Fleet) -
     # Every worker casts its vote a second time (a re-delivery after a crash before XACK).
     item = fleet.rt.redis.xrange(fleet.rt.keys.items)[0][1][b"d"]
     pipe = fleet.rt.redis.pipeline(transaction=False)
-    recast = Writes(pipe, fleet.rt.scripts, fleet.rt.keys)
+    recast = Writes(pipe, fleet.rt.scripts)
     for name in WORKERS:
         recast.cast_vote(item_id, Vote(worker=name, label="neutral"), item, 2, 1e12)
     recast.flush()
     # Two aggregator replicas decide the same item at once.
     for aggregator in (AggregatorHandler(fleet.rt), fleet.aggregator_handler):
-        writes = Writes(pipe, fleet.rt.scripts, fleet.rt.keys)
+        writes = Writes(pipe, fleet.rt.scripts)
         aggregator.settle([item_id], writes, timed_out=False)
         writes.flush()
     pipe.execute()
