@@ -51,6 +51,11 @@ def connect(
     )
 
 
+def text(value: bytes | str) -> str:
+    """A Redis reply value (bytes from this client) as text."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def redact(url: str) -> str:
     """The URL with its password masked, for logs and messages."""
     parts = urlsplit(url)

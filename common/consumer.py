@@ -1,7 +1,7 @@
 """The one stream-consumer loop every consumer runs; consumers differ only in their handler.
 
-read a batch (own pending first, then new) → handler queues its writes on a
-pipeline → the loop adds XACK for what succeeded → one round trip. Entries a
+read a batch (own pending first, then new) → handler queues its results on a
+``Writes`` → the loop adds XACK for what succeeded → one round trip. Entries a
 dead consumer left pending are reclaimed with XAUTOCLAIM; an entry delivered
 more than ``max_deliveries`` times is handed to ``Handler.give_up`` so it still
 ends somewhere final. Redis outages are waited out with capped backoff.
@@ -21,6 +21,7 @@ import redis
 from redis import Redis
 
 from common import metrics
+from common.connection import text
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.scripts import Scripts
@@ -213,9 +214,9 @@ class StreamConsumer:
             )
             # Redis >= 7 replies [cursor, entries, deleted ids]; 6.2 only the first two
             # and a nil in place of an entry that was deleted from the stream.
-            cursor = _text(reply[0])
+            cursor = text(reply[0])
             entries = [
-                Entry(_text(eid), fields or {}) for eid, fields in reply[1] if fields is not None
+                Entry(text(eid), fields or {}) for eid, fields in reply[1] if fields is not None
             ]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
@@ -289,15 +290,11 @@ class StreamConsumer:
             count=len(entries) * 2,
             consumername=self.name,
         )
-        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        counts = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
         for entry in entries:
             entry.deliveries = counts.get(entry.id, entry.deliveries)
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _entries(reply: Any) -> list[Entry]:
     """XREADGROUP's RESP2 reply ``[[stream, [(id, fields), ...]]]`` as entries."""
-    return [Entry(_text(eid), fields or {}) for _, batch in reply or () for eid, fields in batch]
+    return [Entry(text(eid), fields or {}) for _, batch in reply or () for eid, fields in batch]

@@ -16,6 +16,7 @@ from typing import Any
 
 from redis import Redis
 
+from common.connection import text
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.settings import Settings
 
@@ -26,8 +27,7 @@ TRIM_LIMIT = 10_000
 
 
 def _id(value: bytes | str) -> tuple[int, int]:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
+    ms, _, seq = text(value).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -38,7 +38,7 @@ def needed_floor(redis: Redis, stream: str, groups: Iterable[str] | None) -> tup
     if not redis.exists(stream):
         return None
     info: Any = redis.xinfo_groups(stream)
-    existing = {_text(g["name"]): g for g in info}
+    existing = {text(g["name"]): g for g in info}
     wanted = list(existing) if groups is None else list(groups)
     floors = []
     for name in wanted:
@@ -90,7 +90,7 @@ def forget_idle_consumers(redis: Redis, stream: str, group: str, idle_s: float =
     processes: a clean exit removes itself). A live one that is merely quiet loses nothing:
     its next read registers it again."""
     consumers: Any = redis.xinfo_consumers(stream, group)
-    gone = [_text(c["name"]) for c in consumers if not c["pending"] and c["idle"] > idle_s * 1000]
+    gone = [text(c["name"]) for c in consumers if not c["pending"] and c["idle"] > idle_s * 1000]
     for name in gone:
         redis.xgroup_delconsumer(stream, group, name)
     return len(gone)
@@ -110,9 +110,5 @@ def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
     for stream in (keys.items, keys.tiebreak, keys.ready, keys.judge, keys.output):
         if redis.exists(stream):
             for group in redis.xinfo_groups(stream):
-                forget_idle_consumers(redis, stream, _text(group["name"]))
+                forget_idle_consumers(redis, stream, text(group["name"]))
     return done
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value

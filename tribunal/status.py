@@ -41,7 +41,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from common import metrics
-from common.connection import connect
+from common.connection import connect, text
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.lifecycle import StopFlag
 from common.settings import Settings
@@ -82,15 +82,11 @@ def role_of(consumer: str) -> str:
     return consumer.partition("@")[0]
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def read_heartbeats(redis: Redis, keys: Keys) -> dict[str, float]:
     """Consumer name -> seconds since its loop last came round (the set forgets after 1 h)."""
     now = time.time()
     rows: Any = redis.zrange(keys.heartbeats, 0, -1, withscores=True)
-    return {_text(name): max(now - float(score), 0.0) for name, score in rows}
+    return {text(name): max(now - float(score), 0.0) for name, score in rows}
 
 
 def live_by_role(heartbeats: Mapping[str, float], ttl_s: float) -> dict[str, list[str]]:
@@ -122,7 +118,7 @@ def read_streams(
                 "exists": info is not None,
                 "length": int(info["length"]) if info else 0,
                 "entries_added": int(info.get("entries-added") or 0) if info else 0,
-                "last_id": _text(info["last-generated-id"]) if info else None,
+                "last_id": text(info["last-generated-id"]) if info else None,
                 "groups": [],
             }
         )
@@ -140,15 +136,15 @@ def read_streams(
         lag = row.get("lag")
         stream["groups"].append(
             {
-                "group": _text(row["name"]),
+                "group": text(row["name"]),
                 "exists": True,
                 "lag": None if lag is None else int(lag),
                 "pending": int(row["pending"]),
                 "entries_read": row.get("entries-read"),
-                "last_delivered_id": _text(row["last-delivered-id"]),
+                "last_delivered_id": text(row["last-delivered-id"]),
                 "consumers": [
                     {
-                        "name": _text(c["name"]),
+                        "name": text(c["name"]),
                         "pending": int(c["pending"]),
                         "idle_s": int(c["idle"]) / 1000,
                     }
@@ -216,7 +212,7 @@ def read_stats(redis: Redis, keys: Keys) -> list[StatSample]:
     raw: Any = redis.hgetall(keys.stats)
     samples = []
     for key, value in raw.items():
-        field, suffix = _text(key), ""
+        field, suffix = text(key), ""
         for tail in ("sum", "count"):
             if field.endswith("|" + tail):
                 field, suffix = field[: -len(tail) - 1], tail
@@ -235,7 +231,7 @@ def recent_outputs(redis: Redis, key: str) -> dict[str, Any]:
     capped = len(rows) >= THROUGHPUT_CAP
     span_s = float(THROUGHPUT_WINDOW_S)
     if capped:
-        oldest_ms = int(_text(rows[-1][0]).split("-")[0])
+        oldest_ms = int(text(rows[-1][0]).split("-")[0])
         span_s = max((now_ms - oldest_ms) / 1000, 0.001)
     return {
         "window_s": THROUGHPUT_WINDOW_S,
