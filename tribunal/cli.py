@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import redis
 import typer
@@ -19,6 +19,9 @@ from common.connection import EmbeddedRedis, connect, redact
 from common.keys import Keys
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # the consumers package is imported only by the commands that run one
+    from consumers.runtime import Runtime
 
 app = typer.Typer(
     help=(
@@ -101,7 +104,7 @@ def needs_redis(s: Settings) -> Settings:
     return s
 
 
-def runtime(s: Settings):  # type: ignore[no-untyped-def]
+def runtime(s: Settings) -> Runtime:
     from consumers.runtime import Runtime
 
     return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s).install())
