@@ -227,16 +227,10 @@ def paced_latencies(
     n = int(rate * seconds)
     batch = records(n, "paced")
     chunk = max(1, int(rate / 100))  # about 100 sends a second
-    producer = Producer(Redis.from_url(url), settings, chunk_size=chunk)
     out: list[dict[str, Any]] = []
     reader = threading.Thread(target=lambda: out.extend(drain_output(Redis.from_url(url), keys, n)))
     reader.start()
-    started = time.perf_counter()
-    for i in range(0, n, chunk):
-        producer.send(batch[i : i + chunk])
-        pause = started + (i + chunk) / rate - time.perf_counter()
-        if pause > 0:
-            time.sleep(pause)
+    Producer(Redis.from_url(url), settings, chunk_size=chunk).send(batch, rate=rate)
     reader.join()
     return [d["decided_at"] - d["produced_at"] for d in out]
 

@@ -34,14 +34,11 @@ RETENTION = "\nretention_s = 30\ndecided_ttl_s = 60\ntrim_every_s = 5\nmax_backl
 
 
 def produce_steadily(url: str, settings: Any, n: int, rate: float) -> None:
-    producer = Producer(Redis.from_url(url), settings, chunk_size=max(1, int(rate / 50)))
-    chunk = producer.chunk_size
-    started = time.monotonic()
-    for start in range(0, n, chunk):
-        producer.send(records(min(chunk, n - start), f"s{start}-"))
-        pause = started + (start + chunk) / rate - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
+    chunk = max(1, int(rate / 50))
+    lazily = (
+        r for start in range(0, n, chunk) for r in records(min(chunk, n - start), f"s{start}-")
+    )
+    Producer(Redis.from_url(url), settings, chunk_size=chunk).send(lazily, rate=rate)
 
 
 def read_output(url: str, keys: Keys, n: int, done: list[int]) -> None:

@@ -76,10 +76,19 @@ class Producer:
         self,
         records: Iterable[dict[str, Any]] | Iterable[Record],
         on_progress: Callable[[int], None] | None = None,
+        rate: float | None = None,
     ) -> ProduceReport:
-        """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs."""
+        """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs. With
+        ``rate``, at most that many items per second (a chunk at a time), for steady load."""
         report = ProduceReport()
         chunk: list[bytes] = []
+        started = time.monotonic()
+
+        def flush() -> None:
+            self._flush(chunk, report, on_progress)
+            if rate:
+                time.sleep(max(0.0, started + report.produced / rate - time.monotonic()))
+
         for where, record in _numbered(records):
             try:
                 if isinstance(record, InvalidItem):
@@ -89,8 +98,8 @@ class Producer:
                 report.invalid.append((where, str(exc)))
                 log.warning("%s: %s", where, exc)
             if len(chunk) >= self.chunk_size:
-                self._flush(chunk, report, on_progress)
-        self._flush(chunk, report, on_progress)
+                flush()
+        flush()
         return report
 
     def _flush(

@@ -518,3 +518,13 @@ def test_backlog_is_the_lag_of_the_slowest_group(
 
     redis.xgroup_create(keys.items, "worker:late", id="0")
     assert producer.backlog() == 11  # a group that has read nothing is the slowest
+
+
+def test_send_at_a_rate_spreads_the_records_over_time(redis: Redis, settings: Settings) -> None:
+    """Pacing, not speed: 20 records at 40/s cannot all be sent in under ~0.4 s."""
+    started = time.monotonic()
+    report = Producer(redis, settings, chunk_size=5).send(
+        [{"task": "sentiment", "text": f"t{n}"} for n in range(20)], rate=40
+    )
+    assert report.produced == 20
+    assert time.monotonic() - started >= 0.45

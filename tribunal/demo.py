@@ -173,13 +173,8 @@ def _produce(
     redis: Redis, settings: Settings, records: list[dict[str, Any]], rate: float | None
 ) -> None:
     """The sample (at ``rate`` items/s, or all at once), then the malformed entries."""
-    chunk = max(1, int(rate / 10)) if rate else len(records)
-    producer = Producer(redis, settings, chunk_size=chunk)
-    started = time.monotonic()
-    for start in range(0, len(records), chunk):
-        producer.send(records[start : start + chunk])
-        if rate:
-            time.sleep(max(0.0, started + (start + chunk) / rate - time.monotonic()))
+    chunk = max(1, int(rate / 10)) if rate else max(len(records), 1)
+    Producer(redis, settings, chunk_size=chunk).send(records, rate=rate)
     keys = Keys(settings.namespace)
     for fields in BAD_ENTRIES:
         redis.xadd(keys.items, fields)  # type: ignore[arg-type]
