@@ -20,6 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from common.decision import Scheme
 from common.tasks import BUILTIN_TASKS, TaskSpec
 
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
@@ -76,7 +77,24 @@ class Settings(BaseSettings):
 
     # Decision rule
     quorum: int | None = Field(default=None, ge=1, description="Default: majority of workers.")
-    confidence_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    confidence_threshold: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="Votes less confident than this do not count."
+    )
+    agreement: Scheme = Field(
+        default="majority",
+        description="majority: `quorum` votes for one label. weighted: summed confidence of "
+        "at least `min_weight`. unanimous: every worker votes for the same label.",
+    )
+    min_weight: float | None = Field(
+        default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
+    )
+    audit_fraction: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of worker-accepted items also sent to the judge as an audit: the "
+        "label stands, the judge's answer is recorded to measure agreement live.",
+    )
     vote_timeout_s: float = Field(default=30.0, gt=0)
     policy: Literal["parallel", "staged"] = Field(
         default="parallel",
@@ -104,6 +122,10 @@ class Settings(BaseSettings):
             raise ValueError(f"the fleet needs 1 to 9 workers, got {len(self.workers)}")
         if self.quorum is not None and self.quorum > len(self.workers):
             raise ValueError(f"quorum {self.quorum} exceeds the {len(self.workers)} workers")
+        if self.min_weight is not None and self.min_weight > len(self.workers):
+            raise ValueError(
+                f"min_weight {self.min_weight} exceeds the {len(self.workers)} workers"
+            )
         for name in self.workers:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"worker name {name!r}: use letters, digits, - and _")

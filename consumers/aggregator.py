@@ -34,8 +34,7 @@ ITEM_KEY = b"_item"
 class AggregatorHandler(Handler):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        s = rt.settings
-        self.rule = Rule(len(s.workers), s.effective_quorum, s.confidence_threshold)
+        self.rule = Rule.of(rt.settings)
         self._next_sweep = 0.0
         self._next_trim = 0.0
 

@@ -8,7 +8,6 @@ usable label leaves the entry pending; after ``max_deliveries`` it is dead-lette
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 
 import pydantic
@@ -16,9 +15,9 @@ import pydantic
 from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import JUDGE_GROUP
-from common.schemas import Decision, Escalation, Item, Vote
+from common.schemas import Decision, Escalation, Item
 from common.writes import Writes
-from consumers.backends import Backend, load_backend
+from consumers.backends import Backend, ask, load_backend
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -43,23 +42,18 @@ class JudgeHandler(Handler):
                 failures[entry.id] = f"unreadable escalation: {exc}"
         if not cases:
             return failures
-        started = time.perf_counter()
-        predictions = self.backend.classify([case.item for _, case in cases])
-        elapsed = time.perf_counter() - started
+        verdicts, elapsed = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)
         writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
-        latency_ms = elapsed * 1000 / len(cases)
-        for (entry, case), p in zip(cases, predictions, strict=True):
-            labels = self.tasks[case.item.task].labels
-            if p.label not in labels:
-                failures[entry.id] = f"judge gave no label in {labels}: {p.error or p.raw!r}"
+        for (entry, case), verdict in zip(cases, verdicts, strict=True):
+            if verdict.label is None:
+                labels = self.tasks[case.item.task].labels
+                failures[entry.id] = (
+                    f"judge gave no label in {labels}: {verdict.error or verdict.raw!r}"
+                )
                 continue
-            verdict = Vote(
-                worker=JUDGE_NAME,
-                label=p.label,
-                confidence=p.confidence,
-                latency_ms=round(latency_ms, 3),
+            decision = Decision.of(
+                case.item, verdict.label, "judge", case.reason, case.votes, verdict
             )
-            decision = Decision.of(case.item, p.label, "judge", case.reason, case.votes, verdict)
             self.rt.publish(writes, decision, escalated=True)
         return failures
 

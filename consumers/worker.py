@@ -9,17 +9,16 @@ item's vote hash and notifies the aggregator once enough votes are in.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from common import metrics
 from common.consumer import Entry, Handler, ensure_group
 from common.keys import worker_group
-from common.schemas import Item, Prediction, Vote, now
+from common.schemas import Item, Vote, now
 from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
 from common.writes import Writes
-from consumers.backends import Backend, load_backend
+from consumers.backends import Backend, ask, load_backend
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -58,17 +57,10 @@ class WorkerHandler(Handler):
             valid = self.unsettled(valid, writes)
         if not valid:
             return {}
-        started = time.perf_counter()
-        predictions = self.backend.classify([item for _, item in valid])
-        if len(predictions) != len(valid):
-            raise RuntimeError(
-                f"backend returned {len(predictions)} predictions for {len(valid)} items"
-            )
-        elapsed = time.perf_counter() - started
+        votes, elapsed = ask(self.backend, self.worker, [item for _, item in valid], self.tasks)
         writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
-        per_item_ms = elapsed * 1000 / len(valid)
-        for (entry, item), prediction in zip(valid, predictions, strict=True):
-            self.cast(writes, entry, item, self.vote(item, prediction, per_item_ms))
+        for (entry, item), vote in zip(valid, votes, strict=True):
+            self.cast(writes, entry, item, vote)
         return {}
 
     def unsettled(
@@ -80,20 +72,6 @@ class WorkerHandler(Handler):
         kept = [pair for pair, state in zip(valid, states, strict=True) if state is None]
         writes.incr(metrics.SKIPPED, {"worker": self.worker}, len(valid) - len(kept))
         return kept
-
-    def vote(self, item: Item, p: Prediction, latency_ms: float) -> Vote:
-        """Turn a prediction into a vote; a label outside the task's set is an abstention."""
-        label, error = p.label, p.error
-        if label is not None and label not in self.tasks[item.task].labels:
-            label, error = None, f"label {p.label!r} is not one of {self.tasks[item.task].labels}"
-        return Vote(
-            worker=self.worker,
-            label=label,
-            confidence=p.confidence if label is not None else None,
-            latency_ms=round(latency_ms, 3),
-            error=error,
-            raw=p.raw if label is None else None,
-        )
 
     def cast(self, writes: Writes, entry: Entry, item: Item, vote: Vote) -> None:
         deadline = now() + self.rt.settings.vote_timeout_s

@@ -28,7 +28,7 @@ def test_unanimous_vote_is_accepted() -> None:
 def test_three_way_split_escalates() -> None:
     outcome = decide(votes(("positive", 1), ("negative", 1), ("neutral", 1)), MAJORITY)
     assert outcome.kind == "escalate"
-    assert "no quorum of 2" in outcome.reason
+    assert "no agreement (majority 2/3)" in outcome.reason
 
 
 def test_split_with_a_vote_missing_waits_for_it() -> None:
@@ -102,3 +102,45 @@ def test_unanimity_rule_needs_every_vote() -> None:
     assert decide(votes(("positive", 1), ("positive", 1)), rule).kind == "wait"
     three = votes(("positive", 1), ("positive", 1), ("negative", 1))
     assert decide(three, rule).kind == "escalate"
+
+
+WEIGHTED = Rule(n_workers=3, quorum=2, scheme="weighted")
+
+
+def test_weighted_two_sure_votes_are_accepted() -> None:
+    outcome = decide(votes(("positive", 0.9), ("positive", 0.8)), WEIGHTED)
+    assert (outcome.kind, outcome.label) == ("accept", "positive")
+
+
+def test_weighted_two_unsure_votes_are_not_enough_once_all_are_in() -> None:
+    two_unsure = votes(("positive", 0.6), ("positive", 0.6), ("negative", 0.9))
+    assert decide(two_unsure, WEIGHTED).kind == "escalate"  # 1.2 < 1.5 needed
+
+
+def test_weighted_waits_while_the_missing_vote_could_still_carry_it() -> None:
+    assert decide(votes(("positive", 0.6), ("positive", 0.6)), WEIGHTED).kind == "wait"
+
+
+def test_weighted_three_lukewarm_votes_add_up() -> None:
+    outcome = decide(votes(("neutral", 0.55), ("neutral", 0.5), ("neutral", 0.5)), WEIGHTED)
+    assert (outcome.kind, outcome.label) == ("accept", "neutral")
+
+
+def test_weighted_min_weight_is_configurable() -> None:
+    rule = Rule(n_workers=3, quorum=2, scheme="weighted", min_weight=2.5)
+    assert decide(votes(("a", 0.9), ("a", 0.9), ("a", 0.6)), rule).kind == "escalate"
+    assert decide(votes(("a", 0.9), ("a", 0.9), ("a", 0.8)), rule).label == "a"
+
+
+def test_unanimous_needs_every_worker() -> None:
+    rule = Rule(n_workers=3, quorum=2, scheme="unanimous")
+    assert decide(votes(("a", 1), ("a", 1)), rule).kind == "wait"
+    assert decide(votes(("a", 1), ("a", 1), ("b", 1)), rule).kind == "escalate"
+    assert decide(votes(("a", 1), ("a", 1), (None, None)), rule).kind == "escalate"
+    assert decide(votes(("a", 1), ("a", 1), ("a", 1)), rule).label == "a"
+
+
+def test_rule_describes_itself() -> None:
+    assert MAJORITY.describe() == "majority 2/3"
+    assert Rule(3, 2, 0.8).describe() == "majority 2/3, confidence >= 0.8"
+    assert WEIGHTED.describe() == "weighted >= 1.5"

@@ -8,10 +8,11 @@ heavy engines (vLLM) are optional.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-from common.schemas import Item, Prediction
+from common.schemas import Item, Prediction, Vote
 from common.tasks import TaskSpec
 
 
@@ -52,3 +53,39 @@ def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, Task
 
 def unsupported(backend: str, item: Item) -> Prediction:
     return Prediction(label=None, error=f"backend {backend} does not handle task {item.task!r}")
+
+
+def ask(
+    backend: Backend, name: str, items: Sequence[Item], tasks: Mapping[str, TaskSpec]
+) -> tuple[list[Vote], float]:
+    """One batch call, timed; each prediction becomes a vote signed ``name``. A label outside
+    the task's set is an abstention with the reason, never a label. Returns (votes, seconds)."""
+    started = time.perf_counter()
+    predictions = backend.classify(items)
+    elapsed = time.perf_counter() - started
+    if len(predictions) != len(items):
+        raise RuntimeError(
+            f"backend returned {len(predictions)} predictions for {len(items)} items"
+        )
+    latency_ms = round(elapsed * 1000 / max(len(items), 1), 3)
+    votes = [
+        _vote(name, item, p, latency_ms, tasks) for item, p in zip(items, predictions, strict=True)
+    ]
+    return votes, elapsed
+
+
+def _vote(
+    name: str, item: Item, p: Prediction, latency_ms: float, tasks: Mapping[str, TaskSpec]
+) -> Vote:
+    label, error = p.label, p.error
+    labels = tasks[item.task].labels
+    if label is not None and label not in labels:
+        label, error = None, f"label {p.label!r} is not one of {labels}"
+    return Vote(
+        worker=name,
+        label=label,
+        confidence=p.confidence if label is not None else None,
+        latency_ms=latency_ms,
+        error=error,
+        raw=p.raw if label is None else None,
+    )
