@@ -50,6 +50,11 @@ class Keys:
         return f"{self.prefix}:output"
 
     @property
+    def audits(self) -> str:
+        """The judge's answers on a sample of worker-accepted items (``audit_fraction``)."""
+        return f"{self.prefix}:audits"
+
+    @property
     def rejects(self) -> str:
         """Items refused for bad input, with the reason."""
         return f"{self.prefix}:rejects"

@@ -105,7 +105,7 @@ def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
         done += trim(redis, keys.tiebreak, [worker_group(name) for name in backups], None)
     done += trim(redis, keys.ready, [AGGREGATOR_GROUP], None)
     done += trim(redis, keys.judge, [JUDGE_GROUP], None)
-    for stream in keys.final_streams:
+    for stream in (*keys.final_streams, keys.audits):
         done += trim(redis, stream, None, settings.retention_s)
     for stream in (keys.items, keys.tiebreak, keys.ready, keys.judge, keys.output):
         if redis.exists(stream):

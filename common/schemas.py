@@ -134,9 +134,28 @@ class DeadLetter(Record):
 
 
 class Escalation(Record):
-    """An item the workers could not settle, on its way to the judge with their votes."""
+    """An item the workers could not settle, on its way to the judge with their votes.
+
+    With ``accepted`` set it is an audit instead: the workers settled the item on that
+    label, which stands; the judge's answer is only recorded (an ``Audit``).
+    """
 
     item: Item
     votes: list[Vote]
     reason: str
     escalated_at: float
+    accepted: str | None = None
+
+
+class Audit(Record):
+    """The judge's answer on an item the workers settled: a live, unbiased sample of how
+    often accepted labels disagree with the judge."""
+
+    id: str
+    task: str
+    accepted: str
+    judge: Vote
+    agree: bool
+    votes: list[Vote]
+    gold: str | None = None
+    audited_at: float

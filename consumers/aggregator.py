@@ -9,6 +9,7 @@ replicas, re-deliveries and the sweep can race safely.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -92,6 +93,15 @@ class AggregatorHandler(Handler):
             if outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
                 self.rt.publish(writes, decision, escalated=False)
+                if audited(item.id, self.rt.settings.audit_fraction):
+                    audit = Escalation(
+                        item=item,
+                        votes=votes,
+                        reason="audit",
+                        escalated_at=now(),
+                        accepted=outcome.label,
+                    )
+                    writes.pipe.xadd(keys.judge, {"id": item.id, ITEM_FIELD: audit.dump()})
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
@@ -106,6 +116,15 @@ class AggregatorHandler(Handler):
         backups = self.rt.settings.backup_workers
         voters = {v.worker for v in votes}
         return bool(backups) and not voters & set(backups) and len(voters) >= self.rule.quorum
+
+
+def audited(item_id: str, fraction: float) -> bool:
+    """Whether an accepted item is also sent to the judge: a stable hash of its id, so a
+    re-delivery or another replica picks the same items, unrelated to their content."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b(item_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < fraction * 2**64
 
 
 def _ids(entry: Entry) -> list[str]:

@@ -15,7 +15,8 @@ import pydantic
 from common import metrics
 from common.consumer import Entry, Handler
 from common.keys import JUDGE_GROUP
-from common.schemas import Decision, Escalation, Item
+from common.schemas import Audit, Decision, Escalation, Item, Vote, now
+from common.validation import ITEM_FIELD
 from common.writes import Writes
 from consumers.backends import Backend, ask, load_backend
 from consumers.runtime import Runtime
@@ -45,6 +46,9 @@ class JudgeHandler(Handler):
         verdicts, elapsed = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)
         writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
         for (entry, case), verdict in zip(cases, verdicts, strict=True):
+            if case.accepted is not None and verdict.label is not None:
+                self.record_audit(writes, case, verdict)
+                continue
             if verdict.label is None:
                 labels = self.tasks[case.item.task].labels
                 failures[entry.id] = (
@@ -57,13 +61,38 @@ class JudgeHandler(Handler):
             self.rt.publish(writes, decision, escalated=True)
         return failures
 
+    def record_audit(self, writes: Writes, case: Escalation, verdict: Vote) -> None:
+        """The label stands; the judge's answer on it is kept and counted."""
+        item = case.item
+        agree = verdict.label == case.accepted
+        audit = Audit(
+            id=item.id,
+            task=item.task,
+            accepted=case.accepted or "",
+            judge=verdict,
+            agree=agree,
+            votes=case.votes,
+            gold=item.gold,
+            audited_at=now(),
+        )
+        writes.pipe.xadd(self.rt.keys.audits, {"id": item.id, ITEM_FIELD: audit.dump()})
+        outcome = "agree" if agree else "disagree"
+        writes.incr(metrics.AUDITS, {"task": item.task, "outcome": outcome})
+
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         item: Item | None
         try:
-            item = Escalation.model_validate_json(entry.fields[b"d"]).item
-            item_id = item.id
+            case = Escalation.model_validate_json(entry.fields[b"d"])
+            item, item_id = case.item, case.item.id
         except (KeyError, pydantic.ValidationError):  # written by hand: not a real escalation
-            item, item_id = None, f"entry-{entry.id}"
+            case, item, item_id = None, None, f"entry-{entry.id}"
+        if case is not None and case.accepted is not None:
+            # An audit only: the item already has its final label, so nothing is dead.
+            log.warning(
+                "audit of %s dropped after %d deliveries: %s", item_id, entry.deliveries, error
+            )
+            writes.incr(metrics.AUDITS, {"task": case.item.task, "outcome": "failed"})
+            return True
         keys = self.rt.keys
         escalated = item is not None
         self.rt.dead_letter(writes, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated)

@@ -62,6 +62,11 @@ KNOWN: dict[str, tuple[str, str]] = {
     metrics.DECISIONS: ("counter", "Items settled with a final label, by source (workers, judge)."),
     metrics.ESCALATIONS: ("counter", "Items the workers could not settle, sent to the judge."),
     metrics.REJECTS: ("counter", "Items refused for bad input."),
+    metrics.AUDITS: (
+        "counter",
+        "Worker-accepted items the judge also answered (audit_fraction), by task and outcome: "
+        "agree, disagree, failed.",
+    ),
     metrics.DEAD_LETTERS: ("counter", "Entries given up on after max_deliveries, by group."),
     metrics.RETRIES: ("counter", "Entries left pending after a failure (retried), by group."),
     metrics.RECLAIMED: ("counter", "Entries taken over from an idle consumer, by group."),

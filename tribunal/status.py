@@ -264,6 +264,12 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
             by_label = votes.setdefault(s.labels.get("worker", "?"), {})
             by_label[s.labels.get("label", "?")] = int(s.value)
     total = sum(decisions.values())
+    audits: dict[str, int] = dict.fromkeys(("agree", "disagree", "failed"), 0)
+    for s in stats:
+        if s.name == metrics.AUDITS:
+            outcome = s.labels.get("outcome", "?")
+            audits[outcome] = audits.get(outcome, 0) + int(s.value)
+    judged = audits["agree"] + audits["disagree"]
     live = live_by_role(beats, ttl)
     by_name = {s["stream"]: s for s in streams}
     return {
@@ -276,6 +282,8 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         "escalations": escalations,
         "judge_call_rate": _ratio(escalations, total),
         "agreement_rate": _ratio(decisions.get("workers", 0), total),
+        "audits": audits,
+        "audit_disagreement": _ratio(audits["disagree"], judged),
         "rejects": by_name["rejects"]["entries_added"],
         "dead_letters": by_name["dead"]["entries_added"],
         "votes": votes,
@@ -287,6 +295,18 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
 
 def _percent(rate: float | None) -> str:
     return "-" if rate is None else f"{rate:.0%}"
+
+
+def _audit_cell(snap: Snapshot) -> str:
+    audits = snap["audits"]
+    judged = audits["agree"] + audits["disagree"]
+    if not judged and not audits["failed"]:
+        return "none (set audit_fraction to sample accepted labels for the judge)"
+    failed = f", {audits['failed']} failed" if audits["failed"] else ""
+    return (
+        f"{judged} judged, {_percent(snap['audit_disagreement'])} disagree with the "
+        f"accepted label{failed}"
+    )
 
 
 def _consumers_cell(group: dict[str, Any], shown: int = 3) -> str:
@@ -335,6 +355,7 @@ def render(snap: Snapshot) -> RenderableType:
         ),
         ("judge-call rate", f"{_percent(snap['judge_call_rate'])} ({snap['escalations']} sent)"),
         ("worker agreement", _percent(snap["agreement_rate"])),
+        ("audits", _audit_cell(snap)),
         ("rejects / dead letters", f"{snap['rejects']} / {snap['dead_letters']}"),
         ("live consumers", ", ".join(f"{r} {n}" for r, n in snap["live_consumers"].items())),
     ]

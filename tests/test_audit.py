@@ -1,0 +1,75 @@
+"""Audit sampling: a share of worker-accepted items also goes to the judge; the label stands."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from test_consumers import WORKERS, Fleet, agree, produce
+
+from common.keys import JUDGE_GROUP
+from common.settings import ModelSpec
+from consumers.aggregator import audited
+from tribunal.status import snapshot
+
+
+def audit_fleet(make_settings: Any, fraction: float) -> Fleet:
+    workers = {name: ModelSpec(backend="simulated") for name in WORKERS}
+    return Fleet(make_settings(workers=workers, block_ms=20, audit_fraction=fraction))
+
+
+def test_every_accepted_item_is_audited_at_fraction_one(make_settings: Any) -> None:
+    fleet = audit_fleet(make_settings, 1.0)
+    settings = fleet.rt.settings
+    judge_says = [{"judge": "positive"}, {"judge": "negative"}, {"judge": "positive"}]
+    produce(settings, *({**agree("positive"), **j} for j in judge_says))
+    fleet.step()
+    outputs = fleet.outputs()
+    assert [(o["label"], o["source"]) for o in outputs] == [("positive", "workers")] * 3
+    audits = [orjson.loads(f[b"d"]) for _, f in fleet.rt.redis.xrange(fleet.rt.keys.audits)]
+    assert sorted((a["id"], a["accepted"], a["judge"]["label"], a["agree"]) for a in audits) == [
+        ("i0", "positive", "positive", True),
+        ("i1", "positive", "negative", False),
+        ("i2", "positive", "positive", True),
+    ]
+    assert len(audits[0]["votes"]) >= 2  # the votes behind the accepted label travel along
+    snap = snapshot(fleet.rt.redis, settings)
+    assert snap["audits"] == {"agree": 2, "disagree": 1, "failed": 0}
+    assert snap["audit_disagreement"] == round(1 / 3, 4)
+
+
+def test_no_audits_by_default(make_settings: Any) -> None:
+    fleet = audit_fleet(make_settings, 0.0)
+    produce(fleet.rt.settings, agree("positive"))
+    fleet.step()
+    assert fleet.rt.redis.xlen(fleet.rt.keys.audits) == 0
+    assert fleet.judge_backend.calls == 0
+
+
+def test_a_judge_that_cannot_answer_an_audit_drops_it_without_a_dead_letter(
+    make_settings: Any,
+) -> None:
+    workers = {name: ModelSpec(backend="simulated") for name in WORKERS}
+    settings = make_settings(
+        workers=workers, block_ms=20, audit_fraction=1.0, reclaim_idle_s=0.01, max_deliveries=2
+    )
+    fleet = Fleet(settings)
+    produce(settings, agree("neutral"))  # no answer scripted for the judge: it gives no label
+    fleet.step()
+    for _ in range(3):  # re-deliveries 2 and 3; the third exceeds max_deliveries
+        time.sleep(0.05)
+        fleet.judge.reclaim()
+    assert [o["label"] for o in fleet.outputs()] == ["neutral"]
+    assert fleet.rt.redis.xlen(fleet.rt.keys.dead) == 0
+    assert fleet.rt.redis.xpending(fleet.rt.keys.judge, JUDGE_GROUP)["pending"] == 0
+    assert snapshot(fleet.rt.redis, settings)["audits"]["failed"] == 1
+
+
+def test_audit_sample_is_stable_and_close_to_the_fraction() -> None:
+    ids = [f"ticket-{n}" for n in range(20_000)]
+    picked = [i for i in ids if audited(i, 0.1)]
+    assert 0.09 < len(picked) / len(ids) < 0.11
+    assert picked == [i for i in ids if audited(i, 0.1)]
+    assert not any(audited(i, 0.0) for i in ids)
+    assert all(audited(i, 1.0) for i in ids)
