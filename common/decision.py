@@ -77,7 +77,7 @@ class Rule:
             text = f"weighted >= {self.needed:g}"
         else:
             text = f"{self.scheme} {self.needed:g}/{self.n_workers}"
-        return text if self.threshold is None else f"{text}, confidence >= {self.threshold:g}"
+        return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
 
 
 @dataclass(frozen=True)

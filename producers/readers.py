@@ -102,3 +102,20 @@ def detect_format(path: str, explicit: str | None) -> str:
 
 def open_binary(path: str) -> IO[bytes]:
     return sys.stdin.buffer if path == "-" else open(path, "rb")
+
+
+def records_of(
+    source: str,
+    fmt: str | None = None,
+    columns: CsvColumns | None = None,
+    follow: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> Iterator[Record]:
+    """The records of a JSONL or CSV file (``-``: stdin), each with where it came from.
+    Raises ``OSError`` when the file cannot be opened."""
+    stream = open_binary(source)
+    name = "stdin" if source == "-" else source
+    lines = lines_of(stream, follow, stop)
+    if detect_format(source, fmt) == "csv":
+        return csv_records(lines, name, columns or CsvColumns())
+    return jsonl_records(lines, name)

@@ -142,5 +142,5 @@ def test_unanimous_needs_every_worker() -> None:
 
 def test_rule_describes_itself() -> None:
     assert MAJORITY.describe() == "majority 2/3"
-    assert Rule(3, 2, 0.8).describe() == "majority 2/3, confidence >= 0.8"
+    assert Rule(3, 2, 0.8).describe() == "majority 2/3, conf >= 0.8"
     assert WEIGHTED.describe() == "weighted >= 1.5"

@@ -94,39 +94,59 @@ class DemoOptions:
     stall_s: float = 120.0
 
 
-def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:
-    """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
-    workdir = Path(tempfile.mkdtemp(prefix="tribunal-demo-"))
+@dataclass
+class FleetSession:
+    settings: Settings  # with the URL and namespace the fleet really uses
+    fleet: Fleet
+    workdir: Path
+    keep: bool = False  # keep the logs and data (set when something went wrong)
+
+
+@contextmanager
+def running_fleet(settings: Settings, console: Console, title: str) -> Iterator[FleetSession]:
+    """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
+    that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set."""
+    workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
     embedded = (
         None
         if settings.redis_url
         else EmbeddedRedis(workdir / "valkey", appendfsync=settings.embedded_appendfsync).start()
     )
     url = settings.redis_url or embedded.url  # type: ignore[union-attr]
-    namespace = f"demo{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
+    namespace = f"run{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
     console.print(
-        f"[bold]tribunal demo[/]: task [cyan]{options.task}[/], Redis {redact(url)}"
+        f"[bold]{title}[/], Redis {redact(url)}"
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        fleet = Fleet(settings, url, log_to=logs)
+        session = FleetSession(settings, Fleet(settings, url, log_to=logs), workdir)
+        children = session.fleet.children
         console.print(
-            f"starting {len(fleet.children)} processes "
-            f"({', '.join(c.role for c in fleet.children)}); logs in {logs.name} (kept only "
-            "if something goes wrong)"
+            f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "
+            f"logs in {logs.name} (kept only if something goes wrong)"
         )
-        fleet.start()
+        session.fleet.start()
         try:
-            ok = _drive(settings, options, console, fleet)
+            yield session
+        except BaseException:
+            session.keep = True
+            raise
         finally:
-            fleet.stop()
+            session.fleet.stop()
             if embedded is not None:
                 embedded.stop()
-    if ok:
-        shutil.rmtree(workdir, ignore_errors=True)
-    else:
+    if session.keep:
         console.print(f"the fleet's logs and data are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:
+    """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
+    with running_fleet(settings, console, f"tribunal demo: task {options.task}") as session:
+        ok = _drive(session.settings, options, console, session.fleet)
+        session.keep = not ok
     return ok
 
 

@@ -1,0 +1,246 @@
+"""``tribunal evaluate``: run a labeled file through the models and score what the rule trades.
+
+Two ways to collect the answers:
+
+- ``offline``: every worker model and the judge answer every item, in this process,
+  batch by batch. Nothing is skipped, so every agreement scheme and threshold can be
+  compared on the same answers; the timings are the models' own.
+- ``fleet``: the items go through the real pipeline (Redis streams, one process per
+  model) with ``audit_fraction = 1``, so the judge also answers every item the workers
+  settled. This measures the deployment as configured; the votes are those present when
+  each item was decided (a worker may not have voted yet), so the scheme comparison is
+  exact only offline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from common.connection import connect
+from common.decision import Rule
+from common.keys import Keys
+from common.schemas import Item
+from common.settings import Settings
+from common.validation import InvalidItem, validate_item
+from consumers.backends import ask, load_backend
+from consumers.judge import JUDGE_NAME
+from producers.api import Producer, Record
+from producers.readers import records_of
+from tribunal.scoring import Observation, evaluate_task
+
+Progressed = Callable[[int], None]
+
+
+@dataclass
+class Collected:
+    """The answers of a run, plus what could not be scored and why."""
+
+    mode: str
+    observations: list[Observation] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (where or id, reason)
+    seconds: float = 0.0
+
+
+def load_items(records: Iterable[Record], settings: Settings) -> tuple[list[Item], list[Any]]:
+    """Validate records as the producer would; ids are required to match answers to items."""
+    items: list[Item] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for where, record in records:
+        try:
+            if isinstance(record, InvalidItem):
+                raise record
+            item = validate_item(record, settings)
+        except InvalidItem as exc:
+            skipped.append((where, str(exc)))
+            continue
+        if item.id in seen:
+            skipped.append((where, f"duplicate id {item.id!r}"))
+            continue
+        seen.add(item.id)
+        items.append(item)
+    return items, skipped
+
+
+def completed(records: Iterable[Record], default_task: str | None) -> Iterable[Record]:
+    """Records without an id get their row number (answers are matched to items by id),
+    and without a task the default one."""
+    for n, (where, record) in enumerate(records, 1):
+        if isinstance(record, dict):
+            record = {"id": f"row-{n}", **({"task": default_task} if default_task else {})} | {
+                k: v for k, v in record.items() if v is not None
+            }
+        yield where, record
+
+
+def collect_offline(
+    items: Sequence[Item], settings: Settings, on_progress: Progressed = lambda n: None
+) -> Collected:
+    """Every worker and the judge on every item, in batches of ``batch_size``."""
+    tasks = settings.all_tasks
+    models = {name: spec for name, spec in settings.workers.items()}
+    models[JUDGE_NAME] = settings.judge
+    answers: dict[str, dict[str, Any]] = {item.id: {} for item in items}
+    started = time.perf_counter()
+    for name, spec in models.items():
+        backend = load_backend(spec.backend, spec.options, tasks)
+        for start in range(0, len(items), settings.batch_size):
+            batch = items[start : start + settings.batch_size]
+            votes, _ = ask(backend, name, batch, tasks)
+            for item, vote in zip(batch, votes, strict=True):
+                answers[item.id][name] = vote
+            on_progress(len(batch))
+    run = Collected("offline", seconds=time.perf_counter() - started)
+    for item in items:
+        judge = answers[item.id].pop(JUDGE_NAME)
+        run.observations.append(
+            Observation(
+                id=item.id,
+                task=item.task,
+                gold=item.gold,
+                votes=list(answers[item.id].values()),
+                judge=judge,
+            )
+        )
+    return run
+
+
+def collect_fleet(
+    items: Sequence[Item],
+    settings: Settings,
+    console: Console,
+    on_progress: Progressed = lambda n: None,
+    stall_s: float = 120.0,
+) -> Collected:
+    """The items through the real pipeline, every accepted label audited by the judge."""
+    from tribunal.demo import running_fleet, wait_until_live
+
+    audited = settings.model_copy(update={"audit_fraction": 1.0})
+    with running_fleet(audited, console, "tribunal evaluate through the fleet") as session:
+        redis = connect(session.settings)
+        wait_until_live(redis, session.settings, session.fleet, console)
+        started = time.perf_counter()
+        Producer(redis, session.settings).send([item.model_dump() for item in items])
+        keys = Keys(session.settings.namespace)
+        ended, audits, last, seen = {}, {}, time.monotonic(), 0
+        wanted = {item.id for item in items}
+        while True:
+            session.fleet.supervise()
+            ended = _read(redis, (keys.output, keys.rejects, keys.dead))
+            audits = _read(redis, (keys.audits,))
+            accepted = [d for d in ended.values() if d.get("source") == "workers"]
+            done = len(ended) + len([d for d in accepted if d["id"] in audits]) - len(accepted)
+            if done > seen:
+                on_progress(done - seen)
+                seen, last = done, time.monotonic()
+            if wanted <= ended.keys() and all(d["id"] in audits for d in accepted):
+                break
+            if time.monotonic() - last > stall_s:
+                session.keep = True
+                raise RuntimeError(f"no progress for {stall_s:.0f}s: {len(ended)} ended")
+            time.sleep(0.1)
+    run = Collected("fleet", seconds=time.perf_counter() - started)
+    for item_id, record in ended.items():
+        if "label" not in record or "source" not in record:
+            run.skipped.append((item_id, record.get("reason") or record.get("error") or "?"))
+            continue
+        judge = record["judge"] if record["source"] == "judge" else audits[item_id]["judge"]
+        try:
+            run.observations.append(Observation.model_validate({**record, "judge": judge}))
+        except ValidationError as exc:
+            run.skipped.append((item_id, f"unreadable record: {exc.error_count()} errors"))
+    return run
+
+
+def _read(redis: Any, streams: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """id -> record of everything in these streams (the first record of an id wins)."""
+    out: dict[str, dict[str, Any]] = {}
+    for stream in streams:
+        for _, fields in redis.xrange(stream):
+            record = orjson.loads(fields[b"d"])
+            out.setdefault(str(record.get("id")), record)
+    return out
+
+
+def report(run: Collected, settings: Settings, source: str) -> dict[str, Any]:
+    """The JSON report: one section per task, plus how the answers were collected."""
+    rule = Rule.of(settings)
+    by_task: dict[str, list[Observation]] = {}
+    for o in run.observations:
+        by_task.setdefault(o.task, []).append(o)
+    return {
+        "source": source,
+        "mode": run.mode,
+        "seconds": round(run.seconds, 3),
+        "fleet": {
+            "workers": {name: spec.backend for name, spec in settings.workers.items()},
+            "judge": settings.judge.backend,
+            "rule": rule.describe(),
+            "policy": settings.policy,
+        },
+        "skipped": [{"where": w, "reason": r} for w, r in run.skipped],
+        "tasks": {
+            task: evaluate_task(obs, rule, settings.all_tasks[task].labels)
+            for task, obs in sorted(by_task.items())
+        },
+        "observations": [o.model_dump(exclude_none=True) for o in run.observations],
+    }
+
+
+def run_evaluate(
+    settings: Settings,
+    source: str,
+    out_dir: Path,
+    offline: bool = False,
+    fmt: str | None = None,
+    default_task: str | None = None,
+    console: Console | None = None,
+) -> int:
+    """The command: collect, score, print the summary, write JSON and HTML. Exit code."""
+    from tribunal.report import print_evaluation, wide_console
+    from tribunal.report_html import render_html
+
+    console = console or wide_console()
+    try:
+        items, skipped = load_items(completed(records_of(source, fmt), default_task), settings)
+    except OSError as exc:
+        console.print(f"[red]error:[/] cannot read {escape(source)}: {exc.strerror}")
+        return 2
+    if not items:
+        console.print(f"[red]error:[/] no usable record in {escape(source)}")
+        for where, reason in skipped[:10]:
+            console.print(f"  {escape(where)}: {escape(reason)}")
+        return 2
+    columns = (TextColumn("asking the models"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        total = len(items) * (len(settings.workers) + 1) if offline else len(items)
+        job = bar.add_task("evaluate", total=total)
+
+        def advance(n: int) -> None:
+            bar.advance(job, n)
+
+        if offline:
+            run = collect_offline(items, settings, advance)
+        else:
+            run = collect_fleet(items, settings, console, advance)
+    run.skipped[:0] = skipped
+    result = report(run, settings, source)
+    print_evaluation(console, result)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out_dir / "evaluation.json", out_dir / "evaluation.html"
+    json_path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    html_path.write_text(render_html(result), encoding="utf-8")
+    console.print(
+        f"wrote {json_path} and {html_path}; tune the rule with: tribunal calibrate {json_path}"
+    )
+    return 0

@@ -1,0 +1,227 @@
+"""Scores of a labeled run: how good each model is, and what each agreement rule trades.
+
+Pure functions over ``Observation``s (every model's answer on one item), so the
+same numbers come out whether the answers were collected offline, from a fleet
+run, or from live audits. The rule applied is ``common.decision`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
+from itertools import combinations
+from typing import Any
+
+from pydantic import BaseModel
+
+from common.decision import SCHEMES, Rule, decide
+from common.schemas import Vote
+
+THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+class Observation(BaseModel):
+    """One labeled item and every answer collected for it."""
+
+    id: str
+    task: str
+    gold: str | None = None
+    votes: list[Vote]
+    judge: Vote | None = None  # the judge's answer, asked for every item under evaluation
+
+
+@dataclass(frozen=True)
+class RuleScore:
+    """What one agreement rule does on the observations."""
+
+    rule: str
+    scheme: str
+    quorum: int
+    threshold: float | None
+    accepted: int
+    acceptance: float  # share settled by the workers
+    judge_calls: float  # share sent to the judge
+    judge_agreement: float | None  # accepted labels equal to the judge's answer
+    judge_agreement_low: float | None  # 95% Wilson lower bound of it
+    accuracy: float | None  # final labels vs gold
+    accepted_accuracy: float | None
+    judged_accuracy: float | None
+    speedup: float | None  # judge-only model-seconds / cascade model-seconds
+
+
+def fraction(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+def wilson_low(hits: int, total: int, z: float = 1.96) -> float | None:
+    """Lower end of the 95% interval of a proportion: honest about small samples."""
+    if not total:
+        return None
+    p = hits / total
+    centre = p + z * z / (2 * total)
+    margin = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
+    return (centre - margin) / (1 + z * z / total)
+
+
+def seconds_per_item(votes: Iterable[Vote | None]) -> float | None:
+    latencies = [v.latency_ms / 1000 for v in votes if v is not None]
+    return statistics.fmean(latencies) if latencies else None
+
+
+def worker_names(observations: Sequence[Observation]) -> list[str]:
+    return sorted({v.worker for o in observations for v in o.votes})
+
+
+def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
+    """Apply ``rule`` to every item as if all its votes were in; the judge decides the rest."""
+    accepted = audited = agree = right = accepted_right = judged = judged_right = 0
+    with_gold = accepted_gold = judged_gold = 0
+    for o in observations:
+        outcome = decide(o.votes, rule, final=True)
+        label = outcome.label if outcome.kind == "accept" else (o.judge.label if o.judge else None)
+        if outcome.kind == "accept":
+            accepted += 1
+            if o.judge is not None:
+                audited += 1
+                agree += o.judge.label == label
+        else:
+            judged += 1
+        if o.gold is not None:
+            with_gold += 1
+            right += label == o.gold
+            if outcome.kind == "accept":
+                accepted_gold += 1
+                accepted_right += label == o.gold
+            else:
+                judged_gold += 1
+                judged_right += label == o.gold
+    n = len(observations)
+    return RuleScore(
+        rule=rule.describe(),
+        scheme=rule.scheme,
+        quorum=rule.quorum,
+        threshold=rule.threshold,
+        accepted=accepted,
+        acceptance=accepted / n if n else 0.0,
+        judge_calls=judged / n if n else 0.0,
+        judge_agreement=fraction(agree, audited),
+        judge_agreement_low=wilson_low(agree, audited),
+        accuracy=fraction(right, with_gold),
+        accepted_accuracy=fraction(accepted_right, accepted_gold),
+        judged_accuracy=fraction(judged_right, judged_gold),
+        speedup=_speedup(observations, judged),
+    )
+
+
+def _speedup(observations: Sequence[Observation], judge_calls: int) -> float | None:
+    """Model-seconds of judge-only over the cascade's: every worker on every item plus the
+    judge on the items it had to decide (the parallel policy; staged spends less)."""
+    judge_s = seconds_per_item(o.judge for o in observations)
+    if not judge_s:
+        return None
+    workers_s = sum(
+        seconds_per_item(v for o in observations for v in o.votes if v.worker == w) or 0.0
+        for w in worker_names(observations)
+    )
+    n = len(observations)
+    cascade = workers_s * n + judge_s * judge_calls
+    return judge_s * n / cascade if cascade else None
+
+
+def candidate_rules(n_workers: int) -> list[Rule]:
+    """Every scheme, every quorum from a majority up, every threshold of the sweep (a quorum
+    of every worker is the unanimous scheme)."""
+    majority = n_workers // 2 + 1
+    rules: list[Rule] = []
+    for scheme in SCHEMES:
+        quorums = (
+            range(majority, max(n_workers, majority + 1)) if scheme == "majority" else [majority]
+        )
+        for quorum in quorums:
+            rules += [Rule(n_workers, quorum, t, scheme) for t in THRESHOLDS]
+    return rules
+
+
+def model_table(observations: Sequence[Observation]) -> dict[str, dict[str, Any]]:
+    """Per model: accuracy vs gold, agreement with the judge, abstentions, seconds per item."""
+    table: dict[str, dict[str, Any]] = {}
+    for name in worker_names(observations):
+        pairs = [(o, v) for o in observations for v in o.votes if v.worker == name]
+        table[name] = _model_row(pairs, judge=True)
+    table["judge"] = _model_row([(o, o.judge) for o in observations if o.judge], judge=False)
+    return table
+
+
+def _model_row(pairs: Sequence[tuple[Observation, Vote]], judge: bool) -> dict[str, Any]:
+    gold = [(o.gold, v.label) for o, v in pairs if o.gold is not None]
+    both = [(o.judge.label, v.label) for o, v in pairs if judge and o.judge and o.judge.label]
+    return {
+        "items": len(pairs),
+        "abstained": sum(1 for _, v in pairs if v.label is None),
+        "accuracy": fraction(sum(g == lb for g, lb in gold), len(gold)),
+        "judge_agreement": fraction(sum(j == lb for j, lb in both), len(both)) if judge else None,
+        "seconds_per_item": seconds_per_item(v for _, v in pairs),
+    }
+
+
+def pairwise(observations: Sequence[Observation]) -> dict[str, float | None]:
+    """How often two workers give the same label, over items both labeled."""
+    out: dict[str, float | None] = {}
+    for a, b in combinations(worker_names(observations), 2):
+        same = total = 0
+        for o in observations:
+            labels = {v.worker: v.label for v in o.votes}
+            if labels.get(a) is not None and labels.get(b) is not None:
+                total += 1
+                same += labels[a] == labels[b]
+        out[f"{a} / {b}"] = fraction(same, total)
+    return out
+
+
+def confusion(
+    observations: Sequence[Observation], rule: Rule, labels: Sequence[str]
+) -> dict[str, Any]:
+    """Final label (rows: gold, or the judge where no gold) against the cascade's label."""
+    axis = [*labels, "none"]
+    matrix = [[0] * len(axis) for _ in axis]
+    position = {label: i for i, label in enumerate(labels)}
+    none = len(labels)
+    reference = "gold" if any(o.gold for o in observations) else "judge"
+    for o in observations:
+        truth = o.gold if reference == "gold" else (o.judge.label if o.judge else None)
+        outcome = decide(o.votes, rule, final=True)
+        label = outcome.label if outcome.kind == "accept" else (o.judge.label if o.judge else None)
+        matrix[position.get(truth or "", none)][position.get(label or "", none)] += 1
+    if not any(matrix[none]) and not any(row[none] for row in matrix):
+        axis, matrix = axis[:none], [row[:none] for row in matrix[:none]]
+    return {"reference": reference, "labels": axis, "matrix": matrix}
+
+
+def evaluate_task(
+    observations: Sequence[Observation], rule: Rule, labels: Sequence[str]
+) -> dict[str, Any]:
+    """Every number of the report for one task, as plain JSON-ready data."""
+    n_workers = max(rule.n_workers, len(worker_names(observations)))
+    rule = replace(rule, n_workers=n_workers)
+    schemes = [
+        rule,
+        *(Rule(n_workers, rule.quorum, None, scheme) for scheme in SCHEMES),
+        Rule(n_workers, rule.quorum, 0.8, "majority"),
+    ]
+    compared = {r.describe(): asdict(score_rule(observations, r)) for r in schemes}
+    golds = Counter(o.gold for o in observations if o.gold is not None)
+    return {
+        "items": len(observations),
+        "with_gold": sum(golds.values()),
+        "labels": list(labels),
+        "rule": rule.describe(),
+        "configured": asdict(score_rule(observations, rule)),
+        "models": model_table(observations),
+        "pairwise": pairwise(observations),
+        "schemes": list(compared.values()),
+        "sweep": [asdict(score_rule(observations, r)) for r in candidate_rules(n_workers)],
+        "confusion": confusion(observations, rule, labels),
+    }
