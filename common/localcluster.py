@@ -26,6 +26,7 @@ from redis.exceptions import RedisError
 HOST = "127.0.0.1"
 SLOTS = 16384
 Role = Literal["primary", "replica"]
+_QUIET = ("cluster_stats_", "total_cluster_links", "cluster_slots_pfail", "cluster_nodes_pfail")
 
 
 def valkey_server_binary() -> Path:
@@ -110,16 +111,12 @@ def _view(node: Node) -> list[_Entry]:
     return entries
 
 
-def _state(node: Node) -> str:
-    return str(node.call("CLUSTER", "INFO")).split("cluster_state:")[1].split()[0]
+def _state_ok(node: Node) -> bool:
+    return "cluster_state:ok" in str(node.call("CLUSTER", "INFO"))
 
 
 class LocalCluster:
-    """``primaries`` shards of one primary and ``replicas`` replicas, each a real process.
-
-    >>> with LocalCluster() as cluster:
-    ...     client = RedisCluster(startup_nodes=[ClusterNode(*a) for a in cluster.startup_nodes])
-    """
+    """``primaries`` shards of one primary and ``replicas`` replicas, each a real process."""
 
     def __init__(
         self,
@@ -214,26 +211,18 @@ class LocalCluster:
         if not candidates:
             raise ValueError(f"the node on port {killed.port} has no replica to fail over to")
 
-        def promoted() -> Node | None:
+        def promoted() -> bool:
             live = [n for n in self._nodes if n.alive]
             views = [_view(n) for n in live]
-            if any(_state(n) != "ok" for n in live):
-                return None
-            for node in candidates:
-                serves = [any(e.node_id == node.node_id and e.slots for e in v) for v in views]
-                if node.alive and all(serves):
-                    return node
-            return None
+            return all(map(_state_ok, live)) and any(
+                c.alive and all(any(e.node_id == c.node_id and e.slots for e in v) for v in views)
+                for c in candidates
+            )
 
-        self._wait(
-            time.monotonic() + timeout_s,
-            f"a primary in place of port {killed.port}",
-            lambda: promoted() is not None,
-        )
-        winner = promoted()
-        assert winner is not None
+        what = f"a primary in place of port {killed.port}"
+        self._wait(time.monotonic() + timeout_s, what, promoted)
         self.nodes()
-        return winner
+        return next(n for n in candidates if n.role == "primary")
 
     def restart(self, node: Node, timeout_s: float = 30) -> None:
         """Start a dead node again on its port and data (a failed-over primary comes back as a
@@ -274,7 +263,11 @@ class LocalCluster:
                     return
                 except RedisError:
                     time.sleep(0.05)
-            if node.alive or not may_move:
+            if node.alive:
+                raise TimeoutError(
+                    f"local cluster: timed out waiting for port {node.port}\n{self._report()}"
+                )
+            if not may_move:
                 break
             node.port, node.bus_port = _free_ports(2)
             self._spawn(node)
@@ -307,12 +300,10 @@ class LocalCluster:
         for node in self._nodes:
             view = _view(node)
             replicas = [e for e in view if "slave" in e.flags and "fail" not in e.flags]
-            if _state(node) != "ok" or len(view) != len(self._nodes):
+            link = node.call("INFO", "replication").get("master_link_status", "up")
+            if not _state_ok(node) or len(view) != len(self._nodes) or link != "up":
                 return False
             if len(replicas) != self.primaries * self.replicas:
-                return False
-            synced = node.call("INFO", "replication").get("master_link_status", "up") == "up"
-            if not synced:
                 return False
         return True
 
@@ -322,7 +313,7 @@ class LocalCluster:
             try:
                 if done():
                     return
-            except (RedisError, IndexError) as exc:  # a node mid-change: poll again
+            except RedisError as exc:  # a node mid-change: poll again
                 error = f" (last error: {exc!r})"
             time.sleep(0.05)
         raise TimeoutError(f"local cluster: timed out waiting for {what}{error}\n{self._report()}")
@@ -331,10 +322,11 @@ class LocalCluster:
         lines = [f"node logs: {self.data_dir}/<port>/valkey.log; CLUSTER INFO per node:"]
         for node in self._nodes:
             try:
-                info = str(node.call("CLUSTER", "INFO")).split() if node.alive else ["(dead)"]
+                info = str(node.call("CLUSTER", "INFO")).split() if node.alive else ["dead"]
             except RedisError as exc:
                 info = [repr(exc)]
-            lines.append(f"  {node.port} {node.role}: " + " ".join(info[:8]))
+            shown = [i for i in info if not i.startswith(_QUIET)]
+            lines.append(f"  {node.port} {node.role}: " + " ".join(shown))
         return "\n".join(lines)
 
 

@@ -103,9 +103,12 @@ class FleetSession:
 
 
 @contextmanager
-def running_fleet(settings: Settings, console: Console, title: str) -> Iterator[FleetSession]:
+def running_fleet(
+    settings: Settings, console: Console, title: str, extra_env: dict[str, str] | None = None
+) -> Iterator[FleetSession]:
     """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
-    that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set."""
+    that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set.
+    The processes read their settings as usual (environment, fleet file) plus ``extra_env``."""
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
     embedded = (
         None
@@ -115,12 +118,14 @@ def running_fleet(settings: Settings, console: Console, title: str) -> Iterator[
     url = settings.redis_url or embedded.url  # type: ignore[union-attr]
     namespace = f"run{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
+    extra_env = extra_env or {}
     console.print(
         f"[bold]{title}[/], Redis {redact(url)}"
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        session = FleetSession(settings, Fleet(settings, url, log_to=logs), workdir)
+        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env)
+        session = FleetSession(settings, fleet, workdir)
         children = session.fleet.children
         console.print(
             f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "

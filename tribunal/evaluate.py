@@ -125,8 +125,8 @@ def collect_fleet(
     """The items through the real pipeline, every accepted label audited by the judge."""
     from tribunal.demo import running_fleet, wait_until_live
 
-    audited = settings.model_copy(update={"audit_fraction": 1.0})
-    with running_fleet(audited, console, "tribunal evaluate through the fleet") as session:
+    audit_all = {"TRIBUNAL_AUDIT_FRACTION": "1"}
+    with running_fleet(settings, console, "tribunal evaluate: the fleet", audit_all) as session:
         redis = connect(session.settings)
         wait_until_live(redis, session.settings, session.fleet, console)
         started = time.perf_counter()

@@ -91,10 +91,11 @@ def print_task(console: Console, task: str, section: dict[str, Any]) -> None:
     console.print(
         table(
             "models",
-            ["model", "accuracy", "agrees with judge", "abstained", "ms/item"],
+            ["model", "answers", "accuracy", "agrees with judge", "abstained", "ms/item"],
             (
                 [
                     escape(name),
+                    str(m["items"]),
                     pct(m["accuracy"]),
                     pct(m["judge_agreement"]),
                     str(m["abstained"]),
@@ -133,6 +134,12 @@ def print_evaluation(console: Console, report: dict[str, Any]) -> None:
         f"[bold]evaluation[/] of {escape(report['source'])} ({report['mode']}, "
         f"{report['seconds']:.1f}s): workers {escape(workers)}; judge {escape(fleet['judge'])}"
     )
+    if report["mode"] == "fleet":
+        console.print(
+            "[dim]through the fleet: the votes are those present when each item was decided "
+            "(a slower worker may not have voted yet), so the schemes compare exactly only "
+            "with --offline"
+        )
     for task, section in report["tasks"].items():
         print_task(console, task, section)
     if report["skipped"]:
