@@ -207,7 +207,7 @@ def run_policy(
             seen, last_progress = 0, time.monotonic()
             while outcome.ended < len(records):
                 fleet.supervise()
-                collect(client, keys, cursors, outcome)
+                collect(client, cursors, outcome)
                 if outcome.ended > seen:
                     seen, last_progress = outcome.ended, time.monotonic()
                 elif time.monotonic() - last_progress > stall_s:

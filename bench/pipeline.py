@@ -205,7 +205,7 @@ def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
     start = used()
     Producer(client, settings, chunk_size=BATCH).send(records(n, "mem"))
     queued = used()
-    scripts = Scripts(client, keys, settings.decided_ttl_s)
+    scripts = Scripts(keys, settings.decided_ttl_s)
     payloads: Any = client.xrange(keys.items)
     for worker in "abc":
         for offset in range(0, n, BATCH):

@@ -17,11 +17,8 @@ _CONSUMER = (
     "+xreadgroup +xack +xautoclaim +xpending +xgroup|create +xgroup|delconsumer "
     "+zadd +zrem +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
 )
-# EVALSHA plus what common/scripts.py's scripts call inside.
-_SCRIPTS = (
-    "+evalsha +script|load +script|exists "
-    "+exists +get +set +del +hset +hsetnx +hlen +hincrby +hgetall +zadd +zrem +xadd"
-)
+# EVAL plus what common/scripts.py's scripts call inside.
+_SCRIPTS = "+eval +exists +get +set +del +hset +hsetnx +hlen +hincrby +hgetall +zadd +zrem +xadd"
 _JANITOR = "+xinfo|groups +xinfo|consumers +xpending +xtrim +exists"
 
 
@@ -33,7 +30,8 @@ def rules(role: str, namespace: str = "tribunal") -> str:
     """ACL rules (without user name and password) for one role."""
     ns = namespace
     per_role = {
-        "producer": ("+xadd +xinfo|groups +xlen +exists", _keys(ns, "items")),
+        # WAIT: with wait_replicas, each chunk waits for replicas to have it.
+        "producer": ("+xadd +xinfo|groups +xlen +exists +wait", _keys(ns, "items")),
         "worker": (
             f"{_CONSUMER} {_SCRIPTS} +mget",  # MGET: which items of a batch are settled
             _keys(
@@ -65,6 +63,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "items",
                 "tiebreak",
                 "rejects",
+                "audits",
             ),
         ),
         "judge": (
@@ -77,6 +76,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "deadlines",
                 "output",
                 "dead",
+                "audits",
                 "stats",
                 "heartbeats",
             ),

@@ -6,7 +6,7 @@ import logging
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
@@ -14,6 +14,8 @@ from redis import Redis
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
+
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def connect(
@@ -24,7 +26,13 @@ def connect(
 
     ``rediss://`` URLs use TLS, verified against ``tls_ca_file`` (and a client certificate
     when set); a password may come from ``redis_password_file`` instead of the URL.
-    ``timeout_s`` makes a client that gives up quickly (status, health, scrapes)."""
+    ``timeout_s`` makes a client that gives up quickly (status, health, scrapes).
+
+    ``redis+cluster://host:port`` (``rediss+cluster://`` with TLS) names a Redis or Valkey
+    Cluster by any one of its nodes: the client is redis-py's ``RedisCluster``, which finds
+    the others, follows MOVED/ASK redirections and refreshes its slot map after a
+    failover. It is typed as ``Redis`` here: every command tribunal sends is one both
+    clients have, and all keys of one command share a partition's slot."""
     target = url or settings.redis_url
     if not target:
         raise RuntimeError("no Redis URL: set TRIBUNAL_REDIS_URL or start the embedded server")
@@ -36,19 +44,26 @@ def connect(
         "ssl_certfile": settings.tls_cert_file,
         "ssl_keyfile": settings.tls_key_file,
     }
+    cluster = target.startswith(CLUSTER_SCHEMES)
+    if cluster:
+        target = target.replace("+cluster", "", 1)
     if target.startswith("rediss://"):
         options.update({k: str(v) for k, v in tls_files.items() if v is not None})
     elif any(tls_files.values()):
         raise ValueError("TLS files are set but the Redis URL is not rediss://")
-    return Redis.from_url(
-        target,
-        socket_timeout=timeout_s or settings.block_ms / 1000 + 10,
-        socket_connect_timeout=timeout_s or 5,
-        health_check_interval=30,
-        client_name="tribunal",
-        **options,
-        **extra,
-    )
+    options |= {
+        "socket_timeout": timeout_s or settings.block_ms / 1000 + 10,
+        "socket_connect_timeout": timeout_s or 5,
+        "health_check_interval": 30,
+        "client_name": "tribunal",
+    }
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        # A dead primary is retried (topology refreshed each time) until its replica takes
+        # over; tribunal's own loops back off around that with their Redis-error handling.
+        return cast(Redis, RedisCluster.from_url(target, **options, **extra))
+    return Redis.from_url(target, **options, **extra)
 
 
 def text(value: bytes | str) -> str:

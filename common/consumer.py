@@ -30,7 +30,18 @@ from common.writes import Writes
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# Errors that pass: the server is down or restarting, or a cluster is moving slots or
+# electing a new primary. Anything else is a bug and ends the process (its supervisor
+# restarts it; entries in flight are reclaimed).
+REDIS_ERRORS = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.SlotNotCoveredError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.AskError,
+    redis.exceptions.ReadOnlyError,
+)
 
 
 @dataclass
@@ -97,47 +108,6 @@ class StreamConsumer:
         self._next_reclaim = 0.0
         self.last_batch = 0  # size of the last batch of new entries
 
-    def run(self, drain: bool = False) -> None:
-        """Consume until a stop signal; with ``drain``, also stop once no new entries come."""
-        log.info("%s reading %s as group %s", self.name, self.stream, self.group)
-        backoff = 0.2
-        pending_cursor: str | None = "0"  # re-read our own pending entries first
-        group_ready = False
-        while not self.stop.is_set():
-            try:
-                if not group_ready:
-                    self.ensure_group()
-                    group_ready = True
-                self.heartbeat()
-                self._tick()
-                if time.monotonic() >= self._next_reclaim:
-                    self.reclaim()
-                    self._next_reclaim = time.monotonic() + self.settings.reclaim_every_s
-                reading_new = pending_cursor is None
-                pending_cursor = self.read_once(pending_cursor)
-                backoff = 0.2
-                if drain and reading_new and self.last_batch == 0:
-                    break
-            except REDIS_ERRORS as exc:
-                if drain:  # a one-off read: say so now rather than wait for Redis forever
-                    raise
-                log.warning(
-                    "%s: Redis unavailable (%s); retrying in %.1fs", self.name, exc, backoff
-                )
-                self.stop.wait(backoff)
-                backoff = min(backoff * 2, 10.0)
-                pending_cursor = "0"
-            except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream or group is gone (a Redis restarted without persistence, or
-                # deleted by hand): recreate it rather than crash-looping.
-                log.warning("%s: %s; recreating the group", self.name, exc)
-                group_ready = False
-                pending_cursor = "0"
-        self.leave()
-        log.info("%s stopped", self.name)
-
     def leave(self) -> None:
         """On a clean exit: no longer live (heartbeat gone), and with nothing pending, out of
         the group, so status and XINFO list only consumers that exist (with entries pending
@@ -177,15 +147,25 @@ class StreamConsumer:
     def ensure_group(self) -> None:
         ensure_group(self.redis, self.stream, self.group)
 
-    def read_once(self, pending_cursor: str | None) -> str | None:
-        """Read and process one batch; return where to continue in our own pending list."""
+    def maybe_reclaim(self) -> None:
+        if time.monotonic() >= self._next_reclaim:
+            self.reclaim()
+            self._next_reclaim = time.monotonic() + self.settings.reclaim_every_s
+
+    def read_once(self, pending_cursor: str | None, block_ms: int | None = -1) -> str | None:
+        """Read and process one batch; return where to continue in our own pending list.
+        New entries are waited for up to ``block_ms`` (default ``settings.block_ms``)."""
         start = pending_cursor if pending_cursor is not None else ">"
+        if pending_cursor is not None:
+            block_ms = None
+        elif block_ms == -1:
+            block_ms = self.settings.block_ms
         reply = self.redis.xreadgroup(
             self.group,
             self.name,
             {self.stream: start},
             count=self.settings.batch_size,
-            block=None if pending_cursor is not None else self.settings.block_ms,
+            block=block_ms,
         )
         entries = _entries(reply)
         if pending_cursor is None:
@@ -293,6 +273,106 @@ class StreamConsumer:
         counts = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
         for entry in entries:
             entry.deliveries = counts.get(entry.id, entry.deliveries)
+
+
+def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bool = False) -> None:
+    """The loop of a consumer process: one ``StreamConsumer`` per partition it reads, all with
+    the same group and consumer name. Until a stop signal (with ``drain``, also once no new
+    entries come): heartbeat, periodic work, reclaim, own pending entries first (after a
+    start or an outage), then new ones. Redis outages are waited out with capped backoff."""
+    first = consumers[0]
+    log.info(
+        "%s reading %s as group %s",
+        first.name,
+        ", ".join(c.stream for c in consumers),
+        first.group,
+    )
+    backoff = 0.2
+    cursors: list[str | None] = ["0"] * len(consumers)  # re-read our own pending entries first
+    groups_ready = False
+    turn = 0
+    while not stop.is_set():
+        try:
+            if not groups_ready:
+                for c in consumers:
+                    c.ensure_group()
+                groups_ready = True
+            first.heartbeat()
+            for c in consumers:
+                c._tick()
+                c.maybe_reclaim()
+            if any(cursor is not None for cursor in cursors):
+                cursors = [
+                    c.read_once(cursor) if cursor is not None else None
+                    for c, cursor in zip(consumers, cursors, strict=True)
+                ]
+                continue
+            got = _read_new(consumers, turn)
+            turn += 1
+            backoff = 0.2
+            if drain and got == 0:
+                break
+        except REDIS_ERRORS as exc:
+            if drain:  # a one-off read: say so now rather than wait for Redis forever
+                raise
+            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", first.name, exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 10.0)
+            cursors = ["0"] * len(consumers)
+        except redis.ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # The stream or group is gone (a Redis restarted without persistence, or
+            # deleted by hand): recreate it rather than crash-looping.
+            log.warning("%s: %s; recreating the group", first.name, exc)
+            groups_ready = False
+            cursors = ["0"] * len(consumers)
+    for c in consumers:
+        c.leave()
+    log.info("%s stopped", first.name)
+
+
+def _read_new(consumers: Sequence[StreamConsumer], turn: int) -> int:
+    """New entries from every partition without busy-looping; returns how many came.
+
+    On one server a single blocking XREADGROUP covers every partition's stream. On a
+    cluster the streams sit in different slots and no command may span slots: each is
+    polled without blocking, and only when all were empty does the loop block, on one
+    partition in turn, for a share of ``block_ms`` (an idle fleet wakes a few times a
+    second; a busy one never blocks)."""
+    first = consumers[0]
+    if len(consumers) == 1:
+        first.read_once(None)
+        return first.last_batch
+    if not is_cluster(first.redis):
+        reply: Any = first.redis.xreadgroup(
+            first.group,
+            first.name,
+            {c.stream: ">" for c in consumers},
+            count=first.settings.batch_size,
+            block=first.settings.block_ms,
+        )
+        by_stream = {text(stream): batch for stream, batch in reply or ()}
+        for c in consumers:
+            entries = _entries([(c.stream, by_stream.get(c.stream, []))])
+            c.last_batch = len(entries)
+            c.process(entries)
+        return sum(c.last_batch for c in consumers)
+    got = 0
+    for c in consumers:
+        c.read_once(None, block_ms=None)
+        got += c.last_batch
+    if not got:
+        c = consumers[turn % len(consumers)]
+        c.read_once(None, block_ms=max(first.settings.block_ms // len(consumers), 10))
+        got = c.last_batch
+    return got
+
+
+def is_cluster(client: Any) -> bool:
+    from redis.cluster import RedisCluster
+
+    return isinstance(client, RedisCluster)
 
 
 def _entries(reply: Any) -> list[Entry]:

@@ -7,6 +7,7 @@ pipelines below stay valid when the fleet later runs on a Redis Cluster.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 
@@ -85,13 +86,24 @@ class Keys:
 
     @property
     def heartbeats(self) -> str:
-        """Sorted set: consumer name (``role@host:pid``) -> last time its loop came round."""
-        return f"{self.prefix}:heartbeats"
+        """Sorted set: consumer name (``role@host:pid``) -> last time its loop came round.
+        One per fleet, in partition 0, whatever partitions a consumer reads."""
+        return f"{self.namespace}:{{0}}:heartbeats"
 
     @property
     def final_streams(self) -> tuple[str, str, str]:
         """Where an item can end: exactly one entry in exactly one of these."""
         return (self.output, self.rejects, self.dead)
+
+
+def partition_of(item_id: str, partitions: int) -> int:
+    """The partition of an item: a stable hash of its id (CRC-32, the same in every process
+    and language), so every key of one item lands in one partition, one cluster slot."""
+    return zlib.crc32(item_id.encode()) % partitions if partitions > 1 else 0
+
+
+def all_partitions(namespace: str, partitions: int) -> list[Keys]:
+    return [Keys(namespace, p) for p in range(partitions)]
 
 
 def worker_group(worker: str) -> str:

@@ -107,14 +107,16 @@ class Settle:
 
 
 class Scripts:
-    """Registered scripts (EVALSHA, loaded on demand); writes go into the caller's pipeline."""
+    """The scripts of one partition; writes go into the caller's pipeline.
 
-    def __init__(self, redis: Redis, keys: Keys, done_ttl_s: int) -> None:
+    They are sent with EVAL, not EVALSHA: the server caches them by digest all the same,
+    a pipeline needs no SCRIPT EXISTS round trip before each batch, and a replica just
+    promoted by a cluster failover (whose script cache is empty) runs them at once.
+    """
+
+    def __init__(self, keys: Keys, done_ttl_s: int) -> None:
         self.keys = keys
         self.done_ttl_s = done_ttl_s
-        self._cast = redis.register_script(CAST_VOTES)
-        self._settle = redis.register_script(SETTLE)
-        self._gather = redis.register_script(GATHER)
 
     def cast_votes(self, pipe: Pipeline, casts: Sequence[CastVote]) -> None:
         k = self.keys
@@ -131,7 +133,7 @@ class Scripts:
                 f"{c.deadline:.3f}",
                 c.counter,
             ]
-        self._cast(keys=keys, args=args, client=pipe)
+        pipe.execute_command("EVAL", CAST_VOTES, len(keys), *keys, *args)
 
     def settle(self, pipe: Pipeline, settles: Sequence[Settle]) -> None:
         k = self.keys
@@ -141,11 +143,12 @@ class Scripts:
             keys += [k.state(s.item_id), k.votes(s.item_id), s.stream]
             ttl = self.done_ttl_s if s.new == DONE else 0
             args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter]
-        self._settle(keys=keys, args=args, client=pipe)
+        pipe.execute_command("EVAL", SETTLE, len(keys), *keys, *args)
 
     def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The vote hash of each item (empty once settled), in one round trip."""
         if not item_ids:
             return []
-        reply: Any = self._gather(keys=[self.keys.votes(i) for i in item_ids], client=redis)
+        keys = [self.keys.votes(i) for i in item_ids]
+        reply: Any = redis.execute_command("EVAL", GATHER, len(keys), *keys)
         return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in reply]

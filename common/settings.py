@@ -103,6 +103,22 @@ class Settings(BaseSettings):
     )
     early_exit: bool = Field(default=True, description="Skip items already settled.")
 
+    # Partitions (see common.keys): items are spread over this many sets of streams by a
+    # hash of their id; on a Redis Cluster each partition lives in one slot.
+    partitions: int = Field(default=1, ge=1, le=1024, description="Stream partitions.")
+    assigned_partitions: list[int] | None = Field(
+        default=None, description="The partitions this consumer reads (default: all)."
+    )
+
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Producer: end each chunk with WAIT for this many replicas, so a "
+        "failover cannot silently lose items reported as stored (unconfirmed ones are "
+        "reported).",
+    )
+    wait_timeout_ms: int = Field(default=1000, ge=0, description="Bound on each WAIT.")
+
     # Limits and retention
     max_text_chars: int = Field(default=8000, ge=1)
     max_metadata_bytes: int = Field(default=4096, ge=0)
@@ -126,6 +142,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"min_weight {self.min_weight} exceeds the {len(self.workers)} workers"
             )
+        for p in self.assigned_partitions or []:
+            if not 0 <= p < self.partitions:
+                raise ValueError(f"assigned partition {p} is not in 0..{self.partitions - 1}")
         for name in self.workers:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"worker name {name!r}: use letters, digits, - and _")
@@ -134,6 +153,11 @@ class Settings(BaseSettings):
     @property
     def effective_quorum(self) -> int:
         return self.quorum if self.quorum is not None else len(self.workers) // 2 + 1
+
+    @property
+    def my_partitions(self) -> list[int]:
+        """The partitions this process reads: the assigned ones, else all."""
+        return sorted(set(self.assigned_partitions or range(self.partitions)))
 
     @property
     def backup_workers(self) -> list[str]:

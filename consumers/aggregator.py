@@ -147,4 +147,4 @@ def _read_vote(worker: bytes, raw: bytes) -> Vote:
 
 
 def run_aggregator(rt: Runtime) -> None:
-    rt.consume(rt.keys.ready, AGGREGATOR_GROUP, AggregatorHandler(rt), role="aggregator")
+    rt.consume(lambda keys: keys.ready, AGGREGATOR_GROUP, AggregatorHandler, role="aggregator")

@@ -102,4 +102,6 @@ class JudgeHandler(Handler):
 def run_judge(rt: Runtime) -> None:
     spec = rt.settings.judge
     backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
-    rt.consume(rt.keys.judge, JUDGE_GROUP, JudgeHandler(rt, backend), role="judge")
+    rt.consume(
+        lambda keys: keys.judge, JUDGE_GROUP, lambda prt: JudgeHandler(prt, backend), role="judge"
+    )

@@ -31,5 +31,5 @@ class LabelsHandler(Handler):
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     """Write decisions as JSONL until the stream is drained (or until stopped, with ``follow``)."""
     handler = LabelsHandler(out)
-    rt.consume(rt.keys.output, group, handler, role="labels", drain=not follow)
+    rt.consume(lambda keys: keys.output, group, lambda _: handler, role="labels", drain=not follow)
     return handler.written

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import orjson
 from redis import Redis
 
 from common import metrics
 from common.connection import connect
-from common.consumer import Entry, Handler, StreamConsumer, consumer_name
+from common.consumer import Entry, Handler, StreamConsumer, consumer_name, run_consumers
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.schemas import DeadLetter, Decision, Item, Reject, is_item_id, now
@@ -29,27 +30,45 @@ class Runtime:
 
     @classmethod
     def create(cls, settings: Settings, stop: StopFlag | None = None) -> Runtime:
-        redis = connect(settings)
+        """The runtime of partition 0 (``partition(p)`` gives the others)."""
         keys = Keys(settings.namespace)
-        scripts = Scripts(redis, keys, settings.decided_ttl_s)
-        return cls(settings, redis, keys, scripts, stop or StopFlag())
+        scripts = Scripts(keys, settings.decided_ttl_s)
+        return cls(settings, connect(settings), keys, scripts, stop or StopFlag())
+
+    def partition(self, partition: int) -> Runtime:
+        """The same process and connection, with the key names of another partition."""
+        keys = Keys(self.settings.namespace, partition)
+        return replace(self, keys=keys, scripts=Scripts(keys, self.settings.decided_ttl_s))
 
     def consume(
-        self, stream: str, group: str, handler: Handler, role: str, drain: bool = False
+        self,
+        stream_of: Callable[[Keys], str],
+        group: str,
+        make_handler: Callable[[Runtime], Handler],
+        role: str,
+        drain: bool = False,
     ) -> None:
-        """Run the shared consumer loop until a stop signal (or, with ``drain``, until idle)."""
+        """Run the shared consumer loop over this process's partitions until a stop signal
+        (or, with ``drain``, until idle): ``stream_of`` names the stream in a partition's
+        keys, ``make_handler`` builds the handler of a partition."""
         name = consumer_name(role)
-        StreamConsumer(
-            self.redis,
-            self.keys,
-            stream,
-            group,
-            handler,
-            self.settings,
-            self.stop,
-            name,
-            self.scripts,
-        ).run(drain=drain)
+        consumers = []
+        for p in self.settings.my_partitions:
+            rt = self.partition(p)
+            consumers.append(
+                StreamConsumer(
+                    rt.redis,
+                    rt.keys,
+                    stream_of(rt.keys),
+                    group,
+                    make_handler(rt),
+                    rt.settings,
+                    rt.stop,
+                    name,
+                    rt.scripts,
+                )
+            )
+        run_consumers(consumers, self.stop, drain)
 
     def reject(self, writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> None:
         """Settle a bad entry as a reject, once, whichever consumer sees it first."""

@@ -100,5 +100,10 @@ def run_worker(rt: Runtime, worker: str) -> None:
         known = ", ".join(sorted(rt.settings.workers))
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
-    handler = WorkerHandler(rt, worker, backend)
-    rt.consume(handler.stream, worker_group(worker), handler, role=f"worker:{worker}")
+    backups = rt.settings.backup_workers
+    rt.consume(
+        lambda keys: keys.source_of(worker, backups),
+        worker_group(worker),
+        lambda prt: WorkerHandler(prt, worker, backend),
+        role=f"worker:{worker}",
+    )

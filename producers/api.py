@@ -15,13 +15,13 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
-import redis
 from redis import Redis
 
-from common.keys import Keys
+from common.consumer import REDIS_ERRORS, is_cluster
+from common.keys import all_partitions, partition_of
 from common.schemas import Item, now
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem, validate_item
@@ -37,6 +37,7 @@ class ProduceReport:
     produced: int = 0
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     waited_s: float = 0.0  # time spent blocked by backpressure
+    unreplicated: int = 0  # stored, but not confirmed by ``wait_replicas`` replicas in time
 
 
 class Producer:
@@ -50,7 +51,7 @@ class Producer:
     ) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.namespace)
+        self.partitions = all_partitions(settings.namespace, settings.partitions)
         self.chunk_size = chunk_size
         self.default_task = default_task
         self.wait_for_redis = wait_for_redis  # else a Redis outage raises at once
@@ -65,12 +66,14 @@ class Producer:
         data["produced_at"] = now()
         return validate_item(data, self.settings)
 
-    def encode(self, record: dict[str, Any]) -> bytes:
+    def encode(self, record: dict[str, Any]) -> tuple[str, bytes]:
+        """The items stream the record goes to (by its id's partition), and its payload."""
         item = self.prepare(record)
         try:
-            return item.dump()
+            payload = item.dump()
         except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in the text
             raise InvalidItem(f"cannot be encoded as JSON: {exc}") from None
+        return self.partitions[partition_of(item.id, len(self.partitions))].items, payload
 
     def send(
         self,
@@ -81,7 +84,7 @@ class Producer:
         """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs. With
         ``rate``, at most that many items per second (a chunk at a time), for steady load."""
         report = ProduceReport()
-        chunk: list[bytes] = []
+        chunk: list[tuple[str, bytes]] = []
         started = time.monotonic()
 
         def flush() -> None:
@@ -103,7 +106,10 @@ class Producer:
         return report
 
     def _flush(
-        self, chunk: list[bytes], report: ProduceReport, on_progress: Callable[[int], None] | None
+        self,
+        chunk: list[tuple[str, bytes]],
+        report: ProduceReport,
+        on_progress: Callable[[int], None] | None,
     ) -> None:
         if not chunk:
             return
@@ -111,12 +117,11 @@ class Producer:
         while True:
             try:
                 report.waited_s += self.wait_for_room()
-                pipe = self.redis.pipeline(transaction=False)
-                for payload in chunk:
-                    pipe.xadd(self.keys.items, {ITEM_FIELD: payload})
-                pipe.execute()
+                report.unreplicated += self._send(chunk)
                 break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except REDIS_ERRORS as exc:
+                if is_cluster(self.redis):  # a failover or a slot move: learn the new map
+                    self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
                 if not self.wait_for_redis:
                     raise
                 # A chunk cut off mid-way is sent again: ids make the repeats harmless.
@@ -128,17 +133,57 @@ class Producer:
             on_progress(len(chunk))
         chunk.clear()
 
+    def _send(self, chunk: list[tuple[str, bytes]]) -> int:
+        """XADD the chunk in one round trip per server; with ``wait_replicas``, each server's
+        pipeline ends with WAIT (it counts the writes of its own connection). Returns how
+        many items were not confirmed on enough replicas: they are stored, but a failover
+        right now could lose them, so they are reported, never silently trusted."""
+        wanted = self.settings.wait_replicas
+        if not wanted:
+            pipe = self.redis.pipeline(transaction=False)
+            for stream, payload in chunk:
+                pipe.xadd(stream, {ITEM_FIELD: payload})
+            pipe.execute()
+            return 0
+        by_server: dict[Any, list[tuple[str, bytes]]] = {}
+        for stream, payload in chunk:
+            by_server.setdefault(self._server_of(stream), []).append((stream, payload))
+        unconfirmed = 0
+        for server, rows in by_server.items():
+            pipe = server.pipeline(transaction=False)
+            for stream, payload in rows:
+                pipe.xadd(stream, {ITEM_FIELD: payload})
+            pipe.execute_command("WAIT", wanted, self.settings.wait_timeout_ms)
+            if int(pipe.execute()[-1]) < wanted:
+                unconfirmed += len(rows)
+                log.warning(
+                    "%d items not confirmed by %d replicas within %d ms",
+                    len(rows),
+                    wanted,
+                    self.settings.wait_timeout_ms,
+                )
+        return unconfirmed
+
+    def _server_of(self, stream: str) -> Redis:
+        """The client of the server holding ``stream``: on a cluster, its slot's primary."""
+        if not is_cluster(self.redis):
+            return self.redis
+        cluster: Any = self.redis
+        return cast(Redis, cluster.get_redis_connection(cluster.get_node_from_key(stream)))
+
     def backlog(self) -> int:
-        """Entries the slowest worker group has not read yet (the stream length before any
-        group exists). Read from Redis each time: never a counter that could drift."""
-        groups = (
-            self.redis.xinfo_groups(self.keys.items) if self.redis.exists(self.keys.items) else []
-        )
+        """Entries the slowest worker group has not read yet, summed over the partitions (the
+        stream length before any group exists). Read from Redis each time: never a counter
+        that could drift."""
+        return sum(self._backlog(keys.items) for keys in self.partitions)
+
+    def _backlog(self, stream: str) -> int:
+        groups = self.redis.xinfo_groups(stream) if self.redis.exists(stream) else []
         if not groups:
-            return int(self.redis.xlen(self.keys.items))
+            return int(self.redis.xlen(stream))
         lags: list[Any] = [g.get("lag") for g in groups]
         if None in lags:  # lag unknown after deletions: be conservative
-            return int(self.redis.xlen(self.keys.items))
+            return int(self.redis.xlen(stream))
         return max(int(lag) for lag in lags)
 
     def wait_for_room(self) -> float:

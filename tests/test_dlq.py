@@ -26,13 +26,13 @@ def test_a_dead_lettered_item_is_replayed_and_labeled_once(make_settings: Any) -
     for _ in range(2):  # the judge has no answer: given up on after one more delivery
         time.sleep(0.05)
         fleet.judge.reclaim()
-    [(_, letter)] = dead_letters(fleet.rt.redis, fleet.rt.keys)
+    [(_, _, letter)] = dead_letters(fleet.rt.redis, [fleet.rt.keys])
     assert letter.id == "i0" and letter.item is not None
 
-    report = replay(fleet.rt.redis, fleet.rt.keys, {"i0", "nope"})
+    report = replay(fleet.rt.redis, [fleet.rt.keys], {"i0", "nope"})
     assert report.replayed == ["i0"]
     assert report.skipped == [("nope", "no dead letter with this id")]
-    assert dead_letters(fleet.rt.redis, fleet.rt.keys) == []
+    assert dead_letters(fleet.rt.redis, [fleet.rt.keys]) == []
 
     fleet.judge.handler.backend = _AlwaysPositive()  # type: ignore[attr-defined]
     fleet.step()

@@ -22,10 +22,10 @@ def wait_for(redis: Any, keys: Keys, expected: int, timeout: float = 120.0) -> O
     cursors = dict.fromkeys(keys.final_streams, "0-0")
     deadline = time.monotonic() + timeout
     while outcome.ended < expected and time.monotonic() < deadline:
-        collect(redis, keys, cursors, outcome)
+        collect(redis, cursors, outcome)
         time.sleep(0.1)
     time.sleep(0.5)  # anything extra (a second label for an item) would show up now
-    collect(redis, keys, cursors, outcome)
+    collect(redis, cursors, outcome)
     return outcome
 
 

@@ -27,6 +27,7 @@ from common import metrics
 from common.decision import SCHEMES, Rule
 from common.keys import Keys
 from common.schemas import Audit
+from common.settings import Settings
 from tribunal.report import RULE_COLUMNS, RULE_LEGEND, rule_table
 from tribunal.scoring import Observation, RuleScore, candidate_rules, score_rule, worker_names
 
@@ -114,9 +115,15 @@ def observations_from_report(report: Any, task: str | None) -> list[Observation]
     return [o for o in observations if task is None or o.task == task]
 
 
-def read_audits(redis: Redis, keys: Keys, task: str | None) -> list[Observation]:
-    """The audits stream as observations, one per item (a re-delivered audit counts once)."""
+def read_audits(redis: Redis, partitions: Sequence[Keys], task: str | None) -> list[Observation]:
+    """The audits streams as observations, one per item (a re-delivered audit counts once)."""
     seen: dict[str, Observation] = {}
+    for keys in partitions:
+        _read_audits(redis, keys, task, seen)
+    return list(seen.values())
+
+
+def _read_audits(redis: Redis, keys: Keys, task: str | None, seen: dict[str, Observation]) -> None:
     cursor = "-"
     while True:
         entries: Any = redis.xrange(keys.audits, min=cursor, count=1000)
@@ -134,16 +141,16 @@ def read_audits(redis: Redis, keys: Keys, task: str | None) -> list[Observation]
                     ),
                 )
         if len(entries) < 1000:
-            return list(seen.values())
+            return
         cursor = "(" + entries[-1][0].decode()
 
 
-def live_acceptance(redis: Redis, keys: Keys) -> float | None:
+def live_acceptance(redis: Redis, settings: Settings) -> float | None:
     """Share of final labels the workers settled, from the fleet's counters."""
     from tribunal.status import read_stats
 
     by_source = {"workers": 0.0, "judge": 0.0}
-    for stat in read_stats(redis, keys):
+    for stat in read_stats(redis, settings):
         if stat.name == metrics.DECISIONS and stat.labels.get("source") in by_source:
             by_source[stat.labels["source"]] += stat.value
     total = sum(by_source.values())

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.connection import EmbeddedRedis, connect, redact
-from common.keys import Keys
+from common.keys import all_partitions
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings, load_settings
 
@@ -205,6 +205,13 @@ def produce(
         f"produced {report.produced}, skipped {len(report.invalid)} invalid"
         + (f", waited {report.waited_s:.1f}s for the workers" if report.waited_s else "")
     )
+    if report.unreplicated:
+        say(
+            "[yellow]warning:[/]",
+            f"{report.unreplicated} items were stored but not confirmed by "
+            f"{s.wait_replicas} replicas within {s.wait_timeout_ms} ms: a failover now "
+            "could lose them (produce them again to be sure: ids make repeats harmless)",
+        )
     raise typer.Exit(1 if report.invalid and not report.produced else 0)
 
 
@@ -272,8 +279,8 @@ def dlq_list(
     from tribunal.dlq import as_json, dead_letters
 
     s = needs_redis(settings())
-    letters = dead_letters(connect(s), Keys(s.namespace), limit)
-    for entry_id, letter in letters:
+    letters = dead_letters(connect(s), all_partitions(s.namespace, s.partitions), limit)
+    for _, entry_id, letter in letters:
         if json:
             sys.stdout.buffer.write(as_json(letter) + b"\n")
         else:
@@ -300,7 +307,8 @@ def dlq_replay(
         say("[red]error:[/]", "name items with --id ID (repeatable) or pass --all")
         raise typer.Exit(2)
     s = needs_redis(settings())
-    report = replay(connect(s), Keys(s.namespace), None if replay_all else set(ids or ()))
+    partitions = all_partitions(s.namespace, s.partitions)
+    report = replay(connect(s), partitions, None if replay_all else set(ids or ()))
     for item_id, why in report.skipped:
         say("[yellow]skipped[/]", f"{item_id}: {why}")
     say("", f"replayed {len(report.replayed)}: {', '.join(report.replayed) or '-'}")
@@ -436,6 +444,7 @@ def calibrate(
         run_calibrate,
     )
     from tribunal.report import wide_console
+    from tribunal.status import partitions_of
 
     s = settings()
     if target is None and judge_budget is None:
@@ -454,10 +463,9 @@ def calibrate(
             raise typer.Exit(2) from None
     else:
         redis_client = connect(needs_redis(s))
-        keys = Keys(s.namespace)
         try:
-            observations = read_audits(redis_client, keys, task)
-            rate = live_acceptance(redis_client, keys) or 0.0
+            observations = read_audits(redis_client, partitions_of(s), task)
+            rate = live_acceptance(redis_client, s) or 0.0
         except redis.RedisError as exc:
             say("[red]error:[/]", f"cannot read the audits from Redis: {exc}")
             raise typer.Exit(3) from None

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.connection import EmbeddedRedis, connect, redact
-from common.keys import Keys
+from common.keys import Keys, all_partitions
 from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
@@ -71,14 +71,12 @@ class Outcome:
         return len(self.decisions) + len(self.rejects) + len(self.dead)
 
 
-def collect(redis: Redis, keys: Keys, cursors: dict[str, str], outcome: Outcome) -> None:
-    """Read what reached the final streams since the last call (plain XRANGE, no group)."""
-    targets = {
-        keys.output: outcome.decisions,
-        keys.rejects: outcome.rejects,
-        keys.dead: outcome.dead,
-    }
-    for stream, sink in targets.items():
+def collect(redis: Redis, cursors: dict[str, str], outcome: Outcome) -> None:
+    """Read what reached the final streams (``cursors``' keys, every partition's) since the
+    last call (plain XRANGE, no group)."""
+    for stream in cursors:
+        kind = stream.rsplit(":", 1)[1]
+        sink = {"output": outcome.decisions, "rejects": outcome.rejects}.get(kind, outcome.dead)
         entries: Any = redis.xrange(stream, min=f"({cursors[stream]}", count=1000)
         for entry_id, fields in entries:
             sink.append(orjson.loads(fields[b"d"]))
@@ -157,7 +155,6 @@ def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool
 
 def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fleet) -> bool:
     redis = connect(settings)
-    keys = Keys(settings.namespace)
     records = load_sample(options.task, options.limit)
     wait_until_live(redis, settings, fleet, console)
     started = time.time()
@@ -167,12 +164,13 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     )
     producing.start()
     outcome = Outcome()
-    cursors = dict.fromkeys(keys.final_streams, "0-0")
+    parts = all_partitions(settings.namespace, settings.partitions)
+    cursors = {stream: "0-0" for k in parts for stream in k.final_streams}
     last_progress, seen = time.monotonic(), 0
     with _display(console, options.watch, expected) as show:
         while outcome.ended < expected:
             fleet.supervise()
-            collect(redis, keys, cursors, outcome)
+            collect(redis, cursors, outcome)
             show(redis, settings, outcome.ended)
             if outcome.ended > seen or producing.is_alive():
                 seen, last_progress = outcome.ended, time.monotonic()

@@ -7,7 +7,7 @@ it can be labeled afresh: the item still ends exactly once (now by its new outco
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,17 @@ from common.validation import ITEM_FIELD
 
 
 def dead_letters(
-    redis: Redis, keys: Keys, limit: int | None = None
-) -> list[tuple[str, DeadLetter]]:
-    """(entry id, dead letter), oldest first."""
-    entries: Any = redis.xrange(keys.dead, count=limit)
-    return [(eid.decode(), DeadLetter.model_validate_json(f[b"d"])) for eid, f in entries]
+    redis: Redis, partitions: Sequence[Keys], limit: int | None = None
+) -> list[tuple[Keys, str, DeadLetter]]:
+    """(partition, entry id, dead letter) of every partition, oldest first."""
+    letters = []
+    for keys in partitions:
+        entries: Any = redis.xrange(keys.dead, count=limit)
+        letters += [
+            (keys, eid.decode(), DeadLetter.model_validate_json(f[b"d"])) for eid, f in entries
+        ]
+    letters.sort(key=lambda row: row[2].dead_at)
+    return letters[:limit] if limit else letters
 
 
 @dataclass
@@ -33,10 +39,11 @@ class ReplayReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, why)
 
 
-def replay(redis: Redis, keys: Keys, ids: Collection[str] | None) -> ReplayReport:
-    """Re-inject the dead letters named by ``ids`` (all of them with ``None``)."""
+def replay(redis: Redis, partitions: Sequence[Keys], ids: Collection[str] | None) -> ReplayReport:
+    """Re-inject the dead letters named by ``ids`` (all of them with ``None``). An item goes
+    back into its own partition, where its dead letter is: one slot, one transaction."""
     report = ReplayReport()
-    for entry_id, letter in dead_letters(redis, keys):
+    for keys, entry_id, letter in dead_letters(redis, partitions):
         if ids is not None and letter.id not in ids:
             continue
         if letter.item is None:

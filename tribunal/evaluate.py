@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.connection import connect
 from common.decision import Rule
-from common.keys import Keys
+from common.keys import all_partitions
 from common.schemas import Item
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
@@ -94,6 +94,7 @@ def collect_offline(
     started = time.perf_counter()
     for name, spec in models.items():
         backend = load_backend(spec.backend, spec.options, tasks)
+        backend.classify(items[:1])  # warm-up: lazy imports and lexicon loads are not timed
         for start in range(0, len(items), settings.batch_size):
             batch = items[start : start + settings.batch_size]
             votes, _ = ask(backend, name, batch, tasks)
@@ -131,13 +132,14 @@ def collect_fleet(
         wait_until_live(redis, session.settings, session.fleet, console)
         started = time.perf_counter()
         Producer(redis, session.settings).send([item.model_dump() for item in items])
-        keys = Keys(session.settings.namespace)
+        parts = all_partitions(session.settings.namespace, session.settings.partitions)
+        finals = [stream for keys in parts for stream in keys.final_streams]
         ended, audits, last, seen = {}, {}, time.monotonic(), 0
         wanted = {item.id for item in items}
         while True:
             session.fleet.supervise()
-            ended = _read(redis, (keys.output, keys.rejects, keys.dead))
-            audits = _read(redis, (keys.audits,))
+            ended = _read(redis, finals)
+            audits = _read(redis, [keys.audits for keys in parts])
             accepted = [d for d in ended.values() if d.get("source") == "workers"]
             done = len(ended) + len([d for d in accepted if d["id"] in audits]) - len(accepted)
             if done > seen:

@@ -42,14 +42,13 @@ from common.lifecycle import StopFlag
 from common.settings import Settings
 from tribunal.status import (
     StatSample,
-    expected_groups,
     expected_roles,
     flag_stalls,
     live_by_role,
     quick_client,
+    read_all_streams,
     read_heartbeats,
     read_stats,
-    read_streams,
 )
 
 log = logging.getLogger(__name__)
@@ -153,10 +152,9 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 
 def queue_families(redis: Redis, settings: Settings) -> Iterator[Metric]:
     """Streams, groups and live consumers, read now."""
-    keys = Keys(settings.namespace)
     ttl = settings.heartbeat_ttl_s
-    streams = read_streams(redis, keys, expected_groups(settings))
-    beats = read_heartbeats(redis, keys)
+    streams = read_all_streams(redis, settings)
+    beats = read_heartbeats(redis, Keys(settings.namespace))
     flag_stalls(streams, beats, ttl, ttl)
     length = _gauge("stream_length", "Entries in the stream now (XLEN): queue depth.", ["stream"])
     added = Metric(
@@ -217,7 +215,7 @@ class FleetCollector(Collector):
         try:
             families = [
                 *queue_families(self.redis, self.settings),
-                *stats_families(read_stats(self.redis, Keys(self.settings.namespace))),
+                *stats_families(read_stats(self.redis, self.settings)),
             ]
             up = 1.0
         except RedisError as exc:

@@ -53,6 +53,7 @@ class Fleet:
             **os.environ,
             "TRIBUNAL_REDIS_URL": redis_url,
             "TRIBUNAL_NAMESPACE": settings.namespace,
+            "TRIBUNAL_PARTITIONS": str(settings.partitions),
             **(extra_env or {}),
         }
         if settings.fleet_file is not None:

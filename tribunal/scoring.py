@@ -189,7 +189,7 @@ def confusion(
     matrix = [[0] * len(axis) for _ in axis]
     position = {label: i for i, label in enumerate(labels)}
     none = len(labels)
-    reference = "gold" if any(o.gold for o in observations) else "judge"
+    reference = "gold" if any(o.gold is not None for o in observations) else "judge"
     for o in observations:
         truth = o.gold if reference == "gold" else (o.judge.label if o.judge else None)
         outcome = decide(o.votes, rule, final=True)

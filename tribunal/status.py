@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ from rich.table import Table
 
 from common import metrics
 from common.connection import connect, text
-from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, all_partitions, worker_group
 from common.lifecycle import StopFlag
 from common.settings import Settings
 
@@ -134,14 +134,16 @@ def read_streams(
         pipe.xinfo_consumers(stream["key"], row["name"])
     for (stream, row), consumers in zip(group_rows, pipe.execute(), strict=True):
         lag = row.get("lag")
+        last_delivered = text(row["last-delivered-id"])
         stream["groups"].append(
             {
                 "group": text(row["name"]),
                 "exists": True,
                 "lag": None if lag is None else int(lag),
+                "lag_unknown": lag is None and last_delivered != stream["last_id"],
                 "pending": int(row["pending"]),
                 "entries_read": row.get("entries-read"),
-                "last_delivered_id": text(row["last-delivered-id"]),
+                "last_delivered_id": last_delivered,
                 "consumers": [
                     {
                         "name": text(c["name"]),
@@ -161,6 +163,7 @@ def read_streams(
                         "group": group,
                         "exists": False,
                         "lag": stream["length"],
+                        "lag_unknown": False,
                         "pending": 0,
                         "entries_read": 0,
                         "last_delivered_id": None,
@@ -168,6 +171,65 @@ def read_streams(
                     }
                 )
     return streams
+
+
+def read_all_streams(redis: Redis, settings: Settings) -> list[dict[str, Any]]:
+    """``read_streams`` over every partition, merged per stream (sums of lengths, lags and
+    pending entries; a consumer reading several partitions listed once)."""
+    expected = expected_groups(settings)
+    parts = [read_streams(redis, keys, expected) for keys in partitions_of(settings)]
+    return (
+        parts[0] if len(parts) == 1 else [_merge_stream(same) for same in zip(*parts, strict=True)]
+    )
+
+
+def _merge_stream(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for part in parts:
+        for group in part["groups"]:
+            groups.setdefault(group["group"], []).append(group)
+    return {
+        "stream": parts[0]["stream"],
+        "key": parts[0]["key"].replace(":{0}:", ":{*}:"),
+        "partitions": len(parts),
+        "exists": any(p["exists"] for p in parts),
+        "length": sum(p["length"] for p in parts),
+        "entries_added": sum(p["entries_added"] for p in parts),
+        "last_id": None,
+        "groups": [_merge_group(same) for same in groups.values()],
+    }
+
+
+def _merge_group(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    consumers: dict[str, dict[str, Any]] = {}
+    for part in parts:
+        for c in part["consumers"]:
+            seen = consumers.setdefault(c["name"], {**c, "pending": 0})
+            seen["pending"] += c["pending"]
+            seen["idle_s"] = min(seen["idle_s"], c["idle_s"])
+    return {
+        "group": parts[0]["group"],
+        "exists": all(p["exists"] for p in parts),
+        "lag": _sum_or_none(p["lag"] for p in parts),
+        "lag_unknown": any(p["lag_unknown"] for p in parts),
+        "pending": sum(p["pending"] for p in parts),
+        "entries_read": _sum_or_none(p["entries_read"] for p in parts),
+        "last_delivered_id": None,
+        "consumers": sorted(consumers.values(), key=lambda c: c["idle_s"]),
+    }
+
+
+def _sum_or_none(values: Iterable[int | None]) -> int | None:
+    total = 0
+    for v in values:
+        if v is None:
+            return None
+        total += int(v)
+    return total
+
+
+def partitions_of(settings: Settings) -> list[Keys]:
+    return all_partitions(settings.namespace, settings.partitions)
 
 
 def flag_stalls(
@@ -181,8 +243,7 @@ def flag_stalls(
             consumers = group["consumers"]
             live = [c for c in consumers if heartbeats.get(c["name"], float("inf")) <= ttl_s]
             group["live_consumers"] = len(live)
-            lag_unknown = group["lag"] is None and group["last_delivered_id"] != stream["last_id"]
-            waiting = lag_unknown or (group["lag"] or 0) > 0 or group["pending"] > 0
+            waiting = group["lag_unknown"] or (group["lag"] or 0) > 0 or group["pending"] > 0
             reason = None
             if not waiting:
                 pass
@@ -208,36 +269,46 @@ class StatSample:
     value: float
 
 
-def read_stats(redis: Redis, keys: Keys) -> list[StatSample]:
-    raw: Any = redis.hgetall(keys.stats)
+def read_stats(redis: Redis, settings: Settings) -> list[StatSample]:
+    """The fleet counters, summed over the partitions' stats hashes."""
+    totals: dict[str, float] = {}
+    for keys in partitions_of(settings):
+        raw: Any = redis.hgetall(keys.stats)
+        for key, value in raw.items():
+            totals[text(key)] = totals.get(text(key), 0.0) + float(value)
     samples = []
-    for key, value in raw.items():
-        field, suffix = text(key), ""
+    for field, value in totals.items():
+        name_labels, suffix = field, ""
         for tail in ("sum", "count"):
             if field.endswith("|" + tail):
-                field, suffix = field[: -len(tail) - 1], tail
-        name, labels = metrics.parse_field(field)
-        samples.append(StatSample(name, labels, suffix, float(value)))
+                name_labels, suffix = field[: -len(tail) - 1], tail
+        name, labels = metrics.parse_field(name_labels)
+        samples.append(StatSample(name, labels, suffix, value))
     return samples
 
 
-def recent_outputs(redis: Redis, key: str) -> dict[str, Any]:
-    """Final labels per second over the last minute (see the module docstring)."""
+def recent_outputs(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Final labels per second over the last minute, over every partition (see the module
+    docstring)."""
     seconds, micros = redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000
-    rows: Any = redis.xrevrange(
-        key, "+", str(now_ms - THROUGHPUT_WINDOW_S * 1000), count=THROUGHPUT_CAP
-    )
-    capped = len(rows) >= THROUGHPUT_CAP
-    span_s = float(THROUGHPUT_WINDOW_S)
-    if capped:
-        oldest_ms = int(text(rows[-1][0]).split("-")[0])
-        span_s = max((now_ms - oldest_ms) / 1000, 0.001)
+    outputs, per_s, capped = 0, 0.0, False
+    for keys in partitions_of(settings):
+        rows: Any = redis.xrevrange(
+            keys.output, "+", str(now_ms - THROUGHPUT_WINDOW_S * 1000), count=THROUGHPUT_CAP
+        )
+        span_s = float(THROUGHPUT_WINDOW_S)
+        if len(rows) >= THROUGHPUT_CAP:
+            capped = True
+            oldest_ms = int(text(rows[-1][0]).split("-")[0])
+            span_s = max((now_ms - oldest_ms) / 1000, 0.001)
+        outputs += len(rows)
+        per_s += len(rows) / span_s
     return {
         "window_s": THROUGHPUT_WINDOW_S,
-        "outputs": len(rows),
+        "outputs": outputs,
         "capped": capped,
-        "per_s": round(len(rows) / span_s, 3),
+        "per_s": round(per_s, 3),
     }
 
 
@@ -250,10 +321,10 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     Redis cannot be read. ``stall_after_s`` defaults to ``heartbeat_ttl_s``."""
     keys = Keys(settings.namespace)
     ttl = settings.heartbeat_ttl_s
-    streams = read_streams(redis, keys, expected_groups(settings))
+    streams = read_all_streams(redis, settings)
     beats = read_heartbeats(redis, keys)
     stalled = flag_stalls(streams, beats, ttl, stall_after_s or ttl)
-    stats = read_stats(redis, keys)
+    stats = read_stats(redis, settings)
     decisions = {
         s.labels.get("source", "?"): int(s.value) for s in stats if s.name == metrics.DECISIONS
     }
@@ -277,7 +348,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         "time": round(time.time(), 3),
         "streams": streams,
         "stalled": stalled,
-        "throughput": recent_outputs(redis, keys.output),
+        "throughput": recent_outputs(redis, settings),
         "decisions": {"total": total, **decisions},
         "escalations": escalations,
         "judge_call_rate": _ratio(escalations, total),
