@@ -133,7 +133,7 @@ class Scripts:
                 f"{c.deadline:.3f}",
                 c.counter,
             ]
-        pipe.execute_command("EVAL", CAST_VOTES, len(keys), *keys, *args)
+        _eval(pipe, CAST_VOTES, keys, args)
 
     def settle(self, pipe: Pipeline, settles: Sequence[Settle]) -> None:
         k = self.keys
@@ -143,12 +143,18 @@ class Scripts:
             keys += [k.state(s.item_id), k.votes(s.item_id), s.stream]
             ttl = self.done_ttl_s if s.new == DONE else 0
             args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter]
-        pipe.execute_command("EVAL", SETTLE, len(keys), *keys, *args)
+        _eval(pipe, SETTLE, keys, args)
 
     def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The vote hash of each item (empty once settled), in one round trip."""
         if not item_ids:
             return []
         keys = [self.keys.votes(i) for i in item_ids]
-        reply: Any = redis.execute_command("EVAL", GATHER, len(keys), *keys)
+        reply: Any = _eval(redis, GATHER, keys, [])
         return [dict(zip(flat[::2], flat[1::2], strict=True)) for flat in reply]
+
+
+def _eval(client: Redis | Pipeline, script: str, keys: list[Any], args: list[Any]) -> Any:
+    """EVAL as a raw command: one spelling for clients, pipelines and their cluster kinds."""
+    run: Any = client.execute_command
+    return run("EVAL", script, len(keys), *keys, *args)
