@@ -1,6 +1,7 @@
 """The fleet's own overhead, measured beside its two baselines in one run on one server.
 
     python bench/pipeline.py [--items 20000] [--rq-items 300] [--json]
+    python bench/pipeline.py --cluster [--items 6000]   # partitions on 1 vs 3 primaries
 
 With instant models (the simulated backend at zero latency) whatever time is left
 is tribunal's: stream reads, validation, votes, the decision, the output. Three
@@ -305,7 +306,19 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--rq-items", type=int, default=300)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--cluster", action="store_true", help="items/s for 1 vs 3 primaries at P = 1, 3, 6"
+    )
     args = parser.parse_args()
+    if args.cluster:
+        import cluster
+
+        rows = cluster.scaling_table(min(args.items, 6000))
+        if args.json:
+            print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        else:
+            cluster.report(rows)
+        return
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-bench-"))
     with EmbeddedRedis(workdir / "valkey") as server:
         raw = raw_ceiling(server.url, args.items)

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import redis
 import typer
@@ -82,9 +82,10 @@ def say(prefix: str, message: str) -> None:
         err.print(escape(message))
 
 
-def settings() -> Settings:
+def settings(**overrides: Any) -> Settings:
     """The settings for this command, or a readable error and exit code 2."""
-    overrides = {"redis_url": state.redis_url} if state.redis_url else {}
+    if state.redis_url:
+        overrides["redis_url"] = state.redis_url
     try:
         return load_settings(state.fleet, **overrides)
     except FileNotFoundError as exc:
@@ -215,28 +216,45 @@ def produce(
     raise typer.Exit(1 if report.invalid and not report.produced else 0)
 
 
+PartitionOption = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--partition",
+        "-p",
+        help="Read only this partition (repeatable; default: every one of `partitions`).",
+    ),
+]
+
+
+def consumer_settings(partition: list[int] | None) -> Settings:
+    return settings(assigned_partitions=partition) if partition else settings()
+
+
 @app.command()
-def worker(name: Annotated[str, typer.Argument(help="Worker name from the fleet file.")]) -> None:
+def worker(
+    name: Annotated[str, typer.Argument(help="Worker name from the fleet file.")],
+    partition: PartitionOption = None,
+) -> None:
     """Run one worker-model consumer: vote on every item of the items stream."""
     from consumers.worker import run_worker
 
-    run_worker(runtime(settings()), name)
+    run_worker(runtime(consumer_settings(partition)), name)
 
 
 @app.command()
-def aggregator() -> None:
+def aggregator(partition: PartitionOption = None) -> None:
     """Run the aggregator: accept the workers' majority or send the item to the judge."""
     from consumers.aggregator import run_aggregator
 
-    run_aggregator(runtime(settings()))
+    run_aggregator(runtime(consumer_settings(partition)))
 
 
 @app.command()
-def judge() -> None:
+def judge(partition: PartitionOption = None) -> None:
     """Run the judge consumer: the large model decides the items the workers split on."""
     from consumers.judge import run_judge
 
-    run_judge(runtime(settings()))
+    run_judge(runtime(consumer_settings(partition)))
 
 
 @app.command()
