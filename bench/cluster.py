@@ -31,7 +31,7 @@ from common.localcluster import LocalCluster
 from common.settings import Settings, load_settings
 from producers.api import Producer
 from tribunal.fleet import Fleet
-from tribunal.status import expected_roles, read_heartbeats
+from tribunal.queues import expected_roles, read_heartbeats
 
 CONFIGS = ((None, 1), (1, 1), (1, 3), (1, 6), (3, 1), (3, 3), (3, 6))  # (primaries, P)
 

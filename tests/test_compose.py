@@ -18,7 +18,7 @@ import yaml
 
 from common.settings import Settings, load_settings
 from tribunal.cli import app
-from tribunal.status import expected_roles
+from tribunal.queues import expected_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

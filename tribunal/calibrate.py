@@ -147,7 +147,7 @@ def _read_audits(redis: Redis, keys: Keys, task: str | None, seen: dict[str, Obs
 
 def live_acceptance(redis: Redis, settings: Settings) -> float | None:
     """Share of final labels the workers settled, from the fleet's counters."""
-    from tribunal.status import read_stats
+    from tribunal.queues import read_stats
 
     by_source = {"workers": 0.0, "judge": 0.0}
     for stat in read_stats(redis, settings):

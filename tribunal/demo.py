@@ -35,7 +35,8 @@ from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
-from tribunal.status import expected_roles, read_heartbeats, render, snapshot
+from tribunal.queues import expected_roles, read_heartbeats
+from tribunal.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
 # The default fleet's lexicon models only know sentiment; pairs get their own offline fleet.

@@ -40,7 +40,7 @@ from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
-from tribunal.status import (
+from tribunal.queues import (
     StatSample,
     expected_roles,
     flag_stalls,

@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 from common.keys import Keys
 from common.settings import Settings
-from tribunal.status import expected_roles, quick_client, read_heartbeats, role_of
+from tribunal.queues import expected_roles, quick_client, read_heartbeats, role_of
 
 
 def missing_roles(
