@@ -7,8 +7,6 @@ one replica per primary).
 
 from __future__ import annotations
 
-import contextlib
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -16,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from redis.exceptions import RedisError
+from test_pipeline import wait_for_all
 
 from common.connection import connect
 from common.keys import all_partitions, partition_of
 from common.localcluster import LocalCluster
 from common.settings import Settings, load_settings
 from producers.api import Producer
-from tribunal.demo import BAD_ENTRIES, Outcome, collect, load_sample
+from tribunal.demo import BAD_ENTRIES, Outcome, load_sample
 from tribunal.fleet import Fleet, log_file
 
 PARTITIONS = 6
@@ -45,25 +43,6 @@ def cluster_settings(cluster: LocalCluster, **overrides: Any) -> Settings:
     )
 
 
-def settle_all(
-    redis: Any, settings: Settings, fleet: Fleet, expected: int, timeout: float
-) -> Outcome:
-    """Collect final records of every partition until ``expected`` ended (or the timeout);
-    then a moment more, so a second record for an item would show up."""
-    outcome = Outcome()
-    parts = all_partitions(settings.namespace, settings.partitions)
-    cursors = {stream: "0-0" for keys in parts for stream in keys.final_streams}
-    deadline = time.monotonic() + timeout
-    while outcome.ended < expected and time.monotonic() < deadline:
-        fleet.supervise()
-        with contextlib.suppress(RedisError):  # a primary is being elected: read again soon
-            collect(redis, cursors, outcome)
-        time.sleep(0.2)
-    time.sleep(1.0)
-    collect(redis, cursors, outcome)
-    return outcome
-
-
 def ended_ids(outcome: Outcome) -> list[str]:
     return [r["id"] for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
@@ -82,7 +61,7 @@ def test_pipeline_on_a_three_primary_cluster_with_six_partitions(
             assert report.produced == len(records)
             for fields in BAD_ENTRIES:  # hand-written bad entries, in partition 3
                 redis.xadd(parts[3].items, fields)  # type: ignore[arg-type]
-            outcome = settle_all(redis, settings, fleet, len(records) + len(BAD_ENTRIES), 180)
+            outcome = wait_for_all(redis, settings, len(records) + len(BAD_ENTRIES), 180, fleet)
         finally:
             fleet.stop()
     ids = ended_ids(outcome)
@@ -126,7 +105,7 @@ def test_a_primary_killed_mid_run_loses_no_item(cluster: LocalCluster, tmp_path:
             second = producer.send(records[200:], rate=200)
             promoted = cluster.wait_for_failover(victim, timeout_s=60)
             assert promoted.role == "primary"
-            outcome = settle_all(redis, settings, fleet, len(records), 240)
+            outcome = wait_for_all(redis, settings, len(records), 240, fleet)
         finally:
             fleet.stop()
     produced = first.produced + second.produced

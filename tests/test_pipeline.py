@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -9,22 +10,37 @@ import sys
 import time
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from common.connection import connect
-from common.keys import Keys
+from common.keys import Keys, all_partitions
 from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, Outcome, collect, load_sample
 from tribunal.fleet import Fleet
 
 
-def wait_for(redis: Any, keys: Keys, expected: int, timeout: float = 120.0) -> Outcome:
+def wait_for_all(
+    redis: Any,
+    settings: Settings,
+    expected: int,
+    timeout: float = 120.0,
+    fleet: Fleet | None = None,
+) -> Outcome:
+    """Collect the final records of every partition until ``expected`` ended (or the
+    timeout), then a moment more: a second record for an item would show up then. Read
+    errors are retried (a cluster may be electing a primary)."""
     outcome = Outcome()
-    cursors = dict.fromkeys(keys.final_streams, "0-0")
+    parts = all_partitions(settings.namespace, settings.partitions)
+    cursors = {stream: "0-0" for keys in parts for stream in keys.final_streams}
     deadline = time.monotonic() + timeout
     while outcome.ended < expected and time.monotonic() < deadline:
-        collect(redis, cursors, outcome)
+        if fleet is not None:
+            fleet.supervise()
+        with contextlib.suppress(RedisError):
+            collect(redis, cursors, outcome)
         time.sleep(0.1)
-    time.sleep(0.5)  # anything extra (a second label for an item) would show up now
+    time.sleep(1.0)  # anything extra (a second label for an item) would show up now
     collect(redis, cursors, outcome)
     return outcome
 
@@ -46,7 +62,7 @@ def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> No
         for fields in BAD_ENTRIES:
             entry_id = redis.xadd(keys.items, fields)  # type: ignore[arg-type]
             bad_ids.append(entry_id.decode())
-        outcome = wait_for(redis, keys, len(records) + len(BAD_ENTRIES))
+        outcome = wait_for_all(redis, settings, len(records) + len(BAD_ENTRIES))
     finally:
         fleet.stop()
 

@@ -37,10 +37,15 @@ def evaluate(
     --offline the items go through the real fleet (embedded valkey unless a Redis URL is
     set) with every accepted label audited by the judge. Writes JSON and an HTML report."""
     from tribunal.demo import DEMO_FLEETS
+    from tribunal.evaluate import tasks_named
+
+    if state.fleet is None and source != "-":  # the default fleet knows sentiment only
+        named = tasks_named(source, fmt, task)
+        if len(named) == 1 and (only := named.pop()) in DEMO_FLEETS:
+            say("", f"{only} items and no fleet file: using {DEMO_FLEETS[only]}")
+            state.fleet = DEMO_FLEETS[only]
     from tribunal.evaluate import run_evaluate
 
-    if state.fleet is None and task in DEMO_FLEETS:
-        state.fleet = DEMO_FLEETS[task]
     raise typer.Exit(run_evaluate(settings(), source, out, offline, fmt, task))
 
 

@@ -83,6 +83,22 @@ def completed(records: Iterable[Record], default_task: str | None) -> Iterable[R
         yield where, record
 
 
+def tasks_named(
+    source: str, fmt: str | None, default_task: str | None, sniff: int = 1000
+) -> set[str]:
+    """The tasks the first ``sniff`` records name (empty when the file cannot be read)."""
+    named: set[str] = set()
+    try:
+        for n, (_, record) in enumerate(completed(records_of(source, fmt), default_task)):
+            if n >= sniff:
+                break
+            if isinstance(record, dict) and isinstance(record.get("task"), str):
+                named.add(record["task"])
+    except OSError:
+        pass
+    return named
+
+
 def collect_offline(
     items: Sequence[Item], settings: Settings, on_progress: Progressed = lambda n: None
 ) -> Collected:

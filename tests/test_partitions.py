@@ -1,0 +1,66 @@
+"""Partitions on one server: items spread by a stable hash of their id, every consumer reads
+all its partitions in one blocking call, status adds the partitions up."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from test_pipeline import wait_for_all
+
+from common.connection import connect
+from common.keys import Keys, all_partitions, partition_of
+from producers.api import Producer
+from tribunal.demo import load_sample
+from tribunal.fleet import Fleet
+from tribunal.status import snapshot
+
+
+def test_partition_of_is_stable_and_spreads() -> None:
+    assert partition_of("t0001", 1) == 0
+    assert partition_of("t0001", 6) == partition_of("t0001", 6)  # a pure function of the id
+    # the standard CRC-32 (its check value), so any language can route an item
+    assert partition_of("123456789", 7) == 0xCBF43926 % 7
+    spread = Counter(partition_of(f"ticket-{n}", 4) for n in range(4000))
+    assert sorted(spread) == [0, 1, 2, 3] and min(spread.values()) > 900
+
+
+def test_producer_routes_each_item_to_its_partition(make_settings: Any) -> None:
+    settings = make_settings(partitions=4)
+    redis = connect(settings)
+    records = [{"id": f"r{n}", "task": "sentiment", "text": "the app crashes"} for n in range(40)]
+    Producer(redis, settings).send(records)
+    for keys in all_partitions(settings.namespace, 4):
+        ids = [e[1][b"d"] for e in redis.xrange(keys.items)]
+        assert all(partition_of(orjson_id(raw), 4) == keys.partition for raw in ids)
+    assert sum(redis.xlen(k.items) for k in all_partitions(settings.namespace, 4)) == 40
+
+
+def orjson_id(raw: bytes) -> str:
+    import orjson
+
+    return str(orjson.loads(raw)["id"])
+
+
+def test_fleet_on_three_partitions_labels_every_item_once(make_settings: Any) -> None:
+    settings = make_settings(partitions=3, block_ms=200)
+    redis = connect(settings)
+    records = load_sample("sentiment")
+    fleet = Fleet(settings, settings.redis_url or "", log_level="WARNING").start()
+    try:
+        Producer(redis, settings).send(records)
+        outcome = wait_for_all(redis, settings, len(records))
+        snap = snapshot(redis, settings)
+    finally:
+        fleet.stop()
+    labeled = [d["id"] for d in outcome.decisions]
+    assert len(labeled) == len(set(labeled)) == len(records)
+    per_partition = Counter(partition_of(i, 3) for i in labeled)
+    for p in range(3):
+        assert redis.xlen(Keys(settings.namespace, p).output) == per_partition[p] > 0
+    # status shows the partitions added up, each consumer once
+    items = next(s for s in snap["streams"] if s["stream"] == "items")
+    assert items["entries_added"] == len(records) and items["partitions"] == 3
+    assert snap["decisions"]["total"] == len(records)
+    aggregator = next(s for s in snap["streams"] if s["stream"] == "ready")["groups"][0]
+    assert len(aggregator["consumers"]) == 1 and aggregator["pending"] == 0
