@@ -71,6 +71,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     by_name = {s["stream"]: s for s in streams}
     return {
         "namespace": settings.namespace,
+        "partitions": settings.partitions,
         "time": round(time.time(), 3),
         "streams": streams,
         "stalled": stalled,
@@ -118,7 +119,9 @@ def _consumers_cell(group: dict[str, Any], shown: int = 3) -> str:
 
 def render(snap: Snapshot) -> RenderableType:
     """The snapshot as rich tables: queues first, then outcomes and the fleet."""
-    queues = Table(title=f"tribunal · namespace {snap['namespace']}", title_justify="left")
+    parts = f" · {snap['partitions']} partitions (summed)" if snap["partitions"] > 1 else ""
+    title = f"tribunal · namespace {snap['namespace']}{parts}"
+    queues = Table(title=title, title_justify="left")
     for column in ("stream", "length", "added", "group", "lag", "pending", "live"):
         queues.add_column(column, justify="left" if column in ("stream", "group") else "right")
     queues.add_column("consumers (idle, pending)")
