@@ -74,3 +74,22 @@ def test_invalid_fleet_files_say_what_is_wrong(tmp_path: Path, toml: str, messag
     fleet.write_text(toml)
     with pytest.raises(ValidationError, match=message):
         load_settings(fleet)
+
+
+def test_partitions_and_their_assignment(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().my_partitions == [0]
+    assert load_settings(partitions=4).my_partitions == [0, 1, 2, 3]
+    monkeypatch.setenv("TRIBUNAL_ASSIGNED_PARTITIONS", "[3, 1, 3]")
+    assert load_settings(partitions=4).my_partitions == [1, 3]
+    with pytest.raises(ValidationError, match=r"assigned partition 3 is not in 0\.\.1"):
+        load_settings(partitions=2)
+
+
+def test_agreement_schemes_and_their_limits() -> None:
+    assert load_settings(agreement="weighted", min_weight=2.5).min_weight == 2.5
+    with pytest.raises(ValidationError, match=r"min_weight 4\.0 exceeds the 3 workers"):
+        load_settings(agreement="weighted", min_weight=4)
+    with pytest.raises(ValidationError, match="agreement"):
+        load_settings(agreement="plurality")
+    with pytest.raises(ValidationError, match="audit_fraction"):
+        load_settings(audit_fraction=1.5)
