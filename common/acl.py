@@ -12,9 +12,10 @@ import hashlib
 
 ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
 
-_CONNECT = "+ping +client|setname"  # CLIENT SETINFO (7.2+) may fail: redis-py ignores it
+# CLUSTER SLOTS/SHARDS and COMMAND: what redis-py's cluster client needs to find slots and keys.
+_CONNECT = "+ping +client|setname +cluster|slots +cluster|shards +command"
 _CONSUMER = (
-    "+xreadgroup +xack +xautoclaim +xpending +xgroup|create +xgroup|delconsumer "
+    "+xreadgroup +xack +xautoclaim +xpending +xgroup|create +xgroup|delconsumer +multi +exec "
     "+zadd +zrem +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
 )
 # EVAL plus what common/scripts.py's scripts call inside.

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis
 from redis import Redis
+from redis.exceptions import AskError, RedisClusterException, RedisError
 
 from common import metrics
 from common.connection import text
@@ -77,6 +78,24 @@ def ensure_group(client: Redis, stream: str, group: str) -> None:
             raise
 
 
+# Error replies that say "not now", not "never": retried after a backoff.
+TRANSIENT_REPLIES = ("TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN", "MASTERDOWN", "LOADING", "OOM")
+
+
+def is_transient(exc: BaseException, client: Any) -> bool:
+    """Whether waiting and retrying can fix ``exc``."""
+    if isinstance(exc, AskError) and not is_cluster(client):
+        return False  # MOVED to a plain client: the URL names a cluster node (redis+cluster://)
+    if isinstance(exc, REDIS_ERRORS):
+        return True
+    if isinstance(exc, RedisClusterException):
+        return "cannot be connected" in str(exc)  # every node down; not a cross-slot bug
+    # The reply behind the exception: a pipeline names the failed command first, an aborted
+    # transaction its cause.
+    reply = str(exc).split("caused error: ", 1)[-1].split("because of: ", 1)[-1]
+    return isinstance(exc, RedisError) and reply.startswith(TRANSIENT_REPLIES)
+
+
 def consumer_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
@@ -107,6 +126,12 @@ class StreamConsumer:
         self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
         self._next_reclaim = 0.0
         self.last_batch = 0  # size of the last batch of new entries
+        # Driven by common.loop: where we are in our own pending entries (None: done, read
+        # new ones), whether the group is known to exist, and this partition's backoff.
+        self.cursor: str | None = "0"
+        self.group_ready = False
+        self.resume_at = 0.0
+        self.backoff = 0.2
 
     def leave(self) -> None:
         """On a clean exit: no longer live (heartbeat gone), and with nothing pending, out of
@@ -119,16 +144,16 @@ class StreamConsumer:
             )
             if not mine:
                 self.redis.xgroup_delconsumer(self.stream, self.group, self.name)
-        except (*REDIS_ERRORS, redis.ResponseError):
+        except (redis.RedisError, RedisClusterException):
             pass  # Redis gone or group deleted: nothing to tidy
 
     def _tick(self) -> None:
         """The handler's periodic work; a bug there is logged, never fatal to the consumer."""
         try:
             self.handler.tick()
-        except REDIS_ERRORS:
-            raise
-        except Exception:
+        except Exception as exc:
+            if is_transient(exc, self.redis):
+                raise
             log.exception("%s: periodic work failed; carrying on", self.name)
             self.stop.wait(1.0)
 
@@ -218,9 +243,10 @@ class StreamConsumer:
         if fresh:
             try:
                 failures = self.handler.handle(fresh, writes)
-            except REDIS_ERRORS:
-                raise
             except Exception as exc:  # a handler bug or a backend failure: retry later
+                if is_transient(exc, self.redis):
+                    raise  # Redis, not the entries: the loop backs off
+
                 log.exception("%s failed on a batch of %d", self.name, len(fresh))
                 failures = {e.id: f"{type(exc).__name__}: {exc}" for e in fresh}
                 writes = self._writes()  # drop half-queued writes
@@ -245,7 +271,11 @@ class StreamConsumer:
         pipe.execute()
 
     def _writes(self) -> Writes:
-        return Writes(self.redis.pipeline(transaction=False), self.scripts)
+        """A batch's results and its XACK go in one MULTI/EXEC: if Redis refuses any of them
+        (a slot migrating, out of memory, too few replicas) none is applied and nothing is
+        acked, so the entries stay pending and are retried. They all live in one partition,
+        one cluster slot, so the transaction is valid on a cluster too."""
+        return Writes(self.redis.pipeline(transaction=True), self.scripts)
 
     def _give_up(self, entry: Entry, writes: Writes) -> bool:
         error = self._errors.pop(entry.id, "the consumer died or timed out while handling it")
@@ -273,100 +303,6 @@ class StreamConsumer:
         counts = {text(r["message_id"]): int(r["times_delivered"]) for r in rows}
         for entry in entries:
             entry.deliveries = counts.get(entry.id, entry.deliveries)
-
-
-def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bool = False) -> None:
-    """The loop of a consumer process: one ``StreamConsumer`` per partition it reads, all with
-    the same group and consumer name. Until a stop signal (with ``drain``, also once no new
-    entries come): heartbeat, periodic work, reclaim, own pending entries first (after a
-    start or an outage), then new ones. Redis outages are waited out with capped backoff."""
-    first = consumers[0]
-    log.info(
-        "%s reading %s as group %s",
-        first.name,
-        ", ".join(c.stream for c in consumers),
-        first.group,
-    )
-    backoff = 0.2
-    cursors: list[str | None] = ["0"] * len(consumers)  # re-read our own pending entries first
-    groups_ready = False
-    turn = 0
-    while not stop.is_set():
-        try:
-            if not groups_ready:
-                for c in consumers:
-                    c.ensure_group()
-                groups_ready = True
-            first.heartbeat()
-            for c in consumers:
-                c._tick()
-                c.maybe_reclaim()
-            if any(cursor is not None for cursor in cursors):
-                cursors = [
-                    c.read_once(cursor) if cursor is not None else None
-                    for c, cursor in zip(consumers, cursors, strict=True)
-                ]
-                continue
-            got = _read_new(consumers, turn)
-            turn += 1
-            backoff = 0.2
-            if drain and got == 0:
-                break
-        except REDIS_ERRORS as exc:
-            if drain:  # a one-off read: say so now rather than wait for Redis forever
-                raise
-            log.warning("%s: Redis unavailable (%s); retrying in %.1fs", first.name, exc, backoff)
-            stop.wait(backoff)
-            backoff = min(backoff * 2, 10.0)
-            cursors = ["0"] * len(consumers)
-        except redis.ResponseError as exc:
-            if "NOGROUP" not in str(exc):
-                raise
-            # The stream or group is gone (a Redis restarted without persistence, or
-            # deleted by hand): recreate it rather than crash-looping.
-            log.warning("%s: %s; recreating the group", first.name, exc)
-            groups_ready = False
-            cursors = ["0"] * len(consumers)
-    for c in consumers:
-        c.leave()
-    log.info("%s stopped", first.name)
-
-
-def _read_new(consumers: Sequence[StreamConsumer], turn: int) -> int:
-    """New entries from every partition without busy-looping; returns how many came.
-
-    On one server a single blocking XREADGROUP covers every partition's stream. On a
-    cluster the streams sit in different slots and no command may span slots: each is
-    polled without blocking, and only when all were empty does the loop block, on one
-    partition in turn, for a share of ``block_ms`` (an idle fleet wakes a few times a
-    second; a busy one never blocks)."""
-    first = consumers[0]
-    if len(consumers) == 1:
-        first.read_once(None)
-        return first.last_batch
-    if not is_cluster(first.redis):
-        reply: Any = first.redis.xreadgroup(
-            first.group,
-            first.name,
-            {c.stream: ">" for c in consumers},
-            count=first.settings.batch_size,
-            block=first.settings.block_ms,
-        )
-        by_stream = {text(stream): batch for stream, batch in reply or ()}
-        for c in consumers:
-            entries = _entries([(c.stream, by_stream.get(c.stream, []))])
-            c.last_batch = len(entries)
-            c.process(entries)
-        return sum(c.last_batch for c in consumers)
-    got = 0
-    for c in consumers:
-        c.read_once(None, block_ms=None)
-        got += c.last_batch
-    if not got:
-        c = consumers[turn % len(consumers)]
-        c.read_once(None, block_ms=max(first.settings.block_ms // len(consumers), 10))
-        got = c.last_batch
-    return got
 
 
 def is_cluster(client: Any) -> bool:

@@ -45,16 +45,18 @@ if #ready > 0 then redis.call('XADD', KEYS[1], '*', 'ids', table.concat(ready, '
 return #ready
 """
 
-# KEYS: deadlines zset, stats hash, then per item: state, votes hash, target stream
+# KEYS: deadlines zset, stats hash, then per item: state, votes hash, target stream, and
+#       a second stream (the judge's, for an audit)
 # ARGV: per item: expected state ('' = unsettled), new state, ttl s (0 = keep), item id,
-#       payload, counter field
-# Settles each item whose state is as expected: one entry in its target stream, the votes
-# and the deadline gone, the counter incremented. Returns 1/0 per item.
+#       payload, counter field, payload for the second stream ('' = none)
+# Settles each item whose state is as expected: one entry in its target stream (and one in
+# the second, only then: an audit is sent once however often the item is settled), the
+# votes and the deadline gone, the counter incremented. Returns 1/0 per item.
 SETTLE = """
 local done = {}
-for i = 0, (#KEYS - 2) / 3 - 1 do
-  local state, votes, target = KEYS[3 + 3 * i], KEYS[4 + 3 * i], KEYS[5 + 3 * i]
-  local a = 6 * i
+for i = 0, (#KEYS - 2) / 4 - 1 do
+  local state, votes, target = KEYS[3 + 4 * i], KEYS[4 + 4 * i], KEYS[5 + 4 * i]
+  local a = 7 * i
   local cur = redis.call('GET', state) or ''
   if cur == ARGV[a + 1] then
     if ARGV[a + 3] == '0' then
@@ -63,6 +65,9 @@ for i = 0, (#KEYS - 2) / 3 - 1 do
       redis.call('SET', state, ARGV[a + 2], 'EX', ARGV[a + 3])
     end
     redis.call('XADD', target, '*', 'id', ARGV[a + 4], 'd', ARGV[a + 5])
+    if ARGV[a + 7] ~= '' then
+      redis.call('XADD', KEYS[6 + 4 * i], '*', 'id', ARGV[a + 4], 'd', ARGV[a + 7])
+    end
     redis.call('DEL', votes)
     redis.call('ZREM', KEYS[1], ARGV[a + 4])
     redis.call('HINCRBY', KEYS[2], ARGV[a + 6], 1)
@@ -104,6 +109,7 @@ class Settle:
     counter: str
     expect: str = ""  # the state it must be in: unsettled, or ESCALATED for the judge
     new: str = DONE
+    also: tuple[str, bytes] | None = None  # (stream, payload) added only if it settles
 
 
 class Scripts:
@@ -140,9 +146,10 @@ class Scripts:
         keys: list[Any] = [k.deadlines, k.stats]
         args: list[Any] = []
         for s in settles:
-            keys += [k.state(s.item_id), k.votes(s.item_id), s.stream]
+            also_stream, also_payload = s.also or (s.stream, b"")
+            keys += [k.state(s.item_id), k.votes(s.item_id), s.stream, also_stream]
             ttl = self.done_ttl_s if s.new == DONE else 0
-            args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter]
+            args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter, also_payload]
         _eval(pipe, SETTLE, keys, args)
 
     def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:

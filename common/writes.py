@@ -38,9 +38,17 @@ class Writes:
             CastVote(item_id, vote.worker, vote.dump(), item, notify_at, deadline, counter)
         )
 
-    def settle(self, item_id: str, stream: str, payload: bytes, counter: str) -> None:
-        """Make the item final: one entry in ``stream`` (output, rejects or dead), once."""
-        self._settles.append(Settle(item_id, stream, payload, counter))
+    def settle(
+        self,
+        item_id: str,
+        stream: str,
+        payload: bytes,
+        counter: str,
+        also: tuple[str, bytes] | None = None,
+    ) -> None:
+        """Make the item final: one entry in ``stream`` (output, rejects or dead), once; and,
+        only if this call is the one that settles it, ``also`` (stream, payload)."""
+        self._settles.append(Settle(item_id, stream, payload, counter, also=also))
 
     def escalate(self, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""

@@ -92,7 +92,7 @@ class AggregatorHandler(Handler):
             outcome = decide(votes, self.rule, final=final)
             if outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
-                self.rt.publish(writes, decision, escalated=False)
+                audit = None
                 if audited(item.id, self.rt.settings.audit_fraction):
                     audit = Escalation(
                         item=item,
@@ -100,8 +100,8 @@ class AggregatorHandler(Handler):
                         reason="audit",
                         escalated_at=now(),
                         accepted=outcome.label,
-                    )
-                    writes.pipe.xadd(keys.judge, {"id": item.id, ITEM_FIELD: audit.dump()})
+                    ).dump()
+                self.rt.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())

@@ -10,9 +10,10 @@ from redis import Redis
 
 from common import metrics
 from common.connection import connect
-from common.consumer import Entry, Handler, StreamConsumer, consumer_name, run_consumers
+from common.consumer import Entry, Handler, StreamConsumer, consumer_name
 from common.keys import Keys
 from common.lifecycle import StopFlag
+from common.loop import run_consumers
 from common.schemas import DeadLetter, Decision, Item, Reject, is_item_id, now
 from common.scripts import Scripts
 from common.settings import Settings
@@ -83,11 +84,17 @@ class Runtime:
         )
         writes.settle(record.id, self.keys.rejects, record.dump(), metrics.REJECTS)
 
-    def publish(self, writes: Writes, decision: Decision, escalated: bool) -> None:
-        """Settle an item with its final label, once, and record how long it took."""
+    def publish(
+        self, writes: Writes, decision: Decision, escalated: bool, audit: bytes | None = None
+    ) -> None:
+        """Settle an item with its final label, once, and record how long it took; ``audit``
+        (an escalation for the judge) is sent only if this call settles it."""
         counter = metrics.field(metrics.DECISIONS, {"source": decision.source})
-        settle = writes.settle_escalated if escalated else writes.settle
-        settle(decision.id, self.keys.output, decision.dump(), counter)
+        if escalated:
+            writes.settle_escalated(decision.id, self.keys.output, decision.dump(), counter)
+        else:
+            also = (self.keys.judge, audit) if audit else None
+            writes.settle(decision.id, self.keys.output, decision.dump(), counter, also)
         if decision.produced_at is not None:
             latency = max(decision.decided_at - decision.produced_at, 0.0)
             writes.observe(metrics.ITEM_LATENCY, latency, {"source": decision.source})

@@ -6,10 +6,11 @@ import time
 from typing import Any
 
 import orjson
-from test_consumers import WORKERS, Fleet, agree, produce
+from test_consumers import WORKERS, Fleet, agree, drain, produce
 
 from common.keys import JUDGE_GROUP
 from common.settings import ModelSpec
+from common.writes import Writes
 from consumers.aggregator import audited
 from tribunal.status import snapshot
 
@@ -73,3 +74,18 @@ def test_audit_sample_is_stable_and_close_to_the_fraction() -> None:
     assert picked == [i for i in ids if audited(i, 0.1)]
     assert not any(audited(i, 0.0) for i in ids)
     assert all(audited(i, 1.0) for i in ids)
+
+
+def test_two_aggregators_settling_one_item_at_once_send_one_audit(make_settings: Any) -> None:
+    fleet = audit_fleet(make_settings, 1.0)
+    rt = fleet.rt
+    produce(rt.settings, agree("positive"))
+    for name in WORKERS:
+        drain(fleet.workers[name])
+    racing = [Writes(rt.redis.pipeline(transaction=True), rt.scripts) for _ in range(2)]
+    for writes in racing:  # both gathered the votes before either settled
+        fleet.aggregator_handler.settle(["i0"], writes, timed_out=False)
+    for writes in racing:
+        writes.flush().execute()
+    assert rt.redis.xlen(rt.keys.output) == 1
+    assert rt.redis.xlen(rt.keys.judge) == 1  # the audit went with the settlement that won

@@ -1,0 +1,152 @@
+"""The loop of a consumer process: one ``StreamConsumer`` per partition it reads.
+
+Each round: a heartbeat, then per partition its periodic work, reclaim and its own
+pending entries (after a start or an outage), then new entries from every partition.
+A Redis error that passes (server down or restarting, a cluster electing a primary or
+moving a slot, too few replicas) puts only that partition into capped backoff: on a
+cluster the partitions of a healthy primary go on while another fails over. Any other
+error is a bug and ends the process (its supervisor restarts it; entries in flight are
+reclaimed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from redis.exceptions import RedisClusterException, RedisError
+
+from common.connection import text
+from common.consumer import StreamConsumer, _entries, is_cluster, is_transient
+from common.lifecycle import StopFlag
+
+log = logging.getLogger(__name__)
+
+
+def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bool = False) -> None:
+    """Until a stop signal (with ``drain``, also once no new entries come)."""
+    first = consumers[0]
+    streams = ", ".join(c.stream for c in consumers)
+    log.info("%s reading %s as group %s", first.name, streams, first.group)
+    turn = 0
+    while not stop.is_set():
+        _heartbeat(first)
+        now = time.monotonic()
+        ready = [c for c in consumers if c.resume_at <= now]
+        if not ready:
+            stop.wait(min(c.resume_at for c in consumers) - now)
+            continue
+        for c in ready:
+            _guarded([c], drain, lambda c=c: _prepare(c))  # type: ignore[misc]
+        reading = [c for c in ready if c.resume_at <= now and c.cursor is None]
+        if len(reading) < len(ready):
+            continue  # own pending entries first (or a partition just failed): next round
+        got = _read_new(reading, turn, drain)
+        turn += 1
+        if drain and got == 0 and len(reading) == len(consumers):
+            break
+    for c in consumers:
+        c.leave()
+    log.info("%s stopped", first.name)
+
+
+def _prepare(c: StreamConsumer) -> None:
+    if not c.group_ready:
+        c.ensure_group()
+        c.group_ready = True
+    c._tick()
+    c.maybe_reclaim()
+    if c.cursor is not None:
+        c.cursor = c.read_once(c.cursor)
+
+
+def _heartbeat(c: StreamConsumer) -> None:
+    """Liveness is reported, never required: a failed heartbeat (its key's primary failing
+    over) must not stop the partitions of healthy primaries."""
+    try:
+        c.heartbeat()
+    except (RedisError, RedisClusterException) as exc:
+        if not is_transient(exc, c.redis):
+            raise
+        log.debug("%s: heartbeat failed: %s", c.name, exc)
+
+
+def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], Any]) -> bool:
+    """Run ``step``; a passing Redis error backs off the partitions in ``group`` only, a lost
+    group is recreated, anything else is raised. True when the step succeeded."""
+    try:
+        step()
+    except (RedisError, RedisClusterException) as exc:
+        if "NOGROUP" in str(exc):
+            # The stream or group is gone (a Redis restarted without persistence, or
+            # deleted by hand): recreate it rather than crash-looping.
+            log.warning("%s: %s; recreating the group", group[0].name, exc)
+            for c in group:
+                c.group_ready, c.cursor = False, "0"
+            return False
+        if drain or not is_transient(exc, group[0].redis):
+            raise  # a one-off read says so now; a bug is not waited out
+        backoff = group[0].backoff
+        log.warning(
+            "%s: Redis unavailable for %s (%s); retrying in %.1fs",
+            group[0].name,
+            ", ".join(c.stream for c in group),
+            exc,
+            backoff,
+        )
+        for c in group:
+            c.resume_at = time.monotonic() + c.backoff
+            c.backoff = min(c.backoff * 2, 10.0)
+            c.cursor = "0"  # afterwards, re-read our own pending entries first
+        return False
+    for c in group:
+        c.backoff = 0.2
+    return True
+
+
+def _read_new(consumers: Sequence[StreamConsumer], turn: int, drain: bool) -> int:
+    """New entries from every partition without busy-looping; returns how many came.
+
+    On one server a single blocking XREADGROUP covers every partition's stream (COUNT is
+    per stream: the batch is shared out so one read stays one batch). On a cluster the
+    streams sit in different slots and no command may span slots: each is polled without
+    blocking, and only when all were empty does the loop block, on one partition in turn,
+    for a share of ``block_ms`` (an idle fleet wakes a few times a second; a busy one never
+    blocks)."""
+    first = consumers[0]
+    for c in consumers:
+        c.last_batch = 0
+    if len(consumers) == 1:
+        _guarded([first], drain, lambda: first.read_once(None))
+        return first.last_batch
+    if not is_cluster(first.redis):
+        _guarded(consumers, drain, lambda: _read_together(consumers))
+        return sum(c.last_batch for c in consumers)
+    for c in consumers:
+        _guarded([c], drain, lambda c=c: c.read_once(None, block_ms=None))  # type: ignore[misc]
+    got = sum(c.last_batch for c in consumers)
+    if not got:
+        c = consumers[turn % len(consumers)]
+        share = max(first.settings.block_ms // len(consumers), 10)
+        _guarded([c], drain, lambda: c.read_once(None, block_ms=share))
+        got = c.last_batch
+    return got
+
+
+def _read_together(consumers: Sequence[StreamConsumer]) -> None:
+    first = consumers[0]
+    reply: Any = first.redis.xreadgroup(
+        first.group,
+        first.name,
+        {c.stream: ">" for c in consumers},
+        count=math.ceil(first.settings.batch_size / len(consumers)),
+        block=first.settings.block_ms,
+    )
+    by_stream = {text(stream): batch for stream, batch in reply or ()}
+    for c in consumers:
+        entries = _entries([(c.stream, by_stream.get(c.stream, []))])
+        c.last_batch = len(entries)
+        c.process(entries)
