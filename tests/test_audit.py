@@ -89,3 +89,27 @@ def test_two_aggregators_settling_one_item_at_once_send_one_audit(make_settings:
         writes.flush().execute()
     assert rt.redis.xlen(rt.keys.output) == 1
     assert rt.redis.xlen(rt.keys.judge) == 1  # the audit went with the settlement that won
+
+
+def test_calibrate_from_live_audits(make_settings: Any) -> None:
+    from rich.console import Console
+
+    from common.decision import Rule
+    from tribunal.calibrate import Goal, live_acceptance, read_audits, run_calibrate
+
+    fleet = audit_fleet(make_settings, 1.0)
+    rt = fleet.rt
+    sure = {name: "positive@0.95" for name in WORKERS}
+    unsure = {name: "positive@0.6" for name in WORKERS}
+    produce(
+        rt.settings,
+        *([{**sure, "judge": "positive"}] * 30 + [{**unsure, "judge": "negative"}] * 20),
+    )
+    fleet.step()
+    observations = read_audits(rt.redis, [rt.keys], None)
+    assert len(observations) == 50 and live_acceptance(rt.redis, rt.settings) == 1.0
+    console = Console(width=160, record=True)
+    code = run_calibrate(console, observations, Rule.of(rt.settings), Goal(0.9), 1.0)
+    text = console.export_text()
+    assert code == 0, text
+    assert "recommended: majority 2/3, conf >= 0.65" in text  # the unsure votes filtered out

@@ -9,7 +9,14 @@ import pytest
 from common.decision import Rule
 from common.schemas import Vote
 from common.settings import load_settings
-from tribunal.calibrate import Candidate, Goal, fleet_lines, recommend, score_candidates
+from tribunal.calibrate import (
+    Candidate,
+    Goal,
+    fleet_lines,
+    recommend,
+    score_candidates,
+    stricter_rules,
+)
 from tribunal.scoring import (
     Observation,
     candidate_rules,
@@ -138,3 +145,19 @@ def test_the_printed_fleet_lines_load_and_give_the_recommended_rule(tmp_path: Pa
     fleet = tmp_path / "fleet.toml"
     fleet.write_text(fleet_lines(best.rule) + '\n\n[judge]\nbackend = "lexicon-judge"\n')
     assert Rule.of(load_settings(fleet)) == best.rule
+
+
+def test_a_judge_abstention_is_not_a_disagreement() -> None:
+    silent = HAND[0].model_copy(update={"judge": Vote(worker="judge", label=None)})
+    s = score_rule([silent, HAND[3]], MAJORITY)
+    assert s.accepted == 2 and s.judge_agreement == 1.0  # only i4's judge answered
+
+
+def test_audits_judge_only_rules_at_least_as_strict_as_the_live_one() -> None:
+    weighted = Rule(n_workers=3, quorum=2, threshold=0.6, scheme="weighted", min_weight=2.5)
+    rules = stricter_rules(weighted)
+    assert rules and all(r.scheme == "weighted" and r.min_weight == 2.5 for r in rules)
+    assert all((r.threshold or 0) >= 0.6 for r in rules)
+    majority = stricter_rules(Rule(n_workers=3, quorum=2))
+    assert {r.scheme for r in majority} == {"majority", "unanimous"}
+    assert "min_weight = 2.5" in fleet_lines(weighted)

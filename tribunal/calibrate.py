@@ -56,14 +56,18 @@ class Goal:
 
 
 def score_candidates(
-    observations: Sequence[Observation], rules: Sequence[Rule], live_acceptance: float = 1.0
+    observations: Sequence[Observation],
+    rules: Sequence[Rule],
+    live_acceptance: float | None = None,
 ) -> list[Candidate]:
     """Each rule's score; ``live_acceptance`` scales acceptance when the observations are
     audits (a sample of the items the live rule accepted)."""
+    audits = live_acceptance is not None
+    live_acceptance = live_acceptance or 0.0
     out = []
     for rule in rules:
         s = score_rule(observations, rule)
-        if live_acceptance != 1.0:
+        if audits:
             acceptance = s.acceptance * live_acceptance
             s = replace(s, acceptance=acceptance, judge_calls=1 - acceptance, speedup=None)
         out.append(Candidate(rule, s))
@@ -71,8 +75,10 @@ def score_candidates(
 
 
 def recommend(candidates: Sequence[Candidate], goal: Goal) -> Candidate | None:
-    """The rule settling most items within the goal (with a budget and no target: the one
-    agreeing most with the judge). Ties go to the simpler rule: lower threshold, majority."""
+    """The rule settling most items within the goal, then the one agreeing most with the
+    judge (with a budget and no target: the one agreeing most, then settling most). Ties
+    go to the simpler rule: majority before weighted before unanimous, then the lower
+    threshold, then the smaller quorum."""
 
     def fits(c: Candidate) -> bool:
         s = c.score
@@ -89,7 +95,10 @@ def recommend(candidates: Sequence[Candidate], goal: Goal) -> Candidate | None:
     if not feasible:
         return None
     if goal.target_agreement is None:
-        return max(feasible, key=lambda c: (c.score.judge_agreement or 0.0, *simplicity(c)))
+        return max(
+            feasible,
+            key=lambda c: (c.score.judge_agreement or 0.0, c.score.acceptance, *simplicity(c)),
+        )
     return max(
         feasible, key=lambda c: (c.score.acceptance, c.score.judge_agreement, *simplicity(c))
     )
@@ -100,6 +109,8 @@ def fleet_lines(rule: Rule) -> str:
     lines = [f'agreement = "{rule.scheme}"']
     if rule.scheme == "majority":
         lines.append(f"quorum = {rule.quorum}")
+    if rule.scheme == "weighted":
+        lines.append(f"min_weight = {rule.needed:g}")
     if rule.threshold is None:
         lines.append("# confidence_threshold: leave unset (every vote counts)")
     else:
@@ -158,18 +169,21 @@ def live_acceptance(redis: Redis, settings: Settings) -> float | None:
 
 
 def stricter_rules(live: Rule) -> list[Rule]:
-    """Candidates that accept only items the live rule accepts too: the ones audits can judge."""
+    """Candidates that accept only items the live rule accepts too: the ones audits can
+    judge. The same scheme with a higher threshold (and, for majority, quorum), and for a
+    live majority also unanimity (a weighted rule's sum is not bounded by unanimity)."""
     floor = live.threshold or 0.0
-    return [
-        r
-        for r in candidate_rules(live.n_workers)
-        if (r.threshold or 0.0) >= floor
-        and (
-            r.scheme == "unanimous"
-            or (r.scheme == live.scheme and r.quorum >= live.quorum and r.scheme == "majority")
-            or (r.scheme == live.scheme == "weighted")
-        )
-    ]
+
+    def stricter(r: Rule) -> bool:
+        if (r.threshold or 0.0) < floor:
+            return False
+        if r.scheme == live.scheme == "majority":
+            return r.quorum >= live.quorum
+        if r.scheme == live.scheme:
+            return True
+        return r.scheme == "unanimous" and live.scheme == "majority"
+
+    return [r for r in candidate_rules(live.n_workers, live.min_weight) if stricter(r)]
 
 
 def as_json(candidates: Sequence[Candidate], best: Candidate | None, goal: Goal) -> bytes:
@@ -216,7 +230,7 @@ def run_calibrate(
         return 2
     if from_audits is None:
         live = replace(live, n_workers=len(worker_names(observations)) or live.n_workers)
-        rules = candidate_rules(live.n_workers)
+        rules = candidate_rules(live.n_workers, live.min_weight)
         candidates = score_candidates(observations, [live, *rules])
     else:
         candidates = score_candidates(observations, [live, *stricter_rules(live)], from_audits)

@@ -104,9 +104,16 @@ def calibrate(
         redis_client = connect(needs_redis(s))
         try:
             observations = read_audits(redis_client, partitions_of(s), task)
-            rate = live_acceptance(redis_client, s) or 0.0
+            rate = live_acceptance(redis_client, s)
         except redis.RedisError as exc:
             say("[red]error:[/]", f"cannot read the audits from Redis: {exc}")
             raise typer.Exit(3) from None
+        if rate is None or not observations:
+            say(
+                "[red]error:[/]",
+                "no audits in this fleet yet: set audit_fraction (e.g. 0.05) and let it run, "
+                "or calibrate from `tribunal evaluate`'s evaluation.json",
+            )
+            raise typer.Exit(2)
     code = run_calibrate(console, observations, Rule.of(s), goal, rate, as_json, now)
     raise typer.Exit(code)

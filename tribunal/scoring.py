@@ -80,11 +80,10 @@ def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
     accepted = audited = agree = right = accepted_right = judged = judged_right = 0
     with_gold = accepted_gold = judged_gold = 0
     for o in observations:
-        outcome = decide(o.votes, rule, final=True)
-        label = outcome.label if outcome.kind == "accept" else (o.judge.label if o.judge else None)
-        if outcome.kind == "accept":
+        settled, label = final_label(o, rule)
+        if settled:
             accepted += 1
-            if o.judge is not None:
+            if o.judge is not None and o.judge.label is not None:  # a judge abstention: no say
                 audited += 1
                 agree += o.judge.label == label
         else:
@@ -92,7 +91,7 @@ def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
         if o.gold is not None:
             with_gold += 1
             right += label == o.gold
-            if outcome.kind == "accept":
+            if settled:
                 accepted_gold += 1
                 accepted_right += label == o.gold
             else:
@@ -116,6 +115,14 @@ def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
     )
 
 
+def final_label(o: Observation, rule: Rule) -> tuple[bool, str | None]:
+    """(settled by the workers?, the item's final label) under ``rule``, all votes in."""
+    outcome = decide(o.votes, rule, final=True)
+    if outcome.kind == "accept":
+        return True, outcome.label
+    return False, o.judge.label if o.judge else None
+
+
 def _speedup(observations: Sequence[Observation], judge_calls: int) -> float | None:
     """Model-seconds of judge-only over the cascade's: every worker on every item plus the
     judge on the items it had to decide (the parallel policy; staged spends less)."""
@@ -131,9 +138,9 @@ def _speedup(observations: Sequence[Observation], judge_calls: int) -> float | N
     return judge_s * n / cascade if cascade else None
 
 
-def candidate_rules(n_workers: int) -> list[Rule]:
+def candidate_rules(n_workers: int, min_weight: float | None = None) -> list[Rule]:
     """Every scheme, every quorum from a majority up, every threshold of the sweep (a quorum
-    of every worker is the unanimous scheme)."""
+    of every worker is the unanimous scheme); weighted rules need ``min_weight``."""
     majority = n_workers // 2 + 1
     rules: list[Rule] = []
     for scheme in SCHEMES:
@@ -141,7 +148,7 @@ def candidate_rules(n_workers: int) -> list[Rule]:
             range(majority, max(n_workers, majority + 1)) if scheme == "majority" else [majority]
         )
         for quorum in quorums:
-            rules += [Rule(n_workers, quorum, t, scheme) for t in THRESHOLDS]
+            rules += [Rule(n_workers, quorum, t, scheme, min_weight) for t in THRESHOLDS]
     return rules
 
 
@@ -192,8 +199,7 @@ def confusion(
     reference = "gold" if any(o.gold is not None for o in observations) else "judge"
     for o in observations:
         truth = o.gold if reference == "gold" else (o.judge.label if o.judge else None)
-        outcome = decide(o.votes, rule, final=True)
-        label = outcome.label if outcome.kind == "accept" else (o.judge.label if o.judge else None)
+        _, label = final_label(o, rule)
         matrix[position.get(truth or "", none)][position.get(label or "", none)] += 1
     if not any(matrix[none]) and not any(row[none] for row in matrix):
         axis, matrix = axis[:none], [row[:none] for row in matrix[:none]]
