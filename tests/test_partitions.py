@@ -3,6 +3,7 @@ all its partitions in one blocking call, status adds the partitions up."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -64,3 +65,22 @@ def test_fleet_on_three_partitions_labels_every_item_once(make_settings: Any) ->
     assert snap["decisions"]["total"] == len(records)
     aggregator = next(s for s in snap["streams"] if s["stream"] == "ready")["groups"][0]
     assert len(aggregator["consumers"]) == 1 and aggregator["pending"] == 0
+
+
+def test_a_stalled_partition_is_not_hidden_by_a_healthy_one(make_settings: Any) -> None:
+    settings = make_settings(partitions=2)
+    redis = connect(settings)
+    p0, p1 = all_partitions(settings.namespace, 2)
+    for keys in (p0, p1):
+        redis.xgroup_create(keys.ready, "aggregator", id="0", mkstream=True)
+    redis.xadd(p1.ready, {"ids": "x"})
+    redis.xreadgroup("aggregator", "aggregator@dead:1", {p1.ready: ">"})  # then it died
+    entry = redis.xadd(p0.ready, {"ids": "y"})
+    redis.xreadgroup("aggregator", "aggregator@live:2", {p0.ready: ">"})  # Redis 7.0: only
+    redis.xack(p0.ready, "aggregator", entry)  # a delivery makes the consumer known
+    redis.zadd(p0.heartbeats, {"aggregator@live:2": time.time()})
+    snap = snapshot(redis, settings)
+    group = next(s for s in snap["streams"] if s["stream"] == "ready")["groups"][0]
+    assert group["stalled"] and "partition 1" in group["stall_reason"], group
+    assert "ready/aggregator" in snap["stalled"]
+    assert group["live_consumers"] == 1 and group["pending"] == 1

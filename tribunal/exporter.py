@@ -43,10 +43,9 @@ from common.settings import Settings
 from tribunal.queues import (
     StatSample,
     expected_roles,
-    flag_stalls,
     live_by_role,
     quick_client,
-    read_all_streams,
+    read_fleet_streams,
     read_heartbeats,
     read_stats,
 )
@@ -153,9 +152,8 @@ def _gauge(name: str, doc: str, labels: list[str]) -> GaugeMetricFamily:
 def queue_families(redis: Redis, settings: Settings) -> Iterator[Metric]:
     """Streams, groups and live consumers, read now."""
     ttl = settings.heartbeat_ttl_s
-    streams = read_all_streams(redis, settings)
     beats = read_heartbeats(redis, Keys(settings.namespace))
-    flag_stalls(streams, beats, ttl, ttl)
+    streams, _ = read_fleet_streams(redis, settings, beats, ttl)
     length = _gauge("stream_length", "Entries in the stream now (XLEN): queue depth.", ["stream"])
     added = Metric(
         PREFIX + "stream_entries_added",

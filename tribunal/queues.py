@@ -37,7 +37,7 @@ from common.connection import connect, text
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, all_partitions, worker_group
 from common.settings import Settings
 
-STREAMS = ("items", "tiebreak", "ready", "judge", "output", "rejects", "dead")
+STREAMS = ("items", "tiebreak", "ready", "judge", "output", "rejects", "dead", "audits")
 THROUGHPUT_WINDOW_S = 60
 THROUGHPUT_CAP = 1000
 Snapshot = dict[str, Any]
@@ -164,14 +164,28 @@ def read_streams(
     return streams
 
 
-def read_all_streams(redis: Redis, settings: Settings) -> list[dict[str, Any]]:
-    """``read_streams`` over every partition, merged per stream (sums of lengths, lags and
-    pending entries; a consumer reading several partitions listed once)."""
+def read_fleet_streams(
+    redis: Redis, settings: Settings, heartbeats: Mapping[str, float], stall_after_s: float
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Every stream of every partition, stalls flagged per partition (a healthy consumer on
+    one partition must not hide a dead one pinned to another), then merged per stream: sums
+    of lengths, lags and pending entries, a consumer reading several partitions listed
+    once, a group stalled when it is in any partition. Returns (streams, stalled)."""
     expected = expected_groups(settings)
+    ttl = settings.heartbeat_ttl_s
     parts = [read_streams(redis, keys, expected) for keys in partitions_of(settings)]
-    return (
-        parts[0] if len(parts) == 1 else [_merge_stream(same) for same in zip(*parts, strict=True)]
-    )
+    for p, part in enumerate(parts):
+        for name in flag_stalls(part, heartbeats, ttl, stall_after_s):
+            for stream in part:
+                for group in stream["groups"]:
+                    if len(parts) > 1 and f"{stream['stream']}/{group['group']}" == name:
+                        group["stall_reason"] = f"partition {p}: {group['stall_reason']}"
+    if len(parts) == 1:
+        streams = parts[0]
+    else:
+        streams = [_merge_stream(same) for same in zip(*parts, strict=True)]
+    stalled = [f"{s['stream']}/{g['group']}" for s in streams for g in s["groups"] if g["stalled"]]
+    return streams, stalled
 
 
 def _merge_stream(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -198,8 +212,13 @@ def _merge_group(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
             seen = consumers.setdefault(c["name"], {**c, "pending": 0})
             seen["pending"] += c["pending"]
             seen["idle_s"] = min(seen["idle_s"], c["idle_s"])
+    stalls = [p["stall_reason"] for p in parts if p["stalled"]]
+    live = {c["name"] for p in parts for c in p["consumers"] if c["live"]}
     return {
         "group": parts[0]["group"],
+        "stalled": bool(stalls),
+        "stall_reason": "; ".join(stalls) or None,
+        "live_consumers": len(live),
         "exists": all(p["exists"] for p in parts),
         "lag": _sum_or_none(p["lag"] for p in parts),
         "lag_unknown": any(p["lag_unknown"] for p in parts),
@@ -232,7 +251,9 @@ def flag_stalls(
     for stream in streams:
         for group in stream["groups"]:
             consumers = group["consumers"]
-            live = [c for c in consumers if heartbeats.get(c["name"], float("inf")) <= ttl_s]
+            for c in consumers:
+                c["live"] = heartbeats.get(c["name"], float("inf")) <= ttl_s
+            live = [c for c in consumers if c["live"]]
             group["live_consumers"] = len(live)
             waiting = group["lag_unknown"] or (group["lag"] or 0) > 0 or group["pending"] > 0
             reason = None

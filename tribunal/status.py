@@ -28,10 +28,9 @@ from common.settings import Settings
 from tribunal.queues import (
     Snapshot,
     expected_roles,
-    flag_stalls,
     live_by_role,
     quick_client,
-    read_all_streams,
+    read_fleet_streams,
     read_heartbeats,
     read_stats,
     recent_outputs,
@@ -47,9 +46,8 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     Redis cannot be read. ``stall_after_s`` defaults to ``heartbeat_ttl_s``."""
     keys = Keys(settings.namespace)
     ttl = settings.heartbeat_ttl_s
-    streams = read_all_streams(redis, settings)
     beats = read_heartbeats(redis, keys)
-    stalled = flag_stalls(streams, beats, ttl, stall_after_s or ttl)
+    streams, stalled = read_fleet_streams(redis, settings, beats, stall_after_s or ttl)
     stats = read_stats(redis, settings)
     decisions = {
         s.labels.get("source", "?"): int(s.value) for s in stats if s.name == metrics.DECISIONS
