@@ -32,7 +32,10 @@ def rules(role: str, namespace: str = "tribunal") -> str:
     ns = namespace
     per_role = {
         # WAIT: with wait_replicas, each chunk waits for replicas to have it.
-        "producer": ("+xadd +xinfo|groups +xlen +exists +wait", _keys(ns, "items")),
+        "producer": (
+            "+xadd +xinfo|groups +xlen +exists +wait +get +set",
+            _keys(ns, "items", "partitions"),
+        ),
         "worker": (
             f"{_CONSUMER} {_SCRIPTS} +mget",  # MGET: which items of a batch are settled
             _keys(
@@ -46,6 +49,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "rejects",
                 "stats",
                 "heartbeats",
+                "partitions",
             ),
         ),
         "aggregator": (
@@ -65,6 +69,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "tiebreak",
                 "rejects",
                 "audits",
+                "partitions",
             ),
         ),
         "judge": (
@@ -80,9 +85,13 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "audits",
                 "stats",
                 "heartbeats",
+                "partitions",
             ),
         ),
-        "labels": (_CONSUMER, _keys(ns, "output", "stats", "heartbeats")),
+        "labels": (
+            f"{_CONSUMER} +get +set",
+            _keys(ns, "output", "stats", "heartbeats", "partitions"),
+        ),
         "monitor": (
             "+xinfo|stream +xinfo|groups +xinfo|consumers +xlen +xrange +xrevrange +xpending "
             "+hgetall +zrange +zrangebyscore +zcard +exists +scan +time",

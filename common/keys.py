@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class Keys:
         return f"{self.namespace}:{{0}}:heartbeats"
 
     @property
+    def partitions(self) -> str:
+        """String: how many partitions this namespace uses (one fleet-wide key, in {0})."""
+        return f"{self.namespace}:{{0}}:partitions"
+
+    @property
     def final_streams(self) -> tuple[str, str, str]:
         """Where an item can end: exactly one entry in exactly one of these."""
         return (self.output, self.rejects, self.dead)
@@ -100,6 +106,25 @@ def partition_of(item_id: str, partitions: int) -> int:
     """The partition of an item: a stable hash of its id (CRC-32, the same in every process
     and language), so every key of one item lands in one partition, one cluster slot."""
     return zlib.crc32(item_id.encode()) % partitions if partitions > 1 else 0
+
+
+class PartitionMismatch(RuntimeError):
+    """This process counts partitions differently from the fleet it joins."""
+
+
+def claim_partitions(redis: Any, namespace: str, partitions: int) -> None:
+    """Record the namespace's number of partitions on first use and refuse a process set up
+    with another: items it routed would land in partitions nobody reads, and a resubmitted
+    id would escape the dedupe of its old partition."""
+    key = Keys(namespace).partitions
+    redis.set(key, partitions, nx=True)
+    stored = int(redis.get(key) or partitions)
+    if stored != partitions:
+        raise PartitionMismatch(
+            f"namespace {namespace!r} uses {stored} partitions but this process is set up "
+            f"with {partitions}: set TRIBUNAL_PARTITIONS={stored} (to change the number, drain "
+            f"the fleet, stop it and delete the key {key})"
+        )
 
 
 def all_partitions(namespace: str, partitions: int) -> list[Keys]:

@@ -21,6 +21,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from common.connection import text
 from common.consumer import StreamConsumer, _entries, is_cluster, is_transient
+from common.keys import claim_partitions
 from common.lifecycle import StopFlag
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bo
 
 def _prepare(c: StreamConsumer) -> None:
     if not c.group_ready:
+        claim_partitions(c.redis, c.keys.namespace, c.settings.partitions)
         c.ensure_group()
         c.group_ready = True
     c._tick()

@@ -21,7 +21,7 @@ import orjson
 from redis import Redis
 
 from common.consumer import REDIS_ERRORS, is_cluster
-from common.keys import all_partitions, partition_of
+from common.keys import all_partitions, claim_partitions, partition_of
 from common.schemas import Item, now
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem, validate_item
@@ -52,6 +52,7 @@ class Producer:
         self.redis = redis
         self.settings = settings
         self.partitions = all_partitions(settings.namespace, settings.partitions)
+        self._claimed = False
         self.chunk_size = chunk_size
         self.default_task = default_task
         self.wait_for_redis = wait_for_redis  # else a Redis outage raises at once
@@ -116,6 +117,9 @@ class Producer:
         backoff = 0.2
         while True:
             try:
+                if not self._claimed:
+                    claim_partitions(self.redis, self.settings.namespace, len(self.partitions))
+                    self._claimed = True
                 report.waited_s += self.wait_for_room()
                 report.unreplicated += self._send(chunk)
                 break

@@ -7,10 +7,11 @@ import time
 from collections import Counter
 from typing import Any
 
+import pytest
 from test_pipeline import wait_for_all
 
 from common.connection import connect
-from common.keys import Keys, all_partitions, partition_of
+from common.keys import Keys, PartitionMismatch, all_partitions, partition_of
 from producers.api import Producer
 from tribunal.demo import load_sample
 from tribunal.fleet import Fleet
@@ -84,3 +85,13 @@ def test_a_stalled_partition_is_not_hidden_by_a_healthy_one(make_settings: Any) 
     assert group["stalled"] and "partition 1" in group["stall_reason"], group
     assert "ready/aggregator" in snap["stalled"]
     assert group["live_consumers"] == 1 and group["pending"] == 1
+
+
+def test_a_process_counting_partitions_differently_is_refused(make_settings: Any) -> None:
+    settings = make_settings(partitions=2)
+    redis = connect(settings)
+    record = [{"task": "sentiment", "text": "fine"}]
+    assert Producer(redis, settings).send(record).produced == 1
+    other = settings.model_copy(update={"partitions": 3})
+    with pytest.raises(PartitionMismatch, match=r"uses 2 partitions.*TRIBUNAL_PARTITIONS=2"):
+        Producer(redis, other).send(record)

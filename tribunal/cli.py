@@ -7,17 +7,16 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import redis
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.connection import EmbeddedRedis, connect, redact
+from common.connection import EmbeddedRedis, connect
 from common.keys import all_partitions
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
-from tribunal.cli_base import err, needs_redis, runtime, say, settings, state
+from tribunal.cli_base import clear_errors, err, needs_redis, runtime, say, settings, state
 from tribunal.cli_quality import calibrate, evaluate
 
 app = typer.Typer(
@@ -138,16 +137,11 @@ def produce(
         console=err,
         transient=False,
     )
-    try:
-        with progress:
-            job = progress.add_task(
-                f"producing from {escape(name)}"
-                + (" (following; Ctrl-C to stop)" if follow else "")
-            )
-            report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        say("[red]error:[/]", f"cannot reach Redis at {redact(s.redis_url or '')}: {exc}")
-        raise typer.Exit(3) from None
+    with clear_errors(s), progress:
+        job = progress.add_task(
+            f"producing from {escape(name)}" + (" (following; Ctrl-C to stop)" if follow else "")
+        )
+        report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
     for where, reason in report.invalid[:50]:
         say("[yellow]skipped[/]", f"{where}: {reason}")
     if len(report.invalid) > 50:
@@ -188,7 +182,9 @@ def worker(
     """Run one worker-model consumer: vote on every item of the items stream."""
     from consumers.worker import run_worker
 
-    run_worker(runtime(consumer_settings(partition)), name)
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_worker(runtime(s), name)
 
 
 @app.command()
@@ -196,7 +192,9 @@ def aggregator(partition: PartitionOption = None) -> None:
     """Run the aggregator: accept the workers' majority or send the item to the judge."""
     from consumers.aggregator import run_aggregator
 
-    run_aggregator(runtime(consumer_settings(partition)))
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_aggregator(runtime(s))
 
 
 @app.command()
@@ -204,7 +202,9 @@ def judge(partition: PartitionOption = None) -> None:
     """Run the judge consumer: the large model decides the items the workers split on."""
     from consumers.judge import run_judge
 
-    run_judge(runtime(consumer_settings(partition)))
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_judge(runtime(s))
 
 
 @app.command()
@@ -221,12 +221,8 @@ def labels(
     from consumers.labels import read_labels
 
     rt = runtime(settings())
-    try:
-        with open(output, "ab") if output else sys.stdout.buffer as out:
-            written = read_labels(rt, out, group, follow)
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        say("[red]error:[/]", f"cannot reach Redis at {redact(rt.settings.redis_url or '')}: {exc}")
-        raise typer.Exit(3) from None
+    with clear_errors(rt.settings), open(output, "ab") if output else sys.stdout.buffer as out:
+        written = read_labels(rt, out, group, follow)
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,28 @@ def settings(**overrides: Any) -> Settings:
     except ValidationError as exc:
         say("[red]invalid settings:[/]", f"\n{exc}")
     raise typer.Exit(2)
+
+
+@contextmanager
+def clear_errors(s: Settings) -> Iterator[None]:
+    """A readable line and an exit code instead of a traceback: 2 for a fleet set up
+    differently from the one in Redis, 3 when Redis refuses or cannot be reached."""
+    from redis import exceptions as rx
+
+    from common.connection import redact
+    from common.keys import PartitionMismatch
+
+    try:
+        yield
+    except PartitionMismatch as exc:
+        say("[red]error:[/]", str(exc))
+        raise typer.Exit(2) from None
+    except (rx.ConnectionError, rx.TimeoutError) as exc:
+        say("[red]error:[/]", f"cannot reach Redis at {redact(s.redis_url or '')}: {exc}")
+        raise typer.Exit(3) from None
+    except (rx.RedisError, rx.RedisClusterException) as exc:
+        say("[red]error:[/]", f"Redis at {redact(s.redis_url or '')} refused: {exc}")
+        raise typer.Exit(3) from None
 
 
 def needs_redis(s: Settings) -> Settings:
