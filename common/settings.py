@@ -117,7 +117,7 @@ class Settings(BaseSettings):
         "failover cannot silently lose items reported as stored (unconfirmed ones are "
         "reported).",
     )
-    wait_timeout_ms: int = Field(default=1000, ge=0, description="Bound on each WAIT.")
+    wait_timeout_ms: int = Field(default=1000, gt=0, description="Bound on each WAIT.")
 
     # Limits and retention
     max_text_chars: int = Field(default=8000, ge=1)

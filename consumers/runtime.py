@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import orjson
 from redis import Redis
+from redis.exceptions import RedisClusterException, RedisError
 
 from common import metrics
 from common.connection import connect
-from common.consumer import Entry, Handler, StreamConsumer, consumer_name
+from common.consumer import Entry, Handler, StreamConsumer, consumer_name, is_transient
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.loop import run_consumers
@@ -19,6 +21,8 @@ from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import ITEM_FIELD, InvalidItem
 from common.writes import Writes
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,7 +38,8 @@ class Runtime:
         """The runtime of partition 0 (``partition(p)`` gives the others)."""
         keys = Keys(settings.namespace)
         scripts = Scripts(keys, settings.decided_ttl_s)
-        return cls(settings, connect(settings), keys, scripts, stop or StopFlag())
+        stop = stop or StopFlag()
+        return cls(settings, _connect_waiting(settings, stop), keys, scripts, stop)
 
     def partition(self, partition: int) -> Runtime:
         """The same process and connection, with the key names of another partition."""
@@ -127,6 +132,21 @@ class Runtime:
         counter = metrics.field(metrics.DEAD_LETTERS, {"group": group})
         settle = writes.settle_escalated if escalated else writes.settle
         settle(item_id, self.keys.dead, record.dump(), counter)
+
+
+def _connect_waiting(settings: Settings, stop: StopFlag) -> Redis:
+    """A client; a cluster client must reach a node to start, so while none answers it is
+    waited for (like an outage later on) instead of failing the process."""
+    backoff = 0.5
+    while True:
+        try:
+            return connect(settings)
+        except (RedisError, RedisClusterException) as exc:
+            if not is_transient(exc, None) or stop.is_set():
+                raise
+            log.warning("cannot reach the cluster (%s); retrying in %.1fs", exc, backoff)
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 10.0)
 
 
 def entry_item_id(entry: Entry) -> str:

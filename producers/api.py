@@ -10,6 +10,7 @@ entries behind, ``send`` waits instead of piling more onto Redis.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -19,8 +20,9 @@ from typing import Any, cast
 
 import orjson
 from redis import Redis
+from redis.exceptions import RedisClusterException, RedisError
 
-from common.consumer import REDIS_ERRORS, is_cluster
+from common.consumer import is_cluster, is_transient
 from common.keys import all_partitions, claim_partitions, partition_of
 from common.schemas import Item, now
 from common.settings import Settings
@@ -123,9 +125,12 @@ class Producer:
                 report.waited_s += self.wait_for_room()
                 report.unreplicated += self._send(chunk)
                 break
-            except REDIS_ERRORS as exc:
+            except (RedisError, RedisClusterException) as exc:
+                if not is_transient(exc, self.redis):
+                    raise
                 if is_cluster(self.redis):  # a failover or a slot move: learn the new map
-                    self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
+                    with contextlib.suppress(RedisError, RedisClusterException):
+                        self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
                 if not self.wait_for_redis:
                     raise
                 # A chunk cut off mid-way is sent again: ids make the repeats harmless.

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from common.connection import connect
 from common.decision import Rule
-from common.keys import all_partitions
+from common.keys import Keys, all_partitions
 from common.schemas import Item
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
@@ -161,8 +161,10 @@ def collect_fleet(
             if done > seen:
                 on_progress(done - seen)
                 seen, last = done, time.monotonic()
-            if wanted <= ended.keys() and all(d["id"] in audits for d in accepted):
-                break
+            if wanted <= ended.keys() and (
+                all(d["id"] in audits for d in accepted) or _judge_idle(redis, parts)
+            ):
+                break  # every audit in, or the judge is done (one it could not answer is dropped)
             if time.monotonic() - last > stall_s:
                 session.keep = True
                 raise RuntimeError(f"no progress for {stall_s:.0f}s: {len(ended)} ended")
@@ -172,12 +174,22 @@ def collect_fleet(
         if "label" not in record or "source" not in record:
             run.skipped.append((item_id, record.get("reason") or record.get("error") or "?"))
             continue
-        judge = record["judge"] if record["source"] == "judge" else audits[item_id]["judge"]
+        audit = audits.get(item_id)
+        judge = record["judge"] if record["source"] == "judge" else audit and audit["judge"]
         try:
             run.observations.append(Observation.model_validate({**record, "judge": judge}))
         except ValidationError as exc:
             run.skipped.append((item_id, f"unreadable record: {exc.error_count()} errors"))
     return run
+
+
+def _judge_idle(redis: Any, parts: Sequence[Keys]) -> bool:
+    """No audit waits for the judge or is in its hands, in any partition."""
+    for keys in parts:
+        for group in redis.xinfo_groups(keys.judge) if redis.exists(keys.judge) else []:
+            if group.get("lag") != 0 or group["pending"]:
+                return False
+    return True
 
 
 def _read(redis: Any, streams: Sequence[str]) -> dict[str, dict[str, Any]]:
