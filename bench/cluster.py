@@ -17,6 +17,7 @@ primary and each consumer process has a core of its own.
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 import uuid
@@ -34,6 +35,7 @@ from tribunal.fleet import Fleet
 from tribunal.queues import expected_roles, read_heartbeats
 
 CONFIGS = ((None, 1), (1, 1), (1, 3), (1, 6), (3, 1), (3, 3), (3, 6))  # (primaries, P)
+QUICK = ((None, 1), (3, 6))  # for the smoke test
 
 
 def run_one(
@@ -87,10 +89,12 @@ def wait_for_outputs(client: Redis, settings: Settings, n: int, timeout: float =
         time.sleep(0.02)
 
 
-def scaling_table(items: int) -> list[dict[str, Any]]:
+def scaling_table(
+    items: int, configs: tuple[tuple[int | None, int], ...] = CONFIGS
+) -> list[dict[str, Any]]:
     rows = []
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-cluster-bench-"))
-    for primaries, partitions in CONFIGS:
+    for primaries, partitions in configs:
         if primaries is None:
             with EmbeddedRedis(workdir / "single") as server:
                 pids = [server._server._process.pid]
@@ -102,7 +106,8 @@ def scaling_table(items: int) -> list[dict[str, Any]]:
                 result = run_one(cluster.url, partitions, items, workdir, pids)
         rows.append({"primaries": primaries, "partitions": partitions, **result})
         label = "single server" if primaries is None else f"{primaries} primaries"
-        print(f"  {label:14s} P={partitions}: {result['items_per_s']:7.0f} items/s", flush=True)
+        line = f"  {label:14s} P={partitions}: {result['items_per_s']:7.0f} items/s"
+        print(line, file=sys.stderr, flush=True)
     return rows
 
 

@@ -309,11 +309,16 @@ def main() -> None:
     parser.add_argument(
         "--cluster", action="store_true", help="items/s for 1 vs 3 primaries at P = 1, 3, 6"
     )
+    parser.add_argument(
+        "--quick", action="store_true", help="with --cluster: one server and 3 primaries, P=6"
+    )
     args = parser.parse_args()
     if args.cluster:
         import cluster
 
-        rows = cluster.scaling_table(min(args.items, 6000))
+        rows = cluster.scaling_table(
+            min(args.items, 6000), cluster.QUICK if args.quick else cluster.CONFIGS
+        )
         if args.json:
             print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
         else:

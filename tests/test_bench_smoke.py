@@ -64,3 +64,9 @@ def test_pipeline_bench_tiny_reports_ratios_and_cpu_per_role() -> None:
     assert 0 < fleet["p50_ms"] <= fleet["p95_ms"]
     roles = set(fleet["cpu_s_per_1k"])
     assert {"aggregator", "judge", "redis", "worker:a", "worker:b", "worker:c"} <= roles
+
+
+def test_cluster_bench_quick_reports_one_server_and_three_primaries() -> None:
+    rows = run_bench("pipeline.py", "--cluster", "--quick", "--items", "300")
+    assert [(r["primaries"], r["partitions"]) for r in rows] == [(None, 1), (3, 6)]
+    assert all(r["items_per_s"] > 0 and r["redis_cpu_us_per_item"] > 0 for r in rows)
