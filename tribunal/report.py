@@ -23,7 +23,7 @@ RULE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 RULE_LEGEND = (
     "settled: share the workers settle; judge: share sent to the judge; = judge: settled "
     "labels equal to the judge's answer (low95: its 95% lower bound); accuracy vs gold "
-    "overall, of settled and of judged items; speedup: judge-only model time / cascade's"
+    "overall, of settled and of judged items; speedup: the judge-only model time over the cascade's"
 )
 
 
