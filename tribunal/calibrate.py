@@ -118,6 +118,12 @@ def fleet_lines(rule: Rule) -> str:
     return "\n".join(lines)
 
 
+def rule_of_report(report: Any) -> Rule | None:
+    """The rule the evaluated fleet ran, when the report says (older reports do not)."""
+    params = report.get("fleet", {}).get("rule_params") if isinstance(report, dict) else None
+    return Rule(**params) if isinstance(params, dict) else None
+
+
 def observations_from_report(report: Any, task: str | None) -> list[Observation]:
     rows = report.get("observations") if isinstance(report, dict) else None
     if not isinstance(rows, list):
@@ -221,7 +227,6 @@ def run_calibrate(
     goal: Goal,
     from_audits: float | None = None,
     as_json_out: bool = False,
-    now: str | None = None,
 ) -> int:
     """The command: score the candidates, print the trade-off and the lines to paste.
     ``from_audits`` is the live acceptance rate when the observations are audits."""
@@ -252,7 +257,7 @@ def run_calibrate(
     compact = [c for c in RULE_COLUMNS if c[1] not in ("accepted_accuracy", "judged_accuracy")]
     console.print(rule_table("trade-off (rules no other beats on both)", scores, marked, compact))
     console.print(f"[dim]{RULE_LEGEND}")
-    console.print(f"now: {now or live.describe()}")
+    console.print(f"now: {live.describe()}")
     if best is None:
         big = [c for c in candidates if c.score.accepted >= goal.min_accepted]
         top = max((_agreement(c) for c in big), default=0.0)

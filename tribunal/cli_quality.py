@@ -80,6 +80,7 @@ def calibrate(
         live_acceptance,
         observations_from_report,
         read_audits,
+        rule_of_report,
         run_calibrate,
     )
     from tribunal.queues import partitions_of
@@ -91,12 +92,12 @@ def calibrate(
     goal = Goal(target, judge_budget, min_accepted)
     console = wide_console()
     rate: float | None = None
-    now: str | None = None
+    live = Rule.of(s)
     if report is not None:
         try:
             evaluation = orjson.loads(report.read_bytes())
             observations = observations_from_report(evaluation, task)
-            now = str(evaluation.get("fleet", {}).get("rule", "")) or None
+            live = rule_of_report(evaluation) or live
         except (OSError, ValueError, ValidationError) as exc:
             say("[red]error:[/]", f"cannot use {report}: {exc}")
             raise typer.Exit(2) from None
@@ -115,5 +116,5 @@ def calibrate(
                 "or calibrate from `tribunal evaluate`'s evaluation.json",
             )
             raise typer.Exit(2)
-    code = run_calibrate(console, observations, Rule.of(s), goal, rate, as_json, now)
+    code = run_calibrate(console, observations, live, goal, rate, as_json)
     raise typer.Exit(code)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +216,7 @@ def report(run: Collected, settings: Settings, source: str) -> dict[str, Any]:
             "workers": {name: spec.backend for name, spec in settings.workers.items()},
             "judge": settings.judge.backend,
             "rule": rule.describe(),
+            "rule_params": asdict(rule),
             "policy": settings.policy,
         },
         "skipped": [{"where": w, "reason": r} for w, r in run.skipped],
