@@ -246,7 +246,6 @@ class StreamConsumer:
             except Exception as exc:  # a handler bug or a backend failure: retry later
                 if is_transient(exc, self.redis):
                     raise  # Redis, not the entries: the loop backs off
-
                 log.exception("%s failed on a batch of %d", self.name, len(fresh))
                 failures = {e.id: f"{type(exc).__name__}: {exc}" for e in fresh}
                 writes = self._writes()  # drop half-queued writes

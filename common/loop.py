@@ -76,9 +76,9 @@ def _heartbeat(c: StreamConsumer) -> None:
         log.debug("%s: heartbeat failed: %s", c.name, exc)
 
 
-def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], Any]) -> bool:
+def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], Any]) -> None:
     """Run ``step``; a passing Redis error backs off the partitions in ``group`` only, a lost
-    group is recreated, anything else is raised. True when the step succeeded."""
+    group is recreated, anything else is raised."""
     try:
         step()
     except (RedisError, RedisClusterException) as exc:
@@ -88,7 +88,7 @@ def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], An
             log.warning("%s: %s; recreating the group", group[0].name, exc)
             for c in group:
                 c.group_ready, c.cursor = False, "0"
-            return False
+            return
         if drain or not is_transient(exc, group[0].redis):
             raise  # a one-off read says so now; a bug is not waited out
         backoff = group[0].backoff
@@ -103,10 +103,9 @@ def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], An
             c.resume_at = time.monotonic() + c.backoff
             c.backoff = min(c.backoff * 2, 10.0)
             c.cursor = "0"  # afterwards, re-read our own pending entries first
-        return False
+        return
     for c in group:
         c.backoff = 0.2
-    return True
 
 
 def _read_new(consumers: Sequence[StreamConsumer], turn: int, drain: bool) -> int:

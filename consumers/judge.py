@@ -46,29 +46,28 @@ class JudgeHandler(Handler):
         verdicts, elapsed = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)
         writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
         for (entry, case), verdict in zip(cases, verdicts, strict=True):
-            if case.accepted is not None and verdict.label is not None:
-                self.record_audit(writes, case, verdict)
-                continue
             if verdict.label is None:
                 labels = self.tasks[case.item.task].labels
                 failures[entry.id] = (
                     f"judge gave no label in {labels}: {verdict.error or verdict.raw!r}"
                 )
-                continue
-            decision = Decision.of(
-                case.item, verdict.label, "judge", case.reason, case.votes, verdict
-            )
-            self.rt.publish(writes, decision, escalated=True)
+            elif case.accepted is not None:
+                self.record_audit(writes, case, case.accepted, verdict)
+            else:
+                decision = Decision.of(
+                    case.item, verdict.label, "judge", case.reason, case.votes, verdict
+                )
+                self.rt.publish(writes, decision, escalated=True)
         return failures
 
-    def record_audit(self, writes: Writes, case: Escalation, verdict: Vote) -> None:
-        """The label stands; the judge's answer on it is kept and counted."""
+    def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
+        """The accepted label stands; the judge's answer on it is kept and counted."""
         item = case.item
-        agree = verdict.label == case.accepted
+        agree = verdict.label == accepted
         audit = Audit(
             id=item.id,
             task=item.task,
-            accepted=case.accepted or "",
+            accepted=accepted,
             judge=verdict,
             agree=agree,
             votes=case.votes,

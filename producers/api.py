@@ -148,22 +148,19 @@ class Producer:
         many items were not confirmed on enough replicas: they are stored, but a failover
         right now could lose them, so they are reported, never silently trusted."""
         wanted = self.settings.wait_replicas
-        if not wanted:
-            pipe = self.redis.pipeline(transaction=False)
-            for stream, payload in chunk:
-                pipe.xadd(stream, {ITEM_FIELD: payload})
-            pipe.execute()
-            return 0
         by_server: dict[Any, list[tuple[str, bytes]]] = {}
-        for stream, payload in chunk:
-            by_server.setdefault(self._server_of(stream), []).append((stream, payload))
+        for stream, payload in chunk:  # without WAIT, the (cluster) client splits it up itself
+            server = self._server_of(stream) if wanted else self.redis
+            by_server.setdefault(server, []).append((stream, payload))
         unconfirmed = 0
         for server, rows in by_server.items():
             pipe = server.pipeline(transaction=False)
             for stream, payload in rows:
                 pipe.xadd(stream, {ITEM_FIELD: payload})
-            pipe.execute_command("WAIT", wanted, self.settings.wait_timeout_ms)
-            if int(pipe.execute()[-1]) < wanted:
+            if wanted:
+                pipe.execute_command("WAIT", wanted, self.settings.wait_timeout_ms)
+            replies = pipe.execute()
+            if wanted and int(replies[-1]) < wanted:
                 unconfirmed += len(rows)
                 log.warning(
                     "%d items not confirmed by %d replicas within %d ms",
