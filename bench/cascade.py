@@ -73,8 +73,8 @@ from common.schemas import Item  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from consumers.backends.simulated import Simulated  # noqa: E402
 from producers.api import Producer  # noqa: E402
-from tribunal.demo import Outcome, collect  # noqa: E402
 from tribunal.fleet import Fleet, log_file  # noqa: E402
+from tribunal.queues import Outcome, collect  # noqa: E402
 
 CALIBRATION: dict[str, Any] = {
     "gpu": "A100-SXM4-80GB, bf16, one vLLM engine per model",

@@ -21,8 +21,9 @@ from common.keys import all_partitions, partition_of
 from common.localcluster import LocalCluster
 from common.settings import Settings, load_settings
 from producers.api import Producer
-from tribunal.demo import BAD_ENTRIES, Outcome, load_sample
+from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet import Fleet, log_file
+from tribunal.queues import Outcome
 
 PARTITIONS = 6
 

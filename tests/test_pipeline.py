@@ -16,8 +16,9 @@ from common.connection import connect
 from common.keys import Keys, all_partitions
 from common.settings import Settings
 from producers.api import Producer
-from tribunal.demo import BAD_ENTRIES, Outcome, collect, load_sample
+from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet import Fleet
+from tribunal.queues import Outcome, collect
 
 
 def wait_for_all(

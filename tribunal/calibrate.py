@@ -26,10 +26,17 @@ from rich.console import Console
 from common import metrics
 from common.decision import SCHEMES, Rule
 from common.keys import Keys
-from common.schemas import Audit
 from common.settings import Settings
+from tribunal.queues import Outcome, collect, read_stats
 from tribunal.report import RULE_COLUMNS, RULE_LEGEND, rule_table
-from tribunal.scoring import Observation, RuleScore, candidate_rules, score_rule, worker_names
+from tribunal.scoring import (
+    Observation,
+    RuleScore,
+    candidate_rules,
+    model_seconds,
+    score_rule,
+    worker_names,
+)
 
 MIN_ACCEPTED = 20  # fewer accepted items say too little about their agreement
 
@@ -65,8 +72,9 @@ def score_candidates(
     audits = live_acceptance is not None
     live_acceptance = live_acceptance or 0.0
     out = []
+    model_time = model_seconds(observations)
     for rule in rules:
-        s = score_rule(observations, rule)
+        s = score_rule(observations, rule, model_time)
         if audits:
             acceptance = s.acceptance * live_acceptance
             s = replace(s, acceptance=acceptance, judge_calls=1 - acceptance, speedup=None)
@@ -134,38 +142,21 @@ def observations_from_report(report: Any, task: str | None) -> list[Observation]
 
 def read_audits(redis: Redis, partitions: Sequence[Keys], task: str | None) -> list[Observation]:
     """The audits streams as observations, one per item (a re-delivered audit counts once)."""
+    outcome, cursors = Outcome(), {keys.audits: "0-0" for keys in partitions}
+    while True:  # collect reads up to 1,000 entries per stream and call
+        before = len(outcome.audits)
+        collect(redis, cursors, outcome)
+        if len(outcome.audits) == before:
+            break
     seen: dict[str, Observation] = {}
-    for keys in partitions:
-        _read_audits(redis, keys, task, seen)
+    for audit in outcome.audits:
+        if task is None or audit["task"] == task:
+            seen.setdefault(audit["id"], Observation.model_validate(audit))
     return list(seen.values())
-
-
-def _read_audits(redis: Redis, keys: Keys, task: str | None, seen: dict[str, Observation]) -> None:
-    cursor = "-"
-    while True:
-        entries: Any = redis.xrange(keys.audits, min=cursor, count=1000)
-        for _, fields in entries:
-            audit = Audit.model_validate_json(fields[b"d"])
-            if task is None or audit.task == task:
-                seen.setdefault(
-                    audit.id,
-                    Observation(
-                        id=audit.id,
-                        task=audit.task,
-                        gold=audit.gold,
-                        votes=audit.votes,
-                        judge=audit.judge,
-                    ),
-                )
-        if len(entries) < 1000:
-            return
-        cursor = "(" + entries[-1][0].decode()
 
 
 def live_acceptance(redis: Redis, settings: Settings) -> float | None:
     """Share of final labels the workers settled, from the fleet's counters."""
-    from tribunal.queues import read_stats
-
     by_source = {"workers": 0.0, "judge": 0.0}
     for stat in read_stats(redis, settings):
         if stat.name == metrics.DECISIONS and stat.labels.get("source") in by_source:

@@ -17,7 +17,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
-from tribunal.queues import expected_roles, read_heartbeats
+from tribunal.queues import Outcome, collect, expected_roles, read_heartbeats
 from tribunal.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
@@ -59,29 +59,6 @@ def load_sample(task: str, limit: int | None = None) -> list[dict[str, Any]]:
     path = resources.files("producers") / "samples" / SAMPLES[task]
     records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     return records[:limit] if limit else records
-
-
-@dataclass
-class Outcome:
-    decisions: list[dict[str, Any]] = field(default_factory=list)
-    rejects: list[dict[str, Any]] = field(default_factory=list)
-    dead: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def ended(self) -> int:
-        return len(self.decisions) + len(self.rejects) + len(self.dead)
-
-
-def collect(redis: Redis, cursors: dict[str, str], outcome: Outcome) -> None:
-    """Read what reached the final streams (``cursors``' keys, every partition's) since the
-    last call (plain XRANGE, no group)."""
-    for stream in cursors:
-        kind = stream.rsplit(":", 1)[1]
-        sink = {"output": outcome.decisions, "rejects": outcome.rejects}.get(kind, outcome.dead)
-        entries: Any = redis.xrange(stream, min=f"({cursors[stream]}", count=1000)
-        for entry_id, fields in entries:
-            sink.append(orjson.loads(fields[b"d"]))
-            cursors[stream] = entry_id.decode()
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ class Collected:
     seconds: float = 0.0
 
 
-def load_items(records: Iterable[Record], settings: Settings) -> tuple[list[Item], list[Any]]:
+def load_items(
+    records: Iterable[Record], settings: Settings
+) -> tuple[list[Item], list[tuple[str, str]]]:
     """Validate records as the producer would; ids are required to match answers to items."""
     items: list[Item] = []
     skipped: list[tuple[str, str]] = []
@@ -104,8 +106,7 @@ def collect_offline(
 ) -> Collected:
     """Every worker and the judge on every item, in batches of ``batch_size``."""
     tasks = settings.all_tasks
-    models = {name: spec for name, spec in settings.workers.items()}
-    models[JUDGE_NAME] = settings.judge
+    models = {**settings.workers, JUDGE_NAME: settings.judge}
     answers: dict[str, dict[str, Any]] = {item.id: {} for item in items}
     started = time.perf_counter()
     for name, spec in models.items():
@@ -141,45 +142,45 @@ def collect_fleet(
 ) -> Collected:
     """The items through the real pipeline, every accepted label audited by the judge."""
     from tribunal.demo import running_fleet, wait_until_live
+    from tribunal.queues import Outcome, collect
 
     audit_all = {"TRIBUNAL_AUDIT_FRACTION": "1"}
+    outcome = Outcome()
     with running_fleet(settings, console, "tribunal evaluate: the fleet", audit_all) as session:
         redis = connect(session.settings)
         wait_until_live(redis, session.settings, session.fleet, console)
         started = time.perf_counter()
         Producer(redis, session.settings).send([item.model_dump() for item in items])
         parts = all_partitions(session.settings.namespace, session.settings.partitions)
-        finals = [stream for keys in parts for stream in keys.final_streams]
-        ended, audits, last, seen = {}, {}, time.monotonic(), 0
-        wanted = {item.id for item in items}
+        cursors = {s: "0-0" for keys in parts for s in (*keys.final_streams, keys.audits)}
+        last, seen = time.monotonic(), 0
         while True:
             session.fleet.supervise()
-            ended = _read(redis, finals)
-            audits = _read(redis, [keys.audits for keys in parts])
-            accepted = [d for d in ended.values() if d.get("source") == "workers"]
-            done = len(ended) + len([d for d in accepted if d["id"] in audits]) - len(accepted)
+            collect(redis, cursors, outcome)
+            audited = {a["id"] for a in outcome.audits}
+            unaudited = sum(
+                d["source"] == "workers" and d["id"] not in audited for d in outcome.decisions
+            )
+            done = outcome.ended - unaudited
             if done > seen:
                 on_progress(done - seen)
                 seen, last = done, time.monotonic()
-            if wanted <= ended.keys() and (
-                all(d["id"] in audits for d in accepted) or _judge_idle(redis, parts)
-            ):
+            if outcome.ended >= len(items) and (not unaudited or _judge_idle(redis, parts)):
                 break  # every audit in, or the judge is done (one it could not answer is dropped)
             if time.monotonic() - last > stall_s:
                 session.keep = True
-                raise RuntimeError(f"no progress for {stall_s:.0f}s: {len(ended)} ended")
+                raise RuntimeError(f"no progress for {stall_s:.0f}s: {outcome.ended} ended")
             time.sleep(0.1)
     run = Collected("fleet", seconds=time.perf_counter() - started)
-    for item_id, record in ended.items():
-        if "label" not in record or "source" not in record:
-            run.skipped.append((item_id, record.get("reason") or record.get("error") or "?"))
-            continue
-        audit = audits.get(item_id)
-        judge = record["judge"] if record["source"] == "judge" else audit and audit["judge"]
+    run.skipped += [(r["id"], r["reason"]) for r in outcome.rejects]
+    run.skipped += [(r["id"], r["error"]) for r in outcome.dead]
+    judged = {a["id"]: a["judge"] for a in reversed(outcome.audits)}  # the first audit wins
+    for record in outcome.decisions:
+        judge = record["judge"] if record["source"] == "judge" else judged.get(record["id"])
         try:
             run.observations.append(Observation.model_validate({**record, "judge": judge}))
         except ValidationError as exc:
-            run.skipped.append((item_id, f"unreadable record: {exc.error_count()} errors"))
+            run.skipped.append((record["id"], f"unreadable record: {exc.error_count()} errors"))
     return run
 
 
@@ -190,16 +191,6 @@ def _judge_idle(redis: Any, parts: Sequence[Keys]) -> bool:
             if group.get("lag") != 0 or group["pending"]:
                 return False
     return True
-
-
-def _read(redis: Any, streams: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """id -> record of everything in these streams (the first record of an id wins)."""
-    out: dict[str, dict[str, Any]] = {}
-    for stream in streams:
-        for _, fields in redis.xrange(stream):
-            record = orjson.loads(fields[b"d"])
-            out.setdefault(str(record.get("id")), record)
-    return out
 
 
 def report(run: Collected, settings: Settings, source: str) -> dict[str, Any]:

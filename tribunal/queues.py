@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from redis import Redis
 from redis.backoff import NoBackoff
 from redis.exceptions import ResponseError
@@ -289,11 +290,11 @@ def read_stats(redis: Redis, settings: Settings) -> list[StatSample]:
         for key, value in raw.items():
             totals[text(key)] = totals.get(text(key), 0.0) + float(value)
     samples = []
-    for field, value in totals.items():
-        name_labels, suffix = field, ""
+    for stat_field, value in totals.items():
+        name_labels, suffix = stat_field, ""
         for tail in ("sum", "count"):
-            if field.endswith("|" + tail):
-                name_labels, suffix = field[: -len(tail) - 1], tail
+            if stat_field.endswith("|" + tail):
+                name_labels, suffix = stat_field[: -len(tail) - 1], tail
         name, labels = metrics.parse_field(name_labels)
         samples.append(StatSample(name, labels, suffix, value))
     return samples
@@ -322,3 +323,27 @@ def recent_outputs(redis: Redis, settings: Settings) -> dict[str, Any]:
         "capped": capped,
         "per_s": round(per_s, 3),
     }
+
+
+@dataclass
+class Outcome:
+    decisions: list[dict[str, Any]] = field(default_factory=list)
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[dict[str, Any]] = field(default_factory=list)
+    audits: list[dict[str, Any]] = field(default_factory=list)  # not an end: the label stands
+
+    @property
+    def ended(self) -> int:
+        return len(self.decisions) + len(self.rejects) + len(self.dead)
+
+
+def collect(redis: Redis, cursors: dict[str, str], outcome: Outcome) -> None:
+    """Read what reached the final streams (``cursors``' keys, every partition's, and maybe
+    the audits streams) since the last call (plain XRANGE, no group)."""
+    sinks = {"output": outcome.decisions, "rejects": outcome.rejects, "audits": outcome.audits}
+    for stream in cursors:
+        sink = sinks.get(stream.rsplit(":", 1)[1], outcome.dead)
+        entries: Any = redis.xrange(stream, min=f"({cursors[stream]}", count=1000)
+        for entry_id, fields in entries:
+            sink.append(orjson.loads(fields[b"d"]))
+            cursors[stream] = entry_id.decode()

@@ -75,8 +75,13 @@ def worker_names(observations: Sequence[Observation]) -> list[str]:
     return sorted({v.worker for o in observations for v in o.votes})
 
 
-def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
-    """Apply ``rule`` to every item as if all its votes were in; the judge decides the rest."""
+def score_rule(
+    observations: Sequence[Observation],
+    rule: Rule,
+    model_time: tuple[float | None, float] | None = None,
+) -> RuleScore:
+    """Apply ``rule`` to every item as if all its votes were in; the judge decides the rest.
+    ``model_time`` (see ``model_seconds``) saves recomputing it when scoring many rules."""
     accepted = audited = agree = right = accepted_right = judged = judged_right = 0
     with_gold = accepted_gold = judged_gold = 0
     for o in observations:
@@ -111,7 +116,7 @@ def score_rule(observations: Sequence[Observation], rule: Rule) -> RuleScore:
         accuracy=fraction(right, with_gold),
         accepted_accuracy=fraction(accepted_right, accepted_gold),
         judged_accuracy=fraction(judged_right, judged_gold),
-        speedup=_speedup(observations, judged),
+        speedup=_speedup(len(observations), judged, model_time or model_seconds(observations)),
     )
 
 
@@ -123,17 +128,22 @@ def final_label(o: Observation, rule: Rule) -> tuple[bool, str | None]:
     return False, o.judge.label if o.judge else None
 
 
-def _speedup(observations: Sequence[Observation], judge_calls: int) -> float | None:
-    """Model-seconds of judge-only over the cascade's: every worker on every item plus the
-    judge on the items it had to decide (the parallel policy; staged spends less)."""
-    judge_s = seconds_per_item(o.judge for o in observations)
-    if not judge_s:
-        return None
+def model_seconds(observations: Sequence[Observation]) -> tuple[float | None, float]:
+    """(the judge's seconds per item, all workers' seconds per item together): the same
+    for every rule."""
     workers_s = sum(
         seconds_per_item(v for o in observations for v in o.votes if v.worker == w) or 0.0
         for w in worker_names(observations)
     )
-    n = len(observations)
+    return seconds_per_item(o.judge for o in observations), workers_s
+
+
+def _speedup(n: int, judge_calls: int, model_time: tuple[float | None, float]) -> float | None:
+    """Model-seconds of judge-only over the cascade's: every worker on every item plus the
+    judge on the items it had to decide (the parallel policy; staged spends less)."""
+    judge_s, workers_s = model_time
+    if not judge_s:
+        return None
     cascade = workers_s * n + judge_s * judge_calls
     return judge_s * n / cascade if cascade else None
 
@@ -217,17 +227,20 @@ def evaluate_task(
         *(Rule(n_workers, rule.quorum, None, scheme) for scheme in SCHEMES),
         Rule(n_workers, rule.quorum, 0.8, "majority"),
     ]
-    compared = {r.describe(): asdict(score_rule(observations, r)) for r in schemes}
+    model_time = model_seconds(observations)
+    compared = {r.describe(): asdict(score_rule(observations, r, model_time)) for r in schemes}
     golds = Counter(o.gold for o in observations if o.gold is not None)
     return {
         "items": len(observations),
         "with_gold": sum(golds.values()),
         "labels": list(labels),
         "rule": rule.describe(),
-        "configured": asdict(score_rule(observations, rule)),
+        "configured": compared[rule.describe()],
         "models": model_table(observations),
         "pairwise": pairwise(observations),
         "schemes": list(compared.values()),
-        "sweep": [asdict(score_rule(observations, r)) for r in candidate_rules(n_workers)],
+        "sweep": [
+            asdict(score_rule(observations, r, model_time)) for r in candidate_rules(n_workers)
+        ],
         "confusion": confusion(observations, rule, labels),
     }
