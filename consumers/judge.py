@@ -18,7 +18,7 @@ from common.keys import JUDGE_GROUP
 from common.schemas import Audit, Decision, Escalation, Item, Vote, now
 from common.validation import ITEM_FIELD
 from common.writes import Writes
-from consumers.backends import Backend, ask, load_backend
+from consumers.backends import Backend, ask, backend_for
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class JudgeHandler(Handler):
 
 def run_judge(rt: Runtime) -> None:
     spec = rt.settings.judge
-    backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
+    backend = backend_for(spec, rt.settings)
     rt.consume(
         lambda keys: keys.judge, JUDGE_GROUP, lambda prt: JudgeHandler(prt, backend), role="judge"
     )

@@ -18,7 +18,7 @@ from common.keys import worker_group
 from common.schemas import Item, Vote, now
 from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
 from common.writes import Writes
-from consumers.backends import Backend, ask, load_backend
+from consumers.backends import Backend, ask, backend_for
 from consumers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_worker(rt: Runtime, worker: str) -> None:
     if spec is None:
         known = ", ".join(sorted(rt.settings.workers))
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
-    backend = load_backend(spec.backend, spec.options, rt.settings.all_tasks)
+    backend = backend_for(spec, rt.settings)
     backups = rt.settings.backup_workers
     rt.consume(
         lambda keys: keys.source_of(worker, backups),

@@ -18,7 +18,10 @@ batch can be told how to behave, whatever order its request arrives in:
     slow=0.5x1     wait 0.5 s before answering the first request for this ticket
     malformed      answer 200 with a body that is not JSON
 
-Tests may also replace ``respond`` to script anything else.
+Tests may also replace ``respond`` to script anything else: a ``Reply`` sets the content,
+``finish_reason`` and ``reasoning_content``, and its ``patch`` may edit the finished body
+(a null logprob, ``"choices": []``); floats such as -inf go out as Python writes them
+(``-Infinity``), as Python-based servers do.
 """
 
 from __future__ import annotations
@@ -51,6 +54,9 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     raw_body: bytes | None = None  # sent as is instead of a completion
+    finish_reason: str = "stop"
+    reasoning: str | None = None  # the message's reasoning_content
+    patch: Callable[[dict[str, Any]], None] | None = None  # edits the completion body
 
 
 def tokenize(text: str) -> list[str]:
@@ -154,7 +160,7 @@ class LLMServer:
         if body.get("logprobs") and reply.logprobs:
             logprobs = completion_logprobs(reply, answer, label, int(body.get("top_logprobs", 0)))
         n_out = len(tokenize(answer))
-        return {
+        completion = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -170,10 +176,10 @@ class LLMServer:
                         "audio": None,
                         "function_call": None,
                         "tool_calls": [],
-                        "reasoning_content": None,
+                        "reasoning_content": reply.reasoning,
                     },
                     "logprobs": logprobs,
-                    "finish_reason": "stop",
+                    "finish_reason": reply.finish_reason,
                     "stop_reason": None,
                 }
             ],
@@ -188,6 +194,9 @@ class LLMServer:
             "prompt_logprobs": None,
             "kv_transfer_params": None,
         }
+        if reply.patch is not None:
+            reply.patch(completion)
+        return completion
 
 
 def _handler(server: LLMServer) -> type[BaseHTTPRequestHandler]:

@@ -8,7 +8,7 @@ import pytest
 
 from common.schemas import Item
 from common.tasks import BUILTIN_TASKS, Example, TaskSpec
-from consumers.backends.answers import AnswerParser, TokenLogprob
+from consumers.backends.answers import NO_LABEL, AnswerParser, TokenLogprob
 
 SENTIMENT = AnswerParser(BUILTIN_TASKS["sentiment"])
 SIMILAR = AnswerParser(BUILTIN_TASKS["similar_ticket"])
@@ -189,6 +189,149 @@ def test_a_custom_task_with_prefix_labels() -> None:
         TokenLogprob("illing", lp(0.7), (("illing", lp(0.7)), ("ug", lp(0.3)))),
     ]
     assert parser.label_confidence(tokens, parser.parse("billing")) == pytest.approx(0.7)
+
+
+# -- the shapes of real model output ---------------------------------------------------
+
+SARCASM = "I am so happy to wait three weeks for a refund"
+
+
+@pytest.mark.parametrize(
+    ("text", "label"),
+    [
+        ("<think>positive? no.</think>negative", "negative"),
+        ("<thinking>The tone is calm.</thinking>\n**Neutral**", "neutral"),
+        ("The customer is happy with the agent.</think>\n\nnegative", "negative"),  # no <think>
+        ("<think>a</think>\n<think>b, positive</think>\nnegative", "negative"),
+        ('<think>x</think>{"label": "negative"}', "negative"),
+        ("Negative. The customer is happy with the agent, but the export still fails.", "negative"),
+        ("Sentiment: **Negative**\nReason: the refund is missing", "negative"),
+        ("Negative (happy with the agent, not with the product)", "negative"),
+        ("negative - the agent was good but the bug is back", "negative"),
+        ("It is not negative, it's neutral", "neutral"),
+        ("not bad, positive", "positive"),
+        ("The customer is not satisfied \u2014 negative", "negative"),
+        ('{"scores": {"positive": 0.1, "negative": 0.7, "neutral": 0.2}}', "negative"),
+        ('{"Positive": 1, "Negative": 3, "Neutral": 2}', "negative"),
+        ("\uff2e\uff45\uff47\uff41\uff54\uff49\uff56\uff45", "negative"),  # fullwidth
+        (
+            "\U0001d40d\U0001d41e\U0001d420\U0001d41a\U0001d42d\U0001d422\U0001d42f\U0001d41e",
+            "negative",
+        ),
+        ("n\u0435gative", "negative"),  # a Cyrillic "ie" in a Latin word
+        ("neg\u200bative", "negative"),  # a zero-width space
+        ("neg\u00adative", "negative"),  # a soft hyphen
+    ],
+)
+def test_real_answer_shapes_are_read(text: str, label: str) -> None:
+    assert SENTIMENT.parse(text).label == label
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("<think>The customer is happy, so positive", "reasoning never ended"),
+        ("<think>hmm</think>", "no answer after its reasoning"),
+        ("positive: 0.05\nnegative: 0.90\nneutral: 0.05", "ambiguous"),  # scores, as text
+        ('{"positive": 0.5, "negative": 0.5}', "tied scores"),
+        ('{"positive": true, "negative": false}', "ambiguous"),
+        ("Good question. The sentiment is bad.", "ambiguous"),
+        ("Negative. Actually, positive.", "'negative' first, then 'positive'"),
+        ("Negative. It is not negative.", "'negative' first, then 'negative'"),
+        ("Positive? No, it is bad.", "ambiguous"),
+        ("n\u00e9gative", NO_LABEL),  # another word, not a spelling
+        ("\u0443\u0435\u0455", NO_LABEL),  # a Cyrillic word stays Cyrillic
+    ],
+)
+def test_shapes_that_stay_ambiguous_abstain_with_a_reason(text: str, why: str) -> None:
+    answer = SENTIMENT.parse(text)
+    assert answer.label is None and why in (answer.error or "")
+
+
+@pytest.mark.parametrize(
+    "text", ["No doubt, they are the same problem.", "No. I cannot tell; they look the same."]
+)
+def test_a_synonym_that_is_an_everyday_word_does_not_open_an_answer(text: str) -> None:
+    assert SIMILAR.parse(text).label is None
+
+
+CUT = "cut off by the token limit (finish_reason 'length')"
+
+
+@pytest.mark.parametrize(
+    ("text", "label", "why"),
+    [
+        ("Negative. The customer is cle", "negative", None),
+        ("negative\n\nExplanation: the cus", "negative", None),
+        ('{"label": "negative"}', "negative", None),  # a whole JSON object
+        ('{"label": "negative", "reason": "the cus', "negative", None),
+        ("Negative", None, CUT),  # the cut may have fallen inside the answer
+        ("The customer writes thanks, a positive word, but", None, CUT),
+        ('{"positive": 0.05, "neg', None, CUT),
+        ("Negative. The customer is happy with the agent, but", None, "then 'happy'"),
+    ],
+)
+def test_a_cut_off_answer_gives_a_label_only_if_it_was_complete(
+    text: str, label: str | None, why: str | None
+) -> None:
+    answer = SENTIMENT.parse(text, finish_reason="length")
+    assert answer.label == label
+    assert why is None or why in (answer.error or "")
+
+
+def test_quotations_of_the_ticket_are_not_the_models_words() -> None:
+    text = f'The customer says "{SARCASM}", which is sarcasm: negative.'
+    assert SENTIMENT.parse(text).label is None  # without the ticket: two labels
+    assert SENTIMENT.parse(text, inputs=[f"Great. {SARCASM}!", None]).label == "negative"
+    # a quoted label is the model's own word, even when the ticket has it too
+    answer = SENTIMENT.parse('The answer is "negative".', inputs=["I left a negative review"])
+    assert answer.label == "negative"
+
+
+def test_the_reasoning_field_is_read_only_when_it_holds_the_whole_answer() -> None:
+    # Reasoning parsers file the output of a model that did not reason as reasoning.
+    assert SENTIMENT.parse("", reasoning="negative").label == "negative"
+    assert SENTIMENT.parse("", reasoning='{"label": "neutral"}').label == "neutral"
+    assert SENTIMENT.parse("", reasoning="The customer is happy, so positive").label is None
+    cut = SENTIMENT.prediction("", None, reasoning="The customer is", finish_reason="length")
+    assert cut.label is None and "while reasoning" in (cut.error or "")
+    assert cut.raw == "The customer is"
+    assert SENTIMENT.parse("negative", reasoning="positive, surely").label == "negative"
+
+
+def test_spans_point_into_the_original_text() -> None:
+    text = "\u00bb \uff2e\uff45\uff47\uff41\uff54\uff49\uff56\uff45"
+    assert SENTIMENT.parse(text).span == (2, 10)
+    assert SENTIMENT.parse("<think>x</think> neg\u200bative").span == (17, 26)
+
+
+@pytest.mark.parametrize("unusable", [None, -math.inf, math.nan, -3.4028234663852886e38])
+def test_unusable_logprobs_count_as_zero_and_never_cost_the_vote(unusable: float | None) -> None:
+    top = (("negative", lp(0.6)), ("positive", unusable), ("neutral", lp(0.2)))
+    tokens = [TokenLogprob("negative", lp(0.6), top)]
+    answer = SENTIMENT.parse("negative")
+    assert SENTIMENT.label_confidence(tokens, answer) == pytest.approx(0.75)
+    # the chosen token's own logprob unusable: no confidence, the label stands
+    prediction = SENTIMENT.prediction("negative", [TokenLogprob("negative", unusable, top)])
+    assert (prediction.label, prediction.confidence) == ("negative", None)
+
+
+def test_confidence_after_reasoning_and_around_a_quoted_ticket() -> None:
+    top = (("negative", lp(0.8)), ("positive", lp(0.2)))
+    tokens = [TokenLogprob(t, -0.01) for t in ("<think>", "positive", "?", "</think>", "\n\n")]
+    tokens.append(TokenLogprob("negative", lp(0.8), top))
+    answer = SENTIMENT.parse("<think>positive?</think>\n\nnegative")
+    assert SENTIMENT.label_confidence(tokens, answer) == pytest.approx(0.8)
+    quoted = [TokenLogprob(t, -0.01) for t in ('"', *SARCASM.split(" "), '":', " ")]
+    quoted.append(TokenLogprob("negative", lp(0.8), top))
+    answer = SENTIMENT.parse("".join(t.token for t in quoted), inputs=[SARCASM])
+    assert SENTIMENT.label_confidence(quoted, answer, inputs=[SARCASM]) == pytest.approx(0.8)
+
+
+def test_a_score_map_gives_a_label_without_confidence() -> None:
+    text = '{"positive": 0.05, "negative": 0.9, "neutral": 0.05}'
+    tokens = [TokenLogprob(text, -0.01)]
+    assert SENTIMENT.prediction(text, tokens).model_dump(exclude_none=True) == {"label": "negative"}
 
 
 # -- prompts ---------------------------------------------------------------------------

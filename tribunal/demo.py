@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -39,10 +39,14 @@ from tribunal.queues import Outcome, collect, expected_roles, read_heartbeats
 from tribunal.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
-# The default fleet's lexicon models only know sentiment; pairs get their own offline fleet.
-DEMO_FLEETS = {
-    "similar_ticket": Path(__file__).resolve().parent / "fleets" / "similar_offline.toml"
-}
+FLEETS = Path(__file__).resolve().parent / "fleets"
+# Real language models under llama.cpp, for both tasks (examples/local.toml is this file).
+LOCAL_FLEET = FLEETS / "local.toml"
+# A sample the real fleet labels in about 3 minutes on 2 cores, once the models are fetched.
+LOCAL_LIMITS = {"sentiment": 40, "similar_ticket": 24}
+# With --offline: the default fleet's lexicon models only know sentiment; pairs get their
+# own offline fleet.
+DEMO_FLEETS = {"similar_ticket": FLEETS / "similar_offline.toml"}
 
 # Entries written to the items stream by hand, bypassing the producer's checks,
 # to show that a consumer rejects them with a reason and keeps going.
@@ -100,7 +104,7 @@ def running_fleet(
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env)
+        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir)
         session = FleetSession(settings, fleet, workdir)
         children = session.fleet.children
         console.print(
@@ -276,6 +280,7 @@ def agreement_table(decisions: list[dict[str, Any]]) -> Table:
     """Agreement with the gold labels, per worker, for the judge, and for the fleet's output."""
     hits: Counter[str] = Counter()
     seen: Counter[str] = Counter()
+    latency: defaultdict[str, list[float]] = defaultdict(list)  # each vote's ms per item
     for d in decisions:
         gold = d.get("gold")
         if gold is None:
@@ -286,6 +291,7 @@ def agreement_table(decisions: list[dict[str, Any]]) -> Table:
         for v in voters:
             seen[v["worker"]] += 1
             hits[v["worker"]] += v["label"] == gold
+            latency[v["worker"]].append(v.get("latency_ms") or 0.0)
         for name, ok in (
             ("fleet (final label)", d["label"] == gold),
             (f"fleet, {d['source']}-decided", d["label"] == gold),
@@ -295,13 +301,22 @@ def agreement_table(decisions: list[dict[str, Any]]) -> Table:
     table = Table(
         title="Agreement with gold labels",
         title_justify="left",
-        caption="a worker counts only on items it voted on before two others settled them",
+        caption="a worker counts only on items it voted on before two others settled them; "
+        "items/s: the model's answers per second within its batches",
         caption_justify="left",
     )
     table.add_column("who")
     table.add_column("agree", justify="right")
     table.add_column("of", justify="right")
     table.add_column("rate", justify="right")
+    table.add_column("items/s", justify="right")
     for who in sorted(seen, key=lambda w: (w.startswith("fleet"), w)):
-        table.add_row(who, str(hits[who]), str(seen[who]), f"{hits[who] / seen[who]:.0%}")
+        ms = statistics.fmean(latency[who]) if latency[who] else 0.0
+        table.add_row(
+            who,
+            str(hits[who]),
+            str(seen[who]),
+            f"{hits[who] / seen[who]:.0%}",
+            f"{1000 / ms:.1f}" if ms > 0 else "-",
+        )
     return table

@@ -32,11 +32,13 @@ from common.keys import Keys, all_partitions
 from common.schemas import Item
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
-from consumers.backends import ask, load_backend
+from consumers.backends import BackendError, ask, backend_for
 from consumers.judge import JUDGE_NAME
 from producers.api import Producer, Record
 from producers.readers import records_of
 from tribunal.scoring import Observation, evaluate_task
+from tribunal.serving.llama import ServerFailed, serving
+from tribunal.serving.models import ModelUnavailable
 
 Progressed = Callable[[int], None]
 
@@ -110,7 +112,7 @@ def collect_offline(
     answers: dict[str, dict[str, Any]] = {item.id: {} for item in items}
     started = time.perf_counter()
     for name, spec in models.items():
-        backend = load_backend(spec.backend, spec.options, tasks)
+        backend = backend_for(spec, settings)
         backend.classify(items[:1])  # warm-up: lazy imports and lexicon loads are not timed
         for start in range(0, len(items), settings.batch_size):
             batch = items[start : start + settings.batch_size]
@@ -251,10 +253,15 @@ def run_evaluate(
         def advance(n: int) -> None:
             bar.advance(job, n)
 
-        if offline:
-            run = collect_offline(items, settings, advance)
-        else:
-            run = collect_fleet(items, settings, console, advance)
+        try:
+            if offline:
+                with serving(settings, out_dir / "logs") as served:
+                    run = collect_offline(items, served, advance)
+            else:
+                run = collect_fleet(items, settings, console, advance)
+        except (BackendError, ServerFailed, ModelUnavailable) as exc:
+            console.print(f"[red]error:[/] {escape(str(exc))}")
+            return 2
     run.skipped[:0] = skipped
     result = report(run, settings, source)
     print_evaluation(console, result)

@@ -3,6 +3,9 @@
 Separate processes because that is how the fleet runs in production (and how a
 crash of one model must not take the others down). A child that dies is restarted
 with backoff; SIGTERM to the fleet is passed on so every child finishes its batch.
+Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
+llama-server started first, and stopped last; their URLs reach the children in
+``TRIBUNAL_MODEL_URLS``.
 """
 
 from __future__ import annotations
@@ -11,12 +14,16 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import orjson
+
 from common.settings import FLEET_FILE_ENV, Settings
+from tribunal.serving.llama import servers_for
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +55,10 @@ class Fleet:
         log_level: str = "INFO",
         log_to: IO[bytes] | None = None,
         extra_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
     ) -> None:
+        """``log_dir``: where the model servers write their logs (default: the system's
+        temporary directory, /tmp/tribunal-models)."""
         self.env = {
             **os.environ,
             "TRIBUNAL_REDIS_URL": redis_url,
@@ -64,8 +74,16 @@ class Fleet:
             for role, args in fleet_roles(settings)
         ]
         self.stopping = False
+        self.servers = servers_for(
+            settings, log_dir or Path(tempfile.gettempdir()) / "tribunal-models"
+        )
 
     def start(self) -> Fleet:
+        """The model servers (each healthy before the next), then every child.
+        Raises ServerFailed or ModelUnavailable when a model cannot be served."""
+        if self.servers.servers:
+            self.servers.start()
+            self.env["TRIBUNAL_MODEL_URLS"] = orjson.dumps(self.servers.urls()).decode()
         for child in self.children:
             self._spawn(child)
         return self
@@ -86,9 +104,10 @@ class Fleet:
         log.info("started %s (pid %d)", child.role, child.process.pid)
 
     def supervise(self) -> None:
-        """Restart children that died; call this periodically."""
+        """Restart children and model servers that died; call this periodically."""
         if self.stopping:
             return
+        self.servers.supervise()
         for child in self.children:
             if child.process is None or child.process.poll() is None:
                 continue
@@ -120,6 +139,7 @@ class Fleet:
                 log.warning("pid %d did not stop in %.0fs: killing it", process.pid, timeout)
                 process.kill()
                 process.wait()
+        self.servers.stop()
 
     def pids(self) -> dict[str, int]:
         return {c.role: c.process.pid for c in self.children if c.process}

@@ -12,7 +12,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import pydantic
+
 from common.schemas import Item, Prediction, Vote
+from common.settings import LOCAL_BACKEND, ModelSpec, Settings
 from common.tasks import TaskSpec
 
 
@@ -30,6 +33,7 @@ REGISTRY: dict[str, str] = {
     "lexicon-judge": "consumers.backends.lexicon:LexiconJudge",
     "simulated": "consumers.backends.simulated:Simulated",
     "openai": "consumers.backends.openai_compat:OpenAICompatible",
+    LOCAL_BACKEND: "consumers.backends.openai_compat:OpenAICompatible",
     "vllm": "consumers.backends.vllm_engine:VLLMEngine",
     "jaccard": "consumers.backends.similarity:Jaccard",
     "tfidf": "consumers.backends.similarity:TfIdf",
@@ -38,17 +42,44 @@ REGISTRY: dict[str, str] = {
 }
 
 
-class UnknownBackend(ValueError):
-    pass
+class BackendError(ValueError):
+    """A backend cannot be built: unknown name, invalid options, no server for its model."""
 
 
 def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> Backend:
+    """Build backend ``name``. Raises BackendError with a readable reason."""
     target = REGISTRY.get(name)
     if target is None:
-        raise UnknownBackend(f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))})")
+        raise BackendError(f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))})")
     module, factory = target.split(":")
-    backend: Backend = getattr(importlib.import_module(module), factory)(dict(options), tasks)
+    try:
+        backend: Backend = getattr(importlib.import_module(module), factory)(dict(options), tasks)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BackendError(f"backend {name}: invalid options: {problems}") from None
     return backend
+
+
+def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
+    """The backend of a worker's or the judge's spec. A ``llama-cpp`` spec is pointed at
+    the server of its local model (``settings.model_urls``, which ``tribunal run`` sets
+    for its children), with llama-server's constraint style and retries that outlast a
+    server restart (about 15 s)."""
+    options = dict(spec.options)
+    if spec.backend == LOCAL_BACKEND:
+        model = str(options.get("model"))
+        url = settings.model_urls.get(model)
+        if url is None:
+            raise BackendError(
+                f"local model {model!r} has no server: run the fleet with `tribunal run` "
+                "(which starts one per model), or set TRIBUNAL_MODEL_URLS to a JSON map "
+                f'like {{"{model}": "http://127.0.0.1:PORT/v1"}}'
+            )
+        defaults = {"constraint": "grammar", "max_retries": 4, "backoff_max_s": 8.0}
+        options = {**defaults, **options, "base_url": url}
+    return load_backend(spec.backend, options, settings.all_tasks)
 
 
 def unsupported(backend: str, item: Item) -> Prediction:

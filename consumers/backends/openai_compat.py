@@ -1,10 +1,17 @@
-"""Backend ``openai``: any OpenAI-compatible chat server (vllm serve, llama.cpp, TGI, Ollama).
+"""Backend ``openai``: any OpenAI-compatible server (vllm serve, llama.cpp, TGI, Ollama).
 
 One request per item, sent concurrently up to ``max_concurrency`` so the server can
 batch them; temperature 0, a few output tokens, the label set sent as a constraint in
 the style the server understands, logprobs requested for the confidence. The answer
 is always parsed and checked against the label set (``answers.py``): an old server
 ignores a constraint field it does not know without saying so.
+
+``endpoint = "chat"`` sends the task's chat messages to /chat/completions;
+``"completion"`` sends its plain few-shot prompt (ending in "Answer:") to
+/completions, for base models that have no chat template. Backend ``llama-cpp`` is
+this backend pointed at a model tribunal serves itself (``[models.NAME]``): its
+``base_url`` comes from the server tribunal started, its constraint defaults to
+``grammar`` (a GBNF grammar, which llama-server honours and vLLM ignores).
 
 ``classify`` is synchronous, as the worker loop is. It hands the batch to an asyncio
 loop that runs for the backend's lifetime in a daemon thread, so one
@@ -24,6 +31,7 @@ which is harmless but wasted work).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import random
@@ -40,16 +48,18 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from common.schemas import Item, Prediction, now
 from common.tasks import TaskSpec
 from consumers.backends import unsupported
-from consumers.backends.answers import TokenLogprob, parsers
+from consumers.backends.answers import ModelOutput, TokenLogprob, logprob_of, parsers
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Constraint = Literal["structured_outputs", "guided_choice", "response_format", "none"]
+Constraint = Literal["structured_outputs", "guided_choice", "response_format", "grammar", "none"]
+Endpoint = Literal["chat", "completion"]
 # Output tokens per constraint style: a bare label is a few tokens, JSON and free text more.
 DEFAULT_MAX_TOKENS: dict[str, int] = {
     "structured_outputs": 16,
     "guided_choice": 16,
+    "grammar": 16,
     "response_format": 32,
     "none": 48,
 }
@@ -64,6 +74,7 @@ class OpenAIOptions(BaseModel):
     model: str
     api_key: SecretStr | None = None  # SecretStr: never shown in logs or reprs
     api_key_env: str | None = None  # or the name of an environment variable holding it
+    endpoint: Endpoint = "chat"
     constraint: Constraint = "structured_outputs"
     logprobs: bool = True
     top_logprobs: int = Field(default=10, ge=1, le=20)  # vLLM caps it at --max-logprobs (20)
@@ -91,8 +102,23 @@ class RequestFailed(Exception):
     """An item's request failed for good (retries exhausted or not worth retrying)."""
 
 
-def constraint_fields(style: Constraint, labels: Sequence[str]) -> dict[str, Any]:
+def gbnf_choice(labels: Sequence[str], lead: str = "") -> str:
+    """A GBNF grammar (llama.cpp's grammar format, grammars/README.md there) whose only
+    sentences are the labels, each after ``lead``.
+
+    After a completion prompt ending in "Answer:" the lead must be the space the
+    tokenizer puts before a word: without it a model is forced into a tokenization it
+    never saw (Gemma-3-270M fell from 0.91 to 0.60, shared/FACTS.md)."""
+    literal = [orjson.dumps(lead + label).decode() for label in labels]  # JSON escapes = GBNF's
+    return "root ::= " + " | ".join(literal)
+
+
+def constraint_fields(
+    style: Constraint, labels: Sequence[str], endpoint: Endpoint = "chat"
+) -> dict[str, Any]:
     """The request fields that restrict the answer to the labels, per server generation."""
+    if style == "grammar":  # llama.cpp's llama-server
+        return {"grammar": gbnf_choice(labels, " " if endpoint == "completion" else "")}
     if style == "structured_outputs":  # vLLM >= 0.11
         return {"structured_outputs": {"choice": list(labels)}}
     if style == "guided_choice":  # vLLM < 0.12 (ignored by newer servers)
@@ -113,24 +139,65 @@ def constraint_fields(style: Constraint, labels: Sequence[str]) -> dict[str, Any
     return {}
 
 
-def parse_completion(data: Any) -> tuple[str, list[TokenLogprob] | None]:
-    """The answer text and per-token logprobs of a chat completion body (vLLM's shape)."""
-    choice = data["choices"][0]
-    text = choice["message"].get("content") or ""
+def parse_completion(data: Any) -> ModelOutput:
+    """The answer of a chat completion or completion body: its text, per-token logprobs,
+    ``finish_reason``, and the reasoning of servers that file it apart from the content
+    (``reasoning_content``: llama-server, SGLang, older vLLM; ``reasoning``: newer vLLM).
+
+    Logprobs come as ``logprobs.content[i] = {token, logprob, top_logprobs: [{token,
+    logprob}]}`` (chat completions; llama-server also for completions) or in the legacy
+    completions shape ``logprobs = {tokens, token_logprobs, top_logprobs: [{token:
+    logprob}]}`` (vLLM's /v1/completions). A null or missing logprob is kept as unknown;
+    logprobs in any other shape cost the answer its confidence, never its vote."""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    if not choices or not isinstance(choices, list):
+        raise ValueError("the server returned no choices")
+    choice = choices[0]
+    message = choice.get("message")
+    if isinstance(message, dict):
+        text = message.get("content")
+        reasoning = message.get("reasoning_content") or message.get("reasoning")
+    else:
+        text, reasoning = choice["text"], None
+    text = text or ""
     if not isinstance(text, str):
         raise TypeError(f"message content is {type(text).__name__}, not text")
     logprobs = choice.get("logprobs")
-    entries = logprobs.get("content") if isinstance(logprobs, dict) else None
-    if not entries:
-        return text, None
-    return text, [
-        TokenLogprob(
-            str(e["token"]),
-            float(e["logprob"]),
-            tuple((str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or ()),
-        )
-        for e in entries
-    ]
+    tokens: list[TokenLogprob] | None = None
+    try:
+        if isinstance(logprobs, dict) and logprobs.get("content"):
+            tokens = [
+                TokenLogprob(
+                    str(e["token"]),
+                    logprob_of(e.get("logprob")),
+                    tuple(
+                        (str(t["token"]), logprob_of(t.get("logprob")))
+                        for t in e.get("top_logprobs") or ()
+                    ),
+                )
+                for e in logprobs["content"]
+            ]
+        elif isinstance(logprobs, dict) and logprobs.get("tokens"):
+            tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
+            tokens = [
+                TokenLogprob(
+                    str(tok),
+                    logprob_of(lp),
+                    tuple((str(t), logprob_of(v)) for t, v in (top or {}).items()),
+                )
+                for tok, lp, top in zip(
+                    logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True
+                )
+            ]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        tokens = None  # an unreadable logprob list: no confidence, the label still counts
+    finish = choice.get("finish_reason")
+    return ModelOutput(
+        text,
+        tokens,
+        finish_reason=str(finish) if finish else None,
+        reasoning=reasoning if isinstance(reasoning, str) else None,
+    )
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -194,18 +261,30 @@ class OpenAICompatible:
     async def _classify(self, items: Sequence[Item]) -> list[Prediction]:
         return list(await asyncio.gather(*(self._one(item) for item in items)))
 
+    @property
+    def path(self) -> str:
+        return "/chat/completions" if self.opts.endpoint == "chat" else "/completions"
+
     def request(self, item: Item, task: TaskSpec) -> dict[str, Any]:
-        """The chat completion request body for one item."""
+        """The (chat) completion request body for one item."""
+        opts = self.opts
         body: dict[str, Any] = {
-            "model": self.opts.model,
-            "messages": task.messages(item, json_answer=self.opts.constraint == "response_format"),
+            "model": opts.model,
             "temperature": 0,
             "max_tokens": self.max_tokens,
-            **constraint_fields(self.opts.constraint, task.labels),
+            **constraint_fields(opts.constraint, task.labels, opts.endpoint),
         }
-        if self.opts.logprobs:
-            body |= {"logprobs": True, "top_logprobs": self.opts.top_logprobs}
-        return body | self.opts.extra_body
+        if opts.endpoint == "chat":
+            json_answer = opts.constraint == "response_format"
+            body["messages"] = task.messages(item, json_answer=json_answer)
+            if opts.logprobs:
+                body |= {"logprobs": True, "top_logprobs": opts.top_logprobs}
+        else:
+            body["prompt"] = task.prompt(item)
+            body["stop"] = ["\n"]  # a base model would go on with the next few-shot example
+            if opts.logprobs:
+                body["logprobs"] = opts.top_logprobs  # the completions API takes a count
+        return body | opts.extra_body
 
     async def _one(self, item: Item) -> Prediction:
         task = self.tasks.get(item.task)
@@ -218,15 +297,23 @@ class OpenAICompatible:
                 self.stats["failures"] += 1
                 return Prediction(label=None, error=str(exc))
         try:
-            text, tokens = parse_completion(data)
+            out = parse_completion(data)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
             self.stats["failures"] += 1
+            # A ValueError is parse_completion's own sentence; the others name what is missing.
+            why = str(exc) if type(exc) is ValueError else repr(exc)
             return Prediction(
                 label=None,
-                error=f"unexpected response shape: {exc!r}",
+                error=f"unexpected response shape: {why}",
                 raw=orjson.dumps(data)[:500].decode(errors="replace"),
             )
-        return self.parsers[item.task].prediction(text, tokens)
+        return self.parsers[item.task].prediction(
+            out.text,
+            out.tokens,
+            finish_reason=out.finish_reason,
+            reasoning=out.reasoning,
+            inputs=(item.text, item.text_b),  # a quotation of the ticket is not its answer
+        )
 
     async def _post(self, body: dict[str, Any]) -> Any:
         """POST with retries; returns the decoded JSON body of a 200 answer."""
@@ -235,7 +322,7 @@ class OpenAICompatible:
             wait: float | None = None
             self.stats["requests"] += 1
             try:
-                response = await self._client.post("/chat/completions", content=orjson.dumps(body))
+                response = await self._client.post(self.path, content=orjson.dumps(body))
             except httpx.TimeoutException:
                 error = f"timed out after {self.opts.timeout_s}s"
             except httpx.TransportError as exc:
@@ -244,7 +331,11 @@ class OpenAICompatible:
                 if response.status_code == 200:
                     try:
                         return orjson.loads(response.content)
-                    except orjson.JSONDecodeError as exc:
+                    except orjson.JSONDecodeError:
+                        pass
+                    try:  # Python's json also reads NaN and -Infinity, which servers in
+                        return json.loads(response.content)  # Python write for masked logprobs
+                    except ValueError as exc:
                         # Deterministic at temperature 0: retrying would get the same.
                         raise RequestFailed(f"malformed JSON in the response: {exc}") from None
                 error = f"HTTP {response.status_code}: {response.text[:200]}"

