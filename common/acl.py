@@ -14,8 +14,11 @@ ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
 
 # CLUSTER SLOTS/SHARDS and COMMAND: what redis-py's cluster client needs to find slots and keys.
 _CONNECT = "+ping +client|setname +cluster|slots +cluster|shards +command"
+# XINFO CONSUMERS and XCLAIM: take over what a silent consumer holds; EVAL of the scripts that
+# renew the claim on a running batch and remove a silent consumer holding nothing.
 _CONSUMER = (
     "+xreadgroup +xack +xautoclaim +xpending +xgroup|create +xgroup|delconsumer +multi +exec "
+    "+xinfo|consumers +xclaim +eval "
     "+zadd +zrem +zremrangebyscore +hincrby +hincrbyfloat"  # heartbeats and stats
 )
 # EVAL plus what common/scripts.py's scripts call inside.
@@ -31,10 +34,11 @@ def rules(role: str, namespace: str = "tribunal") -> str:
     """ACL rules (without user name and password) for one role."""
     ns = namespace
     per_role = {
-        # WAIT: with wait_replicas, each chunk waits for replicas to have it.
+        # WAIT: with wait_replicas, each chunk waits for replicas to have it. EVAL: the script
+        # that adds a chunk once, skipping ids the fleet knows (settled, voted on or queued).
         "producer": (
-            "+xadd +xinfo|groups +xlen +exists +wait +get +set",
-            _keys(ns, "items", "partitions"),
+            "+xadd +xinfo|groups +xlen +exists +wait +get +set +eval",
+            _keys(ns, "items", "partitions", "produced:*", "state:*", "votes:*", "queued:*"),
         ),
         "worker": (
             f"{_CONSUMER} {_SCRIPTS} +mget",  # MGET: which items of a batch are settled
@@ -44,6 +48,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "tiebreak",
                 "votes:*",
                 "state:*",
+                "queued:*",
                 "ready",
                 "deadlines",
                 "rejects",
@@ -59,6 +64,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "ready",
                 "votes:*",
                 "state:*",
+                "queued:*",
                 "deadlines",
                 "judge",
                 "output",
@@ -79,6 +85,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "judge",
                 "state:*",
                 "votes:*",
+                "queued:*",
                 "deadlines",
                 "output",
                 "dead",

@@ -1,10 +1,15 @@
 """The one stream-consumer loop every consumer runs; consumers differ only in their handler.
 
 read a batch (own pending first, then new) → handler queues its results on a
-``Writes`` → the loop adds XACK for what succeeded → one round trip. Entries a
-dead consumer left pending are reclaimed with XAUTOCLAIM; an entry delivered
-more than ``max_deliveries`` times is handed to ``Handler.give_up`` so it still
-ends somewhere final. Redis outages are waited out with capped backoff.
+``Writes`` → the loop adds XACK for what succeeded → one round trip. While a batch
+runs, its entries are kept claimed (``common.loop``'s keeper renews them), so however
+slow the model, no other consumer takes them from a live one. A consumer that has not
+touched its group for ``silent_after_ms`` is gone: its entries are taken over at once
+and the consumer removed from the group once it holds nothing; entries idle longer
+than ``reclaim_idle_s`` (a failed batch left for a retry) are reclaimed with
+XAUTOCLAIM. An entry delivered more than ``max_deliveries`` times is handed to
+``Handler.give_up`` so it still ends somewhere final. Redis outages are waited out
+with capped backoff.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from common import metrics
 from common.connection import text
 from common.keys import Keys
 from common.lifecycle import StopFlag
-from common.scripts import Scripts
+from common.scripts import Scripts, forget_consumer, renew_claims
 from common.settings import Settings
 from common.writes import Writes
 
@@ -100,6 +105,19 @@ def consumer_name(role: str) -> str:
     return f"{role}@{socket.gethostname()}:{os.getpid()}"
 
 
+def keep_every_s(settings: Settings) -> float:
+    """How often a consumer renews its claim on the batch it works on (and its heartbeat):
+    well inside ``reclaim_idle_s``, so a live consumer's batch never looks abandoned."""
+    return min(settings.heartbeat_every_s, settings.reclaim_idle_s / 4)
+
+
+def silent_after_ms(settings: Settings) -> int:
+    """A consumer that has not touched its group (a read, a claim, a renewal) for this long
+    is gone. A live one touches it at least every ``block_ms`` while it reads and every
+    ``keep_every_s`` while a batch runs, so this is five of the longer of the two."""
+    return int(5000 * max(keep_every_s(settings), settings.block_ms / 1000))
+
+
 class StreamConsumer:
     def __init__(
         self,
@@ -126,6 +144,7 @@ class StreamConsumer:
         self._errors: dict[str, str] = {}  # last error per pending entry, for dead letters
         self._next_reclaim = 0.0
         self.last_batch = 0  # size of the last batch of new entries
+        self.in_flight: list[str] = []  # ids read and not yet acked or left: kept claimed
         # Driven by common.loop: where we are in our own pending entries (None: done, read
         # new ones), whether the group is known to exist, and this partition's backoff.
         self.cursor: str | None = "0"
@@ -174,8 +193,49 @@ class StreamConsumer:
 
     def maybe_reclaim(self) -> None:
         if time.monotonic() >= self._next_reclaim:
+            self.take_over_silent()
             self.reclaim()
             self._next_reclaim = time.monotonic() + self.settings.reclaim_every_s
+
+    def renew(self) -> int:
+        """Keep the entries of the running batch claimed (called by the loop's keeper)."""
+        ids = self.in_flight
+        return renew_claims(self.redis, self.stream, self.group, self.name, ids)
+
+    def take_over_silent(self) -> None:
+        """Take over at once what consumers silent for ``silent_after_ms`` hold (killed, or
+        hung past their ``shutdown_grace_s``), instead of after ``reclaim_idle_s``; remove
+        such consumers from the group once they hold nothing, so only live ones are listed.
+        XCLAIM with that idle time as its minimum: of two consumers taking over one entry,
+        the second finds it just claimed and leaves it."""
+        silent_ms = silent_after_ms(self.settings)
+        rows: Any = self.redis.xinfo_consumers(self.stream, self.group)
+        for row in rows:
+            name, pending = text(row["name"]), int(row["pending"])
+            if name == self.name or int(row["idle"]) < silent_ms or self.stop.is_set():
+                continue
+            if not pending:
+                if forget_consumer(self.redis, self.stream, self.group, name):
+                    log.info("%s: removed consumer %s, silent and holding nothing", self.name, name)
+                continue
+            for _ in range(pending // self.settings.batch_size + 1):
+                if not self._take_over(name, silent_ms) or self.stop.is_set():
+                    break
+
+    def _take_over(self, silent: str, silent_ms: int) -> bool:
+        rows: Any = self.redis.xpending_range(
+            self.stream, self.group, "-", "+", self.settings.batch_size, consumername=silent
+        )
+        if not rows:
+            return False
+        ids = [r["message_id"] for r in rows]
+        reply: Any = self.redis.xclaim(self.stream, self.group, self.name, silent_ms, ids)
+        entries = [Entry(text(eid), fields or {}) for eid, fields in reply if eid is not None]
+        if entries:
+            log.info("%s took over %d entries of %s (silent)", self.name, len(entries), silent)
+            self._count_deliveries(entries)
+            self.process(entries, reclaimed=True)
+        return True
 
     def read_once(self, pending_cursor: str | None, block_ms: int | None = -1) -> str | None:
         """Read and process one batch; return where to continue in our own pending list.
@@ -204,8 +264,9 @@ class StreamConsumer:
         return entries[-1].id
 
     def reclaim(self) -> None:
-        """Take over entries idle longer than ``reclaim_idle_s`` in this group (dead consumers,
-        or our own failures), walking the whole pending list with the XAUTOCLAIM cursor."""
+        """Take over entries idle longer than ``reclaim_idle_s`` in this group (our own failures
+        left for a retry, or any entry nobody renewed), walking the whole pending list with
+        the XAUTOCLAIM cursor."""
         cursor = "0-0"
         idle_ms = int(self.settings.reclaim_idle_s * 1000)
         while True:
@@ -220,9 +281,7 @@ class StreamConsumer:
             # Redis >= 7 replies [cursor, entries, deleted ids]; 6.2 only the first two
             # and a nil in place of an entry that was deleted from the stream.
             cursor = text(reply[0])
-            entries = [
-                Entry(text(eid), fields or {}) for eid, fields in reply[1] if fields is not None
-            ]
+            entries = [Entry(text(eid), fields or {}) for eid, fields in reply[1] if eid]
             deleted = reply[2] if len(reply) > 2 else []
             if deleted:
                 log.warning("%s: %d pending entries were trimmed away", self.name, len(deleted))
@@ -234,8 +293,33 @@ class StreamConsumer:
                 return
 
     def process(self, entries: list[Entry], reclaimed: bool = False) -> None:
+        entries = self._drop_deleted(entries)
         if not entries:
             return
+        self.in_flight = [e.id for e in entries]
+        try:
+            self._process(entries, reclaimed)
+        finally:
+            self.in_flight = []
+
+    def _drop_deleted(self, entries: list[Entry]) -> list[Entry]:
+        """Pending entries whose body was deleted (an operator's XDEL or XTRIM) come back with
+        no fields: nothing to label, so they are acknowledged with a log line, no outcome."""
+        gone = [e.id for e in entries if not e.fields]
+        if not gone:
+            return entries
+        log.warning(
+            "%s: %d pending entries of %s were deleted from the stream (XDEL/XTRIM); "
+            "acknowledged without an outcome: %s",
+            self.name,
+            len(gone),
+            self.stream,
+            " ".join(gone[:10]),
+        )
+        self.redis.xack(self.stream, self.group, *gone)
+        return [e for e in entries if e.fields]
+
+    def _process(self, entries: list[Entry], reclaimed: bool) -> None:
         limit = self.settings.max_deliveries
         fresh = [e for e in entries if e.deliveries <= limit]
         writes = self._writes()

@@ -75,6 +75,16 @@ class Keys:
         """String: ``judge`` while escalated, ``done`` once final (expires after the dedupe TTL)."""
         return f"{self.prefix}:state:{item_id}"
 
+    def queued(self, item_id: str) -> str:
+        """String: set when a producer adds the item, deleted when it settles (or expiring
+        after the dedupe TTL): while it waits in a stream its id counts as known."""
+        return f"{self.prefix}:queued:{item_id}"
+
+    def produced(self, chunk: str) -> str:
+        """String: what one producer chunk did in this partition ("<new> <known>"), so the
+        chunk sent again after a lost reply reports the same (expires after ten minutes)."""
+        return f"{self.prefix}:produced:{chunk}"
+
     @property
     def deadlines(self) -> str:
         """Sorted set: item id -> time by which its missing votes are no longer awaited."""

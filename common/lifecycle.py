@@ -1,27 +1,65 @@
-"""Signals and logging shared by every long-running command."""
+"""Signals, child processes and logging shared by every long-running command."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
+import subprocess
 import threading
 from types import FrameType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
+_children: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
+
+
+def start_child(
+    argv: list[str], hard_stop: signal.Signals = signal.SIGKILL, **options: Any
+) -> subprocess.Popen[bytes]:
+    """Start a process this one supervises (a fleet member, a model server, valkey).
+
+    In a session of its own: a terminal's Ctrl-C is a SIGINT to its whole foreground
+    process group, so a child in that group would start stopping on its own, take the
+    supervisor's SIGTERM that follows for a second signal and exit mid-batch (and a
+    server would go away under the consumers still finishing theirs). Only the supervisor
+    gets the terminal's signals and stops its children once, in order. Since they no
+    longer get them, whenever this process exits without stopping them (a second signal,
+    an exception, ``sys.exit``) each child still running is sent ``hard_stop``.
+    """
+    process: subprocess.Popen[bytes] = subprocess.Popen(argv, start_new_session=True, **options)
+    _children[:] = [(p, sig) for p, sig in _children if p.returncode is None]
+    _children.append((process, hard_stop))
+    return process
+
+
+@atexit.register
+def stop_children() -> None:
+    """Send each child still running its ``hard_stop`` (without waiting: called on exit)."""
+    for process, sig in _children:
+        try:
+            if process.poll() is None:
+                process.send_signal(sig)
+        except OSError:
+            pass
+
 
 class StopFlag:
-    """First SIGTERM/SIGINT asks the loop to finish its batch and exit; a second signal, or a
-    batch still running ``grace_s`` later (a hung model call), exits at once. Whatever was not
-    acked is reclaimed by another consumer later, so exiting hard loses nothing."""
+    """First SIGTERM/SIGINT/SIGHUP asks the loop to finish its batch and exit; a second
+    signal, or a batch still running ``grace_s`` later (a hung model call), exits at once
+    (sending this process's children their ``hard_stop``). Whatever was not acked is
+    reclaimed by another consumer later, so exiting hard loses nothing."""
 
     def __init__(self, grace_s: float = 30.0) -> None:
         self._event = threading.Event()
         self.grace_s = grace_s
 
     def install(self) -> StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        # SIGHUP too: a closed terminal must stop a supervisor in order, not kill it and
+        # leave its children (in sessions of their own) running.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         return self
 
@@ -52,6 +90,7 @@ class StopFlag:
 
 def _exit_now(why: str, code: int) -> None:
     log.warning("%s: exiting now; the unfinished batch will be reclaimed", why)
+    stop_children()  # os._exit skips atexit
     logging.shutdown()
     os._exit(code)
 
@@ -62,3 +101,6 @@ def setup_logging(level: str = "INFO") -> None:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # httpx logs every request at INFO: one line per item per model would bury the rest.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -2,6 +2,8 @@
 
 Each round: a heartbeat, then per partition its periodic work, reclaim and its own
 pending entries (after a start or an outage), then new entries from every partition.
+Beside the loop, a keeper thread renews the claim on the batch being worked on (and the
+heartbeat) every ``keep_every_s``, so a slow model call never looks like a dead consumer.
 A Redis error that passes (server down or restarting, a cluster electing a primary or
 moving a slot, too few replicas) puts only that partition into capped backoff: on a
 cluster the partitions of a healthy primary go on while another fails over. Any other
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 from redis.exceptions import RedisClusterException, RedisError
 
 from common.connection import text
-from common.consumer import StreamConsumer, _entries, is_cluster, is_transient
+from common.consumer import StreamConsumer, _entries, is_cluster, is_transient, keep_every_s
 from common.keys import claim_partitions
 from common.lifecycle import StopFlag
 
@@ -32,6 +35,20 @@ def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bo
     first = consumers[0]
     streams = ", ".join(c.stream for c in consumers)
     log.info("%s reading %s as group %s", first.name, streams, first.group)
+    done = threading.Event()
+    keeper = threading.Thread(target=_keep, args=(consumers, done), name="keeper", daemon=True)
+    keeper.start()
+    try:
+        _rounds(consumers, stop, drain)
+    finally:
+        done.set()
+    for c in consumers:
+        c.leave()
+    log.info("%s stopped", first.name)
+
+
+def _rounds(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bool) -> None:
+    first = consumers[0]
     turn = 0
     while not stop.is_set():
         _heartbeat(first)
@@ -49,9 +66,23 @@ def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bo
         turn += 1
         if drain and got == 0 and len(reading) == len(consumers):
             break
-    for c in consumers:
-        c.leave()
-    log.info("%s stopped", first.name)
+
+
+def _keep(consumers: Sequence[StreamConsumer], done: threading.Event) -> None:
+    """The keeper: while a batch runs, renew the claim on its entries and the heartbeat. A
+    failure is only logged: the loop itself meets the same Redis and handles it."""
+    first = consumers[0]
+    while not done.wait(keep_every_s(first.settings)):
+        busy = [c for c in consumers if c.in_flight]
+        if not busy:
+            continue
+        try:
+            first.heartbeat()
+            for c in busy:
+                c.renew()
+        except Exception as exc:  # never let the keeper die: the next round tries again
+            level = logging.DEBUG if is_transient(exc, first.redis) else logging.WARNING
+            log.log(level, "%s: could not renew its claim: %s", first.name, exc)
 
 
 def _prepare(c: StreamConsumer) -> None:
@@ -147,7 +178,13 @@ def _read_together(consumers: Sequence[StreamConsumer]) -> None:
         block=first.settings.block_ms,
     )
     by_stream = {text(stream): batch for stream, batch in reply or ()}
-    for c in consumers:
-        entries = _entries([(c.stream, by_stream.get(c.stream, []))])
-        c.last_batch = len(entries)
-        c.process(entries)
+    batches = [_entries([(c.stream, by_stream.get(c.stream, []))]) for c in consumers]
+    for c, entries in zip(consumers, batches, strict=True):
+        c.in_flight = [e.id for e in entries]  # kept claimed while the others' batches run
+    try:
+        for c, entries in zip(consumers, batches, strict=True):
+            c.last_batch = len(entries)
+            c.process(entries)
+    finally:
+        for c in consumers:
+            c.in_flight = []

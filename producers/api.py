@@ -6,6 +6,12 @@
 A record that fails validation is reported (with where it came from) and skipped;
 the rest still go. When the slowest worker group lags more than ``max_backlog``
 entries behind, ``send`` waits instead of piling more onto Redis.
+
+An id the fleet already knows (waiting in the stream, being voted on, with the judge,
+or labeled within ``decided_ttl_s``) is not added again: the report counts it as
+``known``. Each chunk is added by one script per partition, which records it under a
+chunk id, so a chunk sent again after a lost reply (a timeout, a dropped connection,
+redis-py's own retry) adds nothing twice and is counted once.
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ import orjson
 from redis import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
+from common.connection import text
 from common.consumer import is_cluster, is_transient
-from common.keys import all_partitions, claim_partitions, partition_of
+from common.keys import Keys, all_partitions, claim_partitions, partition_of
 from common.schemas import Item, now
+from common.scripts import Scripts
 from common.settings import Settings
-from common.validation import ITEM_FIELD, InvalidItem, validate_item
+from common.validation import InvalidItem, validate_item
 
 log = logging.getLogger(__name__)
+# Chunks that wait within this many seconds of each other make one wait, logged once.
+QUIET_S = 10.0
 
 # (where the record came from, e.g. a line number; the record or the reason it is unusable)
 Record = tuple[str, "dict[str, Any] | InvalidItem"]
@@ -36,10 +46,20 @@ Record = tuple[str, "dict[str, Any] | InvalidItem"]
 
 @dataclass
 class ProduceReport:
-    produced: int = 0
+    produced: int = 0  # valid records stored, or found already known (``known``)
+    known: int = 0  # ids the fleet already knew: dropped as duplicates, not added again
     invalid: list[tuple[str, str]] = field(default_factory=list)  # (where, reason)
     waited_s: float = 0.0  # time spent blocked by backpressure
     unreplicated: int = 0  # stored, but not confirmed by ``wait_replicas`` replicas in time
+
+    @property
+    def new(self) -> int:
+        """Items added to the stream by this send."""
+        return self.produced - self.known
+
+
+# An encoded record: its partition's keys, its id, its payload.
+Encoded = tuple[Keys, str, bytes]
 
 
 class Producer:
@@ -54,10 +74,15 @@ class Producer:
         self.redis = redis
         self.settings = settings
         self.partitions = all_partitions(settings.namespace, settings.partitions)
+        self.scripts = [Scripts(keys, settings.decided_ttl_s) for keys in self.partitions]
         self._claimed = False
         self.chunk_size = chunk_size
         self.default_task = default_task
         self.wait_for_redis = wait_for_redis  # else a Redis outage raises at once
+        # Called with the backlog at each check while ``send`` waits for the workers, and
+        # with 0 when it goes on: a progress bar shows the wait there.
+        self.on_wait: Callable[[int], None] = lambda backlog: None
+        self._waited_until = float("-inf")  # when the last wait for the workers ended
 
     def prepare(self, record: dict[str, Any]) -> Item:
         """Validate one record; fill in the task default, an id if absent, and the time."""
@@ -69,25 +94,28 @@ class Producer:
         data["produced_at"] = now()
         return validate_item(data, self.settings)
 
-    def encode(self, record: dict[str, Any]) -> tuple[str, bytes]:
-        """The items stream the record goes to (by its id's partition), and its payload."""
+    def encode(self, record: dict[str, Any]) -> Encoded:
+        """The partition the record goes to (by its id), its id and its payload."""
         item = self.prepare(record)
         try:
             payload = item.dump()
         except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in the text
             raise InvalidItem(f"cannot be encoded as JSON: {exc}") from None
-        return self.partitions[partition_of(item.id, len(self.partitions))].items, payload
+        return self.partitions[partition_of(item.id, len(self.partitions))], item.id, payload
 
     def send(
         self,
         records: Iterable[dict[str, Any]] | Iterable[Record],
         on_progress: Callable[[int], None] | None = None,
         rate: float | None = None,
+        report: ProduceReport | None = None,
     ) -> ProduceReport:
         """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs. With
-        ``rate``, at most that many items per second (a chunk at a time), for steady load."""
-        report = ProduceReport()
-        chunk: list[tuple[str, bytes]] = []
+        ``rate``, at most that many items per second (a chunk at a time), for steady load.
+        Counts go into ``report`` when given, so a caller interrupted mid-way still knows
+        what was stored."""
+        report = report if report is not None else ProduceReport()
+        chunk: list[Encoded] = []
         started = time.monotonic()
 
         def flush() -> None:
@@ -110,12 +138,17 @@ class Producer:
 
     def _flush(
         self,
-        chunk: list[tuple[str, bytes]],
+        chunk: list[Encoded],
         report: ProduceReport,
         on_progress: Callable[[int], None] | None,
     ) -> None:
         if not chunk:
             return
+        first: dict[str, Encoded] = {}
+        for row in chunk:
+            first.setdefault(row[1], row)  # an id twice in one chunk: the first one goes
+        rows, repeated = list(first.values()), len(chunk) - len(first)
+        token = uuid.uuid4().hex  # the same on every retry of this chunk
         backoff = 0.2
         while True:
             try:
@@ -123,7 +156,7 @@ class Producer:
                     claim_partitions(self.redis, self.settings.namespace, len(self.partitions))
                     self._claimed = True
                 report.waited_s += self.wait_for_room()
-                report.unreplicated += self._send(chunk)
+                known, unconfirmed = self._send(rows, token)
                 break
             except (RedisError, RedisClusterException) as exc:
                 if not is_transient(exc, self.redis):
@@ -133,42 +166,48 @@ class Producer:
                         self.redis.nodes_manager.initialize()  # type: ignore[attr-defined]
                 if not self.wait_for_redis:
                     raise
-                # A chunk cut off mid-way is sent again: ids make the repeats harmless.
+                # Sent again under the same chunk id: what the server already has stays once.
                 log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
         report.produced += len(chunk)
+        report.known += known + repeated
+        report.unreplicated += unconfirmed
         if on_progress is not None:
             on_progress(len(chunk))
         chunk.clear()
 
-    def _send(self, chunk: list[tuple[str, bytes]]) -> int:
-        """XADD the chunk in one round trip per server; with ``wait_replicas``, each server's
-        pipeline ends with WAIT (it counts the writes of its own connection). Returns how
-        many items were not confirmed on enough replicas: they are stored, but a failover
-        right now could lose them, so they are reported, never silently trusted."""
+    def _send(self, rows: list[Encoded], token: str) -> tuple[int, int]:
+        """Add the chunk in one round trip per server, one script call per partition; with
+        ``wait_replicas``, each server's pipeline ends with WAIT (it counts the writes of its
+        own connection). Returns how many ids were already known, and how many items were
+        not confirmed on enough replicas: they are stored, but a failover right now could
+        lose them, so they are reported, never silently trusted."""
         wanted = self.settings.wait_replicas
-        by_server: dict[Any, list[tuple[str, bytes]]] = {}
-        for stream, payload in chunk:  # without WAIT, the (cluster) client splits it up itself
-            server = self._server_of(stream) if wanted else self.redis
-            by_server.setdefault(server, []).append((stream, payload))
-        unconfirmed = 0
-        for server, rows in by_server.items():
+        by_server: dict[Any, dict[int, list[tuple[str, bytes]]]] = {}
+        for keys, item_id, payload in rows:  # without WAIT, the (cluster) client splits it up
+            server = self._server_of(keys.items) if wanted else self.redis
+            parts = by_server.setdefault(server, {})
+            parts.setdefault(keys.partition, []).append((item_id, payload))
+        known = unconfirmed = 0
+        for server, parts in by_server.items():
             pipe = server.pipeline(transaction=False)
-            for stream, payload in rows:
-                pipe.xadd(stream, {ITEM_FIELD: payload})
+            for partition, items in parts.items():
+                self.scripts[partition].produce(pipe, token, items)
             if wanted:
                 pipe.execute_command("WAIT", wanted, self.settings.wait_timeout_ms)
             replies = pipe.execute()
+            known += sum(int(text(reply).split()[1]) for reply in replies[: len(parts)])
+            stored = sum(len(items) for items in parts.values())
             if wanted and int(replies[-1]) < wanted:
-                unconfirmed += len(rows)
+                unconfirmed += stored
                 log.warning(
                     "%d items not confirmed by %d replicas within %d ms",
-                    len(rows),
+                    stored,
                     wanted,
                     self.settings.wait_timeout_ms,
                 )
-        return unconfirmed
+        return known, unconfirmed
 
     def _server_of(self, stream: str) -> Redis:
         """The client of the server holding ``stream``: on a cluster, its slot's primary."""
@@ -198,11 +237,18 @@ class Producer:
         while (depth := self.backlog()) > self.settings.max_backlog:
             if not announced:
                 started = time.monotonic()
-                log.info(
-                    "backlog %d > %d: waiting for the workers", depth, self.settings.max_backlog
-                )
+                if started - self._waited_until > QUIET_S:  # else it goes on the last wait
+                    log.info(
+                        "backlog %d > %d: waiting for the workers",
+                        depth,
+                        self.settings.max_backlog,
+                    )
                 announced = True
+            self.on_wait(depth)
             time.sleep(0.2)
+        if announced:
+            self._waited_until = time.monotonic()
+            self.on_wait(0)
         return time.monotonic() - started if announced else 0.0
 
 

@@ -1,8 +1,17 @@
 """Reading records from JSONL or CSV files, stdin, or a file that keeps growing.
 
+One reader serves ``produce`` and ``evaluate``, with one set of options (``Reading``), so a
+file that one command takes the other takes too. Files come as a ticket system or a public
+data set exports them: which field (JSONL) or column (CSV) holds the text, the second text,
+the id, the task and the gold label is mapped (``CsvColumns``); every other one is kept in
+``metadata`` (``strict`` refuses them instead). A record naming no task takes
+``Reading.task``, resolved by ``default_task``.
+
 Each reader yields ``(where, record)`` where ``where`` names the line, so a bad
 line is reported precisely while the rest still go. A line that cannot even be
-parsed is yielded as an ``InvalidItem`` in place of the record.
+parsed is yielded as an ``InvalidItem`` in place of the record. What makes a whole
+file unusable (a CSV without its text column) raises ``UnusableSource`` before any
+record, so it is said once instead of once per line.
 """
 
 from __future__ import annotations
@@ -11,16 +20,31 @@ import csv
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any
 
+from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
 from producers.api import Record
+
+PASSED_AS_IS = ("metadata", "produced_at")  # item fields no option maps
+# Each mapped item field: what it holds, as the command-line help and the errors say it.
+HOLDS = {"text": "the text", "text_b": "the second text", "id": "the item id"}
+HOLDS |= {"task": "the task", "gold": "a known label"}
+
+
+def flag_of(item_field: str) -> str:
+    """The command-line option naming the column or field of ``item_field``: --text-b-col."""
+    return "--" + item_field.replace("_", "-") + "-col"
+
+
+class UnusableSource(ValueError):
+    """No record of this file can become an item, whatever its lines hold; says why."""
 
 
 @dataclass(frozen=True)
 class CsvColumns:
-    """Which CSV column holds which item field; every other column goes into metadata."""
+    """Which CSV column, or JSONL field, holds which item field."""
 
     text: str = "text"
     text_b: str = "text_b"
@@ -28,49 +52,150 @@ class CsvColumns:
     task: str = "task"
     gold: str = "gold"
 
-    def to_record(self, row: dict[str, Any]) -> dict[str, Any]:
+    def mapping(self) -> dict[str, str]:
+        """Column or field name -> item field."""
+        return {getattr(self, f.name): f.name for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How to read a file of records: its format, which column or field holds what, the task
+    of records naming none, and whether unmapped fields are refused. ``needs_task`` is set
+    by ``for_fleet`` when no task is left to default to: such a record is then refused
+    with what to do, and a CSV without a task column at once."""
+
+    fmt: str | None = None
+    columns: CsvColumns = field(default_factory=CsvColumns)
+    task: str | None = None
+    strict: bool = False
+    needs_task: bool = False
+
+    def for_fleet(self, settings: Settings) -> Reading:
+        """This reading with the task of records naming none resolved (``default_task``) and
+        checked against the fleet's tasks; raises ``UnusableSource`` for an unknown task."""
+        task = default_task(settings, self.task)
+        known = settings.all_tasks
+        if task is not None and task not in known:
+            raise UnusableSource(f"unknown task {task!r} (known: {', '.join(sorted(known))})")
+        return replace(self, task=task, needs_task=task is None)
+
+    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The item fields of a row; the others go into metadata (refused when ``strict``).
+        Mapped fields that are empty or null count as absent, except the text, whose
+        absence the validation explains."""
+        mapping = self.columns.mapping()
         record: dict[str, Any] = {}
-        metadata: dict[str, Any] = {}
-        mapping = {
-            self.text: "text",
-            self.text_b: "text_b",
-            self.id: "id",
-            self.task: "task",
-            self.gold: "gold",
-        }
-        for column, value in row.items():
-            if column is None:  # more cells than headers
+        extra: dict[str, Any] = {}
+        for name, value in row.items():
+            if name is None:  # a CSV row with more cells than the header
                 raise InvalidItem(f"row has {len(value)} more cells than the header")
-            target = mapping.get(column)
-            if target is None:
-                metadata[column] = value
+            target = mapping.get(name)
+            if target is None and name in PASSED_AS_IS:
+                if value is not None:
+                    record[name] = value
+            elif target is None and self.strict:
+                raise InvalidItem(f"unknown field '{name}'")
+            elif target is None:
+                extra[name] = value
             elif value not in (None, "") or target == "text":
                 record[target] = value
-        if metadata:
-            record["metadata"] = metadata
+        if extra:
+            record["metadata"] = with_extra(record.get("metadata"), extra)
+        if "text" not in record and extra:  # a data set that calls it "sentence" or "body"
+            has = ", ".join(sorted(extra))
+            raise InvalidItem(
+                f"missing field '{self.columns.text}' (this record has {has}: "
+                "name the text's with --text-col)"
+            )
+        if "task" not in record and self.task is not None:
+            record["task"] = self.task
+        elif "task" not in record and self.needs_task:
+            raise InvalidItem("missing field 'task' (give --task, or set default_task)")
         return record
 
 
-def jsonl_records(lines: Iterator[bytes], name: str) -> Iterator[Record]:
+def with_extra(metadata: Any, extra: dict[str, Any]) -> Any:
+    """A record's metadata with its other fields added; a clash is an error, not a pick."""
+    if metadata is None:
+        return extra
+    if not isinstance(metadata, dict):
+        return metadata  # the validation says it must be an object
+    clash = sorted(set(metadata) & set(extra))
+    if clash:
+        raise InvalidItem(f"field '{clash[0]}' is both a top-level field and in metadata")
+    return {**metadata, **extra}
+
+
+def default_task(settings: Settings, given: str | None = None) -> str | None:
+    """The task of a record that names none: ``given`` (``--task``), else the ``default_task``
+    setting, else the one task of the fleet file's ``[tasks]`` when it defines exactly one,
+    else none, and such a record is refused. Never guessed from the record's shape."""
+    if given is not None:
+        return given
+    if settings.default_task is not None:
+        return settings.default_task
+    return next(iter(settings.tasks)) if len(settings.tasks) == 1 else None
+
+
+def jsonl_records(
+    lines: Iterator[bytes], name: str, reading: Reading | None = None
+) -> Iterator[Record]:
+    how = reading or Reading()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         where = f"{name}:{n}"
         try:
-            yield where, parse_payload(line)
+            yield where, how.record(parse_payload(line))
         except InvalidItem as exc:
             yield where, exc
 
 
-def csv_records(lines: Iterator[bytes], name: str, columns: CsvColumns) -> Iterator[Record]:
+def csv_records(
+    lines: Iterator[bytes], name: str, reading: Reading | CsvColumns | None = None
+) -> Iterator[Record]:
+    """Records of CSV rows. Reads the header at once: raises ``UnusableSource`` when it lacks
+    the text column, a column named by a flag, or the task column with no task to default
+    to, or (``strict``) has columns no item field takes."""
+    how = Reading(columns=reading) if isinstance(reading, CsvColumns) else reading or Reading()
     # utf-8-sig: spreadsheets often start a CSV with a byte order mark.
     reader = csv.DictReader(line.decode("utf-8-sig", errors="replace") for line in lines)
+    if reader.fieldnames:
+        check_header(list(reader.fieldnames), name, how)
+    return csv_rows(reader, name, how)
+
+
+def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[Record]:
     for row in reader:
         where = f"{name}:{reader.line_num}"
         try:
-            yield where, columns.to_record(row)
+            yield where, how.record(row)
         except InvalidItem as exc:
             yield where, exc
+
+
+def check_header(header: list[str], name: str, how: Reading) -> None:
+    found = f"(columns: {', '.join(header)})"
+    columns, defaults = how.columns, CsvColumns()
+    for item_field, what in HOLDS.items():
+        column = getattr(columns, item_field)
+        named = column != getattr(defaults, item_field)  # asked for with a flag
+        if column not in header and (named or item_field == "text"):
+            raise UnusableSource(
+                f"{name} has no column {column!r} with {what} {found}: "
+                f"name it with {flag_of(item_field)} COLUMN"
+            )
+    if columns.task not in header and how.needs_task:
+        raise UnusableSource(
+            f"{name} has no column {columns.task!r} for the task {found} and there is no "
+            "default task: give --task NAME (or --task-col COLUMN, or set default_task)"
+        )
+    unknown = [c for c in header if c not in columns.mapping() and c not in PASSED_AS_IS]
+    if how.strict and unknown:
+        raise UnusableSource(
+            f"{name} has columns no item field takes: {', '.join(unknown)} (--strict refuses "
+            "them; without it they go into metadata)"
+        )
 
 
 def lines_of(
@@ -106,16 +231,17 @@ def open_binary(path: str) -> IO[bytes]:
 
 def records_of(
     source: str,
-    fmt: str | None = None,
-    columns: CsvColumns | None = None,
+    reading: Reading | None = None,
     follow: bool = False,
     stop: Callable[[], bool] = lambda: False,
 ) -> Iterator[Record]:
-    """The records of a JSONL or CSV file (``-``: stdin), each with where it came from.
-    Raises ``OSError`` when the file cannot be opened."""
+    """The records of a JSONL or CSV file (``-``: stdin), each with where it came from. Raises
+    ``OSError`` when the file cannot be opened, ``UnusableSource`` when no line of it can
+    be used (a CSV header is read at once for that)."""
+    how = reading or Reading()
     stream = open_binary(source)
     name = "stdin" if source == "-" else source
     lines = lines_of(stream, follow, stop)
-    if detect_format(source, fmt) == "csv":
-        return csv_records(lines, name, columns or CsvColumns())
-    return jsonl_records(lines, name)
+    if detect_format(source, how.fmt) == "csv":
+        return csv_records(lines, name, how)
+    return jsonl_records(lines, name, how)

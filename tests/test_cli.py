@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -226,7 +227,7 @@ def test_produce_reports_bad_records_whose_data_looks_like_markup(
         b'{"task": "sentiment", "text": "fine", "[/]": 1}\n'
         b'{"task": "sentiment", "text": "also fine"}\n'
     )
-    proc = cli("produce", "odd.jsonl")
+    proc = cli("produce", "odd.jsonl", "--strict")
     assert redis.xlen(keys.items) == 1
     assert_no_traceback(proc)
     assert proc.returncode == 0
@@ -325,3 +326,205 @@ def test_fleet_file_that_does_not_exist_exits_2(cli: Any, redis: Redis, keys: Ke
     assert via_env.returncode == 2, via_env.stderr
     assert_no_traceback(via_env)
     assert "missing-fleet.toml" in unwrapped(via_env.stderr)
+
+
+# --- field faults: repeated, unconfirmed and interrupted produce; every command, Redis dead --
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def started(workdir: Path, env: dict[str, str], *args: str) -> Any:
+    """``python -m tribunal ARGS`` in ``workdir`` with ``env`` as its TRIBUNAL_* settings,
+    started in a process group of its own (as a terminal's foreground job), stdin a pipe,
+    stderr to a file (``.err`` holds its path)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    environ |= {"COLUMNS": "200", **env}
+    err = workdir / f"stderr-{time.monotonic_ns()}.txt"
+    with open(err, "wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tribunal", *args],
+            cwd=workdir,
+            env=environ,
+            stdin=subprocess.PIPE,
+            stderr=sink,
+            start_new_session=True,
+        )
+    proc.err = err  # type: ignore[attr-defined]
+    return proc
+
+
+def on(settings: Settings) -> dict[str, str]:
+    """The environment of a command on the test's Redis and namespace."""
+    return {"TRIBUNAL_REDIS_URL": str(settings.redis_url), "TRIBUNAL_NAMESPACE": settings.namespace}
+
+
+def wait_for(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f}s: {what}")
+        time.sleep(0.05)
+
+
+def finished(proc: Any, timeout: float) -> bytes:
+    """The process's stderr once it has exited (killed, and the test failed, if it does not)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"still running after {timeout:.0f}s: {proc.err.read_bytes()[-2000:]!r}")
+    return bytes(proc.err.read_bytes())
+
+
+def test_producing_the_same_records_again_reports_them_already_known(
+    cli: Any, redis: Redis, keys: Keys
+) -> None:
+    (cli.workdir / "two.jsonl").write_bytes(
+        b'{"id": "k1", "task": "sentiment", "text": "one"}\n'
+        b'{"id": "k2", "task": "sentiment", "text": "two"}\n'
+    )
+    first = cli("produce", "two.jsonl")
+    assert first.returncode == 0, first.stderr
+    assert "produced 2, skipped 0 invalid" in flat(first.stderr)
+    again = cli("produce", "two.jsonl")
+    assert again.returncode == 0, again.stderr
+    assert_no_traceback(again)
+    assert "produced 0 new, 2 already known (not added again), skipped 0 invalid" in flat(
+        again.stderr
+    )
+    assert redis.xlen(keys.items) == 2
+
+
+def test_produce_waits_for_a_replica_longer_than_the_old_socket_timeout(
+    cli: Any, redis: Redis, keys: Keys
+) -> None:
+    """A real WAIT of 12 s with no replica attached (the socket timeout used to be block_ms +
+    10 s): the items are reported stored but unconfirmed, exit 0, each added once."""
+    (cli.workdir / "three.jsonl").write_bytes(
+        b"".join(b'{"task": "sentiment", "text": "t%d"}\n' % n for n in range(3))
+    )
+    wait = {"TRIBUNAL_WAIT_REPLICAS": "1", "TRIBUNAL_WAIT_TIMEOUT_MS": "12000"}
+    proc = cli("produce", "three.jsonl", env=wait, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert_no_traceback(proc)
+    err = flat(proc.stderr)
+    assert "produced 3, skipped 0 invalid" in err
+    assert "3 items were stored but not confirmed by 1 replicas within 12000 ms" in err
+    assert redis.xlen(keys.items) == 3
+
+
+def test_ctrl_c_on_produce_from_a_pipe_stores_what_was_read_and_exits_130(
+    cli: Any, settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    proc = started(cli.workdir, on(settings), "produce", "-", "--chunk-size", "1")
+    try:
+        proc.stdin.write(
+            b'{"task": "sentiment", "text": "a"}\n{"task": "sentiment", "text": "b"}\n'
+        )
+        proc.stdin.flush()
+        wait_for(lambda: redis.xlen(keys.items) == 2, 30, "two items stored")
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the foreground group
+        err = finished(proc, 20)  # the read waiting on the pipe is cut short
+    finally:
+        proc.stdin.close()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err, err
+    assert "interrupted (SIGINT): produced 2, skipped 0 invalid; stopped reading after stdin:2" in (
+        flat(err)
+    )
+    assert redis.xlen(keys.items) == 2
+
+
+def test_a_second_ctrl_c_stops_produce_at_once_while_it_waits_for_the_workers(
+    cli: Any, settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    env = on(settings) | {"TRIBUNAL_MAX_BACKLOG": "1"}
+    proc = started(cli.workdir, env, "produce", "-", "--chunk-size", "1")
+    try:
+        proc.stdin.write(b"".join(b'{"task": "sentiment", "text": "%d"}\n' % n for n in range(3)))
+        proc.stdin.flush()
+        wait_for(lambda: redis.xlen(keys.items) == 2, 30, "two items stored")
+        time.sleep(0.5)  # the third waits: the backlog is over max_backlog
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert proc.poll() is None, "the first Ctrl-C must let what was read be stored"
+        os.killpg(proc.pid, signal.SIGINT)
+        err = finished(proc, 10)
+    finally:
+        proc.stdin.close()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err, err
+    out = flat(err)
+    assert "interrupted (SIGINT): produced 2, skipped 0 invalid" in out
+    assert "stopped at once: the chunk being sent may be stored or not" in out
+    assert redis.xlen(keys.items) == 2
+
+
+OFFLINE_FLEET = str(ROOT / "examples" / "offline.toml")
+SAMPLE = str(ROOT / "producers" / "samples" / "tickets.jsonl")
+# Commands that answer once: with Redis unreachable, one line naming it, exit 3.
+ANSWERING = [
+    ("produce", "one.jsonl"),
+    ("labels",),
+    ("dlq", "list"),
+    ("dlq", "replay", "--all"),
+    ("status",),
+    ("health",),
+    ("calibrate",),
+    ("demo", "--offline", "--limit", "2"),
+    pytest.param(("--fleet", OFFLINE_FLEET, "evaluate", SAMPLE), id="evaluate"),
+]
+# Commands that serve until stopped: they wait Redis out (a line per retry), and stop cleanly.
+SERVING = [
+    (("worker", "vader"), "Redis unavailable"),
+    (("aggregator",), "Redis unavailable"),
+    (("judge",), "Redis unavailable"),
+    (("run", "--data-dir", "valkey"), "Redis unavailable"),
+    (("exporter", "--port", "0"), "serving fleet metrics"),
+]
+NOT_USING_REDIS = {"acl", "models"}
+
+
+def test_every_command_is_tried_against_a_dead_redis() -> None:
+    from tribunal.cli import app
+
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
+    commands |= {str(g.name) for g in app.registered_groups}
+    answering = [getattr(a, "values", (a,))[0] for a in ANSWERING]  # pytest.param: values
+    tried = {args[2] if args[0] == "--fleet" else args[0] for args in answering}
+    tried |= {args[0] for args, _ in SERVING}
+    assert commands == tried | NOT_USING_REDIS
+
+
+DEAD = {"TRIBUNAL_REDIS_URL": CLOSED_PORT_URL}  # nothing listens there: no Redis fixture
+
+
+@pytest.mark.parametrize("args", ANSWERING, ids=" ".join)
+def test_a_command_with_redis_unreachable_says_so_in_a_line_and_exits_3(
+    tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    (tmp_path / "one.jsonl").write_bytes(b'{"task": "sentiment", "text": "hello"}\n')
+    proc = started(tmp_path, DEAD, *args)
+    proc.stdin.close()
+    err = finished(proc, 90)
+    assert b"Traceback" not in err, err.decode(errors="replace")
+    assert proc.returncode == 3, err
+    assert "Redis" in flat(err) and "127.0.0.1:1" in flat(err), err
+
+
+@pytest.mark.parametrize(("args", "marker"), SERVING, ids=[" ".join(a) for a, _ in SERVING])
+def test_a_serving_command_waits_redis_out_and_stops_cleanly(
+    tmp_path: Path, args: tuple[str, ...], marker: str
+) -> None:
+    proc = started(tmp_path, DEAD, *args)
+    try:
+        wait_for(lambda: marker.encode() in proc.err.read_bytes(), 60, marker)
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = finished(proc, 60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert b"Traceback" not in err, err.decode(errors="replace")
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]

@@ -1,3 +1,3 @@
-from tribunal.cli import app
+from tribunal.cli import run_cli
 
-app(prog_name="tribunal")
+run_cli()

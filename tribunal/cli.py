@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,9 +16,26 @@ from common.connection import EmbeddedRedis, connect
 from common.keys import all_partitions
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
-from tribunal.cli_base import clear_errors, err, needs_redis, runtime, say, settings, state
+from producers.readers import Reading
+from tribunal.cli_base import (
+    Interrupt,
+    clear_errors,
+    err,
+    needs_redis,
+    runtime,
+    say,
+    settings,
+    state,
+    summarize,
+)
 from tribunal.cli_models import models_app
-from tribunal.cli_quality import calibrate, evaluate
+from tribunal.cli_quality import (
+    calibrate,
+    evaluate,
+    logs_above_the_bar,
+    open_records,
+    reads_records,
+)
 
 app = typer.Typer(
     help=(
@@ -30,6 +47,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's help: paragraphs rewrapped to the terminal, like git's
 )
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / (
     "tribunal/valkey"
@@ -112,73 +130,76 @@ def demo(
 
 
 @app.command()
+@reads_records
 def produce(
     source: Annotated[str, typer.Argument(help="JSONL or CSV file, or - for stdin.")],
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="jsonl or csv (default: by file extension).")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="Task for records that name none.")] = None,
     follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
     wait_for_redis: Annotated[
         bool, typer.Option(help="While Redis is unreachable, wait and retry instead of failing.")
     ] = False,
-    text_col: Annotated[str, typer.Option(help="CSV column with the text.")] = "text",
-    text_b_col: Annotated[str, typer.Option(help="CSV column with the second text.")] = "text_b",
-    id_col: Annotated[str, typer.Option(help="CSV column with the item id.")] = "id",
-    task_col: Annotated[str, typer.Option(help="CSV column with the task.")] = "task",
-    gold_col: Annotated[str, typer.Option(help="CSV column with a known label.")] = "gold",
+    *,
+    reading: Reading,
 ) -> None:
     """Validate records and add them to the items stream.
 
     Each bad record is reported with its line and skipped; the rest still go. When the
     slowest worker falls more than max_backlog items behind, producing waits.
     Records: {"id": optional, "task": "sentiment", "text": "...", "text_b": for pair
-    tasks, "metadata": {...}}. CSV columns other than the mapped ones become metadata.
+    tasks, "metadata": {...}}. Fields and columns other than the mapped ones become
+    metadata (--strict refuses them).
     """
-    from producers.api import Producer
-    from producers.readers import CsvColumns, records_of
+    from producers.api import Producer, ProduceReport
 
     s = needs_redis(settings())
-    stop = StopFlag().install()
+    stop = Interrupt().install()
     name = "stdin" if source == "-" else source
-    columns = CsvColumns(text_col, text_b_col, id_col, task_col, gold_col)
-    try:
-        records = records_of(source, fmt, columns, follow, stop.is_set)
-    except OSError as exc:
-        say("[red]error:[/]", f"cannot read {source}: {exc.strerror}")
-        raise typer.Exit(2) from None
-    producer = Producer(
-        connect(s), s, chunk_size=chunk_size, default_task=task, wait_for_redis=wait_for_redis
-    )
+    records = open_records(source, reading, s, follow, stop.is_set)
+    producer = Producer(connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis)
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TextColumn("{task.completed} produced"),
         TimeElapsedColumn(),
+        TextColumn("{task.fields[wait]}"),
         console=err,
         transient=False,
     )
-    with clear_errors(s), progress:
+    with clear_errors(s), progress, logs_above_the_bar():
         job = progress.add_task(
-            f"producing from {escape(name)}" + (" (following; Ctrl-C to stop)" if follow else "")
+            f"producing from {escape(name)}" + (" (following; Ctrl-C to stop)" if follow else ""),
+            total=None,  # a count, not a share: with a total, rich stops the clock when it is met
+            wait="",
         )
-        report = producer.send(records, on_progress=lambda n: progress.advance(job, n))
-    for where, reason in report.invalid[:50]:
-        say("[yellow]skipped[/]", f"{where}: {reason}")
-    if len(report.invalid) > 50:
-        err.print(f"... and {len(report.invalid) - 50} more")
-    err.print(
-        f"produced {report.produced}, skipped {len(report.invalid)} invalid"
-        + (f", waited {report.waited_s:.1f}s for the workers" if report.waited_s else "")
-    )
-    if report.unreplicated:
-        say(
-            "[yellow]warning:[/]",
-            f"{report.unreplicated} items were stored but not confirmed by "
-            f"{s.wait_replicas} replicas within {s.wait_timeout_ms} ms: a failover now "
-            "could lose them (produce them again to be sure: ids make repeats harmless)",
-        )
+
+        def show_wait(backlog: int) -> None:
+            wait = f"waiting for the workers (backlog {backlog} > {s.max_backlog})"
+            progress.update(job, wait=wait if backlog else "")
+
+        producer.on_wait = show_wait
+        report = ProduceReport()  # kept when sending stops part-way
+        try:
+            with clear_errors(s):
+                producer.send(
+                    stop.reading(records),
+                    on_progress=lambda n: progress.advance(job, n),
+                    report=report,
+                )
+        except typer.Exit:  # Redis failed: what went before it is stored
+            summarize(report, s, stop, " before the error")
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C
+            summarize(
+                report,
+                s,
+                stop,
+                "; stopped at once: the chunk being sent may be stored or "
+                "not (produce again to be sure: known ids are not added twice)",
+            )
+            raise typer.Exit(stop.code) from None
+    summarize(report, s, stop)
+    if stop.is_set():
+        raise typer.Exit(stop.code)
     raise typer.Exit(1 if report.invalid and not report.produced else 0)
 
 
@@ -252,6 +273,7 @@ dlq_app = typer.Typer(
     help="Inspect and replay dead letters (entries given up on after "
     "max_deliveries failed deliveries).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(models_app, name="models")
@@ -266,7 +288,8 @@ def dlq_list(
     from tribunal.dlq import as_json, dead_letters
 
     s = needs_redis(settings())
-    letters = dead_letters(connect(s), all_partitions(s.namespace, s.partitions), limit)
+    with clear_errors(s):
+        letters = dead_letters(connect(s), all_partitions(s.namespace, s.partitions), limit)
     for _, entry_id, letter in letters:
         if json:
             sys.stdout.buffer.write(as_json(letter) + b"\n")
@@ -295,7 +318,8 @@ def dlq_replay(
         raise typer.Exit(2)
     s = needs_redis(settings())
     partitions = all_partitions(s.namespace, s.partitions)
-    report = replay(connect(s), partitions, None if replay_all else set(ids or ()))
+    with clear_errors(s):
+        report = replay(connect(s), partitions, None if replay_all else set(ids or ()))
     for item_id, why in report.skipped:
         say("[yellow]skipped[/]", f"{item_id}: {why}")
     say("", f"replayed {len(report.replayed)}: {', '.join(report.replayed) or '-'}")
@@ -332,29 +356,48 @@ def run(
         Path,
         typer.Option(
             help="Embedded valkey only: where its append-only file lives, so a "
-            "restarted fleet carries on where it stopped."
+            "restarted fleet carries on where it stopped. Locked while in use: a second "
+            "`run` on it exits with an error naming the first.",
         ),
     ] = DEFAULT_DATA_DIR,
+    # A fixed port, not a free one: a restarted fleet comes back at the same URL, so the
+    # TRIBUNAL_REDIS_URL exported in other shells and a running `labels --follow` (which
+    # retries its URL while the server is away) keep working without re-exporting.
     port: Annotated[
-        int | None, typer.Option(help="Embedded valkey only: its port (default: a free one).")
-    ] = None,
+        int,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Embedded valkey only: its port, the same on every start (the URL stays "
+            "valid across restarts); taken by another program: an error, pick another.",
+        ),
+    ] = 16379,
 ) -> None:
     """Start the whole fleet from the fleet file: a llama-server per local model, one
     process per worker replica, the aggregator and the judge, restarting any that dies.
     Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
-    everything gracefully."""
+    everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
+    from common.connection import EmbeddedRedisError
     from tribunal.fleet import Fleet
 
     s = settings()
+    # The whole stop is bounded: the children's own grace, then the servers' shutdown.
+    stop = StopFlag(s.shutdown_grace_s + 30).install()
     embedded = None
     if not s.redis_url:
-        embedded = EmbeddedRedis(data_dir, port, appendfsync=s.embedded_appendfsync).start()
+        try:
+            embedded = EmbeddedRedis(data_dir, port, appendfsync=s.embedded_appendfsync).start()
+        except EmbeddedRedisError as exc:
+            say(
+                "[red]error:[/]",
+                f"{exc}; use another --data-dir / --port, or set TRIBUNAL_REDIS_URL",
+            )
+            raise typer.Exit(1) from None
     url = s.redis_url or embedded.url  # type: ignore[union-attr]
     if embedded:
         say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
         say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
-    stop = StopFlag().install()
     fleet = Fleet(s, url, log_dir=data_dir.parent / "logs")
     try:
         with clear_errors(s):
@@ -363,10 +406,12 @@ def run(
             say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
         while not stop.wait(0.5):
             fleet.supervise()
+        say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
     finally:
-        fleet.stop()
+        fleet.stop(timeout=s.shutdown_grace_s + 5)
         if embedded:
             embedded.stop()
+    say("", "fleet stopped")
 
 
 app.command()(evaluate)
@@ -382,7 +427,11 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print the snapshot as JSON.")] = False,
     stall_after: Annotated[
         float | None,
-        typer.Option(help="Flag a group whose consumers are all idle this long (s).", min=0.1),
+        typer.Option(
+            help="Flag a group whose consumers are all idle this long, in seconds "
+            "(default: heartbeat_ttl_s, 60).",
+            min=0.1,
+        ),
     ] = None,
 ) -> None:
     """Show every stream's length and every group's lag, pending entries and consumers,
@@ -425,3 +474,26 @@ def health(
     from tribunal.health import run_health
 
     raise typer.Exit(run_health(needs_redis(settings()), role or (), local))
+
+
+def plain_metavars(command: Any) -> None:
+    """Name each value in the help as git and rq do (``--task TASK``, ``SOURCE``) instead of
+    typer's type names (``<str>``, ``<float range>``); flags show none. (Typer vendors its own
+    click, so the parameters are told apart by click's ``param_type_name``.)"""
+    for param in command.params:
+        kind = getattr(param, "param_type_name", "")
+        if kind == "argument" or (kind == "option" and not getattr(param, "is_flag", False)):
+            param.metavar = (param.name or "value").upper()
+        if kind == "argument":  # typer writes {SOURCE} and SOURCE <str>: plain SOURCE
+            usage = param.metavar if param.required else f"[{param.metavar}]"
+            param.get_usage_pieces = lambda ctx, usage=usage: [usage]
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+
+
+def run_cli() -> None:
+    """The ``tribunal`` executable: the typer app as a click command, with plain metavars."""
+    command = typer.main.get_command(app)
+    plain_metavars(command)
+    command(prog_name="tribunal")

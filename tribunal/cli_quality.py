@@ -2,17 +2,129 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 import typer
 from pydantic import ValidationError
 
 from common.connection import connect
-from tribunal.cli_base import needs_redis, say, settings, state
+from common.settings import Settings
+from producers.api import Record
+from producers.readers import HOLDS, CsvColumns, Reading, UnusableSource, flag_of, records_of
+from tribunal.cli_base import clear_errors, needs_redis, say, settings, state
 
 
+def _column(item_field: str, what: str) -> tuple[Any, str]:
+    option = typer.Option(flag_of(item_field), help=f"CSV column with {what} (or JSONL field).")
+    return Annotated[str, option], getattr(CsvColumns(), item_field)
+
+
+# The options of the one reader (``producers.readers.Reading``), defined once here and given
+# to every command that reads records by ``reads_records``: name -> (annotation, default).
+READ_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "fmt": (
+        Annotated[
+            str | None, typer.Option("--format", help="jsonl or csv (default: by file extension).")
+        ],
+        None,
+    ),
+    "task": (
+        Annotated[
+            str | None,
+            typer.Option(
+                "--task",
+                help="Task of records that name none (default: the default_task setting, or "
+                "the fleet file's task when it defines one only).",
+            ),
+        ],
+        None,
+    ),
+    "strict": (
+        Annotated[
+            bool,
+            typer.Option(
+                "--strict",
+                help="Refuse fields (JSONL) and columns (CSV) that are not item fields, "
+                "instead of keeping them in metadata.",
+            ),
+        ],
+        False,
+    ),
+    **{f"{field}_col": _column(field, what) for field, what in HOLDS.items()},
+}
+
+
+def reads_records(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the reader's options (``READ_OPTIONS``, after its own); it receives
+    them as one ``reading: Reading``. So produce and evaluate read a file the same way
+    and cannot drift apart option by option."""
+    own = inspect.signature(command, eval_str=True)
+    kept = [p for p in own.parameters.values() if p.name != "reading"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
+        for name, (kind, default) in READ_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_reading(*args: Any, **kwargs: Any) -> None:
+        given = {name: kwargs.pop(name) for name in READ_OPTIONS}
+        columns = CsvColumns(**{field: given[f"{field}_col"] for field in HOLDS})
+        reading = Reading(given["fmt"], columns, given["task"], given["strict"])
+        command(*args, reading=reading, **kwargs)
+
+    signature = own.replace(parameters=[*kept, *added])
+    with_reading.__signature__ = signature  # type: ignore[attr-defined]
+    with_reading.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+    return with_reading
+
+
+def open_records(
+    source: str,
+    reading: Reading,
+    s: Settings,
+    follow: bool = False,
+    stop: Callable[[], bool] = lambda: False,
+) -> Iterator[Record]:
+    """The records of ``source`` read for this fleet, or one line saying why not, exit 2."""
+    try:
+        return records_of(source, reading.for_fleet(s), follow, stop)
+    except OSError as exc:
+        say("[red]error:[/]", f"cannot read {source}: {exc.strerror}")
+    except UnusableSource as exc:
+        say("[red]error:[/]", str(exc))
+    raise typer.Exit(2)
+
+
+@contextmanager
+def logs_above_the_bar() -> Iterator[None]:
+    """Entered while a rich progress bar is live: log lines go through the stderr it redirects,
+    which prints them above the bar. The handlers set up before hold the real stderr and
+    would write through the bar."""
+    proxy = sys.stderr  # a FileProxy once the bar is live on a terminal
+    real = getattr(proxy, "rich_proxied_file", proxy)
+    handlers = [
+        h
+        for h in logging.getLogger().handlers
+        if isinstance(h, logging.StreamHandler) and h.stream is real and real is not proxy
+    ]
+    for handler in handlers:
+        handler.setStream(proxy)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.setStream(real)
+
+
+@reads_records
 def evaluate(
     source: Annotated[str, typer.Argument(help="Labeled JSONL or CSV file (gold optional).")],
     offline: Annotated[
@@ -25,10 +137,8 @@ def evaluate(
     out: Annotated[
         Path, typer.Option(help="Directory for evaluation.json and evaluation.html.")
     ] = Path("tribunal-evaluation"),
-    fmt: Annotated[
-        str | None, typer.Option("--format", help="jsonl or csv (default: by file extension).")
-    ] = None,
-    task: Annotated[str | None, typer.Option(help="Task for records that name none.")] = None,
+    *,
+    reading: Reading,
 ) -> None:
     """Score the fleet on a labeled file: each worker's accuracy and agreement with the
     judge, pairwise agreement, how many items the workers settle, accuracy of accepted vs
@@ -40,13 +150,16 @@ def evaluate(
     from tribunal.evaluate import tasks_named
 
     if state.fleet is None and source != "-":  # the default fleet knows sentiment only
-        named = tasks_named(source, fmt, task)
+        named = tasks_named(source, reading, settings())
         if len(named) == 1 and (only := named.pop()) in DEMO_FLEETS:
             say("", f"{only} items and no fleet file: using {DEMO_FLEETS[only]}")
             state.fleet = DEMO_FLEETS[only]
     from tribunal.evaluate import run_evaluate
 
-    raise typer.Exit(run_evaluate(settings(), source, out, offline, fmt, task))
+    s = settings()
+    with clear_errors(s):
+        code = run_evaluate(s, source, out, offline, reading)
+    raise typer.Exit(code)
 
 
 def calibrate(
@@ -56,7 +169,11 @@ def calibrate(
     ] = None,
     target: Annotated[
         float | None,
-        typer.Option(min=0, max=1, help="Agreement with the judge accepted labels must reach."),
+        typer.Option(
+            min=0,
+            max=1,
+            help="Share of accepted labels that must agree with the judge (default: 0.9).",
+        ),
     ] = None,
     judge_budget: Annotated[
         float | None, typer.Option(min=0, max=1, help="Largest share of items for the judge.")

@@ -111,8 +111,8 @@ def running_fleet(
             f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "
             f"logs in {logs.name} (kept only if something goes wrong)"
         )
-        session.fleet.start()
         try:
+            session.fleet.start()  # inside: a model server that fails keeps its logs
             yield session
         except BaseException:
             session.keep = True

@@ -35,7 +35,7 @@ from common.validation import InvalidItem, validate_item
 from consumers.backends import BackendError, ask, backend_for
 from consumers.judge import JUDGE_NAME
 from producers.api import Producer, Record
-from producers.readers import records_of
+from producers.readers import Reading, UnusableSource, records_of
 from tribunal.scoring import Observation, evaluate_task
 from tribunal.serving.llama import ServerFailed, serving
 from tribunal.serving.models import ModelUnavailable
@@ -76,29 +76,25 @@ def load_items(
     return items, skipped
 
 
-def completed(records: Iterable[Record], default_task: str | None) -> Iterable[Record]:
-    """Records without an id get their row number (answers are matched to items by id),
-    and without a task the default one."""
+def with_ids(records: Iterable[Record]) -> Iterable[Record]:
+    """Records without an id get their row number: answers are matched to items by id."""
     for n, (where, record) in enumerate(records, 1):
-        if isinstance(record, dict):
-            record = {"id": f"row-{n}", **({"task": default_task} if default_task else {})} | {
-                k: v for k, v in record.items() if v is not None
-            }
+        if isinstance(record, dict) and record.get("id") is None:
+            record = {"id": f"row-{n}", **record}
         yield where, record
 
 
-def tasks_named(
-    source: str, fmt: str | None, default_task: str | None, sniff: int = 1000
-) -> set[str]:
-    """The tasks the first ``sniff`` records name (empty when the file cannot be read)."""
+def tasks_named(source: str, reading: Reading, settings: Settings, sniff: int = 1000) -> set[str]:
+    """The tasks the first ``sniff`` records name or default to (empty when the file cannot be
+    read: ``run_evaluate`` says why)."""
     named: set[str] = set()
     try:
-        for n, (_, record) in enumerate(completed(records_of(source, fmt), default_task)):
+        for n, (_, record) in enumerate(records_of(source, reading.for_fleet(settings))):
             if n >= sniff:
                 break
             if isinstance(record, dict) and isinstance(record.get("task"), str):
                 named.add(record["task"])
-    except OSError:
+    except (OSError, UnusableSource):
         pass
     return named
 
@@ -226,8 +222,7 @@ def run_evaluate(
     source: str,
     out_dir: Path,
     offline: bool = False,
-    fmt: str | None = None,
-    default_task: str | None = None,
+    reading: Reading | None = None,
     console: Console | None = None,
 ) -> int:
     """The command: collect, score, print the summary, write JSON and HTML. Exit code."""
@@ -236,14 +231,24 @@ def run_evaluate(
 
     console = console or wide_console()
     try:
-        items, skipped = load_items(completed(records_of(source, fmt), default_task), settings)
+        records = records_of(source, (reading or Reading()).for_fleet(settings))
+        items, skipped = load_items(with_ids(records), settings)
     except OSError as exc:
-        console.print(f"[red]error:[/] cannot read {escape(source)}: {exc.strerror}")
+        console.print(
+            f"[red]error:[/] cannot read {escape(source)}: {exc.strerror}", soft_wrap=True
+        )
+        return 2
+    except UnusableSource as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return 2
     if not items:
-        console.print(f"[red]error:[/] no usable record in {escape(source)}")
-        for where, reason in skipped[:10]:
-            console.print(f"  {escape(where)}: {escape(reason)}")
+        console.print(f"[red]error:[/] no usable record in {escape(source)}", soft_wrap=True)
+        by_reason: dict[str, list[str]] = {}
+        for where, reason in skipped:
+            by_reason.setdefault(reason, []).append(where)
+        for reason, wheres in list(by_reason.items())[:10]:  # one line per reason, not per row
+            more = f" (and {len(wheres) - 1} more)" if len(wheres) > 1 else ""
+            console.print(f"  {escape(wheres[0])}{more}: {escape(reason)}", soft_wrap=True)
         return 2
     columns = (TextColumn("asking the models"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:

@@ -2,7 +2,9 @@
 
 Separate processes because that is how the fleet runs in production (and how a
 crash of one model must not take the others down). A child that dies is restarted
-with backoff; SIGTERM to the fleet is passed on so every child finishes its batch.
+with backoff. Each child runs in a session of its own (``common.lifecycle.start_child``):
+a terminal's Ctrl-C reaches only the supervisor, which passes one SIGTERM to every child,
+so each finishes its batch; a second signal to the supervisor stops them at once.
 Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
 llama-server started first, and stopped last; their URLs reach the children in
 ``TRIBUNAL_MODEL_URLS``.
@@ -22,6 +24,7 @@ from typing import IO
 
 import orjson
 
+from common.lifecycle import start_child
 from common.settings import FLEET_FILE_ENV, Settings
 from tribunal.serving.llama import servers_for
 
@@ -94,7 +97,7 @@ class Fleet:
         self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        child.process = subprocess.Popen(
+        child.process = start_child(
             child.argv,
             env=self.env,
             stdin=subprocess.DEVNULL,
@@ -128,17 +131,20 @@ class Fleet:
         """SIGTERM everyone (they finish their batch), SIGKILL whoever is still there after
         ``timeout`` (their un-acked entries are reclaimed by the next fleet)."""
         self.stopping = True
-        running = [c.process for c in self.children if c.process and c.process.poll() is None]
-        for process in running:
+        running = [
+            (c.role, p) for c in self.children if (p := c.process) is not None and p.poll() is None
+        ]
+        for _, process in running:
             process.terminate()
         deadline = time.monotonic() + timeout
-        for process in running:
+        for role, process in running:
             try:
-                process.wait(max(deadline - time.monotonic(), 0.1))
+                code = process.wait(max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                log.warning("pid %d did not stop in %.0fs: killing it", process.pid, timeout)
+                log.warning("%s did not stop in %.0fs: killing it", role, timeout)
                 process.kill()
-                process.wait()
+                code = process.wait()
+            log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited (%d)", role, code)
         self.servers.stop()
 
     def pids(self) -> dict[str, int]:

@@ -32,6 +32,8 @@ Point = tuple[float, float, float | None]  # judge calls, quality, threshold
 Mark = tuple[float, float, str, str]  # x, y, label, colour
 DASH, TIMES = "\u2013", "\u00d7"  # escapes: ruff flags look-alike characters in literals
 MARKERS = "osD^v"
+DASHES: list[Any] = ["-", (0, (5, 3)), (0, (1, 2)), (0, (6, 2, 1, 2)), (0, (3, 3))]
+LABEL_GAP = 3  # pixels kept clear around a threshold label
 LABEL: dict[str, Any] = {"fontsize": 7, "va": "center"}
 RING: dict[str, Any] = dict(s=300, facecolors="none", edgecolors="red", linewidths=2, zorder=5)
 ALIGN = {-1: "right", 0: "center", 1: "left"}
@@ -157,17 +159,27 @@ def place_labels(fig: Figure, ax: Axes, marks: Sequence[Mark]) -> None:
             label.remove()
             inside = frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1)
             if inside and not any(box.overlaps(other) for other in taken):
-                taken.append(box)
+                taken.append(box.padded(LABEL_GAP))  # "0.8" and "0.85" never touch
                 far = abs(dx) + abs(dy) > 14  # a leader line ties a distant label to its point
                 put(arrowprops={"arrowstyle": "-", "color": color, "lw": 0.5} if far else None)
                 break
 
 
 def style(n: int, count: int, name: str) -> dict[str, Any]:
-    """Line ``n`` of ``count``: earlier lines wider, so a stretch shared by two shows both."""
+    """Line ``n`` of ``count``: earlier lines wider and solid, later ones narrower and dashed
+    with hollow marks, so where two share a stretch the one beneath shows through the gaps
+    and around the marks."""
     wide = count - n
-    marker = MARKERS[n % len(MARKERS)]
-    return dict(label=name, color=f"C{n}", marker=marker, ms=1.5 * wide + 1.5, lw=0.9 * wide + 0.2)
+    return dict(
+        label=name,
+        color=f"C{n}",
+        ls=DASHES[n % len(DASHES)],
+        marker=MARKERS[n % len(MARKERS)],
+        ms=2 * wide + 3,
+        mfc="none" if n else f"C{n}",
+        mew=1.2,
+        lw=1.1 * wide + 0.7,
+    )
 
 
 def tradeoff_plot(task: Row, metric: str) -> str:

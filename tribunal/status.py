@@ -105,6 +105,18 @@ def _audit_cell(snap: Snapshot) -> str:
     )
 
 
+def _throughput_cell(tp: dict[str, Any]) -> str:
+    """The rate, and how many labels it counts. Past the read cap only the newest entries are
+    read (``tribunal.queues.recent_outputs``): the rate is theirs, and the minute held at
+    least that many labels, maybe many more."""
+    if tp["capped"]:
+        return (
+            f"{tp['per_s']:.2f} labels/s over the newest {tp['outputs']} labels (at least "
+            f"{tp['outputs']} in the last minute)"
+        )
+    return f"{tp['per_s']:.2f} labels/s ({tp['outputs']} in the last minute)"
+
+
 def _consumers_cell(group: dict[str, Any], shown: int = 3) -> str:
     lines = [
         f"{c['name']}  idle {c['idle_s']:.1f}s  pending {c['pending']}"
@@ -146,7 +158,7 @@ def render(snap: Snapshot) -> RenderableType:
     tp = snap["throughput"]
     d = snap["decisions"]
     rows = [
-        ("throughput", f"{tp['per_s']:.2f} labels/s ({tp['outputs']} in the last minute)"),
+        ("throughput", _throughput_cell(tp)),
         (
             "decisions",
             f"{d['total']} ({d.get('workers', 0)} by workers, {d.get('judge', 0)} judge)",

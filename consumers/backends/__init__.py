@@ -66,7 +66,7 @@ def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
     """The backend of a worker's or the judge's spec. A ``llama-cpp`` spec is pointed at
     the server of its local model (``settings.model_urls``, which ``tribunal run`` sets
     for its children), with llama-server's constraint style and retries that outlast a
-    server restart (about 15 s)."""
+    server restart (11-22 s)."""
     options = dict(spec.options)
     if spec.backend == LOCAL_BACKEND:
         model = str(options.get("model"))
@@ -77,7 +77,9 @@ def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
                 "(which starts one per model), or set TRIBUNAL_MODEL_URLS to a JSON map "
                 f'like {{"{model}": "http://127.0.0.1:PORT/v1"}}'
             )
-        defaults = {"constraint": "grammar", "max_retries": 4, "backoff_max_s": 8.0}
+        # 4 retries, backoff 2 s doubling to 8 s with equal jitter: 11-22 s in all, more
+        # than a crashed llama-server needs to be restarted (1-2 s) and load its model.
+        defaults = {"constraint": "grammar", "max_retries": 4, "backoff_s": 2.0}
         options = {**defaults, **options, "base_url": url}
     return load_backend(spec.backend, options, settings.all_tasks)
 

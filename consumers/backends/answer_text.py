@@ -99,6 +99,12 @@ class NormalText:
         return self.starts[span[0]], self.ends[span[1] - 1]
 
 
+# End-of-turn markers written out as text: a base model served through a fallback chat
+# template (Gemma-270M under ChatML) does not know the marker as a special token, so the
+# server does not stop there and the model goes on inventing the next turn.
+END_OF_TURN = re.compile(r"<\|im_end\|>|<end_of_turn>|<\|eot_id\|>|<\|endoftext\|>|<\|end\|>|</s>")
+
+
 def _fold(word: re.Match[str]) -> str:
     text = word.group()
     return text.translate(_LOOKALIKES) if any(c.isascii() for c in text) else text

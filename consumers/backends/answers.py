@@ -66,6 +66,7 @@ from common.schemas import Prediction
 from common.tasks import TaskSpec
 from consumers.backends.answer_text import (
     ALNUM,
+    END_OF_TURN,
     NormalText,
     blank_quotations,
     first_part,
@@ -155,6 +156,9 @@ class AnswerParser:
         inputs: Sequence[str | None] = (),
     ) -> Answer:
         """The label of an answer (module docstring); ``inputs`` are the item's texts."""
+        turn_end = END_OF_TURN.search(text)
+        if turn_end:  # the model ended its turn there: what follows is not its answer
+            text, finish_reason = text[: turn_end.start()], "stop"
         cut = CUT_OFF.get(finish_reason or "")
         normal = NormalText.of(text)
         body, reasoned, unclosed = skip_reasoning(normal.text)

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import httpx
 
+from common.lifecycle import start_child
 from common.settings import LocalModel, Settings
-from tribunal.serving.models import model_file
+from tribunal.serving.models import ModelUnavailable, model_file
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class ModelServer:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     restart_at: float = 0.0
+    started_at: float = 0.0  # monotonic
 
     @property
     def url(self) -> str:
@@ -111,9 +113,12 @@ class ModelServer:
         argv = self.argv()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
-            self.process = subprocess.Popen(
+            # In a session of its own (start_child): a terminal's Ctrl-C must not take the
+            # server away while the consumers finish the batch they are asking it about.
+            self.process = start_child(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
             )
+        self.started_at = time.monotonic()
         log.info("started llama-server %s (pid %d) at %s", self.name, self.process.pid, self.url)
 
     def wait_healthy(self, timeout_s: float) -> None:
@@ -128,7 +133,8 @@ class ModelServer:
                 code = self.process.returncode if self.process else None
                 raise ServerFailed(f"llama-server {self.name} exited ({code}): {self.log_tail()}")
             try:
-                if httpx.get(health, timeout=2.0).status_code == 200:
+                # trust_env=False: a proxy configured for pip must not see loopback calls
+                if httpx.get(health, timeout=2.0, trust_env=False).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
@@ -196,6 +202,8 @@ class ModelServers:
         if self.stopping:
             return
         for server in self.servers:
+            if server.alive() and server.restarts and time.monotonic() - server.started_at > 60:
+                server.restarts = 0  # up for a minute: the next crash restarts at once again
             if server.process is None or server.alive():
                 continue
             if server.restart_at == 0.0:
@@ -213,7 +221,7 @@ class ModelServers:
                 server.restart_at = 0.0
                 try:
                     server.spawn()
-                except (ServerFailed, OSError) as exc:
+                except (ServerFailed, ModelUnavailable, OSError) as exc:
                     log.error("cannot restart llama-server %s: %s", server.name, exc)
 
     def stop(self) -> None:

