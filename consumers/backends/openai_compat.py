@@ -22,10 +22,9 @@ connection per batch.) The thread costs nothing while idle and dies with the pro
 
 Failures are per item: after ``max_retries`` retries (429, 408, 5xx, connection errors
 and timeouts, with exponential backoff and jitter, honouring ``Retry-After``) the item
-gets an abstention carrying the error; the rest of the batch is unaffected. Keep
-``timeout_s * (max_retries + 1)`` under the fleet's ``reclaim_idle_s``, or a slow batch
-is reclaimed by another replica while still running (its votes are then cast twice,
-which is harmless but wasted work).
+gets an abstention carrying the error; the rest of the batch is unaffected. However
+long that takes, the consumer's keeper thread renews its claim on the batch's entries
+(common/loop.py), so no other replica takes them over while they are being asked.
 """
 
 from __future__ import annotations
