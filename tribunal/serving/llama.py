@@ -37,6 +37,9 @@ INSTALL_HINT = (
 )
 
 
+START_MARK = "--- tribunal started this llama-server at"
+
+
 class ServerFailed(Exception):
     """A model server is missing, would not start, or died while starting."""
 
@@ -113,6 +116,8 @@ class ModelServer:
         argv = self.argv()
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as out:
+            out.write(f"{START_MARK} {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+            out.flush()
             # In a session of its own (start_child): a terminal's Ctrl-C must not take the
             # server away while the consumers finish the batch they are asking it about.
             self.process = start_child(
@@ -145,11 +150,14 @@ class ModelServer:
         )
 
     def log_tail(self, lines: int = 3) -> str:
+        """The last lines this start wrote, error lines first (llama-server marks them E)."""
         try:
-            text = self.log_path.read_text(errors="replace").strip().splitlines()
+            text = self.log_path.read_text(errors="replace").rsplit(START_MARK, 1)[-1]
         except OSError:
             return "(no log)"
-        return " | ".join(text[-lines:]) + f" (log: {self.log_path})"
+        rows = [r for r in text.strip().splitlines()[1:] if r.strip()]
+        errors = [r for r in rows if " E " in r[:20] or "error" in r.lower()]
+        return " | ".join((errors or rows)[-lines:]) + f" (log: {self.log_path})"
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
