@@ -36,13 +36,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.connection import connect  # noqa: E402
-from common.keys import all_partitions  # noqa: E402
 from common.schemas import Item  # noqa: E402
 from common.settings import Settings, load_settings  # noqa: E402
 from consumers.backends import ask, backend_for  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.demo import load_sample, running_fleet  # noqa: E402
-from tribunal.queues import Outcome, collect  # noqa: E402
+from tribunal.queues import Outcome, collect, final_cursors  # noqa: E402
 from tribunal.serving.llama import serving  # noqa: E402
 
 METRIC = re.compile(r"^llamacpp:(requests_processing|requests_deferred)\s+([0-9.e+-]+)$", re.M)
@@ -105,8 +104,7 @@ def through_fleet(settings: Settings, records: list[dict[str, Any]]) -> dict[str
         sampler.start()
         started = time.perf_counter()
         Producer(redis, live).send(records)
-        parts = all_partitions(live.namespace, live.partitions)
-        cursors = {stream: "0-0" for k in parts for stream in k.final_streams}
+        cursors = final_cursors(live)
         outcome = Outcome()
         deadline = time.monotonic() + 1800
         while outcome.ended < len(records) and time.monotonic() < deadline:

@@ -8,12 +8,35 @@ import os
 import signal
 import subprocess
 import threading
+import time
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 _children: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
+
+
+@dataclass
+class Restarts:
+    """When to restart a supervised process that died: after 1, 2, 4 … 30 s (monotonic)."""
+
+    count: int = 0
+    at: float = 0.0  # when the planned restart is due; 0.0: none planned
+
+    def plan(self) -> float:
+        """Plan the next restart; returns its delay in seconds."""
+        delay = min(2.0**self.count, 30.0)
+        self.at = time.monotonic() + delay
+        return delay
+
+    def due(self) -> bool:
+        """True once the planned restart's time has come (and counts it)."""
+        if self.at == 0.0 or time.monotonic() < self.at:
+            return False
+        self.count, self.at = self.count + 1, 0.0
+        return True
 
 
 def start_child(

@@ -21,7 +21,6 @@ import pytest
 from redis import Redis
 
 from common.connection import connect
-from common.keys import all_partitions
 from common.schemas import Item
 from common.settings import LocalModel, ModelSpec, Settings, load_settings
 from common.tasks import BUILTIN_TASKS
@@ -29,7 +28,7 @@ from consumers.backends import BackendError, backend_for
 from consumers.backends.openai_compat import OpenAICompatible, gbnf_choice
 from producers.api import Producer
 from tribunal.demo import load_sample, running_fleet
-from tribunal.queues import Outcome, collect
+from tribunal.queues import Outcome, collect, final_cursors
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
 from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
 
@@ -155,8 +154,7 @@ options = { model = "smol", timeout_s = 120 }
 def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Outcome:
     """Collect outcomes, supervising the fleet, until every id ended (or 240 s)."""
     settings = session.settings
-    parts = all_partitions(settings.namespace, settings.partitions)
-    cursors = {stream: "0-0" for k in parts for stream in k.final_streams}
+    cursors = final_cursors(settings)
     outcome = Outcome()
     deadline = time.monotonic() + 240
     while outcome.ended < len(ids) and time.monotonic() < deadline:

@@ -13,12 +13,12 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from common.connection import connect
-from common.keys import Keys, all_partitions
+from common.keys import Keys
 from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet import Fleet
-from tribunal.queues import Outcome, collect
+from tribunal.queues import Outcome, collect, final_cursors
 
 
 def wait_for_all(
@@ -32,8 +32,7 @@ def wait_for_all(
     timeout), then a moment more: a second record for an item would show up then. Read
     errors are retried (a cluster may be electing a primary)."""
     outcome = Outcome()
-    parts = all_partitions(settings.namespace, settings.partitions)
-    cursors = {stream: "0-0" for keys in parts for stream in keys.final_streams}
+    cursors = final_cursors(settings)
     deadline = time.monotonic() + timeout
     while outcome.ended < expected and time.monotonic() < deadline:
         if fleet is not None:

@@ -31,12 +31,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from common.connection import EmbeddedRedis, connect, redact
-from common.keys import Keys, all_partitions
+from common.keys import Keys
 from common.settings import Settings
 from common.validation import ITEM_FIELD
 from producers.api import Producer
 from tribunal.fleet import Fleet, log_file
-from tribunal.queues import Outcome, collect, expected_roles, read_heartbeats
+from tribunal.queues import Outcome, collect, expected_roles, final_cursors, read_heartbeats
 from tribunal.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
@@ -155,8 +155,7 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     )
     producing.start()
     outcome = Outcome()
-    parts = all_partitions(settings.namespace, settings.partitions)
-    cursors = {stream: "0-0" for k in parts for stream in k.final_streams}
+    cursors = final_cursors(settings)
     last_progress, seen = time.monotonic(), 0
     with _display(console, options.watch, expected) as show:
         while outcome.ended < expected:

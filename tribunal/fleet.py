@@ -18,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 import orjson
 
-from common.lifecycle import start_child
+from common.lifecycle import Restarts, start_child
 from common.settings import FLEET_FILE_ENV, Settings
 from tribunal.serving.llama import servers_for
 
@@ -36,8 +36,7 @@ class Child:
     role: str
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    restart_at: float = 0.0
+    restart: Restarts = field(default_factory=Restarts)
 
 
 def fleet_roles(settings: Settings) -> list[tuple[str, list[str]]]:
@@ -99,7 +98,7 @@ class Fleet:
 
     def respawn(self, child: Child) -> None:
         """Start ``child`` again now (after it was stopped or killed)."""
-        child.restart_at = 0.0
+        child.restart.at = 0.0
         self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
@@ -120,17 +119,15 @@ class Fleet:
         for child in self.children:
             if child.process is None or child.process.poll() is None:
                 continue
-            if child.restart_at == 0.0:
-                delay = min(2.0**child.restarts, 30.0)
+            if child.restart.at == 0.0:
+                delay = child.restart.plan()
                 log.warning(
                     "%s exited with %s; restarting in %.0fs",
                     child.role,
                     child.process.returncode,
                     delay,
                 )
-                child.restart_at = time.monotonic() + delay
-            elif time.monotonic() >= child.restart_at:
-                child.restarts += 1
+            elif child.restart.due():
                 self.respawn(child)
 
     def stop(self, timeout: float = 15.0) -> None:

@@ -337,6 +337,12 @@ class Outcome:
         return len(self.decisions) + len(self.rejects) + len(self.dead)
 
 
+def final_cursors(settings: Settings) -> dict[str, str]:
+    """A ``collect`` cursor at the start of every partition's final streams."""
+    parts = all_partitions(settings.namespace, settings.partitions)
+    return {stream: "0-0" for keys in parts for stream in keys.final_streams}
+
+
 def collect(redis: Redis, cursors: dict[str, str], outcome: Outcome) -> None:
     """Read what reached the final streams (``cursors``' keys, every partition's, and maybe
     the audits streams) since the last call (plain XRANGE, no group)."""

@@ -55,11 +55,16 @@ def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, Task
     try:
         backend: Backend = getattr(importlib.import_module(module), factory)(dict(options), tasks)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = _problems(exc)
         raise BackendError(f"backend {name}: invalid options: {problems}") from None
     return backend
+
+
+def _problems(exc: pydantic.ValidationError) -> str:
+    """``field: message; …`` of a backend's options that did not validate."""
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
+    )
 
 
 def check_options(spec: ModelSpec, role: str) -> None:
@@ -74,9 +79,7 @@ def check_options(spec: ModelSpec, role: str) -> None:
     try:
         OpenAIOptions.model_validate(options)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = _problems(exc)
         raise BackendError(f"{role}: backend {spec.backend}: invalid options: {problems}") from None
 
 

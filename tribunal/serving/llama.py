@@ -19,12 +19,12 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from common.lifecycle import start_child
+from common.lifecycle import Restarts, start_child
 from common.settings import LocalModel, Settings
 from tribunal.serving.models import ModelUnavailable, model_file
 
@@ -79,9 +79,12 @@ class ModelServer:
     log_dir: Path
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = 0
-    restart_at: float = 0.0
+    restart: Restarts = field(default_factory=Restarts)
     started_at: float = 0.0  # monotonic
+
+    @property
+    def restarts(self) -> int:
+        return self.restart.count
 
     @property
     def url(self) -> str:
@@ -211,11 +214,11 @@ class ModelServers:
             return
         for server in self.servers:
             if server.alive() and server.restarts and time.monotonic() - server.started_at > 60:
-                server.restarts = 0  # up for a minute: the next crash restarts at once again
+                server.restart.count = 0  # up for a minute: the next crash restarts at once
             if server.process is None or server.alive():
                 continue
-            if server.restart_at == 0.0:
-                delay = min(2.0**server.restarts, 30.0)
+            if server.restart.at == 0.0:
+                delay = server.restart.plan()
                 log.warning(
                     "llama-server %s exited with %s; restarting in %.0fs: %s",
                     server.name,
@@ -223,10 +226,7 @@ class ModelServers:
                     delay,
                     server.log_tail(1),
                 )
-                server.restart_at = time.monotonic() + delay
-            elif time.monotonic() >= server.restart_at:
-                server.restarts += 1
-                server.restart_at = 0.0
+            elif server.restart.due():
                 try:
                     server.spawn()
                 except (ServerFailed, ModelUnavailable, OSError) as exc:
