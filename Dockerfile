@@ -1,23 +1,46 @@
 # tribunal: one image for every role (worker, aggregator, judge, exporter, producer);
 # the compose service's command picks the role. Slim, pinned base, runs as a non-root user.
 #   docker build -t tribunal .
-FROM python:3.11.11-slim-bookworm
+# Without a registry or a package index (air-gapped; what tests/test_compose_live.py does):
+#   deploy/images/make-local.sh wheels   # wheels of the pinned dependencies -> deploy/wheelhouse
+#   docker build -t tribunal --build-arg WHEELS_ONLY=1 --build-arg PYTHON_IMAGE=... .
+# PYTHON_IMAGE: any Debian-based image with Python 3.11 and its venv module (make-local.sh
+# makes tribunal-local/python from Debian's python3).
+ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
+FROM ${PYTHON_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
-
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/tribunal \
+    PATH=/opt/tribunal/bin:$PATH
 RUN useradd --system --uid 10001 --create-home --home-dir /home/tribunal tribunal
 
+# The dependencies, pinned by the lock file, from deploy/wheelhouse (and the package index for
+# what is not there, unless WHEELS_ONLY=1). Their own stage: the wheels stay out of the image.
+FROM base AS deps
+ARG WHEELS_ONLY=0
+COPY deploy/wheelhouse/ /wheels/
+COPY pyproject.toml requirements.lock /src/
+RUN python3 -m venv /opt/tribunal \
+    && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' > /src/requirements.txt \
+    && if [ "$WHEELS_ONLY" = 1 ]; then set -- --no-index; else set --; fi \
+    && pip install --quiet "$@" --find-links /wheels -c /src/requirements.lock \
+        -r /src/requirements.txt "setuptools>=68"
+
+FROM base
+# Layer 1: the dependencies (changes only with pyproject.toml's dependencies or the lock).
+COPY --from=deps /opt/tribunal /opt/tribunal
+# Layer 2: tribunal's code (a code edit rebuilds only this).
 WORKDIR /app
-# Dependencies first, pinned by the lock file, so code edits do not reinstall them.
-COPY pyproject.toml requirements.lock README.md ./
+COPY pyproject.toml README.md ./
 COPY common ./common
 COPY consumers ./consumers
 COPY producers ./producers
 COPY tribunal ./tribunal
-RUN pip install -c requirements.lock . \
+RUN pip install --quiet --no-index --no-deps --no-build-isolation . \
+    && rm -rf build ./*.egg-info \
     && tribunal --help > /dev/null
 COPY examples ./examples
 

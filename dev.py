@@ -2,7 +2,7 @@
 """Set up and run tribunal from a fresh clone with nothing but Python 3.11+.
 
     python3 dev.py demo     # the end-to-end demo on an embedded Redis
-    python3 dev.py test     # ruff format --check, ruff check, mypy, pytest
+    python3 dev.py test     # ruff format --check, ruff check, mypy, lint-imports, pytest
 
 The first run creates ``.venv`` and installs the project with its dev tools and
 llama.cpp's server (compiled once, ~10 min on 2 cores), pinned by ``requirements.lock``;
@@ -99,6 +99,7 @@ def main() -> None:
     run([str(BIN / "ruff"), "format", "--check", "."])
     run([str(BIN / "ruff"), "check", "."])
     run([str(BIN / "mypy")])
+    run([str(BIN / "lint-imports"), "--no-cache"])  # the house's import rules (pyproject.toml)
     run([str(BIN / "pytest"), *args])
 
 

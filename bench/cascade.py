@@ -73,8 +73,8 @@ from common.schemas import Item  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from consumers.backends.simulated import Simulated  # noqa: E402
 from producers.api import Producer  # noqa: E402
-from tribunal.fleet import Fleet, log_file  # noqa: E402
-from tribunal.queues import Outcome, collect  # noqa: E402
+from tribunal.fleet.supervisor import Fleet, log_file  # noqa: E402
+from tribunal.ops.outcomes import Cursors, Outcome, collect  # noqa: E402
 
 CALIBRATION: dict[str, Any] = {
     "gpu": "A100-SXM4-80GB, bf16, one vLLM engine per model",
@@ -197,7 +197,7 @@ def run_policy(
     namespace = "cascade-" + run.replace("+", "-")
     settings = load_settings(path, redis_url=server.url, namespace=namespace, max_backlog=10**9)
     client, keys = Redis.from_url(server.url), Keys(namespace)
-    outcome, cursors = Outcome(), dict.fromkeys(keys.final_streams, "0-0")
+    outcome, cursors = Outcome(), Cursors.of([keys])
     with log_file(workdir / run) as logs:
         fleet = Fleet(settings, server.url, log_level="WARNING", log_to=logs).start()
         try:
@@ -244,10 +244,10 @@ def summarize(
     decisions = outcome.decisions
     judge_only = run == "judge-only"
     worker_s = 0.0 if judge_only else sum(s for w, s in model_s.items() if w != "judge")
-    judged = len(decisions) if judge_only else sum(d["source"] == "judge" for d in decisions)
+    judged = len(decisions) if judge_only else sum(d.source == "judge" for d in decisions)
     return {
         "items": len(decisions),
-        "wall_s": max(d["decided_at"] for d in decisions) - started,
+        "wall_s": max(d.decided_at for d in decisions) - started,
         "judge_fraction": judged / len(decisions),
         "worker_model_s": worker_s,
         "judge_model_s": sum(model_s.values()) - worker_s,
@@ -255,10 +255,10 @@ def summarize(
         "votes_recorded": votes,
         "skipped": skipped,
         "tiebreaks": tiebreaks,
-        "timeouts": sum("vote timeout" in d["reason"] for d in decisions),
-        "accuracy": sum(d["label"] == d.get("gold") for d in decisions) / len(decisions),
-        "labels": {d["id"]: d["label"] for d in decisions},
-        "decisions": {d["id"]: d for d in decisions},
+        "timeouts": sum("vote timeout" in d.reason for d in decisions),
+        "accuracy": sum(d.label == d.gold for d in decisions) / len(decisions),
+        "labels": {d.id: d.label for d in decisions},
+        "decisions": {d.id: d.model_dump() for d in decisions},  # as JSON
     }
 
 

@@ -28,11 +28,11 @@ from redis import Redis
 
 from common.connection import EmbeddedRedis, connect
 from common.keys import all_partitions
-from common.localcluster import LocalCluster
 from common.settings import Settings, load_settings
 from producers.api import Producer
-from tribunal.fleet import Fleet
-from tribunal.queues import expected_roles, read_heartbeats
+from tests.localcluster import LocalCluster
+from tribunal.fleet.supervisor import Fleet
+from tribunal.ops.queues import expected_roles, read_heartbeats
 
 CONFIGS = ((None, 1), (1, 1), (1, 3), (1, 6), (3, 1), (3, 3), (3, 6))  # (primaries, P)
 QUICK = ((None, 1), (3, 6))  # for the smoke test
@@ -70,7 +70,7 @@ def run_one(
 
 
 def wait_until_live(client: Redis, settings: Settings, timeout: float = 60) -> None:
-    from tribunal.health import missing_roles
+    from tribunal.ops.health import missing_roles
 
     roles, keys = expected_roles(settings), all_partitions(settings.namespace, 1)[0]
     deadline = time.monotonic() + timeout
@@ -97,7 +97,7 @@ def scaling_table(
     for primaries, partitions in configs:
         if primaries is None:
             with EmbeddedRedis(workdir / "single") as server:
-                pids = [server._server._process.pid]
+                pids = [server.pid]
                 result = run_one(server.url, partitions, items, workdir, pids)
         else:
             where = workdir / f"c{primaries}-{partitions}"

@@ -16,6 +16,13 @@ the same llama-server processes, on the first ``--items`` bundled tickets:
 While the fleet runs, each server's ``/metrics`` (llama-server ``--metrics``:
 ``llamacpp:requests_processing``, ``llamacpp:requests_deferred``) is sampled to show
 whether its slots were kept busy. Speed is only ever measured here, never asserted.
+
+    python bench/models.py --feeding [--items 192] [--slots 2,4] [--batches 64,8] [--json]
+
+instead runs one worker through the fleet against one SmolLM2 llama-server per (slots,
+batch size), samples its ``/metrics`` every 0.1 s and reports where the slot-time went:
+busy, idle while requests waited, idle in a batch's tail, idle between batches, and the
+run's start and end (``slot_time``). Goal: ≥ 95% busy (issue 18).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
@@ -40,11 +47,21 @@ from common.schemas import Item  # noqa: E402
 from common.settings import Settings, load_settings  # noqa: E402
 from consumers.backends import ask, backend_for  # noqa: E402
 from producers.api import Producer  # noqa: E402
-from tribunal.demo import load_sample, running_fleet  # noqa: E402
-from tribunal.queues import Outcome, collect, final_cursors  # noqa: E402
+from tribunal.demo import load_sample  # noqa: E402
+from tribunal.fleet.running import running_fleet  # noqa: E402
+from tribunal.ops.outcomes import Outcome, collect, final_cursors  # noqa: E402
 from tribunal.serving.llama import serving  # noqa: E402
 
 METRIC = re.compile(r"^llamacpp:(requests_processing|requests_deferred)\s+([0-9.e+-]+)$", re.M)
+FEED_PACKAGE = "smollm2-135m-instruct"  # the smallest model: feeding, not the model, is measured
+
+
+class Sample(NamedTuple):
+    """One ``/metrics`` reading of a llama-server."""
+
+    t: float  # perf_counter
+    busy: float  # slots processing a request
+    deferred: float  # requests waiting for a slot
 
 
 def ceilings(settings: Settings, items: list[Item]) -> dict[str, float]:
@@ -64,30 +81,48 @@ def ceilings(settings: Settings, items: list[Item]) -> dict[str, float]:
 
 
 class SlotSampler(threading.Thread):
-    """Samples every server's busy and waiting requests twice a second."""
+    """Samples every server's ``/metrics`` each ``every`` seconds: busy slots
+    (``requests_processing``) and requests waiting for one (``requests_deferred``).
 
-    def __init__(self, urls: dict[str, str]) -> None:
+    (``prompt_seconds_total`` and ``tokens_predicted_seconds_total`` are no measure of
+    slot-time on this llama-server: with 4 slots they summed to a third of the per-request
+    times in its own log, which these samples matched within 1%.)"""
+
+    def __init__(self, urls: dict[str, str], every: float = 0.5) -> None:
         super().__init__(daemon=True)
         self.urls = urls
-        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in urls}
+        self.every = every
+        self.samples: dict[str, list[Sample]] = {name: [] for name in urls}
         self.done = threading.Event()
 
     def run(self) -> None:
-        while not self.done.wait(0.5):
-            for name, url in self.urls.items():
-                try:
-                    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=2).text
-                except httpx.HTTPError:
-                    continue
-                found = dict(METRIC.findall(text))
-                busy = float(found.get("requests_processing", 0))
-                self.samples[name].append((busy, float(found.get("requests_deferred", 0))))
+        # trust_env=False: a proxy configured for pip must not see loopback calls
+        with httpx.Client(timeout=2, trust_env=False) as client:
+            while True:
+                for name in self.urls:
+                    sample = self.sample(client, name)
+                    if sample is not None:
+                        self.samples[name].append(sample)
+                if self.done.wait(self.every):
+                    return
+
+    def sample(self, client: httpx.Client, name: str) -> Sample | None:
+        try:
+            text = client.get(self.urls[name].removesuffix("/v1") + "/metrics").text
+        except httpx.HTTPError:
+            return None
+        found = {k: float(v) for k, v in METRIC.findall(text)}
+        return Sample(
+            time.perf_counter(),
+            found.get("requests_processing", 0.0),
+            found.get("requests_deferred", 0.0),
+        )
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {
             name: {
-                "busy_slots_mean": round(statistics.fmean(b for b, _ in s), 2) if s else 0.0,
-                "deferred_mean": round(statistics.fmean(d for _, d in s), 2) if s else 0.0,
+                "busy_slots_mean": round(statistics.fmean(x.busy for x in s), 2) if s else 0.0,
+                "deferred_mean": round(statistics.fmean(x.deferred for x in s), 2) if s else 0.0,
             }
             for name, s in self.samples.items()
         }
@@ -113,8 +148,8 @@ def through_fleet(settings: Settings, records: list[dict[str, Any]]) -> dict[str
             time.sleep(0.1)
         seconds = time.perf_counter() - started
         sampler.done.set()
-    judged = sum(d["source"] == "judge" for d in outcome.decisions)
-    right = sum(d["label"] == d.get("gold") for d in outcome.decisions)
+    judged = sum(d.source == "judge" for d in outcome.decisions)
+    right = sum(d.label == d.gold for d in outcome.decisions)
     return {
         "seconds": round(seconds, 1),
         "items_per_s": round(len(records) / seconds, 3),
@@ -125,12 +160,182 @@ def through_fleet(settings: Settings, records: list[dict[str, Any]]) -> dict[str
     }
 
 
+FEED_FLEET = """
+batch_size = {batch}
+block_ms = 100
+vote_timeout_s = 900
+reclaim_idle_s = 1200
+[models.smol]
+package = "{package}"
+threads = {threads}
+slots = {slots}
+[workers.w]
+backend = "llama-cpp"
+options = {{ model = "smol", endpoint = "chat", timeout_s = 600{extra} }}
+[judge]
+backend = "lexicon-judge"
+"""
+
+
+def slot_time(samples: list[Sample], slots: int, t0: float, t1: float) -> dict[str, float]:
+    """Where the slot-time of the window [t0, t1] went, from ``/metrics`` samples: each
+    sample stands for the time until the next one (the last one until t1).
+
+    - busy: slots processing a request;
+    - idle, saturated: idle slots while requests waited (deferred): the server's own;
+    - idle, tail: some slots busy, nothing waiting: a batch's last requests running
+      while the worker cannot send more (it has no more items until the batch is done);
+    - idle, between batches: no slot busy inside the run: the worker writing votes,
+      acking and reading the next batch;
+    - idle, edges: before the first and after the last busy sample: the first read and
+      the last votes' way to a label (the run's start and end, not feeding).
+    All are shares of the window's slot-time; they add up to 1."""
+    rows = [s for s in samples if t0 <= s.t <= t1]
+    out = {"busy": 0.0, "saturated": 0.0, "tail": 0.0, "between_batches": 0.0, "edges": 0.0}
+    total = slots * (t1 - t0)
+    if not rows or total <= 0:
+        return out
+    active = [i for i, s in enumerate(rows) if s.busy > 0]
+    first, last = (active[0], active[-1]) if active else (len(rows), -1)
+    out["edges"] = slots * (rows[0].t - t0)  # before the first sample
+    for i, s in enumerate(rows):
+        dt = (rows[i + 1].t if i + 1 < len(rows) else t1) - s.t
+        busy = min(s.busy, slots)
+        idle = (slots - busy) * dt
+        out["busy"] += busy * dt
+        if s.deferred > 0:
+            out["saturated"] += idle
+        elif i < first or i > last:
+            out["edges"] += idle
+        elif busy > 0:
+            out["tail"] += idle
+        else:
+            out["between_batches"] += idle
+    return {k: round(v / total, 4) for k, v in out.items()}
+
+
+def feeding_run(
+    records: list[dict[str, Any]], slots: int, batch: int, threads: int, extra: str, workdir: Path
+) -> dict[str, Any]:
+    """One worker (one llama-server with ``slots`` slots) through the fleet at ``batch``;
+    the server's /metrics sampled every 0.1 s from the first XADD to the last label."""
+    from rich.console import Console
+
+    from tribunal.fleet.running import wait_until_live
+
+    fleet_file = workdir / f"feed-{slots}-{batch}.toml"
+    fleet_file.write_text(
+        FEED_FLEET.format(
+            batch=batch, package=FEED_PACKAGE, threads=threads, slots=slots, extra=extra
+        )
+    )
+    settings = load_settings(str(fleet_file))
+    console = Console(stderr=True)
+    with running_fleet(settings, console, f"bench: {slots} slots, batch {batch}") as session:
+        live = session.settings
+        redis = connect(live)
+        wait_until_live(redis, live, session.fleet, console)
+        sampler = SlotSampler(session.fleet.servers.urls(), every=0.1)
+        sampler.start()
+        time.sleep(0.3)  # a sample before the first request
+        started = time.perf_counter()
+        Producer(redis, live).send(records)
+        cursors = final_cursors(live)
+        outcome = Outcome()
+        deadline = time.monotonic() + 1800
+        while outcome.ended < len(records) and time.monotonic() < deadline:
+            session.fleet.supervise()
+            collect(redis, cursors, outcome)
+            time.sleep(0.05)
+        ended = time.perf_counter()
+        time.sleep(0.15)
+        sampler.done.set()
+        sampler.join()
+    samples = sampler.samples["smol"]
+    shares = slot_time(samples, slots, started, ended)
+    return {
+        "slots": slots,
+        "batch_size": batch,
+        "items": outcome.ended,
+        "seconds": round(ended - started, 2),
+        "items_per_s": round(outcome.ended / (ended - started), 3),
+        "samples": len([s for s in samples if started <= s.t <= ended]),
+        "busy_share": shares["busy"],
+        "idle_share": {k: v for k, v in shares.items() if k != "busy"},
+        "deferred_mean": round(
+            statistics.fmean(s.deferred for s in samples if started <= s.t <= ended), 2
+        ),
+    }
+
+
+def feeding(
+    items: int, slots: list[int], batches: list[int], threads: int, max_concurrency: int | None
+) -> dict[str, Any]:
+    """Issue 18: does a worker keep its server's slots full? Every (slots, batch) pair."""
+    import tempfile
+
+    records = load_sample("sentiment", items)
+    extra = f", max_concurrency = {max_concurrency}" if max_concurrency else ""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="tribunal-feed-") as tmp:
+        for n in slots:
+            for b in batches:
+                print(f"feeding: {n} slots, batch {b}, {len(records)} tickets ...", file=sys.stderr)
+                runs.append(feeding_run(records, n, b, threads, extra, Path(tmp)))
+                print(orjson.dumps(runs[-1]).decode(), file=sys.stderr)
+    return {
+        "date": time.strftime("%Y-%m-%d"),
+        "model": FEED_PACKAGE,
+        "threads": threads,
+        "max_concurrency": max_concurrency or "default",
+        "runs": runs,
+    }
+
+
+def print_feeding(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return
+    print(
+        f"{report['model']}, -t {report['threads']}, max_concurrency "
+        f"{report['max_concurrency']}: share of slot-time"
+    )
+    print("slots batch items/s   busy  idle: saturated   tail between  edges  deferred")
+    for r in report["runs"]:
+        idle = r["idle_share"]
+        print(
+            f"{r['slots']:>5} {r['batch_size']:>5} {r['items_per_s']:>7.2f}  "
+            f"{r['busy_share']:>6.1%}        {idle['saturated']:>6.1%} {idle['tail']:>6.1%} "
+            f"{idle['between_batches']:>7.1%} {idle['edges']:>6.1%}  {r['deferred_mean']:>8.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fleet", default=str(ROOT / "examples" / "local.toml"))
-    parser.add_argument("--items", type=int, default=24)
+    parser.add_argument("--items", type=int, help="tickets (default 24; --feeding: 192)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--feeding",
+        action="store_true",
+        help="instead: one worker against one SmolLM2 server, the share of slot-time busy",
+    )
+    parser.add_argument("--slots", default="2,4", help="--feeding: server slots to try")
+    parser.add_argument("--batches", default="64,8", help="--feeding: batch sizes to try")
+    parser.add_argument("--threads", type=int, default=2, help="--feeding: llama-server -t")
+    parser.add_argument("--max-concurrency", type=int, help="--feeding: the worker's option")
     args = parser.parse_args()
+    if args.feeding:
+        report = feeding(
+            args.items or 192,
+            [int(n) for n in args.slots.split(",")],
+            [int(b) for b in args.batches.split(",")],
+            args.threads,
+            args.max_concurrency,
+        )
+        print_feeding(report, args.json)
+        return
+    args.items = args.items or 24
     settings = load_settings(args.fleet)
     records = load_sample("sentiment", args.items)
     items = [Item(id=r["id"], task=r["task"], text=r["text"], gold=r["gold"]) for r in records]

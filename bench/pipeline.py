@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.connection import EmbeddedRedis  # noqa: E402
-from common.keys import Keys  # noqa: E402
+from common.keys import RECORD_FIELD, Keys  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from producers.api import Producer  # noqa: E402
-from tribunal.fleet import Fleet  # noqa: E402
+from tribunal.fleet.supervisor import Fleet  # noqa: E402
 
 BATCH = 256
 LABELS = ("positive", "negative", "neutral")
@@ -136,7 +136,7 @@ def drain_output(client: Redis, keys: Keys, n: int, timeout: float = 300) -> lis
     while len(decisions) < n and time.monotonic() < deadline:
         reply: Any = client.xreadgroup("bench", "r", {keys.output: ">"}, count=BATCH, block=1000)
         for _, entries in reply or ():
-            decisions += [orjson.loads(fields[b"d"]) for _, fields in entries]
+            decisions += [orjson.loads(fields[RECORD_FIELD]) for _, fields in entries]
             client.xack(keys.output, "bench", *[eid for eid, _ in entries])
     return decisions
 
@@ -152,7 +152,7 @@ def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
         time.sleep(3.0)  # let every process import and create its group
         warm = Producer(client, settings).send(records(500, "warm"))
         drain_output(client, keys, warm.produced)
-        pids = {**fleet.pids(), "redis": server._server._process.pid}
+        pids = {**fleet.pids(), "redis": server.pid}
         cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
         cpu_bench = time.process_time()
         started = time.perf_counter()
@@ -194,7 +194,7 @@ def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
     difference in used_memory over ``n`` items in a namespace of its own."""
     from common.schemas import Vote
     from common.scripts import Scripts
-    from common.writes import Writes
+    from consumers.engine.writes import Writes
 
     client = Redis.from_url(url)
     settings = load_settings(redis_url=url, namespace="memory", max_backlog=10**9)
@@ -212,9 +212,9 @@ def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
         for offset in range(0, n, BATCH):
             writes = Writes(client.pipeline(transaction=False), scripts)
             for _, fields in payloads[offset : offset + BATCH]:
-                item = orjson.loads(fields[b"d"])
+                item = orjson.loads(fields[RECORD_FIELD])
                 vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
-                writes.cast_vote(item["id"], vote, fields[b"d"], 2, time.time() + 60)
+                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, time.time() + 60)
             writes.flush().execute()
     in_flight = used()
     client.delete(*client.keys(f"{keys.prefix}:*"))

@@ -28,7 +28,7 @@ from common.connection import EmbeddedRedis
 from common.keys import Keys
 from common.settings import load_settings
 from producers.api import Producer
-from tribunal.fleet import Fleet
+from tribunal.fleet.supervisor import Fleet
 
 RETENTION = "\nretention_s = 30\ndecided_ttl_s = 60\ntrim_every_s = 5\nmax_backlog = 20000\n"
 

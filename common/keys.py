@@ -68,7 +68,7 @@ class Keys:
 
     # Per-item state.
     def votes(self, item_id: str) -> str:
-        """Hash: worker name -> vote JSON, plus ``_item`` -> the item JSON."""
+        """Hash: worker name -> vote JSON, plus ``ITEM_IN_VOTES`` -> the item JSON."""
         return f"{self.prefix}:votes:{item_id}"
 
     def state(self, item_id: str) -> str:
@@ -148,3 +148,10 @@ def worker_group(worker: str) -> str:
 
 AGGREGATOR_GROUP = "aggregator"
 JUDGE_GROUP = "judge"
+
+# Fields on the wire, as Redis returns them (bytes). The Lua scripts (``common/lua/``) are
+# filled in with the same names when loaded (``common.scripts``).
+RECORD_FIELD = b"d"  # every stream entry: its record as JSON (item, escalation, decision ...)
+ITEM_ID_FIELD = b"id"  # final streams: the item id beside the record, for XRANGE readers
+ITEM_IN_VOTES = b"_item"  # an item's votes hash: the item's JSON beside the workers' votes
+READY_IDS_FIELD = b"ids"  # the ready stream: ids of items with enough votes, space-separated

@@ -9,13 +9,20 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from redis.backoff import ExponentialBackoff
+
 log = logging.getLogger(__name__)
 
 _children: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
+
+
+# The supervisors' backoff (redis-py's, as for Redis outages): 1, 2, 4 … 30 s.
+RESTART_BACKOFF = ExponentialBackoff(cap=30.0, base=1.0)
 
 
 @dataclass
@@ -27,9 +34,17 @@ class Restarts:
 
     def plan(self) -> float:
         """Plan the next restart; returns its delay in seconds."""
-        delay = min(2.0**self.count, 30.0)
+        delay = RESTART_BACKOFF.compute(self.count)
         self.at = time.monotonic() + delay
         return delay
+
+    def after_exit(self, what: Callable[[], str]) -> bool:
+        """Called each supervision round while the process is dead: the first time, plans
+        its restart and logs ``what()`` happened with the delay; True once it is due."""
+        if self.at == 0.0:
+            log.warning("%s; restarting in %.0fs", what(), self.plan())
+            return False
+        return self.due()
 
     def due(self) -> bool:
         """True once the planned restart's time has come (and counts it)."""
@@ -56,6 +71,27 @@ def start_child(
     _children[:] = [(p, sig) for p, sig in _children if p.returncode is None]
     _children.append((process, hard_stop))
     return process
+
+
+def stop_processes(
+    processes: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout_s: float
+) -> dict[str, int]:
+    """Stop supervised processes together: SIGTERM to each still running (a consumer finishes
+    its batch, a server its requests), then SIGKILL whoever is left ``timeout_s`` later.
+    Returns each one's exit code by name."""
+    running = [(name, p) for name, p in processes if p.poll() is None]
+    for _, process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout_s
+    codes: dict[str, int] = {}
+    for name, process in running:
+        try:
+            codes[name] = process.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0fs: killing it", name, timeout_s)
+            process.kill()
+            codes[name] = process.wait()
+    return codes
 
 
 @atexit.register

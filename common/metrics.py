@@ -5,7 +5,7 @@ its labels, ``votes_total|label=positive|worker=vader``, holding a count; histog
 fields add ``le=<bucket>`` (not cumulative: the exporter sums them up), plus
 ``…|sum`` and ``…|count``. Counters of things that must not be double counted
 (votes, settled items) are incremented inside the Lua scripts, only when the
-step really happened; the rest are summed per batch (``common.writes``) and
+step really happened; the rest are summed per batch (``consumers.engine.writes``) and
 incremented in the batch's pipeline.
 Queue depths are never counted here: they are read from the streams themselves.
 """

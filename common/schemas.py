@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
 ItemId = Annotated[str, StringConstraints(pattern=ITEM_ID_PATTERN)]
 
+# A record as it arrives (a JSONL line, a CSV row, a payload read from a stream) before
+# validation makes it an ``Item``: a JSON object with any fields and values. The one untyped
+# shape in public signatures, and only at the input's edge (producers, common.validation).
+RawRecord = dict[str, Any]
+
 
 def is_item_id(value: object) -> bool:
     return isinstance(value, str) and re.fullmatch(ITEM_ID_PATTERN, value) is not None

@@ -2,7 +2,7 @@
 reading votes, and who holds a pending entry.
 
 They are small Lua scripts, not the decision rule (that stays in Python, in
-``common.decision``): they only make "add the item once", "store the vote, notify
+``consumers.decision``): they only make "add the item once", "store the vote, notify
 once", "move the item to its final stream exactly once" and "renew my claim only
 on what is still mine" race-free across replicas, re-deliveries and crashes. Each
 call carries a whole batch, so the hot path costs one command per batch instead of
@@ -14,139 +14,36 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
+from string import Template
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
 
+from common import keys as wire
 from common.keys import Keys
-from common.validation import ITEM_FIELD
 
-# KEYS: ready stream, deadlines zset, stats hash, then per item: votes hash, state
-# ARGV: per item: item id, worker, vote json, item json, notify_at, deadline, counter field
-# For each item: store the vote unless the item is settled (late or re-delivered votes are
-# dropped, and no per-item key is re-created); count it and start the vote timeout when it
-# is new; notify the aggregator (one entry for the whole batch) once enough votes are in.
-CAST_VOTES = """
-local ready = {}
-for i = 0, (#KEYS - 3) / 2 - 1 do
-  local votes, state = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local a = 7 * i
-  local id = ARGV[a + 1]
-  if redis.call('EXISTS', state) == 0 then
-    local added = redis.call('HSET', votes, ARGV[a + 2], ARGV[a + 3])
-    redis.call('HSETNX', votes, '_item', ARGV[a + 4])
-    if added == 1 then
-      local n = redis.call('HLEN', votes) - 1
-      redis.call('HINCRBY', KEYS[3], ARGV[a + 7], 1)
-      if n == 1 then redis.call('ZADD', KEYS[2], 'NX', ARGV[a + 6], id) end
-      if n >= tonumber(ARGV[a + 5]) then ready[#ready + 1] = id end
-    end
-  end
-end
-if #ready > 0 then redis.call('XADD', KEYS[1], '*', 'ids', table.concat(ready, ' ')) end
-return #ready
-"""
 
-# KEYS: deadlines zset, stats hash, then per item: state, votes hash, target stream, a
-#       second stream (the judge's, for an audit), and its queued marker
-# ARGV: per item: expected state ('' = unsettled), new state, ttl s (0 = keep), item id,
-#       payload, counter field, payload for the second stream ('' = none)
-# Settles each item whose state is as expected: one entry in its target stream (and one in
-# the second, only then: an audit is sent once however often the item is settled), the
-# votes, the queued marker and the deadline gone, the counter incremented. Returns 1/0
-# per item.
-SETTLE = """
-local done = {}
-for i = 0, (#KEYS - 2) / 5 - 1 do
-  local state, votes, target = KEYS[3 + 5 * i], KEYS[4 + 5 * i], KEYS[5 + 5 * i]
-  local a = 7 * i
-  local cur = redis.call('GET', state) or ''
-  if cur == ARGV[a + 1] then
-    if ARGV[a + 3] == '0' then
-      redis.call('SET', state, ARGV[a + 2])
-    else
-      redis.call('SET', state, ARGV[a + 2], 'EX', ARGV[a + 3])
-    end
-    redis.call('XADD', target, '*', 'id', ARGV[a + 4], 'd', ARGV[a + 5])
-    if ARGV[a + 7] ~= '' then
-      redis.call('XADD', KEYS[6 + 5 * i], '*', 'id', ARGV[a + 4], 'd', ARGV[a + 7])
-    end
-    redis.call('DEL', votes, KEYS[7 + 5 * i])
-    redis.call('ZREM', KEYS[1], ARGV[a + 4])
-    redis.call('HINCRBY', KEYS[2], ARGV[a + 6], 1)
-    done[i + 1] = 1
-  else
-    done[i + 1] = 0
-  end
-end
-return done
-"""
+def _lua(name: str) -> str:
+    """A script of ``common/lua/``, with the wire's field names (``common.keys``) filled in,
+    so Python and Lua cannot spell a field differently."""
+    source = resources.files("common").joinpath(f"lua/{name}.lua").read_text()
+    fields = {
+        "RECORD": wire.RECORD_FIELD.decode(),
+        "ITEM_ID": wire.ITEM_ID_FIELD.decode(),
+        "ITEM_IN_VOTES": wire.ITEM_IN_VOTES.decode(),
+        "READY_IDS": wire.READY_IDS_FIELD.decode(),
+    }
+    return Template(source).substitute(fields)
 
-# KEYS: items stream, this chunk's marker, then per item: state, votes hash, queued marker
-# ARGV: queued ttl s, chunk marker ttl s, item field, then per item: payload
-# Adds each item whose id the fleet does not know (no state: not settled or escalated; no
-# votes: not being voted on; not queued: waiting in the stream), marks it queued, and
-# records "<new> <known>" under the chunk's marker. The chunk sent again (its reply was lost
-# to a timeout or a dropped connection) finds that marker and adds nothing: it returns the
-# counts of the first time, and rewrites the marker so that a WAIT after it also covers
-# the first write. (Sent again after the marker expired, it still adds nothing: its items
-# are queued or settled by then; only the counts call them known.)
-PRODUCE = """
-local done = redis.call('GET', KEYS[2])
-if not done then
-  local new, known = 0, 0
-  for i = 0, (#KEYS - 2) / 3 - 1 do
-    local queued = KEYS[5 + 3 * i]
-    if redis.call('EXISTS', KEYS[3 + 3 * i], KEYS[4 + 3 * i], queued) == 0 then
-      redis.call('XADD', KEYS[1], '*', ARGV[3], ARGV[4 + i])
-      redis.call('SET', queued, 1, 'EX', ARGV[1])
-      new = new + 1
-    else
-      known = known + 1
-    end
-  end
-  done = new .. ' ' .. known
-end
-redis.call('SET', KEYS[2], done, 'EX', ARGV[2])
-return done
-"""
 
-# KEYS: stream. ARGV: group, consumer, entry ids.
-# Resets the idle time of those entries that this consumer still holds (XCLAIM to itself,
-# JUSTID: the delivery count stays), so a live consumer keeps what it works on however long
-# the model takes; an entry another consumer has taken meanwhile is left with it.
-RENEW = """
-local mine, args = 0, {KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 3, #ARGV do
-  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
-    args[#args + 1] = ARGV[i]
-    mine = mine + 1
-  end
-  if #args == 1004 or (i == #ARGV and #args > 4) then
-    args[#args + 1] = 'JUSTID'
-    redis.call('XCLAIM', unpack(args))
-    args = {KEYS[1], ARGV[1], ARGV[2], 0}
-  end
-end
-return mine
-"""
-
-# KEYS: stream. ARGV: group, consumer.
-# Removes a consumer from the group only if it holds nothing pending (XGROUP DELCONSUMER
-# would drop its pending entries, and they would never be delivered again).
-FORGET = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then return 0 end
-redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-# KEYS: vote hashes. Returns each as a flat field/value list: one round trip per batch.
-GATHER = """
-local out = {}
-for i, key in ipairs(KEYS) do out[i] = redis.call('HGETALL', key) end
-return out
-"""
+CAST_VOTES = _lua("cast_votes")  # store votes, notify the aggregator once per item
+SETTLE = _lua("settle")  # move items to their final stream exactly once
+PRODUCE = _lua("produce")  # add items unless known, once per chunk
+RENEW = _lua("renew")  # reset the idle time of entries a consumer still holds
+FORGET = _lua("forget")  # remove a consumer that holds nothing from its group
+GATHER = _lua("gather")  # read many vote hashes in one round trip
 
 ESCALATED = "judge"
 DONE = "done"
@@ -227,7 +124,7 @@ class Scripts:
         keys: list[Any] = [k.items, k.produced(chunk)]
         for item_id, _ in items:
             keys += [k.state(item_id), k.votes(item_id), k.queued(item_id)]
-        args: list[Any] = [self.done_ttl_s, CHUNK_TTL_S, ITEM_FIELD]
+        args: list[Any] = [self.done_ttl_s, CHUNK_TTL_S]
         args += [payload for _, payload in items]
         return _eval(client, PRODUCE, keys, args)
 

@@ -8,7 +8,9 @@ file so an operator can override one knob without editing it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,8 +22,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from common.decision import Scheme
 from common.tasks import BUILTIN_TASKS, TaskSpec
+
+# How workers' votes agree (``consumers.decision.Rule`` applies it).
+Scheme = Literal["majority", "weighted", "unanimous"]
+SCHEMES: tuple[Scheme, ...] = ("majority", "weighted", "unanimous")
 
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
 _fleet_file: ContextVar[Path | None] = ContextVar("fleet_file", default=None)
@@ -69,6 +74,43 @@ class LocalModel(BaseModel):
 
 
 LOCAL_BACKEND = "llama-cpp"  # the backend that talks to a model of [models.NAME]
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the consumer loop needs (``Settings.loop``): batch size (entries), the blocking
+    read (ms), reclaiming (idle time and period, s), deliveries before giving up, heartbeat
+    period (s)."""
+
+    batch_size: int
+    block_ms: int
+    reclaim_idle_s: float
+    reclaim_every_s: float
+    max_deliveries: int
+    heartbeat_every_s: float
+
+    @property
+    def keep_every_s(self) -> float:
+        """How often a consumer renews its claim on the batch it works on (and its heartbeat):
+        well inside ``reclaim_idle_s``, so a live consumer's batch never looks abandoned."""
+        return min(self.heartbeat_every_s, self.reclaim_idle_s / 4)
+
+    @property
+    def silent_after_ms(self) -> int:
+        """A consumer that has not touched its group (a read, a claim, a renewal) for this long
+        is gone. A live one touches it at least every ``block_ms`` while it reads and every
+        ``keep_every_s`` while a batch runs, so this is five of the longer of the two."""
+        return int(5000 * max(self.keep_every_s, self.block_ms / 1000))
+
+
+@dataclass(frozen=True)
+class InputRules:
+    """What an item must satisfy to be labeled (``Settings.input_rules``): a known task, text
+    within ``max_text_chars`` characters, metadata within ``max_metadata_bytes`` as JSON."""
+
+    tasks: Mapping[str, TaskSpec]
+    max_text_chars: int
+    max_metadata_bytes: int
 
 
 def _default_workers() -> dict[str, ModelSpec]:
@@ -242,6 +284,23 @@ class Settings(BaseSettings):
     def all_tasks(self) -> dict[str, TaskSpec]:
         return {**BUILTIN_TASKS, **self.tasks}
 
+    # The groups: the file and the environment stay flat (``batch_size = 8``,
+    # ``TRIBUNAL_BATCH_SIZE``); a module that needs one concern takes its group.
+    @property
+    def loop(self) -> LoopSettings:
+        return LoopSettings(
+            self.batch_size,
+            self.block_ms,
+            self.reclaim_idle_s,
+            self.reclaim_every_s,
+            self.max_deliveries,
+            self.heartbeat_every_s,
+        )
+
+    @property
+    def input_rules(self) -> InputRules:
+        return InputRules(self.all_tasks, self.max_text_chars, self.max_metadata_bytes)
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -269,3 +328,13 @@ def load_settings(fleet_file: Path | str | None = None, **overrides: Any) -> Set
         return Settings(fleet_file=resolved, **overrides)
     finally:
         _fleet_file.reset(token)
+
+
+def fleet_roles(settings: Settings) -> list[tuple[str, list[str]]]:
+    """(role, CLI arguments) for every process the fleet file asks for."""
+    roles = [
+        (f"worker:{name}" + (f"#{r}" if spec.replicas > 1 else ""), ["worker", name])
+        for name, spec in settings.workers.items()
+        for r in range(spec.replicas)
+    ]
+    return [*roles, ("aggregator", ["aggregator"]), ("judge", ["judge"])]

@@ -7,22 +7,19 @@ whose message is the reason stored with the reject.
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 from pydantic import ValidationError
 
-from common.schemas import Item
-from common.settings import Settings
-
-ITEM_FIELD = b"d"  # the one field of an items-stream entry: the item as JSON
+from common.keys import RECORD_FIELD
+from common.schemas import Item, RawRecord
+from common.settings import InputRules
 
 
 class InvalidItem(ValueError):
     """The input can never be labeled; the message says why."""
 
 
-def parse_payload(payload: bytes | str) -> dict[str, Any]:
+def parse_payload(payload: bytes | str) -> RawRecord:
     raw = payload.encode() if isinstance(payload, str) else payload
     try:
         raw.decode("utf-8")
@@ -37,13 +34,13 @@ def parse_payload(payload: bytes | str) -> dict[str, Any]:
     return data
 
 
-def validate_item(data: dict[str, Any], settings: Settings) -> Item:
+def validate_item(data: RawRecord, rules: InputRules) -> Item:
     """Check one record against the schema, the task registry and the size limits."""
     try:
         item = Item.model_validate(data)
     except ValidationError as exc:
         raise InvalidItem(_explain(exc)) from None
-    tasks = settings.all_tasks
+    tasks = rules.tasks
     task = tasks.get(item.task)
     if task is None:
         raise InvalidItem(f"unknown task {item.task!r} (known: {', '.join(sorted(tasks))})")
@@ -52,9 +49,9 @@ def validate_item(data: dict[str, Any], settings: Settings) -> Item:
             continue
         if not text.strip():
             raise InvalidItem(f"{field} is empty")
-        if len(text) > settings.max_text_chars:
+        if len(text) > rules.max_text_chars:
             raise InvalidItem(
-                f"{field} has {len(text)} characters, over the limit of {settings.max_text_chars}"
+                f"{field} has {len(text)} characters, over the limit of {rules.max_text_chars}"
             )
     if task.pair and item.text_b is None:
         raise InvalidItem(f"task {item.task!r} compares two tickets and needs text_b")
@@ -64,21 +61,19 @@ def validate_item(data: dict[str, Any], settings: Settings) -> Item:
         size = len(orjson.dumps(item.metadata))
     except orjson.JSONEncodeError as exc:
         raise InvalidItem(f"metadata cannot be encoded as JSON: {exc}") from None
-    if size > settings.max_metadata_bytes:
-        raise InvalidItem(
-            f"metadata is {size} bytes, over the limit of {settings.max_metadata_bytes}"
-        )
+    if size > rules.max_metadata_bytes:
+        raise InvalidItem(f"metadata is {size} bytes, over the limit of {rules.max_metadata_bytes}")
     if item.gold is not None and item.gold not in task.labels:
         raise InvalidItem(f"gold label {item.gold!r} is not one of {task.labels}")
     return item
 
 
-def item_from_entry(fields: dict[bytes, bytes], settings: Settings) -> Item:
-    payload = fields.get(ITEM_FIELD)
+def item_from_entry(fields: dict[bytes, bytes], rules: InputRules) -> Item:
+    payload = fields.get(RECORD_FIELD)
     if payload is None:
         names = ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
         raise InvalidItem(f"entry has no 'd' field with the item JSON (fields: {names})")
-    return validate_item(parse_payload(payload), settings)
+    return validate_item(parse_payload(payload), rules)
 
 
 def _explain(exc: ValidationError) -> str:

@@ -18,18 +18,17 @@ from typing import Any
 import pydantic
 
 from common import metrics
-from common.consumer import Entry, Handler
-from common.decision import Rule, decide
-from common.keys import AGGREGATOR_GROUP
-from common.retention import trim_all
+from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD, RECORD_FIELD
 from common.schemas import Decision, Escalation, Item, Vote, now
-from common.validation import ITEM_FIELD
-from common.writes import Writes
-from consumers.runtime import Runtime
+from consumers import outcomes
+from consumers.decision import Rule, decide
+from consumers.engine.handler import Entry, Handler
+from consumers.engine.loop import consume
+from consumers.engine.runtime import Runtime
+from consumers.engine.writes import Writes
+from consumers.retention import trim_all
 
 log = logging.getLogger(__name__)
-
-ITEM_KEY = b"_item"
 
 
 class AggregatorHandler(Handler):
@@ -48,12 +47,12 @@ class AggregatorHandler(Handler):
         """Dead-letter every item the notification names, each with its item when known."""
         keys = self.rt.keys
         for item_id in _ids(entry) or [f"entry-{entry.id}"]:
-            raw: Any = self.rt.redis.hget(keys.votes(item_id), ITEM_KEY)
+            raw: Any = self.rt.redis.hget(keys.votes(item_id), ITEM_IN_VOTES)
             try:
                 item = Item.model_validate_json(raw) if raw else None
             except pydantic.ValidationError:
                 item = None
-            self.rt.dead_letter(writes, keys.ready, AGGREGATOR_GROUP, entry, item_id, error, item)
+            outcomes.dead_letter(writes, keys.ready, AGGREGATOR_GROUP, entry, item_id, error, item)
         return True
 
     def tick(self) -> None:
@@ -72,7 +71,7 @@ class AggregatorHandler(Handler):
         )
         if due:
             log.info("vote timeout: deciding %d items with the votes present", len(due))
-            writes = Writes(self.rt.redis.pipeline(transaction=False), self.rt.scripts)
+            writes = Writes.transaction(self.rt.redis, self.rt.scripts)
             self.settle([d.decode() for d in due], writes, timed_out=True)
             writes.flush().execute()
 
@@ -81,10 +80,10 @@ class AggregatorHandler(Handler):
         for item_id, fields in zip(
             ids, self.rt.scripts.gather_votes(self.rt.redis, ids), strict=True
         ):
-            raw_item = fields.pop(ITEM_KEY, None)
+            raw_item = fields.pop(ITEM_IN_VOTES, None)
             if raw_item is None:
                 if timed_out:  # settled meanwhile; only its deadline entry was left
-                    writes.pipe.zrem(keys.deadlines, item_id)
+                    writes.forget_deadline(item_id)
                 continue
             item = Item.model_validate_json(raw_item)
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
@@ -101,13 +100,13 @@ class AggregatorHandler(Handler):
                         escalated_at=now(),
                         accepted=outcome.label,
                     ).dump()
-                self.rt.publish(writes, decision, escalated=False, audit=audit)
+                outcomes.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
                 writes.escalate(item.id, escalation.dump())
             elif self.needs_backups(votes):
-                writes.pipe.xadd(keys.tiebreak, {ITEM_FIELD: raw_item})
+                writes.add(keys.tiebreak, {RECORD_FIELD: raw_item})
                 writes.incr(metrics.TIEBREAKS)
 
     def needs_backups(self, votes: list[Vote]) -> bool:
@@ -129,7 +128,7 @@ def audited(item_id: str, fraction: float) -> bool:
 
 def _ids(entry: Entry) -> list[str]:
     """The item ids a notification names (one entry per batch of votes)."""
-    return entry.fields.get(b"ids", b"").decode().split()
+    return entry.fields.get(READY_IDS_FIELD, b"").decode().split()
 
 
 def _read_vote(worker: bytes, raw: bytes) -> Vote:
@@ -147,4 +146,4 @@ def _read_vote(worker: bytes, raw: bytes) -> Vote:
 
 
 def run_aggregator(rt: Runtime) -> None:
-    rt.consume(lambda keys: keys.ready, AGGREGATOR_GROUP, AggregatorHandler, role="aggregator")
+    consume(rt, lambda keys: keys.ready, AGGREGATOR_GROUP, AggregatorHandler, role="aggregator")

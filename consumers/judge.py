@@ -13,13 +13,14 @@ from collections.abc import Sequence
 import pydantic
 
 from common import metrics
-from common.consumer import Entry, Handler
-from common.keys import JUDGE_GROUP
+from common.keys import ITEM_ID_FIELD, JUDGE_GROUP, RECORD_FIELD
 from common.schemas import Audit, Decision, Escalation, Item, Vote, now
-from common.validation import ITEM_FIELD
-from common.writes import Writes
+from consumers import outcomes
 from consumers.backends import Backend, ask, backend_for
-from consumers.runtime import Runtime
+from consumers.engine.handler import Entry, Handler
+from consumers.engine.loop import consume
+from consumers.engine.runtime import Runtime
+from consumers.engine.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class JudgeHandler(Handler):
         cases: list[tuple[Entry, Escalation]] = []
         for entry in entries:
             try:
-                cases.append((entry, Escalation.model_validate_json(entry.fields[b"d"])))
+                cases.append((entry, Escalation.model_validate_json(entry.fields[RECORD_FIELD])))
             except (KeyError, pydantic.ValidationError) as exc:
                 failures[entry.id] = f"unreadable escalation: {exc}"
         if not cases:
@@ -57,7 +58,7 @@ class JudgeHandler(Handler):
                 decision = Decision.of(
                     case.item, verdict.label, "judge", case.reason, case.votes, verdict
                 )
-                self.rt.publish(writes, decision, escalated=True)
+                outcomes.publish(writes, decision, escalated=True)
         return failures
 
     def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
@@ -74,14 +75,16 @@ class JudgeHandler(Handler):
             gold=item.gold,
             audited_at=now(),
         )
-        writes.pipe.xadd(self.rt.keys.audits, {"id": item.id, ITEM_FIELD: audit.dump()})
+        writes.add(
+            self.rt.keys.audits, {ITEM_ID_FIELD: item.id.encode(), RECORD_FIELD: audit.dump()}
+        )
         outcome = "agree" if agree else "disagree"
         writes.incr(metrics.AUDITS, {"task": item.task, "outcome": outcome})
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         item: Item | None
         try:
-            case = Escalation.model_validate_json(entry.fields[b"d"])
+            case = Escalation.model_validate_json(entry.fields[RECORD_FIELD])
             item, item_id = case.item, case.item.id
         except (KeyError, pydantic.ValidationError):  # written by hand: not a real escalation
             case, item, item_id = None, None, f"entry-{entry.id}"
@@ -94,13 +97,19 @@ class JudgeHandler(Handler):
             return True
         keys = self.rt.keys
         escalated = item is not None
-        self.rt.dead_letter(writes, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated)
+        outcomes.dead_letter(
+            writes, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated
+        )
         return True
 
 
 def run_judge(rt: Runtime) -> None:
     spec = rt.settings.judge
     backend = backend_for(spec, rt.settings)
-    rt.consume(
-        lambda keys: keys.judge, JUDGE_GROUP, lambda prt: JudgeHandler(prt, backend), role="judge"
+    consume(
+        rt,
+        lambda keys: keys.judge,
+        JUDGE_GROUP,
+        lambda prt: JudgeHandler(prt, backend),
+        role="judge",
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
-from common.consumer import Entry, Handler
-from common.writes import Writes
-from consumers.runtime import Runtime
+from common.keys import RECORD_FIELD
+from consumers.engine.handler import Entry, Handler
+from consumers.engine.loop import consume
+from consumers.engine.runtime import Runtime
+from consumers.engine.writes import Writes
 
 
 class LabelsHandler(Handler):
@@ -21,7 +23,7 @@ class LabelsHandler(Handler):
         self.written = 0
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
-        lines = [e.fields[b"d"] + b"\n" for e in entries if b"d" in e.fields]
+        lines = [e.fields[RECORD_FIELD] + b"\n" for e in entries if RECORD_FIELD in e.fields]
         self.out.write(b"".join(lines))
         self.out.flush()
         self.written += len(lines)
@@ -31,5 +33,5 @@ class LabelsHandler(Handler):
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     """Write decisions as JSONL until the stream is drained (or until stopped, with ``follow``)."""
     handler = LabelsHandler(out)
-    rt.consume(lambda keys: keys.output, group, lambda _: handler, role="labels", drain=not follow)
+    consume(rt, lambda keys: keys.output, group, lambda _: handler, role="labels", drain=not follow)
     return handler.written

@@ -13,13 +13,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from common import metrics
-from common.consumer import Entry, Handler, ensure_group
-from common.keys import worker_group
+from common.keys import RECORD_FIELD, worker_group
 from common.schemas import Item, Vote, now
-from common.validation import ITEM_FIELD, InvalidItem, item_from_entry
-from common.writes import Writes
+from common.validation import InvalidItem, item_from_entry
+from consumers import outcomes
 from consumers.backends import Backend, ask, backend_for
-from consumers.runtime import Runtime
+from consumers.engine.consumer import ensure_group
+from consumers.engine.handler import Entry, Handler
+from consumers.engine.loop import consume
+from consumers.engine.runtime import Runtime
+from consumers.engine.writes import Writes
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,7 @@ class WorkerHandler(Handler):
         self.worker = worker
         self.backend = backend
         self.tasks = rt.settings.all_tasks
+        self.rules = rt.settings.input_rules
         # The aggregator is woken once a decision may be possible, not on every vote.
         self.notify_at = rt.settings.effective_quorum
         self.stream = rt.keys.source_of(worker, rt.settings.backup_workers)
@@ -50,9 +54,9 @@ class WorkerHandler(Handler):
         valid: list[tuple[Entry, Item]] = []
         for entry in entries:
             try:
-                valid.append((entry, item_from_entry(entry.fields, self.rt.settings)))
+                valid.append((entry, item_from_entry(entry.fields, self.rules)))
             except InvalidItem as exc:
-                self.rt.reject(writes, self.stream, entry, exc)
+                outcomes.reject(writes, self.stream, entry, exc)
         if self.rt.settings.early_exit:
             valid = self.unsettled(valid, writes)
         if not valid:
@@ -75,15 +79,15 @@ class WorkerHandler(Handler):
 
     def cast(self, writes: Writes, entry: Entry, item: Item, vote: Vote) -> None:
         deadline = now() + self.rt.settings.vote_timeout_s
-        writes.cast_vote(item.id, vote, entry.fields[ITEM_FIELD], self.notify_at, deadline)
+        writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, deadline)
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         """This model keeps failing on the item: abstain with the error, so the other
         workers and the judge can still settle it."""
         try:
-            item = item_from_entry(entry.fields, self.rt.settings)
+            item = item_from_entry(entry.fields, self.rules)
         except InvalidItem as exc:
-            self.rt.reject(writes, self.stream, entry, exc)
+            outcomes.reject(writes, self.stream, entry, exc)
             return True
         abstain = Vote(
             worker=self.worker,
@@ -101,7 +105,8 @@ def run_worker(rt: Runtime, worker: str) -> None:
         raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = backend_for(spec, rt.settings)
     backups = rt.settings.backup_workers
-    rt.consume(
+    consume(
+        rt,
         lambda keys: keys.source_of(worker, backups),
         worker_group(worker),
         lambda prt: WorkerHandler(prt, worker, backend),

@@ -3,3 +3,5 @@
 from producers.api import Producer, ProduceReport
 
 __all__ = ["ProduceReport", "Producer"]
+
+DISTRIBUTION = "tribunal"  # checked by tribunal.foreign_packages: this is tribunal's ``producers``

@@ -28,10 +28,9 @@ import orjson
 from redis import Redis
 from redis.exceptions import RedisClusterException, RedisError
 
-from common.connection import text
-from common.consumer import is_cluster, is_transient
+from common.connection import OUTAGE_BACKOFF, is_cluster, is_transient, text
 from common.keys import Keys, all_partitions, claim_partitions, partition_of
-from common.schemas import Item, now
+from common.schemas import Item, RawRecord, now
 from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
@@ -41,7 +40,7 @@ log = logging.getLogger(__name__)
 QUIET_S = 10.0
 
 # (where the record came from, e.g. a line number; the record or the reason it is unusable)
-Record = tuple[str, "dict[str, Any] | InvalidItem"]
+Record = tuple[str, "RawRecord | InvalidItem"]
 
 
 @dataclass
@@ -73,6 +72,7 @@ class Producer:
     ) -> None:
         self.redis = redis
         self.settings = settings
+        self.rules = settings.input_rules
         self.partitions = all_partitions(settings.namespace, settings.partitions)
         self.scripts = [Scripts(keys, settings.decided_ttl_s) for keys in self.partitions]
         self._claimed = False
@@ -84,7 +84,7 @@ class Producer:
         self.on_wait: Callable[[int], None] = lambda backlog: None
         self._waited_until = float("-inf")  # when the last wait for the workers ended
 
-    def prepare(self, record: dict[str, Any]) -> Item:
+    def prepare(self, record: RawRecord) -> Item:
         """Validate one record; fill in the task default, an id if absent, and the time."""
         data = dict(record)
         if self.default_task is not None:
@@ -92,9 +92,9 @@ class Producer:
         if data.get("id") is None:
             data["id"] = uuid.uuid4().hex
         data["produced_at"] = now()
-        return validate_item(data, self.settings)
+        return validate_item(data, self.rules)
 
-    def encode(self, record: dict[str, Any]) -> Encoded:
+    def encode(self, record: RawRecord) -> Encoded:
         """The partition the record goes to (by its id), its id and its payload."""
         item = self.prepare(record)
         try:
@@ -105,7 +105,7 @@ class Producer:
 
     def send(
         self,
-        records: Iterable[dict[str, Any]] | Iterable[Record],
+        records: Iterable[RawRecord] | Iterable[Record],
         on_progress: Callable[[int], None] | None = None,
         rate: float | None = None,
         report: ProduceReport | None = None,
@@ -149,7 +149,7 @@ class Producer:
             first.setdefault(row[1], row)  # an id twice in one chunk: the first one goes
         rows, repeated = list(first.values()), len(chunk) - len(first)
         token = uuid.uuid4().hex  # the same on every retry of this chunk
-        backoff = 0.2
+        failures = 0
         while True:
             try:
                 if not self._claimed:
@@ -167,9 +167,10 @@ class Producer:
                 if not self.wait_for_redis:
                     raise
                 # Sent again under the same chunk id: what the server already has stays once.
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff)
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+                delay = OUTAGE_BACKOFF.compute(failures)
+                failures += 1
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
+                time.sleep(delay)
         report.produced += len(chunk)
         report.known += known + repeated
         report.unreplicated += unconfirmed

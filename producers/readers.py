@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any
 
+from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
 from producers.api import Record
@@ -79,7 +80,7 @@ class Reading:
             raise UnusableSource(f"unknown task {task!r} (known: {', '.join(sorted(known))})")
         return replace(self, task=task, needs_task=task is None)
 
-    def record(self, row: dict[str, Any]) -> dict[str, Any]:
+    def record(self, row: RawRecord) -> RawRecord:
         """The item fields of a row; the others go into metadata (refused when ``strict``).
         Mapped fields that are empty or null count as absent, except the text, whose
         absence the validation explains."""
@@ -114,7 +115,7 @@ class Reading:
         return record
 
 
-def with_extra(metadata: Any, extra: dict[str, Any]) -> Any:
+def with_extra(metadata: Any, extra: RawRecord) -> Any:
     """A record's metadata with its other fields added; a clash is an error, not a pick."""
     if metadata is None:
         return extra

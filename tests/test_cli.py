@@ -487,7 +487,7 @@ NOT_USING_REDIS = {"acl", "models"}
 
 
 def test_every_command_is_tried_against_a_dead_redis() -> None:
-    from tribunal.cli import app
+    from tribunal.cli.app import app
 
     commands = {c.name or c.callback.__name__ for c in app.registered_commands if c.callback}
     commands |= {str(g.name) for g in app.registered_groups}

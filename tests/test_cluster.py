@@ -1,6 +1,6 @@
 """The pipeline on a real 3-primary Valkey Cluster with P=6 partitions, and through a failover.
 
-Every consumer runs as its own process (``tribunal.fleet``) against
+Every consumer runs as its own process (``tribunal.fleet.supervisor``) against
 ``redis+cluster://``; the cluster is ``common.localcluster`` (real valkey-server processes,
 one replica per primary).
 """
@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from localcluster import LocalCluster
 from test_pipeline import wait_for_all
 
 from common.connection import connect
 from common.keys import all_partitions, partition_of
-from common.localcluster import LocalCluster
 from common.settings import Settings, load_settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
-from tribunal.fleet import Fleet, log_file
-from tribunal.queues import Outcome
+from tribunal.fleet.supervisor import Fleet, log_file
+from tribunal.ops.outcomes import Outcome
 
 PARTITIONS = 6
 
@@ -45,7 +45,7 @@ def cluster_settings(cluster: LocalCluster, **overrides: Any) -> Settings:
 
 
 def ended_ids(outcome: Outcome) -> list[str]:
-    return [r["id"] for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
+    return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
 
 def test_pipeline_on_a_three_primary_cluster_with_six_partitions(
@@ -67,7 +67,7 @@ def test_pipeline_on_a_three_primary_cluster_with_six_partitions(
             fleet.stop()
     ids = ended_ids(outcome)
     assert len(ids) == len(set(ids)), "an item ended twice"
-    assert {d["id"] for d in outcome.decisions} == {r["id"] for r in records}, (
+    assert {d.id for d in outcome.decisions} == {r["id"] for r in records}, (
         tmp_path / "fleet.log"
     ).read_text()[-3000:]
     assert len(outcome.rejects) == len(BAD_ENTRIES) and outcome.dead == []

@@ -17,8 +17,8 @@ import typer
 import yaml
 
 from common.settings import Settings, load_settings
-from tribunal.cli import app
-from tribunal.queues import expected_roles
+from tribunal.cli.app import app
+from tribunal.ops.queues import expected_roles
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -27,10 +27,11 @@ SCHEMA = Path("/usr/lib/python3/dist-packages/compose/config/compose_spec.json")
 
 
 def interpolate(value: Any) -> Any:
-    """Compose's ``${VAR:-default}`` / ``${VAR:?error}`` with no variables set (secrets set)."""
+    """Compose's ``${VAR:-default}`` / ``${VAR-default}`` / ``${VAR:?error}`` with no variables
+    set (secrets set)."""
     if isinstance(value, str):
         return re.sub(
-            r"\$\{(\w+)(?::([-?])([^}]*))?\}",
+            r"\$\{(\w+)(?::?([-?])([^}]*))?\}",
             lambda m: SECRETS.get(m[1]) or (m[3] if m[2] == "-" else "x"),
             value,
         )
@@ -79,7 +80,7 @@ def test_compose_file_validates() -> None:
 def test_referenced_files_exist(services: dict[str, Any]) -> None:
     for name, service in services.items():
         if "build" in service:
-            assert (ROOT / service["build"] / "Dockerfile").is_file(), name
+            assert (ROOT / service["build"]["context"] / "Dockerfile").is_file(), name
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
             if source.startswith("./"):
@@ -89,10 +90,10 @@ def test_referenced_files_exist(services: dict[str, Any]) -> None:
             assert fleet.startswith("/app/examples/"), (name, fleet)
             assert (ROOT / "examples" / Path(fleet).name).is_file(), fleet
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm$", dockerfile, re.M)
     assert re.search(r"^USER (?!root)\w+", dockerfile, re.M)
-    assert "pip install -c requirements.lock ." in dockerfile
-    for line in re.findall(r"^COPY (.+) \S+$", dockerfile, re.M):
+    assert "-c /src/requirements.lock" in dockerfile
+    for line in re.findall(r"^COPY (?!--from)(.+) \S+$", dockerfile, re.M):
         for source in line.split():
             assert (ROOT / source).exists(), source
 
@@ -248,3 +249,22 @@ def test_monitoring_is_provisioned_from_the_repository(services: dict[str, Any])
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/tribunal.json").read_text())
     uids = {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
     assert uids == {source["uid"]}
+
+
+def test_image_base_and_wheelhouse_are_build_arguments(services: dict[str, Any]) -> None:
+    """Public images by default; local ones (deploy/images/make-local.sh) by variable; the
+    dependencies in a layer of their own, before the code's."""
+    for name, service in tribunal_services(services).items():
+        args = service["build"]["args"]
+        assert args["PYTHON_IMAGE"].startswith("python:3.11."), name
+        assert args["WHEELS_ONLY"] == "0", name
+    raw = yaml.safe_load(COMPOSE.read_text())["services"]
+    for name in ("redis", "prometheus", "grafana"):
+        assert raw[name]["image"].startswith("${"), name
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    deps = dockerfile.index("COPY --from=deps /opt/tribunal")
+    assert deps < dockerfile.index("COPY tribunal ./tribunal")
+    assert "COPY deploy/wheelhouse/ /wheels/" in dockerfile
+    assert (ROOT / "deploy/wheelhouse/.gitignore").is_file()
+    for role in ("python", "redis", "prometheus"):
+        assert (ROOT / f"deploy/images/{role}.Dockerfile").is_file(), role

@@ -8,14 +8,14 @@ from typing import Any
 import orjson
 import pytest
 
-from common.consumer import StreamConsumer
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, worker_group
 from common.schemas import Item, Prediction, Vote
 from common.settings import ModelSpec, Settings
-from common.writes import Writes
 from consumers.aggregator import AggregatorHandler
+from consumers.engine.consumer import StreamConsumer
+from consumers.engine.runtime import Runtime
+from consumers.engine.writes import Writes
 from consumers.judge import JudgeHandler
-from consumers.runtime import Runtime
 from consumers.worker import WorkerHandler
 from producers.api import Producer
 
@@ -68,9 +68,7 @@ class Fleet:
 
     def _consumer(self, stream: str, group: str, handler: Any, name: str = "c1") -> StreamConsumer:
         rt = self.rt
-        consumer = StreamConsumer(
-            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name, rt.scripts
-        )
+        consumer = StreamConsumer(rt, stream, group, handler, name)
         consumer.ensure_group()
         return consumer
 
@@ -92,10 +90,8 @@ class Fleet:
 
 
 def drain(consumer: StreamConsumer) -> None:
-    while True:
-        consumer.read_once(None)
-        if consumer.last_batch == 0:
-            return
+    while consumer.read_new():
+        pass
 
 
 @pytest.fixture

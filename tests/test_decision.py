@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from common.decision import Rule, decide
 from common.schemas import Vote
+from consumers.decision import Rule, decide
 
 
 def votes(*specs: tuple[str | None, float | None]) -> list[Vote]:

@@ -14,7 +14,7 @@ from test_consumers import WORKERS, Fleet, Scripted, drain, produce
 from common.connection import connect
 from common.keys import Keys
 from common.settings import ModelSpec
-from tribunal.dlq import dead_letters, replay
+from tribunal.ops.dlq import dead_letters, replay
 
 
 def test_a_dead_lettered_item_is_replayed_and_labeled_once(make_settings: Any) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from common.decision import Rule
 from common.schemas import Vote
 from common.settings import load_settings
-from tribunal.calibrate import (
+from consumers.decision import Rule
+from tribunal.quality.calibrate import (
     Candidate,
     Goal,
     fleet_lines,
@@ -17,7 +17,7 @@ from tribunal.calibrate import (
     score_candidates,
     stricter_rules,
 )
-from tribunal.scoring import (
+from tribunal.quality.scoring import (
     Observation,
     candidate_rules,
     confusion,
@@ -76,20 +76,20 @@ def test_threshold_rule_numbers_match_the_hand_computed_case() -> None:
 
 def test_models_pairs_and_confusion_match_the_hand_computed_case() -> None:
     section = evaluate_task(HAND, MAJORITY, ["a", "b"])
-    models = section["models"]
-    assert [models[w]["accuracy"] for w in ("w0", "w1", "w2", "judge")] == [0.5, 0.5, 0.0, 0.75]
-    assert models["w2"]["abstained"] == 1
-    assert models["w0"]["judge_agreement"] == 0.75  # a a a b vs judge a a b b
-    assert models["judge"]["seconds_per_item"] == pytest.approx(0.1)
+    models = section.models
+    assert [models[w].accuracy for w in ("w0", "w1", "w2", "judge")] == [0.5, 0.5, 0.0, 0.75]
+    assert models["w2"].abstained == 1
+    assert models["w0"].judge_agreement == 0.75  # a a a b vs judge a a b b
+    assert models["judge"].seconds_per_item == pytest.approx(0.1)
     pairs = pairwise(HAND)
     assert pairs["w0 / w1"] == 0.5
     assert pairs["w0 / w2"] == pytest.approx(1 / 3)  # i3: w2 abstained, not counted
-    assert confusion(HAND, MAJORITY, ["a", "b"]) == {
+    assert confusion(HAND, MAJORITY, ["a", "b"]).model_dump() == {
         "reference": "gold",
         "labels": ["a", "b"],
         "matrix": [[1, 2], [0, 1]],  # gold a: i1 -> a, i2 and i4 -> b; gold b: i3 -> b
     }
-    assert [s["rule"] for s in section["schemes"]][:4] == [
+    assert [s.rule for s in section.schemes][:4] == [
         "majority 2/3",
         "weighted >= 1.5",
         "unanimous 3/3",
@@ -100,9 +100,9 @@ def test_models_pairs_and_confusion_match_the_hand_computed_case() -> None:
 def test_without_gold_the_confusion_matrix_is_against_the_judge() -> None:
     no_gold = [o.model_copy(update={"gold": None}) for o in HAND]
     section = evaluate_task(no_gold, MAJORITY, ["a", "b"])
-    assert section["configured"]["accuracy"] is None
-    assert section["confusion"]["reference"] == "judge"
-    assert section["confusion"]["matrix"] == [[1, 1], [0, 2]]  # judge a: i1 a, i2 b
+    assert section.configured.accuracy is None
+    assert section.confusion.reference == "judge"
+    assert section.confusion.matrix == [[1, 1], [0, 2]]  # judge a: i1 a, i2 b
 
 
 def constructed() -> list[Observation]:

@@ -26,11 +26,11 @@ from llm_server import LLMServer, llm_server
 from redis import Redis
 
 from common.connection import EmbeddedRedis, connect
-from common.consumer import StreamConsumer
 from common.keys import Keys, worker_group
 from common.settings import ModelSpec, Settings, load_settings
 from consumers.backends.simulated import Simulated
-from consumers.runtime import Runtime
+from consumers.engine.consumer import StreamConsumer
+from consumers.engine.runtime import Runtime
 from consumers.worker import WorkerHandler
 from producers.api import Producer, ProduceReport
 
@@ -197,12 +197,10 @@ def test_a_pending_entry_deleted_by_an_operator_is_acked_without_an_outcome(
 
     rt = Runtime.create(settings)
     handler = WorkerHandler(rt, "slow", Simulated({"accuracy": 1.0}, settings.all_tasks))
-    again = StreamConsumer(
-        rt.redis, rt.keys, keys.items, group, handler, rt.settings, rt.stop, name, rt.scripts
-    )
-    with caplog.at_level(logging.WARNING, logger="common.consumer"):
-        cursor = again.read_once("0")  # its own pending entries, as after a start or outage
-        assert cursor is not None and again.read_once(cursor) is None
+    again = StreamConsumer(rt, keys.items, group, handler, name)
+    with caplog.at_level(logging.WARNING, logger="consumers.engine.consumer"):
+        cursor = again.read_pending("0")  # its own pending entries, as after a start or outage
+        assert cursor is not None and again.read_pending(cursor) is None
 
     assert redis.xpending(keys.items, group)["pending"] == 0
     assert redis.xlen(keys.rejects) == 0, redis.xrange(keys.rejects)
@@ -282,7 +280,7 @@ def test_an_id_is_known_from_queued_to_settled_and_leaves_no_marker(make_setting
 def test_the_worker_acl_lets_it_keep_and_take_over_claims(make_settings: Any, redis: Redis) -> None:
     """Under the least-privilege worker user of ``tribunal acl``: renewing its batch, taking
     over a silent consumer's entries and removing that consumer once it holds nothing."""
-    from common.acl import rules
+    from tribunal.ops.acl import rules
 
     settings = make_settings(
         workers={"w": ModelSpec(backend="simulated")}, heartbeat_every_s=0.05, block_ms=10
@@ -296,9 +294,7 @@ def test_the_worker_acl_lets_it_keep_and_take_over_claims(make_settings: Any, re
         rt = Runtime.create(settings.model_copy(update={"redis_url": url}))
         keys, group = rt.keys, worker_group("w")
         handler = WorkerHandler(rt, "w", Simulated({"accuracy": 1.0}, settings.all_tasks))
-        me = StreamConsumer(
-            rt.redis, keys, keys.items, group, handler, rt.settings, rt.stop, "me", rt.scripts
-        )
+        me = StreamConsumer(rt, keys.items, group, handler, "me")
         me.ensure_group()
         produce(redis, settings, ["one", "two", "three"])
         mine: Any = redis.xreadgroup(group, "me", {keys.items: ">"}, count=1)

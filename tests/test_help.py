@@ -9,7 +9,7 @@ import sys
 import pytest
 import typer
 
-from tribunal.cli import app, plain_metavars
+from tribunal.cli.app import app, plain_metavars
 
 
 def command_paths() -> list[list[str]]:

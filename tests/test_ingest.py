@@ -46,10 +46,11 @@ from producers.readers import (
     jsonl_records,
     records_of,
 )
-from tribunal import report_html
-from tribunal.cli import app
-from tribunal.evaluate import run_evaluate
-from tribunal.status import render, snapshot
+from tribunal.cli.app import app
+from tribunal.ops.status import render, snapshot
+from tribunal.quality import report_html
+from tribunal.quality.evaluate import run_evaluate
+from tribunal.quality.scoring import EvaluationReport
 
 SAMPLES = Path(__file__).resolve().parent.parent / "producers" / "samples"
 TICKETS = [orjson.loads(line) for line in (SAMPLES / "tickets.jsonl").read_bytes().splitlines()]
@@ -424,11 +425,11 @@ def test_status_caption_does_not_call_a_capped_count_the_minute(
 # --- item 8: the report's plots ---------------------------------------------------------
 
 
-def sweep_figure(monkeypatch: pytest.MonkeyPatch, report: dict[str, Any]) -> Any:
+def sweep_figure(monkeypatch: pytest.MonkeyPatch, report: EvaluationReport) -> Any:
     """The accuracy / judge-calls figure of the report's first task, before it becomes PNG."""
     figures: list[Any] = []
     monkeypatch.setattr(report_html, "png", lambda fig, alt: figures.append(fig) or "")
-    task = next(iter(report["tasks"].values()))
+    task = next(iter(report.tasks.values()))
     report_html.tradeoff_plot(task, "accuracy")
     return figures[0]
 
@@ -443,7 +444,8 @@ def test_threshold_labels_never_touch(
         run_evaluate(make_settings(), str(SAMPLES / "tickets.jsonl"), out, True, reading, quiet)
         == 0
     )
-    figure = sweep_figure(monkeypatch, orjson.loads((out / "evaluation.json").read_bytes()))
+    report = EvaluationReport.model_validate_json((out / "evaluation.json").read_bytes())
+    figure = sweep_figure(monkeypatch, report)
     (ax,) = figure.axes
     boxes = [(t.get_text(), t.get_window_extent()) for t in ax.texts]
     assert len(boxes) >= 10

@@ -25,10 +25,12 @@ from common.schemas import Item
 from common.settings import LocalModel, ModelSpec, Settings, load_settings
 from common.tasks import BUILTIN_TASKS
 from consumers.backends import BackendError, backend_for
-from consumers.backends.openai_compat import OpenAICompatible, gbnf_choice
+from consumers.backends.openai_compat import OpenAICompatible
+from consumers.backends.openai_wire import gbnf_choice
 from producers.api import Producer
-from tribunal.demo import load_sample, running_fleet
-from tribunal.queues import Outcome, collect, final_cursors
+from tribunal.demo import load_sample
+from tribunal.fleet.running import running_fleet
+from tribunal.ops.outcomes import Outcome, collect, final_cursors
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
 from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
 
@@ -167,7 +169,7 @@ def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Outc
 
 
 def ended_ids(outcome: Outcome) -> list[str]:
-    return [r["id"] for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
+    return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
 
 def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
@@ -200,13 +202,13 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
     assert sorted(ended) == sorted(ids), "every item ends exactly once"
     assert outcome.dead == [] and outcome.rejects == []
     for d in outcome.decisions:
-        assert d["label"] in BUILTIN_TASKS[d["task"]].labels
-        assert d["source"] in ("workers", "judge")
-        voted = [v for v in d["votes"] if v["label"] is not None]
-        assert {v["worker"] for v in d["votes"]} <= {"chat", "completion", "json"}
-        assert all(v["confidence"] is not None for v in voted if v["worker"] != "json")
-    judged = [d for d in outcome.decisions if d["source"] == "judge"]
-    assert all(d["judge"]["worker"] == "judge" for d in judged)
+        assert d.label in BUILTIN_TASKS[d.task].labels
+        assert d.source in ("workers", "judge")
+        voted = [v for v in d.votes if v.label is not None]
+        assert {v.worker for v in d.votes} <= {"chat", "completion", "json"}
+        assert all(v.confidence is not None for v in voted if v.worker != "json")
+    judged = [d for d in outcome.decisions if d.source == "judge"]
+    assert all(d.judge is not None and d.judge.worker == "judge" for d in judged)
 
 
 def test_a_missing_model_or_server_is_one_clear_error_naming_the_fix(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +15,9 @@ from llm_server import JUNK_P, MODEL, LLMServer, Reply, llm_server
 from pydantic import ValidationError
 
 from common.schemas import Item
+from common.settings import LocalModel, ModelSpec, load_settings
 from common.tasks import BUILTIN_TASKS
-from consumers.backends import load_backend
+from consumers.backends import backend_for, load_backend
 from consumers.backends.openai_compat import OpenAICompatible, retry_after_s
 
 LABELS = BUILTIN_TASKS["sentiment"].labels
@@ -196,6 +199,49 @@ def test_concurrency_limit_is_respected(make_backend: Any, server: LLMServer) ->
     out = backend.classify(items(*(f"n{n} expect=positive slow=0.1x1" for n in range(12))))
     assert all(p.label == "positive" for p in out)
     assert server.max_in_flight == 3
+
+
+def test_batches_asked_from_two_threads_overlap_and_share_the_limit(
+    make_backend: Any, server: LLMServer
+) -> None:
+    """What an engine needs to send the next batch while the last one's tail runs (issue 18):
+    classify may be called from several threads at once, and their requests share one
+    max_concurrency."""
+    first = items(*(f"a{n} expect=positive slow=0.3x1" for n in range(3)))
+    second = items(*(f"b{n} expect=negative slow=0.3x1" for n in range(3)))
+    backend = make_backend(max_concurrency=6)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(backend.classify, [first, second])
+    assert [p.label for p in a + b] == ["positive"] * 3 + ["negative"] * 3
+    assert server.max_in_flight == 6  # 3 per batch: only both at once reach 6
+    server.max_in_flight = 0
+    limited = make_backend(max_concurrency=4)
+    third, fourth = (items(*(f"{k}{n} slow=0.3x1" for n in range(3))) for k in "cd")
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(limited.classify, [third, fourth]))
+    assert server.max_in_flight == 4
+
+
+def test_a_local_model_gets_twice_its_slots_in_flight(server: LLMServer) -> None:
+    """More requests in flight than the server has slots, so a freed slot never waits for
+    a round trip to the worker; at least the openai default of 16."""
+    for slots, want in ((2, 16), (12, 24)):
+        spec = ModelSpec(backend="llama-cpp", options={"model": "m"})
+        settings = load_settings(
+            models={"m": LocalModel(path=Path("/nonexistent.gguf"), slots=slots)},
+            workers={"w": spec},
+            model_urls={"m": server.url},
+        )
+        backend = backend_for(spec, settings)
+        assert isinstance(backend, OpenAICompatible)
+        backend.close()
+        assert backend.opts.max_concurrency == want
+    spec = ModelSpec(backend="llama-cpp", options={"model": "m", "max_concurrency": 3})
+    settings = settings.model_copy(update={"workers": {"w": spec}})
+    backend = backend_for(spec, settings)
+    assert isinstance(backend, OpenAICompatible)
+    backend.close()
+    assert backend.opts.max_concurrency == 3
 
 
 def test_api_key_is_sent_and_never_shown(

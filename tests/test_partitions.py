@@ -14,8 +14,8 @@ from common.connection import connect
 from common.keys import Keys, PartitionMismatch, all_partitions, partition_of
 from producers.api import Producer
 from tribunal.demo import load_sample
-from tribunal.fleet import Fleet
-from tribunal.status import snapshot
+from tribunal.fleet.supervisor import Fleet
+from tribunal.ops.status import snapshot
 
 
 def test_partition_of_is_stable_and_spreads() -> None:
@@ -55,17 +55,17 @@ def test_fleet_on_three_partitions_labels_every_item_once(make_settings: Any) ->
         snap = snapshot(redis, settings)
     finally:
         fleet.stop()
-    labeled = [d["id"] for d in outcome.decisions]
+    labeled = [d.id for d in outcome.decisions]
     assert len(labeled) == len(set(labeled)) == len(records)
     per_partition = Counter(partition_of(i, 3) for i in labeled)
     for p in range(3):
         assert redis.xlen(Keys(settings.namespace, p).output) == per_partition[p] > 0
     # status shows the partitions added up, each consumer once
-    items = next(s for s in snap["streams"] if s["stream"] == "items")
-    assert items["entries_added"] == len(records) and items["partitions"] == 3
-    assert snap["decisions"]["total"] == len(records)
-    aggregator = next(s for s in snap["streams"] if s["stream"] == "ready")["groups"][0]
-    assert len(aggregator["consumers"]) == 1 and aggregator["pending"] == 0
+    items = snap.stream("items")
+    assert items.entries_added == len(records) and items.partitions == 3
+    assert snap.decisions.total == len(records)
+    aggregator = snap.stream("ready").groups[0]
+    assert len(aggregator.consumers) == 1 and aggregator.pending == 0
 
 
 def test_a_stalled_partition_is_not_hidden_by_a_healthy_one(make_settings: Any) -> None:
@@ -81,10 +81,10 @@ def test_a_stalled_partition_is_not_hidden_by_a_healthy_one(make_settings: Any) 
     redis.xack(p0.ready, "aggregator", entry)  # a delivery makes the consumer known
     redis.zadd(p0.heartbeats, {"aggregator@live:2": time.time()})
     snap = snapshot(redis, settings)
-    group = next(s for s in snap["streams"] if s["stream"] == "ready")["groups"][0]
-    assert group["stalled"] and "partition 1" in group["stall_reason"], group
-    assert "ready/aggregator" in snap["stalled"]
-    assert group["live_consumers"] == 1 and group["pending"] == 1
+    group = snap.stream("ready").groups[0]
+    assert group.stalled and "partition 1" in (group.stall_reason or ""), group
+    assert "ready/aggregator" in snap.stalled
+    assert group.live_consumers == 1 and group.pending == 1
 
 
 def test_a_process_counting_partitions_differently_is_refused(make_settings: Any) -> None:

@@ -17,8 +17,8 @@ from common.keys import Keys
 from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
-from tribunal.fleet import Fleet
-from tribunal.queues import Outcome, collect, final_cursors
+from tribunal.fleet.supervisor import Fleet
+from tribunal.ops.outcomes import Outcome, collect, final_cursors
 
 
 def wait_for_all(
@@ -66,8 +66,8 @@ def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> No
     finally:
         fleet.stop()
 
-    labeled = [d["id"] for d in outcome.decisions]
-    rejected = [r["id"] for r in outcome.rejects]
+    labeled = [d.id for d in outcome.decisions]
+    rejected = [r.id for r in outcome.rejects]
     assert outcome.dead == []
     assert len(labeled) == len(set(labeled)), "an item was labeled twice"
     assert set(labeled) == {r["id"] for r in records}
@@ -76,12 +76,12 @@ def test_fleet_labels_every_sample_ticket_exactly_once(settings: Settings) -> No
     assert {"entry-" + bad_ids[0], "entry-" + bad_ids[-1]} <= set(rejected)
     tasks = settings.all_tasks
     for d in outcome.decisions:
-        assert d["label"] in tasks[d["task"]].labels
-        assert d["source"] in ("workers", "judge")
-        assert d["votes"], d
+        assert d.label in tasks[d.task].labels
+        assert d.source in ("workers", "judge")
+        assert d.votes, d
     assert redis.keys(keys.votes("*")) == [], "per-item vote hashes left behind"
     assert redis.zcard(keys.deadlines) == 0
-    assert any(d["source"] == "judge" for d in outcome.decisions)
+    assert any(d.source == "judge" for d in outcome.decisions)
 
 
 def test_demo_command_prints_a_summary_with_every_item_accounted(redis_url: str) -> None:

@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 from test_cli import cli  # noqa: F401  (the fixture)
 
-from common.decision import Rule
 from common.settings import load_settings
+from consumers.decision import Rule
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "producers" / "samples"

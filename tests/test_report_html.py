@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import base64
 import re
-from typing import Any
 
-from common.decision import Rule
 from common.schemas import Vote
-from tribunal.report_html import render_html
-from tribunal.scoring import Observation, evaluate_task
+from consumers.decision import Rule
+from tribunal.quality.report_html import render_html
+from tribunal.quality.scoring import (
+    EvaluationReport,
+    FleetReport,
+    Observation,
+    Skipped,
+    evaluate_task,
+)
 
 HOSTILE = "<script>alert('x')</script>"
 # id, gold, the votes of a, b, c (label, confidence; None abstains), the judge's label
@@ -27,7 +32,7 @@ ITEMS: list[tuple[str, str, Votes, str]] = [
 ]
 
 
-def build(gold: bool, judge_ms: float, skipped: int = 1) -> dict[str, Any]:
+def build(gold: bool, judge_ms: float, skipped: int = 1) -> EvaluationReport:
     """A report as ``evaluate.report()`` builds it, from the items above."""
     observations = [
         Observation(
@@ -42,21 +47,23 @@ def build(gold: bool, judge_ms: float, skipped: int = 1) -> dict[str, Any]:
         )
         for item_id, label, votes, judge in ITEMS
     ]
-    task = evaluate_task(observations, Rule(n_workers=3, quorum=2), ["positive", "negative"])
-    return {
-        "source": f"tickets{HOSTILE}.jsonl",
-        "mode": "offline",
-        "seconds": 0.5,
-        "fleet": {
-            "workers": {"a": "vader", "b": "textblob", "c": "afinn"},
-            "judge": "lexicon-judge",
-            "rule": "majority 2/3",
-            "policy": "parallel",
-        },
-        "skipped": [{"where": f"line {n}", "reason": f"bad {HOSTILE}"} for n in range(skipped)],
-        "tasks": {"sentiment": task},
-        "observations": [o.model_dump(exclude_none=True) for o in observations],
-    }
+    rule = Rule(n_workers=3, quorum=2)
+    task = evaluate_task(observations, rule, ["positive", "negative"])
+    return EvaluationReport(
+        source=f"tickets{HOSTILE}.jsonl",
+        mode="offline",
+        seconds=0.5,
+        fleet=FleetReport(
+            workers={"a": "vader", "b": "textblob", "c": "afinn"},
+            judge="lexicon-judge",
+            rule="majority 2/3",
+            rule_params=rule,
+            policy="parallel",
+        ),
+        skipped=[Skipped(where=f"line {n}", reason=f"bad {HOSTILE}") for n in range(skipped)],
+        tasks={"sentiment": task},
+        observations=observations,
+    )
 
 
 def test_page_has_every_section_plots_and_hand_checked_numbers() -> None:
@@ -106,7 +113,7 @@ def test_report_without_gold_plots_agreement_with_the_judge() -> None:
 
 def test_dollar_signs_in_user_text_are_drawn_not_parsed_as_tex() -> None:
     report = build(gold=True, judge_ms=10.0)
-    task = report["tasks"]["sentiment"]
-    task["confusion"]["labels"][0] = "$\\frac{$"  # broken TeX: would fail to draw
-    task["rule"] = "majority $2/3$"
+    task = report.tasks["sentiment"]
+    task.confusion.labels[0] = "$\\frac{$"  # broken TeX: would fail to draw
+    task.rule = "majority $2/3$"
     assert "majority $2/3$" in render_html(report)

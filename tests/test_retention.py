@@ -8,8 +8,8 @@ import pytest
 from redis import Redis
 
 from common.keys import Keys
-from common.retention import forget_idle_consumers, needed_floor, trim, trim_all
 from common.settings import Settings
+from consumers.retention import forget_idle_consumers, needed_floor, trim, trim_all
 
 
 def fill(redis: Redis, stream: str, n: int) -> list[str]:

@@ -20,15 +20,15 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
-from common.acl import ROLES, user_line
 from common.connection import connect, redact
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.settings import ModelSpec, Settings, load_settings
 from consumers.aggregator import AggregatorHandler
+from consumers.engine.runtime import Runtime
 from consumers.judge import JudgeHandler
-from consumers.runtime import Runtime
 from consumers.worker import WorkerHandler
 from producers.api import Producer
+from tribunal.ops.acl import ROLES, user_line
 
 REDIS_SERVER = shutil.which("redis-server")
 needs_redis_server = pytest.mark.skipif(
@@ -188,13 +188,11 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
 
     from test_consumers import drain
 
-    from common.consumer import StreamConsumer, consumer_name
+    from consumers.engine.consumer import StreamConsumer, consumer_name
 
     def consumer(rt: Runtime, stream: str, group: str, handler: Any) -> StreamConsumer:
         name = consumer_name(group)  # group names are the heartbeat roles
-        c = StreamConsumer(
-            rt.redis, rt.keys, stream, group, handler, rt.settings, rt.stop, name, rt.scripts
-        )
+        c = StreamConsumer(rt, stream, group, handler, name)
         c.ensure_group()
         c.heartbeat()
         return c
@@ -226,13 +224,14 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
     # The monitor role: status, health and a Prometheus scrape, all read-only.
     from prometheus_client import generate_latest
 
-    from tribunal.exporter import registry_for
-    from tribunal.health import run_health
-    from tribunal.status import snapshot
+    from tribunal.ops.exporter import registry_for
+    from tribunal.ops.health import run_health
+    from tribunal.ops.readmodels import Decisions
+    from tribunal.ops.status import snapshot
 
     monitor_settings = tls_redis.settings("monitor", **common)
     snap = snapshot(connect(monitor_settings), monitor_settings)
-    assert snap["decisions"] == {"total": 1, "workers": 1} and snap["rejects"] == 1
+    assert snap.decisions == Decisions(total=1, by_source={"workers": 1}) and snap.rejects == 1
     assert run_health(monitor_settings, roles=["aggregator", "judge"]) == 0
     scrape = generate_latest(registry_for(monitor_settings)).decode()
     assert "tribunal_up 1.0" in scrape

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from common.settings import load_settings
+from common.settings import ModelSpec, load_settings
+from consumers.backends import BackendError, check_options, load_backend
+from consumers.backends.simulated import Simulated
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -31,6 +33,25 @@ def test_defaults_are_the_offline_fleet_with_a_majority_quorum() -> None:
 def test_every_example_fleet_file_loads(example: str) -> None:
     s = load_settings(EXAMPLES / example)
     assert s.workers and s.judge.backend
+    for role, spec in [*s.workers.items(), ("judge", s.judge)]:
+        check_options(spec, role)  # the options its backend declares, of the right types
+
+
+def test_backend_options_are_declared_typed_and_refused_in_one_line() -> None:
+    bad = {
+        "simulated": ({"accuracy": 1.5}, "accuracy: Input should be less than or equal to 1"),
+        "afinn": ({"bnd": 0.3}, "bnd: Extra inputs are not permitted"),
+        "lexicon-judge": ({"band": "wide"}, "band: Input should be a valid number"),
+    }
+    for backend, (options, problem) in bad.items():
+        message = f"backend {backend}: invalid options: {problem}"
+        with pytest.raises(BackendError, match=f"^w: {message}"):
+            check_options(ModelSpec(backend=backend, options=options), "w")
+        with pytest.raises(BackendError, match=f"^{message}"):
+            load_backend(backend, options, {})
+    simulated = load_backend("simulated", {"seed": 7, "latency_ms_per_call": "40"}, {})
+    assert isinstance(simulated, Simulated)
+    assert (simulated.seed, simulated.per_call_s, simulated.accuracy) == ("7", 0.04, 0.9)
 
 
 def test_fleet_file_defines_tasks_and_workers_and_env_wins(

@@ -8,9 +8,10 @@ import orjson
 import pytest
 
 from common.schemas import Item
-from common.settings import load_settings
+from common.settings import ModelSpec, load_settings
 from common.tasks import BUILTIN_TASKS, TaskSpec
-from consumers.backends import load_backend
+from consumers.backends import BackendError, check_options, load_backend
+from consumers.backends.similarity import SimilarityJudge
 
 WORKERS = ("jaccard", "tfidf", "char-ngrams")
 JUDGE = "similarity-judge"
@@ -86,3 +87,26 @@ def test_the_offline_similar_fleet_file_loads_its_backends() -> None:
     assert settings.judge.backend == JUDGE
     for spec in (*settings.workers.values(), settings.judge):
         load_backend(spec.backend, spec.options, settings.all_tasks)
+
+
+def test_options_are_declared_and_a_typo_or_a_wrong_type_is_one_line() -> None:
+    with pytest.raises(BackendError, match=r"^backend jaccard: invalid options: treshold: Extra"):
+        load_backend("jaccard", {"treshold": 0.2}, BUILTIN_TASKS)
+    with pytest.raises(BackendError, match="backend char-ngrams: invalid options: n: Input should"):
+        load_backend("char-ngrams", {"n": "three"}, BUILTIN_TASKS)
+    with pytest.raises(BackendError, match="scale: Input should be greater than 0"):
+        load_backend("tfidf", {"scale": 0}, BUILTIN_TASKS)
+    with pytest.raises(BackendError, match=r"^w: backend jaccard: invalid options: n: Extra"):
+        check_options(ModelSpec(backend="jaccard", options={"n": 4}), "w")
+    with pytest.raises(BackendError, match=r"^judge: unknown backend 'jacard' \(known: "):
+        check_options(ModelSpec(backend="jacard"), "judge")
+    check_options(ModelSpec(backend="char-ngrams", options={"threshold": 0.1, "n": 4}), "w")
+
+
+def test_the_judge_keeps_its_own_threshold_and_gives_n_to_its_char_ngrams() -> None:
+    judge = load_backend(JUDGE, {"n": 4}, BUILTIN_TASKS)
+    assert isinstance(judge, SimilarityJudge)
+    assert (judge.threshold, judge.scale) == (0.0, 1.0)
+    jaccard, tfidf, char_ngrams = judge.parts
+    assert (jaccard.threshold, tfidf.threshold, char_ngrams.threshold) == (0.10, 0.15, 0.15)
+    assert getattr(char_ngrams, "n", None) == 4

@@ -19,8 +19,9 @@ from common.connection import connect
 from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import load_sample
-from tribunal.fleet import Fleet
-from tribunal.status import snapshot
+from tribunal.fleet.supervisor import Fleet
+from tribunal.ops.readmodels import GroupReading, Snapshot
+from tribunal.ops.status import snapshot
 
 T = TypeVar("T")
 # Quick heartbeats and reads, so a stopped consumer is noticed within seconds.
@@ -74,8 +75,14 @@ def fresh_records(n: int, offset: int = 0) -> list[dict[str, Any]]:
     ]
 
 
-def groups(snap: dict[str, Any], stream: str = "items") -> dict[str, dict[str, Any]]:
-    (found,) = [s for s in snap["streams"] if s["stream"] == stream]
+def groups(snap: Snapshot, stream: str = "items") -> dict[str, GroupReading]:
+    (found,) = [s for s in snap.streams if s.stream == stream]
+    return {g.group: g for g in found.groups}
+
+
+def printed_groups(printed: dict[str, Any], stream: str = "items") -> dict[str, dict[str, Any]]:
+    """``groups`` of a snapshot as ``status --json`` printed it."""
+    (found,) = [s for s in printed["streams"] if s["stream"] == stream]
     return {g["group"]: g for g in found["groups"]}
 
 
@@ -88,54 +95,52 @@ def test_status_follows_lag_as_the_fleet_starts_and_a_worker_stops(make_settings
 
     before = snapshot(redis, settings)
     items = groups(before)
-    assert [s["length"] for s in before["streams"] if s["stream"] == "items"] == [n]
+    assert [s.length for s in before.streams if s.stream == "items"] == [n]
     for group in workers:  # not created yet: what its consumers will have to read
-        assert items[group]["lag"] == n and items[group]["exists"] is False
-        assert items[group]["stalled"], items[group]
-    assert sorted(before["stalled"]) == sorted(f"items/{g}" for g in workers)
-    assert before["decisions"]["total"] == 0 and before["judge_call_rate"] is None
-    assert set(before["live_consumers"].values()) == {0}
+        assert items[group].lag == n and items[group].exists is False
+        assert items[group].stalled, items[group]
+    assert sorted(before.stalled) == sorted(f"items/{g}" for g in workers)
+    assert before.decisions.total == 0 and before.judge_call_rate is None
+    assert set(before.live_consumers.values()) == {0}
 
     fleet = start_fleet(settings)
     try:
         running = wait_until(
             lambda: snapshot(redis, settings),
-            lambda s: (
-                s["decisions"]["total"] == n and all(g["lag"] == 0 for g in groups(s).values())
-            ),
+            lambda s: s.decisions.total == n and all(g.lag == 0 for g in groups(s).values()),
         )
-        assert running["decisions"]["total"] == n, running
+        assert running.decisions.total == n, running
         for group in workers:
             g = groups(running)[group]
-            assert g["exists"] and g["lag"] == 0 and g["live_consumers"] == 1, g
-            assert g["consumers"][0]["name"].startswith(group + "@")
-        assert running["stalled"] == []
-        assert running["throughput"]["outputs"] == n and not running["throughput"]["capped"]
-        d = running["decisions"]
+            assert g.exists and g.lag == 0 and g.live_consumers == 1, g
+            assert g.consumers[0].name.startswith(group + "@")
+        assert list(running.stalled) == []
+        assert running.throughput.outputs == n and not running.throughput.capped
+        d = running.decisions.by_source
         assert d.get("workers", 0) + d.get("judge", 0) == n
-        assert running["agreement_rate"] == round(d.get("workers", 0) / n, 4)
-        assert running["judge_call_rate"] == round(running["escalations"] / n, 4)
-        assert running["rejects"] == 0 and running["dead_letters"] == 0
-        votes = sum(c for by_label in running["votes"].values() for c in by_label.values())
+        assert running.agreement_rate == round(d.get("workers", 0) / n, 4)
+        assert running.judge_call_rate == round(running.escalations / n, 4)
+        assert running.rejects == 0 and running.dead_letters == 0
+        votes = sum(c for by_label in running.votes.values() for c in by_label.values())
         assert votes >= 2 * n  # a decision needs a quorum of two, an escalation two votes
-        assert all(running["live_consumers"][r] == 1 for r in [*workers, "aggregator", "judge"])
+        assert all(running.live_consumers[r] == 1 for r in [*workers, "aggregator", "judge"])
 
         stop_role(fleet, "worker:vader")
         Producer(redis, settings).send(fresh_records(m, offset=n))
         stopped = wait_until(
             lambda: snapshot(redis, settings),
             lambda s: (
-                s["stalled"] == ["items/worker:vader"]
-                and all(groups(s)[g]["lag"] == 0 for g in workers if g != "worker:vader")
+                list(s.stalled) == ["items/worker:vader"]
+                and all(groups(s)[g].lag == 0 for g in workers if g != "worker:vader")
             ),
         )
-        assert groups(stopped)["worker:vader"]["lag"] == m
-        assert stopped["stalled"] == ["items/worker:vader"], stopped["stalled"]
+        assert groups(stopped)["worker:vader"].lag == m
+        assert list(stopped.stalled) == ["items/worker:vader"], stopped.stalled
         # A consumer that stopped cleanly leaves its group; one killed leaves a silent
         # heartbeat (or, as Redis 7.0 counts idle time from the last delivery, an idle one).
-        reason = groups(stopped)["worker:vader"]["stall_reason"]
+        reason = groups(stopped)["worker:vader"].stall_reason or ""
         assert any(sign in reason for sign in ("no consumer", "heartbeat", "idle for more")), reason
-        assert stopped["live_consumers"]["worker:vader"] == 0
+        assert stopped.live_consumers["worker:vader"] == 0
 
         result = subprocess.run(
             [sys.executable, "-m", "tribunal", "status", "--json"],
@@ -145,7 +150,7 @@ def test_status_follows_lag_as_the_fleet_starts_and_a_worker_stops(make_settings
         )
         assert result.returncode == 0, result.stderr
         printed = orjson.loads(result.stdout)
-        assert groups(printed)["worker:vader"]["lag"] == m
+        assert printed_groups(printed)["worker:vader"]["lag"] == m
         assert printed["stalled"] == ["items/worker:vader"]
         assert printed["decisions"]["total"] >= n
     finally:

@@ -16,7 +16,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from common.consumer import is_transient
+from common.connection import is_transient
 
 PLAIN = Redis()  # never connects: is_transient only looks at its type
 CLUSTER = RedisCluster.__new__(RedisCluster)

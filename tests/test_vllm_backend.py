@@ -15,8 +15,9 @@ from typing import Any, ClassVar
 import pytest
 
 from common.schemas import Item
+from common.settings import ModelSpec
 from common.tasks import BUILTIN_TASKS
-from consumers.backends import load_backend
+from consumers.backends import BackendError, check_options, load_backend
 from consumers.backends.answers import AnswerParser
 from consumers.backends.vllm_engine import (
     VLLMEngine,
@@ -112,6 +113,18 @@ def test_options_give_the_engine_arguments_and_reject_typos(tmp_path: Any) -> No
     assert VLLMOptions(model="m", chat_template="{{ inline }}").template() == "{{ inline }}"
     with pytest.raises(ValueError, match="gpu_mem_util"):
         VLLMOptions.model_validate({"model": "m", "gpu_mem_util": 0.5})
+
+
+def test_a_fleet_with_bad_vllm_options_is_refused_before_vllm_is_imported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "vllm", None)  # importing it would fail
+    spec = ModelSpec(backend="vllm", options={"model": "m", "max_model_len": "long"})
+    with pytest.raises(BackendError, match=r"^judge: backend vllm: invalid options: max_model_len"):
+        check_options(spec, "judge")
+    with pytest.raises(BackendError, match=r"^backend vllm: invalid options: model: Field"):
+        load_backend("vllm", {}, BUILTIN_TASKS)
+    check_options(ModelSpec(backend="vllm", options={"model": "m"}), "judge")
 
 
 def test_output_parsing_gives_label_and_renormalised_confidence() -> None:

@@ -1,3 +1,44 @@
-"""tribunal: multi-model speculative decoding for classification, on Redis Streams."""
+"""tribunal: label a stream of items with small worker models and a judge, over Redis Streams.
 
-__version__ = "0.1.0"
+The distribution installs four top-level packages: ``tribunal`` (the application),
+``producers``, ``consumers`` and ``common`` (the item's path). The last three have generic
+names, so tribunal belongs in an environment of its own (a virtualenv, pipx, its image);
+``foreign_packages`` says when another distribution's ``common`` (say) shadows ours.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+PATH_PACKAGES = ("common", "consumers", "producers")
+MARKER = 'DISTRIBUTION = "tribunal"'
+
+
+def foreign_packages() -> str | None:
+    """A one-line problem when ``common``, ``consumers`` or ``producers`` is not tribunal's
+    (another distribution's package of that name shadows or overwrote it), else None. Reads
+    each package's ``__init__.py`` without importing it (a foreign one may not import)."""
+    for name in PATH_PACKAGES:
+        spec = importlib.util.find_spec(name)
+        init = Path(spec.origin) if spec and spec.origin else None
+        if init is None or not init.is_file():
+            return f"tribunal's package {name!r} is missing; reinstall tribunal"
+        if MARKER not in init.read_text(errors="replace"):
+            return (
+                f"the package {name!r} at {init.parent} is not tribunal's: another "
+                "distribution installs a package of that name; install tribunal in a "
+                "virtualenv of its own (python3 dev.py does)"
+            )
+    return None
+
+
+def main() -> None:
+    """The ``tribunal`` executable."""
+    if problem := foreign_packages():
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    from tribunal.cli.app import run_cli
+
+    run_cli()

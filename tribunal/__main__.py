@@ -1,3 +1,3 @@
-from tribunal.cli import run_cli
+from tribunal import main
 
-run_cli()
+main()

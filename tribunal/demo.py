@@ -8,15 +8,11 @@ somewhere final, and prints what happened.
 
 from __future__ import annotations
 
-import shutil
-import signal
 import statistics
-import tempfile
 import threading
 import time
-import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -30,14 +26,15 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.connection import EmbeddedRedis, connect, redact
-from common.keys import Keys
+from common.connection import connect
+from common.keys import RECORD_FIELD, Keys
+from common.schemas import Decision, RawRecord
 from common.settings import Settings
-from common.validation import ITEM_FIELD
 from producers.api import Producer
-from tribunal.fleet import Fleet, log_file
-from tribunal.queues import Outcome, collect, expected_roles, final_cursors, read_heartbeats
-from tribunal.status import render, snapshot
+from tribunal.fleet.running import running_fleet, wait_until_live
+from tribunal.fleet.supervisor import Fleet
+from tribunal.ops.outcomes import Outcome, collect, final_cursors
+from tribunal.ops.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
 FLEETS = Path(__file__).resolve().parent / "fleets"
@@ -52,15 +49,15 @@ DEMO_FLEETS = {"similar_ticket": FLEETS / "similar_offline.toml"}
 # Entries written to the items stream by hand, bypassing the producer's checks,
 # to show that a consumer rejects them with a reason and keeps going.
 BAD_ENTRIES: list[dict[bytes, bytes]] = [
-    {ITEM_FIELD: b'{"id": "bad-json", "task": "sentiment", "text": "unterminated'},
-    {ITEM_FIELD: b'{"id": "bad-empty", "task": "sentiment", "text": "   "}'},
-    {ITEM_FIELD: b'{"id": "bad-task", "task": "horoscope", "text": "Will my refund come?"}'},
-    {ITEM_FIELD: b'{"id": "bad-type", "task": "sentiment", "text": 42}'},
+    {RECORD_FIELD: b'{"id": "bad-json", "task": "sentiment", "text": "unterminated'},
+    {RECORD_FIELD: b'{"id": "bad-empty", "task": "sentiment", "text": "   "}'},
+    {RECORD_FIELD: b'{"id": "bad-task", "task": "horoscope", "text": "Will my refund come?"}'},
+    {RECORD_FIELD: b'{"id": "bad-type", "task": "sentiment", "text": 42}'},
     {b"text": b"an entry without the item field"},
 ]
 
 
-def load_sample(task: str, limit: int | None = None) -> list[dict[str, Any]]:
+def load_sample(task: str, limit: int | None = None) -> list[RawRecord]:
     path = resources.files("producers") / "samples" / SAMPLES[task]
     records = [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
     return records[:limit] if limit else records
@@ -73,67 +70,6 @@ class DemoOptions:
     rate: float | None = None  # items/s; None: all at once
     watch: bool = False  # show the live status table instead of a progress bar
     stall_s: float = 120.0
-
-
-@dataclass
-class FleetSession:
-    settings: Settings  # with the URL and namespace the fleet really uses
-    fleet: Fleet
-    workdir: Path
-    keep: bool = False  # keep the logs and data (set when something went wrong)
-
-
-@contextmanager
-def running_fleet(
-    settings: Settings, console: Console, title: str, extra_env: dict[str, str] | None = None
-) -> Iterator[FleetSession]:
-    """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
-    that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set.
-    The processes read their settings as usual (environment, fleet file) plus ``extra_env``."""
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (`timeout`, a service manager) must stop the fleet as Ctrl-C does: its
-        # processes run in sessions of their own and would outlive a plain default exit.
-        signal.signal(signal.SIGTERM, _exit_on_signal)
-    workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
-    embedded = (
-        None
-        if settings.redis_url
-        else EmbeddedRedis(workdir / "valkey", appendfsync=settings.embedded_appendfsync).start()
-    )
-    url = settings.redis_url or embedded.url  # type: ignore[union-attr]
-    namespace = f"run{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
-    settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
-    extra_env = extra_env or {}
-    console.print(
-        f"[bold]{title}[/], Redis {redact(url)}"
-        + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
-    )
-    with log_file(workdir) as logs:
-        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir)
-        session = FleetSession(settings, fleet, workdir)
-        children = session.fleet.children
-        console.print(
-            f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "
-            f"logs in {logs.name} (kept only if something goes wrong)"
-        )
-        try:
-            session.fleet.start()  # inside: a model server that fails keeps its logs
-            yield session
-        except BaseException:
-            session.keep = True
-            raise
-        finally:
-            session.fleet.stop()
-            if embedded is not None:
-                embedded.stop()
-    if session.keep:
-        console.print(f"the fleet's logs and data are kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:
@@ -174,16 +110,16 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     elapsed = time.time() - started
     print_summary(console, records, outcome, expected, elapsed)
     ids = (
-        [d["id"] for d in outcome.decisions]
-        + [r["id"] for r in outcome.rejects]
-        + [d["id"] for d in outcome.dead]
+        [d.id for d in outcome.decisions]
+        + [r.id for r in outcome.rejects]
+        + [d.id for d in outcome.dead]
     )
     every_sample_ended = {r["id"] for r in records} <= set(ids)
     return outcome.ended == expected and len(ids) == len(set(ids)) and every_sample_ended
 
 
 def _produce(
-    redis: Redis, settings: Settings, records: list[dict[str, Any]], rate: float | None
+    redis: Redis, settings: Settings, records: list[RawRecord], rate: float | None
 ) -> None:
     """The sample (at ``rate`` items/s, or all at once), then the malformed entries."""
     chunk = max(1, int(rate / 10)) if rate else max(len(records), 1)
@@ -211,33 +147,19 @@ def _display(console: Console, watch: bool, total: int) -> Iterator[Any]:
         yield lambda redis, settings, done: bar.update(job, completed=done)
 
 
-def wait_until_live(redis: Redis, settings: Settings, fleet: Fleet, console: Console) -> None:
-    """Produce only once every process reads its stream, so the latencies measure labeling,
-    not Python start-up (items produced earlier would simply wait: nothing is lost)."""
-    from tribunal.health import missing_roles
-
-    deadline = time.monotonic() + 60
-    roles, keys, ttl = expected_roles(settings), Keys(settings.namespace), settings.heartbeat_ttl_s
-    with console.status("starting the fleet ..."):
-        while missing_roles(read_heartbeats(redis, keys), roles, ttl):
-            fleet.supervise()
-            if time.monotonic() > deadline:
-                console.print("[yellow]not every process is up after 60s; producing anyway")
-                return
-            time.sleep(0.2)
-
-
 def _pct(part: int, whole: int) -> str:
     return f"{part} ({100 * part / whole:.0f}%)" if whole else "0"
 
 
 def print_summary(
     console: Console,
-    records: list[dict[str, Any]],
+    records: Sequence[RawRecord],
     outcome: Outcome,
     expected: int,
     elapsed: float,
 ) -> None:
+    """The labels, a summary and the agreement with gold of a demo run: ``records`` are the
+    sample as produced, ``expected`` the entries written (with the malformed ones)."""
     decisions = outcome.decisions
     texts = {r["id"]: r["text"] for r in records}
     sample = Table(title="Some labels", title_justify="left")
@@ -249,15 +171,11 @@ def print_summary(
             max_width=60 if column == "ticket" else None,
         )
     for d in decisions[:8]:
-        sample.add_row(
-            d["id"], texts.get(d["id"], "")[:120], d["label"], d["source"], d.get("gold") or "-"
-        )
+        sample.add_row(d.id, texts.get(d.id, "")[:120], d.label, d.source, d.gold or "-")
     console.print(sample)
 
-    by_source = Counter(d["source"] for d in decisions)
-    latencies = sorted(
-        d["decided_at"] - d["produced_at"] for d in decisions if d.get("produced_at")
-    )
+    by_source = Counter(d.source for d in decisions)
+    latencies = sorted(d.decided_at - d.produced_at for d in decisions if d.produced_at)
     summary = Table(title="Summary", title_justify="left", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
@@ -279,30 +197,30 @@ def print_summary(
     console.print(summary)
     console.print(agreement_table(decisions))
     for r in outcome.rejects:
-        console.print(f"  rejected {r['id']}: {r['reason']}", markup=False, soft_wrap=True)
-    for d in outcome.dead:
-        console.print(f"  dead letter {d['id']}: {d['error']}", markup=False, soft_wrap=True)
+        console.print(f"  rejected {r.id}: {r.reason}", markup=False, soft_wrap=True)
+    for dead in outcome.dead:
+        console.print(f"  dead letter {dead.id}: {dead.error}", markup=False, soft_wrap=True)
 
 
-def agreement_table(decisions: list[dict[str, Any]]) -> Table:
+def agreement_table(decisions: Sequence[Decision]) -> Table:
     """Agreement with the gold labels, per worker, for the judge, and for the fleet's output."""
     hits: Counter[str] = Counter()
     seen: Counter[str] = Counter()
     latency: defaultdict[str, list[float]] = defaultdict(list)  # each vote's ms per item
     for d in decisions:
-        gold = d.get("gold")
+        gold = d.gold
         if gold is None:
             continue
-        voters = [v for v in d["votes"] if v.get("label") is not None]
-        if d.get("judge"):
-            voters.append(d["judge"])
+        voters = [v for v in d.votes if v.label is not None]
+        if d.judge:
+            voters.append(d.judge)
         for v in voters:
-            seen[v["worker"]] += 1
-            hits[v["worker"]] += v["label"] == gold
-            latency[v["worker"]].append(v.get("latency_ms") or 0.0)
+            seen[v.worker] += 1
+            hits[v.worker] += v.label == gold
+            latency[v.worker].append(v.latency_ms or 0.0)
         for name, ok in (
-            ("fleet (final label)", d["label"] == gold),
-            (f"fleet, {d['source']}-decided", d["label"] == gold),
+            ("fleet (final label)", d.label == gold),
+            (f"fleet, {d.source}-decided", d.label == gold),
         ):
             seen[name] += 1
             hits[name] += ok

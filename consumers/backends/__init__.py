@@ -2,7 +2,9 @@
 
 A backend gets the whole batch in one call so it can batch on the device or send
 requests concurrently. Backends are imported only when a fleet selects them, so
-heavy engines (vLLM) are optional.
+heavy engines (vLLM) are optional. Each backend class declares its options as a
+pydantic model, its ``Options``; a fleet file's ``options`` are checked against it here,
+once, and the backend gets the validated model.
 """
 
 from __future__ import annotations
@@ -10,22 +12,35 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import pydantic
 
 from common.schemas import Item, Prediction, Vote
 from common.settings import LOCAL_BACKEND, ModelSpec, Settings
 from common.tasks import TaskSpec
+from consumers.backends.base import Backend, RawOptions
+
+__all__ = [
+    "REGISTRY",
+    "Backend",
+    "BackendError",
+    "ask",
+    "backend_for",
+    "check_options",
+    "load_backend",
+]
 
 
-class Backend(Protocol):
-    def classify(self, items: Sequence[Item]) -> list[Prediction]:
-        """One prediction per item, in order. Never raise for one bad item: abstain instead."""
-        ...
+class BackendClass(Protocol):
+    """A backend class: its options model, and a constructor taking a validated one."""
+
+    Options: type[pydantic.BaseModel]
+
+    def __call__(self, options: pydantic.BaseModel, tasks: Mapping[str, TaskSpec]) -> Backend: ...
 
 
-# backend name -> "module:factory"; the factory takes (options, tasks).
+# backend name -> "module:Class"; the class has ``Options`` and takes (options, tasks).
 REGISTRY: dict[str, str] = {
     "vader": "consumers.backends.lexicon:Vader",
     "textblob": "consumers.backends.lexicon:TextBlobPolarity",
@@ -46,18 +61,29 @@ class BackendError(ValueError):
     """A backend cannot be built: unknown name, invalid options, no server for its model."""
 
 
-def load_backend(name: str, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> Backend:
-    """Build backend ``name``. Raises BackendError with a readable reason."""
+def _backend_class(name: str) -> BackendClass:
+    """The class of backend ``name``, its module imported now. Raises BackendError."""
     target = REGISTRY.get(name)
     if target is None:
         raise BackendError(f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))})")
-    module, factory = target.split(":")
+    module, class_name = target.split(":")
+    cls: BackendClass = getattr(importlib.import_module(module), class_name)
+    return cls
+
+
+def _validate_options(cls: BackendClass, options: RawOptions, where: str) -> pydantic.BaseModel:
+    """``options`` checked against the backend's model. Raises BackendError
+    ``{where}: invalid options: field: message; …``."""
     try:
-        backend: Backend = getattr(importlib.import_module(module), factory)(dict(options), tasks)
+        return cls.Options.model_validate(dict(options))
     except pydantic.ValidationError as exc:
-        problems = _problems(exc)
-        raise BackendError(f"backend {name}: invalid options: {problems}") from None
-    return backend
+        raise BackendError(f"{where}: invalid options: {_problems(exc)}") from None
+
+
+def load_backend(name: str, options: RawOptions, tasks: Mapping[str, TaskSpec]) -> Backend:
+    """Build backend ``name``. Raises BackendError with a readable reason."""
+    cls = _backend_class(name)
+    return cls(_validate_options(cls, options, f"backend {name}"), tasks)
 
 
 def _problems(exc: pydantic.ValidationError) -> str:
@@ -68,19 +94,19 @@ def _problems(exc: pydantic.ValidationError) -> str:
 
 
 def check_options(spec: ModelSpec, role: str) -> None:
-    """Raise BackendError when an ``openai`` or ``llama-cpp`` spec's options do not parse,
-    so a fleet refuses a typo at start instead of a worker failing in a restart loop."""
-    if spec.backend not in ("openai", LOCAL_BACKEND):
-        return
-    from consumers.backends.openai_compat import OpenAIOptions
-
-    options = {"base_url": "http://127.0.0.1/v1", **spec.options}
-    options.setdefault("model", "-")
+    """Raise BackendError when a spec names no backend or its options do not parse, so a
+    fleet refuses a typo at start instead of a worker failing in a restart loop."""
     try:
-        OpenAIOptions.model_validate(options)
-    except pydantic.ValidationError as exc:
-        problems = _problems(exc)
-        raise BackendError(f"{role}: backend {spec.backend}: invalid options: {problems}") from None
+        cls = _backend_class(spec.backend)
+    except BackendError as exc:
+        raise BackendError(f"{role}: {exc}") from None
+    options: dict[str, object] = dict(spec.options)
+    if spec.backend in ("openai", LOCAL_BACKEND):
+        # llama-cpp's base_url is the server tribunal starts later (backend_for); an
+        # openai spec's base_url and model are not required here either
+        options = {"base_url": "http://127.0.0.1/v1", **options}
+        options.setdefault("model", "-")
+    _validate_options(cls, options, f"{role}: backend {spec.backend}")
 
 
 def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
@@ -88,7 +114,7 @@ def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
     the server of its local model (``settings.model_urls``, which ``tribunal run`` sets
     for its children), with llama-server's constraint style and retries that outlast a
     server restart (11-22 s)."""
-    options = dict(spec.options)
+    options: dict[str, object] = dict(spec.options)
     if spec.backend == LOCAL_BACKEND:
         model = str(options.get("model"))
         url = settings.model_urls.get(model)
@@ -100,13 +126,18 @@ def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
             )
         # 4 retries, backoff 2 s doubling to 8 s with equal jitter: 11-22 s in all, more
         # than a crashed llama-server needs to be restarted (1-2 s) and load its model.
-        defaults = {"constraint": "grammar", "max_retries": 4, "backoff_s": 2.0}
+        # Twice as many requests in flight as the server has slots: one waits in its queue
+        # for every slot that frees, so no slot idles for a round trip while a batch runs
+        # (bench/models.py --feeding).
+        local = settings.models.get(model)
+        defaults = {
+            "constraint": "grammar",
+            "max_retries": 4,
+            "backoff_s": 2.0,
+            "max_concurrency": max(16, 2 * local.slots) if local else 16,
+        }
         options = {**defaults, **options, "base_url": url}
     return load_backend(spec.backend, options, settings.all_tasks)
-
-
-def unsupported(backend: str, item: Item) -> Prediction:
-    return Prediction(label=None, error=f"backend {backend} does not handle task {item.task!r}")
 
 
 def ask(

@@ -102,6 +102,13 @@ class NormalText:
 # End-of-turn markers written out as text: a base model served through a fallback chat
 # template (Gemma-270M under ChatML) does not know the marker as a special token, so the
 # server does not stop there and the model goes on inventing the next turn.
+# finish_reason values that mean the server stopped the text, not the model.
+CUT_OFF = {
+    "length": "cut off by the token limit (finish_reason 'length')",
+    "content_filter": "cut off by the server's content filter",
+    "abort": "aborted by the server",
+}
+
 END_OF_TURN = re.compile(r"<\|im_end\|>|<end_of_turn>|<\|eot_id\|>|<\|endoftext\|>|<\|end\|>|</s>")
 
 

@@ -37,22 +37,20 @@ with spans mapped back to the original text; ``answer_text`` holds those text-le
 
 Confidence (``label_confidence``), from the per-token logprobs of the answer:
   Walk the answer's tokens t_1, t_2, … from the one where the label starts, to t_d, the
-  first token after which only the chosen label remains possible. At each position j,
-  every alternative token a in ``top_logprobs`` (the chosen token included) is read as
-  a continuation of the text so far and matched against the labels' surface forms
-  (label and synonyms; a continuation matches a form it is a prefix of, or that it
-  starts with). If it matches the chosen label only, ``m(chosen)`` gains
-  ``P(t_1..t_{j-1}) · p(a)``; if it matches only other labels, ``m(others)`` does.
-  Then ``confidence = m(chosen) / (m(chosen) + m(others))``: the probability of the
-  label renormalised over the labels the model considered, the rest of the mass
-  (punctuation, "The", "Sentiment") ignored. With single-token labels this is simply
-  p(label's token) / Σ p(each label's token) at the answer's first token. Labels absent
-  from the top-k count as 0, so ask for enough (k ≥ 5). Without ``top_logprobs`` it is
-  P(t_1..t_d) alone. Logprobs that are null, missing, NaN, -inf or a stand-in for it
-  (llama.cpp writes the lowest float) count as probability 0 among the alternatives; if
-  the chosen token's own is one, or there are no logprobs, or the label never becomes
-  unambiguous, or the label came from a score map, the confidence is None — no
-  confidence, never no vote (such a vote does not count under a ``confidence_threshold``).
+  first after which only the chosen label remains possible. At each position j, every
+  alternative a in ``top_logprobs`` (the chosen token included) is read as a continuation
+  of the text so far and matched against the labels' surface forms (label and synonyms; a
+  continuation matches a form it is a prefix of, or that it starts with). Matching the
+  chosen label only, ``m(chosen)`` gains ``P(t_1..t_{j-1}) · p(a)``; matching only other
+  labels, ``m(others)`` does. Then ``confidence = m(chosen) / (m(chosen) + m(others))``: the
+  label's probability renormalised over the labels the model considered (punctuation, "The"
+  ignored); with single-token labels, p(label's token) / Σ p(each label's token). Labels
+  absent from the top-k count as 0 (ask for k ≥ 5); without ``top_logprobs`` it is
+  P(t_1..t_d). Null, missing, NaN, -inf logprobs or a stand-in (llama.cpp writes the lowest
+  float) count as 0 among the alternatives; if the chosen token's own is one, there are no
+  logprobs, the label never becomes unambiguous, or it came from a score map, the
+  confidence is None — no confidence, never no vote (it does not count under a
+  ``confidence_threshold``).
 """
 
 from __future__ import annotations
@@ -66,6 +64,7 @@ from common.schemas import Prediction
 from common.tasks import TaskSpec
 from consumers.backends.answer_text import (
     ALNUM,
+    CUT_OFF,
     END_OF_TURN,
     NormalText,
     blank_quotations,
@@ -84,12 +83,6 @@ from consumers.backends.answer_text import (
 
 MAX_RAW_CHARS = 500  # what an abstention keeps of the model's text
 NO_LABEL = "no label in the answer"
-# finish_reason values that mean the server stopped the text, not the model.
-CUT_OFF = {
-    "length": "cut off by the token limit (finish_reason 'length')",
-    "content_filter": "cut off by the server's content filter",
-    "abort": "aborted by the server",
-}
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,42 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import ClassVar
+
+from pydantic import Field
 
 from common.schemas import Item, Prediction
 from common.tasks import TaskSpec
-from consumers.backends import unsupported
+from consumers.backends.base import BackendOptions, RawOptions, parse_options, unsupported
 
 TASK = "sentiment"
+
+
+class PolarityOptions(BackendOptions):
+    band: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="half-width of the neutral zone on the polarity scale [-1, 1]",
+    )
+
+
+class AfinnOptions(PolarityOptions):
+    band: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="half-width of the neutral zone on tanh(AFINN score / 4)",
+    )
+
+
+class LexiconJudgeOptions(PolarityOptions):
+    band: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="half-width of the neutral zone on the judge's score [-1, 1]",
+    )
 
 
 class PolarityClassifier:
@@ -29,10 +58,12 @@ class PolarityClassifier:
     """
 
     name = "polarity"
-    band = 0.05
+    Options: ClassVar[type[PolarityOptions]] = PolarityOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
-        self.band = float(options.get("band", self.band))
+    def __init__(
+        self, options: PolarityOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
+        self.band = parse_options(self.Options, options).band
 
     def score(self, text: str) -> float:
         raise NotImplementedError
@@ -56,7 +87,9 @@ class PolarityClassifier:
 class Vader(PolarityClassifier):
     name = "vader"
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(
+        self, options: PolarityOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
         super().__init__(options, tasks)
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
@@ -77,9 +110,11 @@ class TextBlobPolarity(PolarityClassifier):
 
 class Afinn(PolarityClassifier):
     name = "afinn"
-    band = 0.2
+    Options = AfinnOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(
+        self, options: PolarityOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
         super().__init__(options, tasks)
         from afinn import Afinn as AfinnLexicon
 
@@ -124,14 +159,17 @@ class LexiconJudge(PolarityClassifier):
     """
 
     name = "lexicon-judge"
-    band = 0.1
+    Options = LexiconJudgeOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(
+        self, options: PolarityOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
         super().__init__(options, tasks)
+        # Only the parts' scores count here, so their own bands are left as they are.
         self._parts = (
-            Vader(options, tasks),
-            TextBlobPolarity(options, tasks),
-            Afinn(options, tasks),
+            Vader(PolarityOptions(), tasks),
+            TextBlobPolarity(PolarityOptions(), tasks),
+            Afinn(AfinnOptions(), tasks),
         )
 
     def score(self, text: str) -> float:

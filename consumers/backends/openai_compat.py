@@ -19,12 +19,16 @@ loop that runs for the backend's lifetime in a daemon thread, so one
 (``asyncio.run`` per batch would need a new client each time, because connections are
 bound to the loop that opened them: a new TCP, and for hosted APIs TLS, handshake per
 connection per batch.) The thread costs nothing while idle and dies with the process.
+``classify`` may be called from several threads at once: the calls share the loop, the
+connections and ``max_concurrency``. Keep ``max_concurrency`` above the server's slots so
+a request always waits in the server's queue for the next slot that frees (``llama-cpp``
+defaults it to twice the model's slots, at least 16).
 
 Failures are per item: after ``max_retries`` retries (429, 408, 5xx, connection errors
 and timeouts, with exponential backoff and jitter, honouring ``Retry-After``) the item
 gets an abstention carrying the error; the rest of the batch is unaffected. However
 long that takes, the consumer's keeper thread renews its claim on the batch's entries
-(common/loop.py), so no other replica takes them over while they are being asked.
+(consumers/engine/loop.py), so no other replica takes them over while they are being asked.
 """
 
 from __future__ import annotations
@@ -32,171 +36,35 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
 import threading
 from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from email.utils import parsedate_to_datetime
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from common.schemas import Item, Prediction, now
 from common.tasks import TaskSpec
-from consumers.backends import unsupported
-from consumers.backends.answers import ModelOutput, TokenLogprob, logprob_of, parsers
+from consumers.backends.answers import parsers
+from consumers.backends.base import RawOptions, parse_options, unsupported
+from consumers.backends.openai_wire import (
+    DEFAULT_MAX_TOKENS,
+    OpenAIOptions,
+    RequestBody,
+    constraint_fields,
+    parse_completion,
+)
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Constraint = Literal["structured_outputs", "guided_choice", "response_format", "grammar", "none"]
-Endpoint = Literal["chat", "completion"]
-# Output tokens per constraint style: a bare label is a few tokens, JSON and free text more.
-DEFAULT_MAX_TOKENS: dict[str, int] = {
-    "structured_outputs": 16,
-    "guided_choice": 16,
-    "grammar": 16,
-    "response_format": 32,
-    "none": 48,
-}
-
-
-class OpenAIOptions(BaseModel):
-    """The backend's ``options`` in the fleet file; unknown keys are an error at start."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    base_url: str  # up to and including /v1, e.g. http://127.0.0.1:8001/v1
-    model: str
-    api_key: SecretStr | None = None  # SecretStr: never shown in logs or reprs
-    api_key_env: str | None = None  # or the name of an environment variable holding it
-    endpoint: Endpoint = "chat"
-    constraint: Constraint = "structured_outputs"
-    logprobs: bool = True
-    top_logprobs: int = Field(default=10, ge=1, le=20)  # vLLM caps it at --max-logprobs (20)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_concurrency: int = Field(default=16, ge=1, le=1024)
-    timeout_s: float = Field(default=20.0, gt=0)
-    max_retries: int = Field(default=2, ge=0, le=20)
-    backoff_s: float = Field(default=0.5, ge=0)
-    backoff_max_s: float = Field(default=8.0, ge=0)
-    retry_after_max_s: float = Field(default=30.0, ge=0)
-    extra_body: dict[str, Any] = Field(default_factory=dict)  # merged into every request
-
-    def key(self) -> str | None:
-        if self.api_key is not None:
-            return self.api_key.get_secret_value()
-        if self.api_key_env:
-            value = os.environ.get(self.api_key_env)
-            if not value:
-                raise ValueError(f"api_key_env names {self.api_key_env!r}, which is not set")
-            return value
-        return None
 
 
 class RequestFailed(Exception):
     """An item's request failed for good (retries exhausted or not worth retrying)."""
-
-
-def gbnf_choice(labels: Sequence[str], lead: str = "") -> str:
-    """A GBNF grammar (llama.cpp's grammar format, grammars/README.md there) whose only
-    sentences are the labels, each after ``lead``.
-
-    After a completion prompt ending in "Answer:" the lead must be the space the
-    tokenizer puts before a word: without it a model is forced into a tokenization it
-    never saw (Gemma-3-270M fell from 0.91 to 0.60, shared/FACTS.md)."""
-    literal = [orjson.dumps(lead + label).decode() for label in labels]  # JSON escapes = GBNF's
-    return "root ::= " + " | ".join(literal)
-
-
-def constraint_fields(
-    style: Constraint, labels: Sequence[str], endpoint: Endpoint = "chat"
-) -> dict[str, Any]:
-    """The request fields that restrict the answer to the labels, per server generation."""
-    if style == "grammar":  # llama.cpp's llama-server
-        return {"grammar": gbnf_choice(labels, " " if endpoint == "completion" else "")}
-    if style == "structured_outputs":  # vLLM >= 0.11
-        return {"structured_outputs": {"choice": list(labels)}}
-    if style == "guided_choice":  # vLLM < 0.12 (ignored by newer servers)
-        return {"guided_choice": list(labels)}
-    if style == "response_format":  # OpenAI, llama.cpp, Ollama, TGI, vLLM: JSON schema
-        schema = {
-            "type": "object",
-            "properties": {"label": {"type": "string", "enum": list(labels)}},
-            "required": ["label"],
-            "additionalProperties": False,
-        }
-        return {
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "label", "schema": schema, "strict": True},
-            }
-        }
-    return {}
-
-
-def parse_completion(data: Any) -> ModelOutput:
-    """The answer of a chat completion or completion body: its text, per-token logprobs,
-    ``finish_reason``, and the reasoning of servers that file it apart from the content
-    (``reasoning_content``: llama-server, SGLang, older vLLM; ``reasoning``: newer vLLM).
-
-    Logprobs come as ``logprobs.content[i] = {token, logprob, top_logprobs: [{token,
-    logprob}]}`` (chat completions; llama-server also for completions) or in the legacy
-    completions shape ``logprobs = {tokens, token_logprobs, top_logprobs: [{token:
-    logprob}]}`` (vLLM's /v1/completions). A null or missing logprob is kept as unknown;
-    logprobs in any other shape cost the answer its confidence, never its vote."""
-    choices = data.get("choices") if isinstance(data, dict) else None
-    if not choices or not isinstance(choices, list):
-        raise ValueError("the server returned no choices")
-    choice = choices[0]
-    message = choice.get("message")
-    if isinstance(message, dict):
-        text = message.get("content")
-        reasoning = message.get("reasoning_content") or message.get("reasoning")
-    else:
-        text, reasoning = choice["text"], None
-    text = text or ""
-    if not isinstance(text, str):
-        raise TypeError(f"message content is {type(text).__name__}, not text")
-    logprobs = choice.get("logprobs")
-    tokens: list[TokenLogprob] | None = None
-    try:
-        if isinstance(logprobs, dict) and logprobs.get("content"):
-            tokens = [
-                TokenLogprob(
-                    str(e["token"]),
-                    logprob_of(e.get("logprob")),
-                    tuple(
-                        (str(t["token"]), logprob_of(t.get("logprob")))
-                        for t in e.get("top_logprobs") or ()
-                    ),
-                )
-                for e in logprobs["content"]
-            ]
-        elif isinstance(logprobs, dict) and logprobs.get("tokens"):
-            tops = logprobs.get("top_logprobs") or [None] * len(logprobs["tokens"])
-            tokens = [
-                TokenLogprob(
-                    str(tok),
-                    logprob_of(lp),
-                    tuple((str(t), logprob_of(v)) for t, v in (top or {}).items()),
-                )
-                for tok, lp, top in zip(
-                    logprobs["tokens"], logprobs["token_logprobs"], tops, strict=True
-                )
-            ]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        tokens = None  # an unreadable logprob list: no confidence, the label still counts
-    finish = choice.get("finish_reason")
-    return ModelOutput(
-        text,
-        tokens,
-        finish_reason=str(finish) if finish else None,
-        reasoning=reasoning if isinstance(reasoning, str) else None,
-    )
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -215,9 +83,10 @@ def retry_after_s(value: str | None) -> float | None:
 
 class OpenAICompatible:
     name = "openai"
+    Options = OpenAIOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
-        self.opts = OpenAIOptions.model_validate(dict(options))
+    def __init__(self, options: OpenAIOptions | RawOptions, tasks: Mapping[str, TaskSpec]) -> None:
+        self.opts = parse_options(OpenAIOptions, options)
         self.tasks = dict(tasks)
         self.parsers = parsers(tasks)
         self.max_tokens = self.opts.max_tokens or DEFAULT_MAX_TOKENS[self.opts.constraint]
@@ -264,26 +133,31 @@ class OpenAICompatible:
     def path(self) -> str:
         return "/chat/completions" if self.opts.endpoint == "chat" else "/completions"
 
-    def request(self, item: Item, task: TaskSpec) -> dict[str, Any]:
+    def request(self, item: Item, task: TaskSpec) -> RequestBody:
         """The (chat) completion request body for one item."""
         opts = self.opts
-        body: dict[str, Any] = {
+        body: RequestBody = {
             "model": opts.model,
             "temperature": 0,
             "max_tokens": self.max_tokens,
-            **constraint_fields(opts.constraint, task.labels, opts.endpoint),
         }
+        # A RequestBody is a ConstraintFields with more keys: merged as a dict, as they are.
+        body = cast(
+            RequestBody, body | constraint_fields(opts.constraint, task.labels, opts.endpoint)
+        )
         if opts.endpoint == "chat":
             json_answer = opts.constraint == "response_format"
             body["messages"] = task.messages(item, json_answer=json_answer)
             if opts.logprobs:
-                body |= {"logprobs": True, "top_logprobs": opts.top_logprobs}
+                body["logprobs"] = True
+                body["top_logprobs"] = opts.top_logprobs
         else:
             body["prompt"] = task.prompt(item)
             body["stop"] = ["\n"]  # a base model would go on with the next few-shot example
             if opts.logprobs:
                 body["logprobs"] = opts.top_logprobs  # the completions API takes a count
-        return body | opts.extra_body
+        # extra_body's keys are the user's (a TypedDict allows keys beyond its own)
+        return cast(RequestBody, {**body, **opts.extra_body})
 
     async def _one(self, item: Item) -> Prediction:
         task = self.tasks.get(item.task)
@@ -314,7 +188,7 @@ class OpenAICompatible:
             inputs=(item.text, item.text_b),  # a quotation of the ticket is not its answer
         )
 
-    async def _post(self, body: dict[str, Any]) -> Any:
+    async def _post(self, body: RequestBody) -> Any:
         """POST with retries; returns the decoded JSON body of a 200 answer."""
         attempts = self.opts.max_retries + 1
         for attempt in range(attempts):

@@ -31,13 +31,14 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import ClassVar
 
 import orjson
+from pydantic import Field
 
 from common.schemas import Item, Prediction
 from common.tasks import TaskSpec
-from consumers.backends import unsupported
+from consumers.backends.base import BackendOptions, RawOptions, parse_options, unsupported
 
 SIMILAR, NOT_SIMILAR = "similar", "not_similar"
 
@@ -83,17 +84,54 @@ def document_frequencies() -> tuple[int, Counter[str]]:
     return len(texts), Counter(w for t in texts for w in set(content_words(t)))
 
 
+def _threshold(default: float) -> float:
+    return Field(default=default, description="score at which both answers are equally likely")
+
+
+def _scale(default: float) -> float:
+    return Field(
+        default=default, gt=0, description="score distance that moves P(similar) from 0.5 to 0.73"
+    )
+
+
+class PairOptions(BackendOptions):
+    threshold: float = _threshold(0.1)
+    scale: float = _scale(0.05)
+
+
+class JaccardOptions(PairOptions):
+    threshold: float = _threshold(0.10)
+    scale: float = _scale(0.45)
+
+
+class TfIdfOptions(PairOptions):
+    threshold: float = _threshold(0.15)
+    scale: float = _scale(0.6)
+
+
+class CharNgramsOptions(PairOptions):
+    threshold: float = _threshold(0.15)
+    scale: float = _scale(0.4)
+    n: int = Field(default=3, ge=1, description="characters per n-gram")
+
+
+class SimilarityJudgeOptions(PairOptions):
+    threshold: float = _threshold(0.0)  # the score is already the logit
+    scale: float = _scale(1.0)
+    n: int = Field(default=3, ge=1, description="characters per n-gram of its char-ngrams part")
+
+
 class PairScorer:
     """One score in [0, 1] per pair → similar / not_similar with a confidence."""
 
     name = "pair"
-    threshold = 0.1  # score at which both answers are equally likely
-    scale = 0.05  # score distance that moves P(similar) from 0.5 to 0.73
+    Options: ClassVar[type[PairOptions]] = PairOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(self, options: PairOptions | RawOptions, tasks: Mapping[str, TaskSpec]) -> None:
         self.tasks = tasks
-        self.threshold = float(options.get("threshold", self.threshold))
-        self.scale = float(options.get("scale", self.scale))
+        self.opts = parse_options(self.Options, options)
+        self.threshold = self.opts.threshold
+        self.scale = self.opts.scale
 
     def score(self, a: str, b: str) -> float:
         raise NotImplementedError
@@ -113,8 +151,7 @@ class PairScorer:
 
 class Jaccard(PairScorer):
     name = "jaccard"
-    threshold = 0.10
-    scale = 0.45
+    Options = JaccardOptions
 
     def score(self, a: str, b: str) -> float:
         return jaccard(set(content_words(a)), set(content_words(b)))
@@ -122,8 +159,7 @@ class Jaccard(PairScorer):
 
 class TfIdf(PairScorer):
     name = "tfidf"
-    threshold = 0.15
-    scale = 0.6
+    Options = TfIdfOptions
 
     def score(self, a: str, b: str) -> float:
         n, df = document_frequencies()
@@ -137,12 +173,13 @@ class TfIdf(PairScorer):
 
 class CharNgrams(PairScorer):
     name = "char-ngrams"
-    threshold = 0.15
-    scale = 0.4
+    Options = CharNgramsOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(
+        self, options: CharNgramsOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
         super().__init__(options, tasks)
-        self.n = int(options.get("n", 3))
+        self.n = parse_options(CharNgramsOptions, self.opts).n
 
     def grams(self, text: str) -> Counter[str]:
         padded = " " + " ".join(_WORD.findall(text.lower())) + " "
@@ -230,13 +267,20 @@ class SimilarityJudge(PairScorer):
     """
 
     name = "similarity-judge"
-    threshold = 0.0  # the score is already the logit
-    scale = 1.0
+    Options = SimilarityJudgeOptions
     WEIGHTS = (-0.58, -0.03, 1.06, 1.62, -0.91, -1.0)  # fitted on the bundled pairs
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    def __init__(
+        self, options: SimilarityJudgeOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
         super().__init__(options, tasks)
-        self.parts = (Jaccard(options, tasks), TfIdf(options, tasks), CharNgrams(options, tasks))
+        # Only the parts' scores count here (not their thresholds), and n shapes one of them.
+        n = parse_options(SimilarityJudgeOptions, self.opts).n
+        self.parts = (
+            Jaccard(JaccardOptions(), tasks),
+            TfIdf(TfIdfOptions(), tasks),
+            CharNgrams(CharNgramsOptions(n=n), tasks),
+        )
 
     def features(self, a: str, b: str) -> tuple[float, ...]:
         (areas_a, problems_a, ask_a), (areas_b, problems_b, ask_b) = cues(a), cues(b)

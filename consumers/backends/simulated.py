@@ -12,21 +12,47 @@ import hashlib
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+
+from pydantic import Field
 
 from common.schemas import Item, Prediction
 from common.tasks import TaskSpec
-from consumers.backends import unsupported
+from consumers.backends.base import BackendOptions, RawOptions, parse_options, unsupported
+
+
+class SimulatedOptions(BackendOptions):
+    latency_ms_per_call: float = Field(
+        default=0.0, ge=0, description="milliseconds each call sleeps, whatever its size"
+    )
+    latency_ms_per_item: float = Field(
+        default=0.0, ge=0, description="milliseconds each call sleeps per item in it"
+    )
+    accuracy: float = Field(
+        default=0.9, ge=0, le=1, description="probability of the gold label, when there is one"
+    )
+    seed: str = Field(
+        default="simulated",
+        coerce_numbers_to_str=True,
+        description="seeds every item's draw with the item id: models with one seed agree",
+    )
+    confidence: float = Field(
+        default=0.8, ge=0, le=1, description="mean confidence of a vote (drawn around it)"
+    )
 
 
 class Simulated:
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
+    Options = SimulatedOptions
+
+    def __init__(
+        self, options: SimulatedOptions | RawOptions, tasks: Mapping[str, TaskSpec]
+    ) -> None:
+        opts = parse_options(SimulatedOptions, options)
         self.tasks = tasks
-        self.per_call_s = float(options.get("latency_ms_per_call", 0.0)) / 1000
-        self.per_item_s = float(options.get("latency_ms_per_item", 0.0)) / 1000
-        self.accuracy = float(options.get("accuracy", 0.9))
-        self.seed = str(options.get("seed", "simulated"))
-        self.confidence = float(options.get("confidence", 0.8))
+        self.per_call_s = opts.latency_ms_per_call / 1000
+        self.per_item_s = opts.latency_ms_per_item / 1000
+        self.accuracy = opts.accuracy
+        self.seed = opts.seed
+        self.confidence = opts.confidence
 
     def classify(self, items: Sequence[Item]) -> list[Prediction]:
         delay = self.per_call_s + self.per_item_s * len(items)

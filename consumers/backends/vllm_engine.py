@@ -17,22 +17,20 @@ import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Required, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from common.schemas import Item, Prediction
 from common.tasks import TaskSpec
-from consumers.backends import unsupported
 from consumers.backends.answers import AnswerParser, TokenLogprob, parsers
+from consumers.backends.base import BackendOptions, RawOptions, parse_options, unsupported
 
 log = logging.getLogger(__name__)
 
 
-class VLLMOptions(BaseModel):
+class VLLMOptions(BackendOptions):
     """The backend's ``options`` in the fleet file; unknown keys are an error at start."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str  # a hub id or a local directory
     # A share of the whole GPU; on vLLM's CPU build, of the RAM, where 0.9 rarely fits: set
@@ -45,9 +43,9 @@ class VLLMOptions(BaseModel):
     max_tokens: int = Field(default=16, ge=1)
     logprobs: int = Field(default=10, ge=0, le=20)
     constrain: bool = True  # send the label set as a structured-output choice
-    engine_args: dict[str, Any] = Field(default_factory=dict)  # e.g. quantization, enforce_eager
+    engine_args: dict[str, object] = Field(default_factory=dict)  # e.g. quantization, enforce_eager
 
-    def llm_kwargs(self) -> dict[str, Any]:
+    def llm_kwargs(self) -> dict[str, object]:
         """Keyword arguments for ``vllm.LLM``."""
         return {
             "model": self.model,
@@ -64,18 +62,28 @@ class VLLMOptions(BaseModel):
         return self.chat_template
 
 
+class SamplingKwargs(TypedDict, total=False):
+    """Keyword arguments for ``vllm.SamplingParams``: greedy, short, at most one constraint."""
+
+    temperature: Required[float]
+    max_tokens: Required[int]
+    logprobs: int  # top-k logprobs per generated token
+    structured_outputs: object  # a StructuredOutputsParams (vLLM >= 0.11)
+    guided_decoding: object  # a GuidedDecodingParams (vLLM < 0.12)
+
+
 def sampling_kwargs(
     labels: Sequence[str],
     opts: VLLMOptions,
-    structured: Callable[..., Any] | None,
-    guided: Callable[..., Any] | None,
-) -> dict[str, Any]:
+    structured: Callable[..., object] | None,
+    guided: Callable[..., object] | None,
+) -> SamplingKwargs:
     """``SamplingParams`` keyword arguments for a task, with whichever constraint class exists.
 
     ``structured`` is ``StructuredOutputsParams`` (vLLM ≥ 0.11) and ``guided`` is
     ``GuidedDecodingParams`` (older); pass None for a class this vLLM lacks.
     """
-    kwargs: dict[str, Any] = {"temperature": 0.0, "max_tokens": opts.max_tokens}
+    kwargs: SamplingKwargs = {"temperature": 0.0, "max_tokens": opts.max_tokens}
     if opts.logprobs:
         kwargs["logprobs"] = opts.logprobs
     if opts.constrain and structured is not None:
@@ -127,9 +135,10 @@ def parse_output(output: Any, parser: AnswerParser) -> Prediction:
 
 class VLLMEngine:
     name = "vllm"
+    Options = VLLMOptions
 
-    def __init__(self, options: Mapping[str, Any], tasks: Mapping[str, TaskSpec]) -> None:
-        self.opts = VLLMOptions.model_validate(dict(options))
+    def __init__(self, options: VLLMOptions | RawOptions, tasks: Mapping[str, TaskSpec]) -> None:
+        self.opts = parse_options(VLLMOptions, options)
         self.tasks = dict(tasks)
         self.parsers = parsers(tasks)
         try:

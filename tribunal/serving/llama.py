@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from common.lifecycle import Restarts, start_child
+from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import LocalModel, Settings
 from tribunal.serving.models import ModelUnavailable, model_file
 
@@ -165,16 +165,13 @@ class ModelServer:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def exit_note(self) -> str:
+        code = None if self.process is None else self.process.returncode
+        return f"llama-server {self.name} exited with {code}: {self.log_tail(1)}"
+
     def stop(self, timeout_s: float = 10.0) -> None:
-        if not self.alive():
-            return
-        assert self.process is not None
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process is not None:
+            stop_processes([(self.name, self.process)], timeout_s)
 
 
 class ModelServers:
@@ -217,25 +214,17 @@ class ModelServers:
                 server.restart.count = 0  # up for a minute: the next crash restarts at once
             if server.process is None or server.alive():
                 continue
-            if server.restart.at == 0.0:
-                delay = server.restart.plan()
-                log.warning(
-                    "llama-server %s exited with %s; restarting in %.0fs: %s",
-                    server.name,
-                    server.process.returncode,
-                    delay,
-                    server.log_tail(1),
-                )
-            elif server.restart.due():
+            if server.restart.after_exit(server.exit_note):
                 try:
                     server.spawn()
                 except (ServerFailed, ModelUnavailable, OSError) as exc:
                     log.error("cannot restart llama-server %s: %s", server.name, exc)
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop every server at once (each finishes the requests it is serving)."""
         self.stopping = True
-        for server in self.servers:
-            server.stop()
+        running = [(s.name, s.process) for s in self.servers if s.process is not None]
+        stop_processes(running, timeout_s)
 
 
 def servers_for(settings: Settings, log_dir: Path) -> ModelServers:

@@ -1,0 +1,36 @@
+"""The extension point: what a consumer does with a batch of stream entries.
+
+Every stage (worker, aggregator, judge, labels) is a ``Handler``; the engine reads the
+entries, keeps them claimed while the handler runs, and sends what it queued on ``Writes``
+with the batch's XACK in one MULTI/EXEC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from consumers.engine.writes import Writes
+
+
+@dataclass
+class Entry:
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+class Handler:
+    """What a consumer does with a batch. Subclasses implement ``handle``."""
+
+    def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
+        """Queue the batch's results on ``writes``; return ``{entry_id: error}`` for entries
+        to leave pending (they are retried after ``reclaim_idle_s``)."""
+        raise NotImplementedError
+
+    def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
+        """Settle an entry that failed too often; return False to keep it pending."""
+        return False
+
+    def tick(self) -> None:
+        """Called once per loop iteration, for periodic work (cheap when there is none)."""

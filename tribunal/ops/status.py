@@ -1,0 +1,214 @@
+"""``tribunal status``: queue depth, lag and liveness of the fleet, read from Redis at call time.
+
+The readings come from ``tribunal.ops.queues`` (streams, groups, heartbeats, counters, all
+partitions merged); this module turns them into one snapshot, as a table or as JSON.
+Rates of outcomes (judge calls, agreement, audits) divide the fleet counters of
+``common.metrics``, which the Lua scripts increment only when a step really happened.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from redis import Redis
+from redis.exceptions import RedisError
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from common import metrics
+from common.keys import Keys
+from common.lifecycle import StopFlag
+from common.settings import Settings
+from tribunal.ops.queues import (
+    expected_roles,
+    live_by_role,
+    quick_client,
+    read_fleet_streams,
+    read_heartbeats,
+    read_stats,
+    recent_outputs,
+)
+from tribunal.ops.readmodels import AuditCounts, Decisions, GroupReading, Snapshot, Throughput
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = None) -> Snapshot:
+    """Everything ``tribunal status`` shows (``Snapshot.to_json`` for its JSON); raises
+    ``RedisError`` when Redis cannot be read. ``stall_after_s`` (seconds) defaults to
+    ``heartbeat_ttl_s``."""
+    keys = Keys(settings.namespace)
+    ttl = settings.heartbeat_ttl_s
+    beats = read_heartbeats(redis, keys)
+    streams, stalled = read_fleet_streams(redis, settings, beats, stall_after_s or ttl)
+    stats = read_stats(redis, settings)
+    decisions = {
+        s.labels.get("source", "?"): int(s.value) for s in stats if s.name == metrics.DECISIONS
+    }
+    escalations = int(sum(s.value for s in stats if s.name == metrics.ESCALATIONS))
+    votes: dict[str, dict[str, int]] = {}
+    for s in stats:
+        if s.name == metrics.VOTES:
+            by_label = votes.setdefault(s.labels.get("worker", "?"), {})
+            by_label[s.labels.get("label", "?")] = int(s.value)
+    total = sum(decisions.values())
+    by_outcome: dict[str, int] = {}
+    for s in stats:
+        if s.name == metrics.AUDITS:
+            outcome = s.labels.get("outcome", "?")
+            by_outcome[outcome] = by_outcome.get(outcome, 0) + int(s.value)
+    audits = AuditCounts(
+        agree=by_outcome.pop("agree", 0),
+        disagree=by_outcome.pop("disagree", 0),
+        failed=by_outcome.pop("failed", 0),
+        other=by_outcome,
+    )
+    live = live_by_role(beats, ttl)
+    by_name = {s.stream: s for s in streams}
+    return Snapshot(
+        namespace=settings.namespace,
+        partitions=settings.partitions,
+        time=round(time.time(), 3),
+        streams=tuple(streams),
+        stalled=tuple(stalled),
+        throughput=recent_outputs(redis, settings),
+        decisions=Decisions(total=total, by_source=decisions),
+        escalations=escalations,
+        judge_call_rate=_ratio(escalations, total),
+        agreement_rate=_ratio(decisions.get("workers", 0), total),
+        audits=audits,
+        audit_disagreement=_ratio(audits.disagree, audits.judged),
+        rejects=by_name["rejects"].entries_added,
+        dead_letters=by_name["dead"].entries_added,
+        votes=votes,
+        live_consumers={role: len(live.get(role, [])) for role in expected_roles(settings)}
+        | {role: len(names) for role, names in live.items()},
+        heartbeat_ttl_s=ttl,
+    )
+
+
+def _percent(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.0%}"
+
+
+def _audit_cell(snap: Snapshot) -> str:
+    audits = snap.audits
+    if not audits.judged and not audits.failed:
+        return "none (set audit_fraction to sample accepted labels for the judge)"
+    failed = f", {audits.failed} failed" if audits.failed else ""
+    return (
+        f"{audits.judged} judged, {_percent(snap.audit_disagreement)} disagree with the "
+        f"accepted label{failed}"
+    )
+
+
+def _throughput_cell(tp: Throughput) -> str:
+    """The rate, and how many labels it counts. Past the read cap only the newest entries are
+    read (``tribunal.ops.queues.recent_outputs``): the rate is theirs, and the minute held at
+    least that many labels, maybe many more."""
+    if tp.capped:
+        return (
+            f"{tp.per_s:.2f} labels/s over the newest {tp.outputs} labels (at least "
+            f"{tp.outputs} in the last minute)"
+        )
+    return f"{tp.per_s:.2f} labels/s ({tp.outputs} in the last minute)"
+
+
+def _consumers_cell(group: GroupReading, shown: int = 3) -> str:
+    lines = [
+        f"{c.name}  idle {c.idle_s:.1f}s  pending {c.pending}" for c in group.consumers[:shown]
+    ]
+    if len(group.consumers) > shown:
+        lines.append(f"… {len(group.consumers) - shown} more, idle longer")
+    return "\n".join(lines) or "-"
+
+
+def render(snap: Snapshot) -> RenderableType:
+    """The snapshot as rich tables: queues first, then outcomes and the fleet."""
+    parts = f" · {snap.partitions} partitions (summed)" if snap.partitions > 1 else ""
+    title = f"tribunal · namespace {snap.namespace}{parts}"
+    queues = Table(title=title, title_justify="left")
+    for column in ("stream", "length", "added", "group", "lag", "pending", "live"):
+        queues.add_column(column, justify="left" if column in ("stream", "group") else "right")
+    queues.add_column("consumers (idle, pending)")
+    queues.add_column("state")
+    for stream in snap.streams:
+        head = [stream.stream, str(stream.length), str(stream.entries_added)]
+        for group in stream.groups or [None]:
+            if group is None:
+                queues.add_row(*head, "-", "", "", "", "", "")
+                continue
+            state = f"[red]STALLED[/] {group.stall_reason}" if group.stalled else "[green]ok"
+            lag = "?" if group.lag is None else str(group.lag)
+            queues.add_row(
+                *head,
+                group.group + ("" if group.exists else " [dim](not created)"),
+                lag,
+                str(group.pending),
+                f"{group.live_consumers}/{len(group.consumers)}",
+                _consumers_cell(group),
+                state,
+            )
+            head = ["", "", ""]
+    facts = Table.grid(padding=(0, 2))
+    d = snap.decisions
+    by_workers, by_judge = d.by_source.get("workers", 0), d.by_source.get("judge", 0)
+    rows = [
+        ("throughput", _throughput_cell(snap.throughput)),
+        ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} judge)"),
+        ("judge-call rate", f"{_percent(snap.judge_call_rate)} ({snap.escalations} sent)"),
+        ("worker agreement", _percent(snap.agreement_rate)),
+        ("audits", _audit_cell(snap)),
+        ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters}"),
+        ("live consumers", ", ".join(f"{r} {n}" for r, n in snap.live_consumers.items())),
+    ]
+    for worker, labels in sorted(snap.votes.items()):
+        detail = ", ".join(f"{label} {n}" for label, n in sorted(labels.items()))
+        rows.append((f"votes {worker}", f"{sum(labels.values())} ({detail})"))
+    for name, value in rows:
+        facts.add_row(f"[bold]{name}", value)
+    return Group(queues, facts)
+
+
+def _render_or_error(
+    redis: Redis, settings: Settings, stall_after_s: float | None
+) -> RenderableType:
+    try:
+        return render(snapshot(redis, settings, stall_after_s))
+    except RedisError as exc:
+        return Panel(f"[red]cannot read Redis:[/] {escape(str(exc))}", title="tribunal")
+
+
+def run_status(
+    settings: Settings,
+    watch: bool = False,
+    interval_s: float = 2.0,
+    as_json: bool = False,
+    stall_after_s: float | None = None,
+) -> int:
+    """The command: one snapshot (a table, or JSON on stdout), or a live table until Ctrl-C.
+    Returns the exit code: 3 when Redis cannot be read."""
+    redis = quick_client(settings)
+    console = Console()
+    if watch:
+        stop = StopFlag().install()
+        with Live(_render_or_error(redis, settings, stall_after_s), console=console) as live:
+            while not stop.wait(interval_s):
+                live.update(_render_or_error(redis, settings, stall_after_s), refresh=True)
+        return 0
+    try:
+        snap = snapshot(redis, settings, stall_after_s)
+    except RedisError as exc:
+        Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+        return 3
+    if as_json:
+        sys.stdout.buffer.write(snap.to_json() + b"\n")
+    else:
+        console.print(render(snap))
+    return 0
