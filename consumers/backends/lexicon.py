@@ -23,31 +23,23 @@ from consumers.backends.base import BackendOptions, RawOptions, parse_options, u
 TASK = "sentiment"
 
 
-class PolarityOptions(BackendOptions):
-    band: float = Field(
-        default=0.05,
-        ge=0,
-        le=1,
-        description="half-width of the neutral zone on the polarity scale [-1, 1]",
+def _band(default: float, scale: str) -> float:
+    """The half-width of the neutral zone around 0 on the backend's score ``scale``."""
+    return Field(
+        default=default, ge=0, le=1, description=f"half-width of the neutral zone on {scale}"
     )
+
+
+class PolarityOptions(BackendOptions):
+    band: float = _band(0.05, "the polarity scale [-1, 1]")
 
 
 class AfinnOptions(PolarityOptions):
-    band: float = Field(
-        default=0.2,
-        ge=0,
-        le=1,
-        description="half-width of the neutral zone on tanh(AFINN score / 4)",
-    )
+    band: float = _band(0.2, "tanh(AFINN score / 4)")
 
 
 class LexiconJudgeOptions(PolarityOptions):
-    band: float = Field(
-        default=0.1,
-        ge=0,
-        le=1,
-        description="half-width of the neutral zone on the judge's score [-1, 1]",
-    )
+    band: float = _band(0.1, "the judge's score [-1, 1]")
 
 
 class PolarityClassifier:
