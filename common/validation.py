@@ -72,7 +72,8 @@ def item_from_entry(fields: dict[bytes, bytes], rules: InputRules) -> Item:
     payload = fields.get(RECORD_FIELD)
     if payload is None:
         names = ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
-        raise InvalidItem(f"entry has no 'd' field with the item JSON (fields: {names})")
+        field = RECORD_FIELD.decode()
+        raise InvalidItem(f"entry has no '{field}' field with the item JSON (fields: {names})")
     return validate_item(parse_payload(payload), rules)
 
 

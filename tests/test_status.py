@@ -182,6 +182,8 @@ def test_status_table_and_errors(settings: Settings) -> None:
 
 
 def test_watch_refreshes_until_interrupted(settings: Settings) -> None:
+    redis = connect(settings)
+    clients = len(redis.client_list())
     watch = subprocess.Popen(
         [sys.executable, "-m", "tribunal", "status", "--watch", "--interval", "0.2"],
         env={**cli_env(settings), "COLUMNS": "200"},
@@ -189,9 +191,13 @@ def test_watch_refreshes_until_interrupted(settings: Settings) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.5)  # the first frame shows an empty items stream
-    Producer(connect(settings), settings).send(fresh_records(5))
-    time.sleep(1.0)
+    # Up once it reads Redis (its import takes seconds on a loaded machine): the first frames
+    # show an empty items stream.
+    deadline = time.monotonic() + 30
+    while len(redis.client_list()) <= clients and time.monotonic() < deadline:
+        time.sleep(0.1)
+    Producer(redis, settings).send(fresh_records(5))
+    time.sleep(1.5)  # several refreshes at 0.2 s
     watch.send_signal(signal.SIGINT)
     out, err = watch.communicate(timeout=15)
     assert watch.returncode == 0, err
