@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -224,6 +224,14 @@ class Settings(BaseSettings):
         description="Set by `tribunal run` for its children: each local model's server URL.",
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        if url and not url.startswith(schemes):
+            raise ValueError(f"a Redis URL starts with {', '.join(schemes)}; got {url!r}")
+        return url
+
     @model_validator(mode="after")
     def _check_fleet(self) -> Settings:
         if not 1 <= len(self.workers) <= 9:
@@ -249,11 +257,14 @@ class Settings(BaseSettings):
             if spec.backend != LOCAL_BACKEND:
                 continue
             model = spec.options.get("model")
-            if model not in self.models:
+            have = ", ".join(self.models) or "none"
+            if model is None:
                 raise ValueError(
-                    f"{role}: backend {LOCAL_BACKEND} needs options.model, one of the "
-                    f"[models.NAME] sections (have: {', '.join(self.models) or 'none'})"
+                    f"{role}: backend {LOCAL_BACKEND} needs options.model, the name of one of "
+                    f"the [models.NAME] sections (have: {have})"
                 )
+            if model not in self.models:
+                raise ValueError(f"{role}: unknown model {model!r} (have: {have})")
         return self
 
     @property

@@ -17,7 +17,7 @@ from common.keys import RECORD_FIELD, worker_group
 from common.schemas import Item, Vote, now
 from common.validation import InvalidItem, item_from_entry
 from consumers import outcomes
-from consumers.backends import Backend, ask, backend_for
+from consumers.backends import Backend, BackendError, ask, backend_for
 from consumers.engine.consumer import ensure_group
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
@@ -102,7 +102,7 @@ def run_worker(rt: Runtime, worker: str) -> None:
     spec = rt.settings.workers.get(worker)
     if spec is None:
         known = ", ".join(sorted(rt.settings.workers))
-        raise SystemExit(f"no worker named {worker!r} in the fleet (known: {known})")
+        raise BackendError(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = backend_for(spec, rt.settings)
     backups = rt.settings.backup_workers
     consume(

@@ -101,4 +101,24 @@ def test_another_distributions_package_of_the_same_name_is_one_line(
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1, proc.stderr
-    assert f"the package '{package}' at {tmp_path / package} is not tribunal's" in proc.stderr
+    assert f"the package '{package}' found first, at {tmp_path / package}, is not tribunal's" in (
+        proc.stderr
+    )
+
+
+def test_a_fleet_started_beside_a_folder_named_common_runs(tmp_path: Path) -> None:
+    """The fleet's children run ``python -P -m tribunal``: the folder the fleet was started
+    from is not on their path, so its ``common/`` cannot shadow tribunal's."""
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tribunal"), "demo", "--offline", "--limit", "5"],
+        env={**env, "COLUMNS": "120"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert re.search(r"not settled\s*│\s*0", proc.stdout), proc.stdout[-2000:]

@@ -18,19 +18,24 @@ MARKER = 'DISTRIBUTION = "tribunal"'
 
 def foreign_packages() -> str | None:
     """A one-line problem when ``common``, ``consumers`` or ``producers`` is not tribunal's
-    (another distribution's package of that name shadows or overwrote it), else None. Reads
-    each package's ``__init__.py`` without importing it (a foreign one may not import)."""
+    (a folder of that name in the current directory or on PYTHONPATH comes first, or
+    another distribution's package overwrote ours), else None. Reads each package's
+    ``__init__.py`` without importing it (a foreign one may not import)."""
     for name in PATH_PACKAGES:
         spec = importlib.util.find_spec(name)
         init = Path(spec.origin) if spec and spec.origin else None
-        if init is None or not init.is_file():
-            return f"tribunal's package {name!r} is missing; reinstall tribunal"
-        if MARKER not in init.read_text(errors="replace"):
-            return (
-                f"the package {name!r} at {init.parent} is not tribunal's: another "
-                "distribution installs a package of that name; install tribunal in a "
-                "virtualenv of its own (python3 dev.py does)"
-            )
+        if init is not None and init.is_file() and MARKER in init.read_text(errors="replace"):
+            continue
+        if spec is None:
+            return f"tribunal's package {name!r} is not installed; reinstall tribunal"
+        # A folder without __init__.py is a namespace package: no origin, only locations.
+        where = init.parent if init else next(iter(spec.submodule_search_locations or ()), "?")
+        return (
+            f"the package {name!r} found first, at {where}, is not tribunal's: a folder of that "
+            "name in the current directory or on PYTHONPATH shadows it (run from another "
+            "directory, or fix PYTHONPATH), or another distribution overwrote it (install "
+            "tribunal in a virtualenv of its own)"
+        )
     return None
 
 

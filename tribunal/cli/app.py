@@ -54,6 +54,9 @@ DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local
 )
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @app.callback()
 def main(
     fleet: Annotated[
@@ -75,7 +78,10 @@ def main(
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
 ) -> None:
-    setup_logging(log_level)
+    if log_level.upper() not in LOG_LEVELS:
+        say("[red]error:[/]", f"--log-level {log_level}: one of {', '.join(LOG_LEVELS)}")
+        raise typer.Exit(2)
+    setup_logging(log_level.upper())
     state.fleet, state.redis_url = fleet, redis_url
 
 
@@ -264,7 +270,12 @@ def labels(
     from consumers.labels import read_labels
 
     rt = runtime(settings())
-    with clear_errors(rt.settings), open(output, "ab") if output else sys.stdout.buffer as out:
+    try:
+        sink = open(output, "ab") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    except OSError as exc:
+        say("[red]error:[/]", f"cannot write {output}: {exc.strerror}")
+        raise typer.Exit(2) from None
+    with clear_errors(rt.settings), sink as out:
         written = read_labels(rt, out, group, follow)
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
 

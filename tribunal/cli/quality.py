@@ -76,6 +76,9 @@ def reads_records(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def with_reading(*args: Any, **kwargs: Any) -> None:
         given = {name: kwargs.pop(name) for name in READ_OPTIONS}
+        if given["fmt"] not in (None, "jsonl", "csv"):
+            say("[red]error:[/]", f"--format {given['fmt']}: jsonl or csv")
+            raise typer.Exit(2)
         columns = CsvColumns(**{field: given[f"{field}_col"] for field in HOLDS})
         reading = Reading(given["fmt"], columns, given["task"], given["strict"])
         command(*args, reading=reading, **kwargs)
@@ -157,6 +160,11 @@ def evaluate(
     from tribunal.quality.evaluate import run_evaluate
 
     s = settings()
+    try:  # before minutes of labeling, not after
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        say("[red]error:[/]", f"--out {out}: cannot make a directory there ({exc.strerror})")
+        raise typer.Exit(2) from None
     with clear_errors(s):
         code = run_evaluate(s, source, out, offline, reading)
     raise typer.Exit(code)

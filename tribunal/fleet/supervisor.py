@@ -30,6 +30,12 @@ from tribunal.serving.llama import servers_for
 log = logging.getLogger(__name__)
 
 
+# How a child runs tribunal: this interpreter, without the current folder on sys.path (-P),
+# so a folder named common/, consumers/ or producers/ where the fleet was started cannot
+# shadow tribunal's packages in its children.
+TRIBUNAL_COMMAND = (sys.executable, "-P", "-m", "tribunal")
+
+
 @dataclass
 class Child:
     role: str
@@ -65,7 +71,7 @@ class Fleet:
             self.env[FLEET_FILE_ENV] = str(settings.fleet_file)
         self.log_to = log_to
         self.children = [
-            Child(role, [sys.executable, "-m", "tribunal", "--log-level", log_level, *args])
+            Child(role, [*TRIBUNAL_COMMAND, "--log-level", log_level, *args])
             for role, args in fleet_roles(settings)
         ]
         self.stopping = False
