@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 
 import httpx
 import orjson
+from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,7 +49,7 @@ from common.settings import Settings, load_settings  # noqa: E402
 from consumers.backends import ask, backend_for  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.demo import load_sample  # noqa: E402
-from tribunal.fleet.running import running_fleet  # noqa: E402
+from tribunal.fleet.running import FleetSession, running_fleet  # noqa: E402
 from tribunal.ops.outcomes import Outcome, collect, final_cursors  # noqa: E402
 from tribunal.serving.llama import serving  # noqa: E402
 
@@ -128,6 +129,21 @@ class SlotSampler(threading.Thread):
         }
 
 
+def label_all(
+    session: FleetSession, redis: Redis, records: list[dict[str, Any]], poll_s: float
+) -> Outcome:
+    """Produce ``records`` and read the final streams every ``poll_s`` until each has ended
+    (or 30 minutes passed), supervising the fleet meanwhile."""
+    Producer(redis, session.settings).send(records)
+    cursors, outcome = final_cursors(session.settings), Outcome()
+    deadline = time.monotonic() + 1800
+    while outcome.ended < len(records) and time.monotonic() < deadline:
+        session.fleet.supervise()
+        collect(redis, cursors, outcome)
+        time.sleep(poll_s)
+    return outcome
+
+
 def through_fleet(settings: Settings, records: list[dict[str, Any]]) -> dict[str, Any]:
     """The records through the whole fleet: wall time, judge calls, slot occupancy."""
     from rich.console import Console
@@ -138,14 +154,7 @@ def through_fleet(settings: Settings, records: list[dict[str, Any]]) -> dict[str
         sampler = SlotSampler(session.fleet.servers.urls())
         sampler.start()
         started = time.perf_counter()
-        Producer(redis, live).send(records)
-        cursors = final_cursors(live)
-        outcome = Outcome()
-        deadline = time.monotonic() + 1800
-        while outcome.ended < len(records) and time.monotonic() < deadline:
-            session.fleet.supervise()
-            collect(redis, cursors, outcome)
-            time.sleep(0.1)
+        outcome = label_all(session, redis, records, poll_s=0.1)
         seconds = time.perf_counter() - started
         sampler.done.set()
     judged = sum(d.source == "judge" for d in outcome.decisions)
@@ -239,14 +248,7 @@ def feeding_run(
         sampler.start()
         time.sleep(0.3)  # a sample before the first request
         started = time.perf_counter()
-        Producer(redis, live).send(records)
-        cursors = final_cursors(live)
-        outcome = Outcome()
-        deadline = time.monotonic() + 1800
-        while outcome.ended < len(records) and time.monotonic() < deadline:
-            session.fleet.supervise()
-            collect(redis, cursors, outcome)
-            time.sleep(0.05)
+        outcome = label_all(session, redis, records, poll_s=0.05)
         ended = time.perf_counter()
         time.sleep(0.15)
         sampler.done.set()

@@ -23,7 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
-from common.lifecycle import start_child
+from common.lifecycle import start_child, stop_processes
 from common.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -280,11 +280,7 @@ class EmbeddedRedis:
     def _stop_server(self) -> None:
         """SIGTERM (valkey syncs the AOF and exits), SIGKILL if it is still there later."""
         if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(self.STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            stop_processes([("valkey-server", self._process)], self.STOP_TIMEOUT_S)
             self._process = None
 
     def _take_lock(self) -> None:

@@ -77,6 +77,18 @@ def item_from_entry(fields: dict[bytes, bytes], rules: InputRules) -> Item:
     return validate_item(parse_payload(payload), rules)
 
 
+def problems(exc: ValidationError, whole: str = "") -> str:
+    """pydantic's errors in one line, ``where: what; …`` (``workers.a.backend: Field
+    required; quorom: Extra inputs are not permitted``), without its documentation links;
+    ``whole`` names the place of an error about the whole object (no field)."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or whole
+        what = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{where}: {what}" if where else what)
+    return "; ".join(lines)
+
+
 def _explain(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors()[:3]:

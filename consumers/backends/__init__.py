@@ -19,6 +19,7 @@ import pydantic
 from common.schemas import Item, Prediction, Vote
 from common.settings import LOCAL_BACKEND, ModelSpec, Settings
 from common.tasks import TaskSpec
+from common.validation import problems
 from consumers.backends.base import Backend, RawOptions
 
 __all__ = [
@@ -77,20 +78,13 @@ def _validate_options(cls: BackendClass, options: RawOptions, where: str) -> pyd
     try:
         return cls.Options.model_validate(dict(options))
     except pydantic.ValidationError as exc:
-        raise BackendError(f"{where}: invalid options: {_problems(exc)}") from None
+        raise BackendError(f"{where}: invalid options: {problems(exc, 'options')}") from None
 
 
 def load_backend(name: str, options: RawOptions, tasks: Mapping[str, TaskSpec]) -> Backend:
     """Build backend ``name``. Raises BackendError with a readable reason."""
     cls = _backend_class(name)
     return cls(_validate_options(cls, options, f"backend {name}"), tasks)
-
-
-def _problems(exc: pydantic.ValidationError) -> str:
-    """``field: message; …`` of a backend's options that did not validate."""
-    return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'options'}: {e['msg']}" for e in exc.errors()
-    )
 
 
 def check_options(spec: ModelSpec, role: str) -> None:

@@ -127,11 +127,6 @@ class StreamConsumer:
     def release(self) -> None:
         self.in_flight = []
 
-    def take(self, entries: list[Entry]) -> int:
-        """Process a batch of new entries the loop read for several partitions at once."""
-        self.process(entries)
-        return len(entries)
-
     # --- the work -------------------------------------------------------------------------
     def leave(self) -> None:
         """On a clean exit: no longer live (heartbeat gone), and with nothing pending, out of

@@ -185,7 +185,9 @@ def _read_together(consumers: Sequence[StreamConsumer]) -> int:
     for c, entries in zip(consumers, batches, strict=True):
         c.hold(entries)
     try:
-        return sum(c.take(entries) for c, entries in zip(consumers, batches, strict=True))
+        for c, entries in zip(consumers, batches, strict=True):
+            c.process(entries)
+        return sum(len(entries) for entries in batches)
     finally:
         for c in consumers:
             c.release()

@@ -17,6 +17,7 @@ from rich.markup import escape
 
 from common.lifecycle import StopFlag
 from common.settings import Settings, load_settings
+from common.validation import problems
 
 if TYPE_CHECKING:  # the consumers package is imported only by the commands that run one
     from consumers.engine.runtime import Runtime
@@ -61,19 +62,8 @@ def settings(**overrides: Any) -> Settings:
     except SettingsError as exc:  # an environment value that does not parse (JSON maps)
         say("[red]error:[/]", f"{exc}{f': {exc.__cause__}' if exc.__cause__ else ''}")
     except ValidationError as exc:
-        say("[red]invalid settings:[/]", settings_problems(exc))
+        say("[red]invalid settings:[/]", problems(exc))
     raise typer.Exit(2)
-
-
-def settings_problems(exc: ValidationError) -> str:
-    """pydantic's errors in one line: ``where: what`` for each (``workers.a.backend: Field
-    required; quorom: Extra inputs are not permitted``), without its documentation links."""
-    problems = []
-    for error in exc.errors():
-        where = ".".join(str(part) for part in error["loc"])
-        what = str(error["msg"]).removeprefix("Value error, ")
-        problems.append(f"{where}: {what}" if where else what)
-    return "; ".join(problems)
 
 
 @contextmanager
