@@ -1,6 +1,8 @@
 """The fleet's own overhead, measured beside its two baselines in one run on one server.
 
     python bench/pipeline.py [--items 20000] [--rq-items 300] [--json]
+    python bench/pipeline.py --rates 500 1000             # also latency at steady rates
+    python bench/pipeline.py --stages                     # Redis CPU per item, by script
     python bench/pipeline.py --cluster [--items 6000]   # partitions on 1 vs 3 primaries
 
 With instant models (the simulated backend at zero latency) whatever time is left
@@ -37,6 +39,9 @@ from redis import Redis
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import rq_baseline  # noqa: E402  (bench/, beside this file)
+import stages  # noqa: E402
 
 from common.connection import EmbeddedRedis  # noqa: E402
 from common.keys import RECORD_FIELD, Keys  # noqa: E402
@@ -86,7 +91,7 @@ def cpu_seconds(pid: int) -> float:
 # --- raw ceiling ------------------------------------------------------------------------
 
 
-def _raw_produce(url: str, stream: str, n: int) -> None:
+def _raw_produce(url: str, stream: str, n: int, cpu: Any) -> None:
     client = Redis.from_url(url)
     payload = orjson.dumps(records(1, "x")[0])
     for start in range(0, n, 500):
@@ -94,9 +99,10 @@ def _raw_produce(url: str, stream: str, n: int) -> None:
         for _ in range(min(500, n - start)):
             pipe.xadd(stream, {"d": payload})
         pipe.execute()
+    cpu.put(time.process_time())
 
 
-def _raw_consume(url: str, stream: str, n: int) -> None:
+def _raw_consume(url: str, stream: str, n: int, cpu: Any) -> None:
     client = Redis.from_url(url)
     seen = 0
     while seen < n:
@@ -105,23 +111,33 @@ def _raw_consume(url: str, stream: str, n: int) -> None:
             ids = [eid for eid, _ in entries]
             client.xack(stream, "g", *ids)
             seen += len(ids)
+    cpu.put(time.process_time())
 
 
-def raw_ceiling(url: str, n: int) -> float:
+def raw_ceiling(url: str, n: int, redis_pid: int) -> dict[str, float]:
+    """Items/s of the raw loop, and its CPU µs per item: Redis's and all of it (Redis,
+    the producer and the consumer), the yardstick for the fleet's own CPU per item."""
     stream = "raw:{0}:items"
     client = Redis.from_url(url)
     client.delete(stream)
     client.xgroup_create(stream, "g", id="0", mkstream=True)
-    consumer = multiprocessing.Process(target=_raw_consume, args=(url, stream, n))
-    producer = multiprocessing.Process(target=_raw_produce, args=(url, stream, n))
+    cpu: Any = multiprocessing.Queue()
+    consumer = multiprocessing.Process(target=_raw_consume, args=(url, stream, n, cpu))
+    producer = multiprocessing.Process(target=_raw_produce, args=(url, stream, n, cpu))
+    redis_before = cpu_seconds(redis_pid)
     consumer.start()
     started = time.perf_counter()
     producer.start()
     producer.join()
     consumer.join()
     elapsed = time.perf_counter() - started
+    redis_s = cpu_seconds(redis_pid) - redis_before
     client.delete(stream)
-    return n / elapsed
+    return {
+        "items_per_s": n / elapsed,
+        "redis_us": redis_s / n * 1e6,
+        "cpu_us": (redis_s + cpu.get() + cpu.get()) / n * 1e6,
+    }
 
 
 # --- tribunal ---------------------------------------------------------------------------
@@ -141,7 +157,11 @@ def drain_output(client: Redis, keys: Keys, n: int, timeout: float = 300) -> lis
     return decisions
 
 
-def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
+def fleet_run(
+    server: EmbeddedRedis, n: int, workdir: Path, rates: tuple[float, ...] = ()
+) -> dict[str, Any]:
+    """Items/s and CPU per item at full speed, then latency at half that rate and at each of
+    ``rates`` (items/s)."""
     fleet_file = workdir / "fleet.toml"
     fleet_file.write_text(FLEET.format(batch=BATCH))
     settings = load_settings(fleet_file, redis_url=server.url, namespace="bench", max_backlog=10**9)
@@ -165,6 +185,10 @@ def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
         rss = {role: rss_mib(pid) for role, pid in pids.items() if role != "redis"}
         leftover_votes = sum(1 for _ in client.scan_iter(keys.votes("*"), count=1000))
         latencies = paced_latencies(server.url, settings, keys, rate / 2, seconds=5.0)
+        by_rate = {
+            f"{r:g}": percentiles(paced_latencies(server.url, settings, keys, r, seconds=5.0))
+            for r in rates
+        }
     finally:
         fleet.stop()
     judged = sum(d["source"] == "judge" for d in decisions)
@@ -173,8 +197,8 @@ def fleet_run(server: EmbeddedRedis, n: int, workdir: Path) -> dict[str, Any]:
         "items_per_s": rate,
         "judge_fraction": judged / max(len(decisions), 1),
         "latency_rate": rate / 2,
-        "p50_ms": statistics.median(latencies) * 1000,
-        "p95_ms": sorted(latencies)[int(0.95 * len(latencies))] * 1000,
+        **percentiles(latencies),
+        "latency_by_rate": by_rate,
         "cpu_s_per_1k": {role: 1000 * s / len(decisions) for role, s in cpu.items()},
         "consumer_rss_mib": rss,
         "leftover_vote_hashes": leftover_votes,
@@ -188,37 +212,12 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def memory_per_item(url: str, n: int = 10_000) -> dict[str, float]:
-    """Redis bytes per item: queued (an items-stream entry) and in flight (its vote hash with
-    three votes, its deadline and its share of the notifications), each measured as the
-    difference in used_memory over ``n`` items in a namespace of its own."""
-    from common.schemas import Vote
-    from common.scripts import Scripts
-    from consumers.engine.writes import Writes
-
-    client = Redis.from_url(url)
-    settings = load_settings(redis_url=url, namespace="memory", max_backlog=10**9)
-    keys = Keys(settings.namespace)
-
-    def used() -> int:
-        return int(client.info("memory")["used_memory"])
-
-    start = used()
-    Producer(client, settings, chunk_size=BATCH).send(records(n, "mem"))
-    queued = used()
-    scripts = Scripts(keys, settings.decided_ttl_s)
-    payloads: Any = client.xrange(keys.items)
-    for worker in "abc":
-        for offset in range(0, n, BATCH):
-            writes = Writes(client.pipeline(transaction=False), scripts)
-            for _, fields in payloads[offset : offset + BATCH]:
-                item = orjson.loads(fields[RECORD_FIELD])
-                vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
-                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, time.time() + 60)
-            writes.flush().execute()
-    in_flight = used()
-    client.delete(*client.keys(f"{keys.prefix}:*"))
-    return {"queued_bytes": (queued - start) / n, "in_flight_bytes": (in_flight - queued) / n}
+def percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {
+        "p50_ms": statistics.median(ordered) * 1000,
+        "p95_ms": ordered[int(0.95 * len(ordered))] * 1000,
+    }
 
 
 def paced_latencies(
@@ -236,71 +235,6 @@ def paced_latencies(
     return [d["decided_at"] - d["produced_at"] for d in out]
 
 
-# --- rq ---------------------------------------------------------------------------------
-
-
-def rq_vote(url: str, worker: str, item: dict[str, Any]) -> None:
-    """One worker model's job for one item: vote, and enqueue the aggregation on the third."""
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    client = Redis.from_url(url)
-    key = f"rq:votes:{item['id']}"
-    client.hset(key, worker, item["gold"])
-    if client.hlen(key) == 3:
-        Queue("agg", connection=client, serializer=JSONSerializer).enqueue(
-            "pipeline.rq_aggregate", url, item["id"]
-        )
-
-
-def rq_aggregate(url: str, item_id: str) -> None:
-    client = Redis.from_url(url)
-    votes: Any = client.hgetall(f"rq:votes:{item_id}")
-    if not votes:  # two vote jobs both saw the third vote: this naive design labels twice
-        return
-    label, count = statistics.mode(v.decode() for v in votes.values()), len(votes)
-    client.rpush("rq:output", orjson.dumps({"id": item_id, "label": label, "votes": count}))
-    client.delete(f"rq:votes:{item_id}")
-
-
-def _rq_worker(url: str, queue: str) -> None:
-    from rq import Queue, Worker
-    from rq.serializers import JSONSerializer
-
-    client = Redis.from_url(url)
-    Worker(
-        [Queue(queue, connection=client, serializer=JSONSerializer)],
-        connection=client,
-        serializer=JSONSerializer,
-    ).work(logging_level="WARNING")
-
-
-def rq_run(url: str, n: int) -> float:
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    client = Redis.from_url(url)
-    client.delete("rq:output")
-    workers = [
-        multiprocessing.Process(target=_rq_worker, args=(url, q), daemon=True)
-        for q in ("w1", "w2", "w3", "agg")
-    ]
-    for w in workers:
-        w.start()
-    time.sleep(2.0)
-    queues = [Queue(q, connection=client, serializer=JSONSerializer) for q in ("w1", "w2", "w3")]
-    started = time.perf_counter()
-    for item in records(n, "rq"):
-        for worker, queue in zip("abc", queues, strict=True):
-            queue.enqueue("pipeline.rq_vote", url, worker, item)
-    while client.llen("rq:output") < n and time.perf_counter() - started < 600:
-        time.sleep(0.05)
-    elapsed = time.perf_counter() - started
-    for w in workers:
-        w.terminate()
-    return int(client.llen("rq:output")) / elapsed
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--items", type=int, default=20_000)
@@ -312,7 +246,30 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="with --cluster: one server and 3 primaries, P=6"
     )
+    parser.add_argument(
+        "--stages", action="store_true", help="Redis CPU per item, script by script"
+    )
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="*",
+        default=[],
+        metavar="ITEMS_PER_S",
+        help="also measure latency at these steady rates (5 s each)",
+    )
     args = parser.parse_args()
+    if args.stages:
+        with EmbeddedRedis() as server:
+            pid = server.pid or 0
+            raw = raw_ceiling(server.url, args.items, pid)
+            costs = stages.redis_stages(
+                server.url, lambda: cpu_seconds(pid), records(args.items, "s")
+            )
+        if args.json:
+            print(orjson.dumps({"raw": raw, "stages": costs}, option=orjson.OPT_INDENT_2).decode())
+        else:
+            stages.report(costs, raw["redis_us"])
+        return
     if args.cluster:
         import cluster
 
@@ -326,18 +283,20 @@ def main() -> None:
         return
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-bench-"))
     with EmbeddedRedis(workdir / "valkey") as server:
-        raw = raw_ceiling(server.url, args.items)
-        memory = memory_per_item(server.url, min(args.items, 10_000))
-        fleet = fleet_run(server, args.items, workdir)
-        rq = rq_run(server.url, args.rq_items) if args.rq_items else 0.0
+        raw = raw_ceiling(server.url, args.items, server.pid or 0)
+        memory = stages.memory_per_item(server.url, records(min(args.items, 10_000), "mem"))
+        fleet = fleet_run(server, args.items, workdir, tuple(args.rates))
+        rq = rq_baseline.rq_run(server.url, records(args.rq_items, "rq")) if args.rq_items else 0.0
     result = {
         "machine": f"{os.cpu_count()} cores",
         "date": time.strftime("%Y-%m-%d"),
-        "raw_items_per_s": raw,
+        "raw_items_per_s": raw["items_per_s"],
+        "raw_cpu_us_per_item": raw["cpu_us"],
         "rq_items_per_s": rq,
         "tribunal": fleet,
         "redis_memory_per_item": memory,
-        "of_raw_ceiling": fleet["items_per_s"] / raw,
+        "of_raw_ceiling": fleet["items_per_s"] / raw["items_per_s"],
+        "cpu_vs_raw": sum(fleet["cpu_s_per_1k"].values()) * 1000 / raw["cpu_us"],
         "times_rq": fleet["items_per_s"] / rq if rq else None,
     }
     if args.json:
@@ -362,7 +321,13 @@ def report(r: dict[str, Any]) -> None:
         f"latency at {f['latency_rate']:.0f} items/s: p50 {f['p50_ms']:.1f} ms, "
         f"p95 {f['p95_ms']:.1f} ms"
     )
-    print("CPU seconds per 1,000 items:")
+    for rate, p in f["latency_by_rate"].items():
+        print(f"latency at {rate} items/s: p50 {p['p50_ms']:.1f} ms, p95 {p['p95_ms']:.1f} ms")
+    total = sum(f["cpu_s_per_1k"].values())
+    print(
+        f"CPU per item: {total * 1000:.0f} µs over all processes = {r['cpu_vs_raw']:.1f}x the "
+        f"raw loop's {r['raw_cpu_us_per_item']:.0f} µs; seconds per 1,000 items:"
+    )
     for role, seconds in sorted(f["cpu_s_per_1k"].items()):
         print(f"  {role:34s} {seconds:6.3f}")
     m = r["redis_memory_per_item"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 
@@ -17,7 +18,7 @@ class Keys:
     namespace: str = "tribunal"
     partition: int = 0
 
-    @property
+    @cached_property  # every per-item key starts with it: spelled once
     def prefix(self) -> str:
         return f"{self.namespace}:{{{self.partition}}}"
 

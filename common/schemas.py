@@ -43,6 +43,10 @@ class Record(BaseModel):
 class Item(Record):
     """One thing to label. ``text_b`` is the second text of pair tasks (similar_ticket)."""
 
+    # JSON has no NaN or Infinity: read from a stream's bytes (model_validate_json) an item
+    # must be refused for them as when it is read with orjson first.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     id: ItemId
     task: str
     text: str

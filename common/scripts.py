@@ -13,10 +13,9 @@ hash tag (one cluster slot).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from importlib import resources
 from string import Template
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis import Redis
 from redis.client import Pipeline
@@ -52,26 +51,23 @@ DONE = "done"
 CHUNK_TTL_S = 600
 
 
-@dataclass(frozen=True)
-class CastVote:
-    item_id: str
+class Ballot(NamedTuple):  # a tuple: built and hashed per vote, as the key of its group
+    """What one script call of votes shares: one worker's votes with one label's counter."""
+
     worker: str
-    vote: bytes
-    item: bytes
-    notify_at: int
-    deadline: float
+    notify_at: int  # votes an item needs before the aggregator is notified
+    deadline: float  # epoch seconds: the vote timeout of an item this call votes on first
     counter: str
 
 
-@dataclass(frozen=True)
-class Settle:
-    item_id: str
+class Settlement(NamedTuple):
+    """What one settle call shares: where its items go and the state change it makes."""
+
     stream: str
-    payload: bytes
     counter: str
-    expect: str = ""  # the state it must be in: unsettled, or ESCALATED for the judge
+    expect: str = ""  # the state they must be in: unsettled, or ESCALATED for the judge
     new: str = DONE
-    also: tuple[str, bytes] | None = None  # (stream, payload) added only if it settles
+    also: str = ""  # a second stream written only for items given a payload for it
 
 
 class Scripts:
@@ -86,33 +82,31 @@ class Scripts:
         self.keys = keys
         self.done_ttl_s = done_ttl_s
 
-    def cast_votes(self, pipe: Pipeline, casts: Sequence[CastVote]) -> None:
+    def cast_votes(
+        self, pipe: Pipeline, ballot: Ballot, votes: Sequence[tuple[str, bytes, bytes]]
+    ) -> None:
+        """Cast ``(item id, vote json, item json)`` triples that share ``ballot``."""
         k = self.keys
         keys: list[Any] = [k.ready, k.deadlines, k.stats]
-        args: list[Any] = []
-        for c in casts:
-            keys += [k.votes(c.item_id), k.state(c.item_id)]
-            args += [
-                c.item_id,
-                c.worker,
-                c.vote,
-                c.item,
-                c.notify_at,
-                f"{c.deadline:.3f}",
-                c.counter,
-            ]
+        args: list[Any] = [ballot.worker, ballot.notify_at, f"{ballot.deadline:.3f}"]
+        args.append(ballot.counter)
+        for item_id, vote, item in votes:
+            keys += [k.votes(item_id), k.state(item_id)]
+            args += [item_id, vote, item]
         _eval(pipe, CAST_VOTES, keys, args)
 
-    def settle(self, pipe: Pipeline, settles: Sequence[Settle]) -> None:
-        k = self.keys
-        keys: list[Any] = [k.deadlines, k.stats]
-        args: list[Any] = []
-        for s in settles:
-            also_stream, also_payload = s.also or (s.stream, b"")
-            keys += [k.state(s.item_id), k.votes(s.item_id), s.stream, also_stream]
-            keys.append(k.queued(s.item_id))
-            ttl = self.done_ttl_s if s.new == DONE else 0
-            args += [s.expect, s.new, ttl, s.item_id, s.payload, s.counter, also_payload]
+    def settle(
+        self, pipe: Pipeline, settlement: Settlement, items: Sequence[tuple[str, bytes, bytes]]
+    ) -> None:
+        """Settle ``(item id, payload, payload for the second stream or b"")`` triples, each
+        once."""
+        k, s = self.keys, settlement
+        keys: list[Any] = [k.deadlines, k.stats, s.stream, s.also or s.stream]
+        ttl = self.done_ttl_s if s.new == DONE else 0
+        args: list[Any] = [s.expect, s.new, ttl, s.counter]
+        for item_id, payload, also in items:
+            keys += [k.state(item_id), k.votes(item_id), k.queued(item_id)]
+            args += [item_id, payload, also]
         _eval(pipe, SETTLE, keys, args)
 
     def produce(

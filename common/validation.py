@@ -40,6 +40,11 @@ def validate_item(data: RawRecord, rules: InputRules) -> Item:
         item = Item.model_validate(data)
     except ValidationError as exc:
         raise InvalidItem(_explain(exc)) from None
+    return check_rules(item, rules)
+
+
+def check_rules(item: Item, rules: InputRules) -> Item:
+    """What the schema cannot say: a known task, its texts and the size limits."""
     tasks = rules.tasks
     task = tasks.get(item.task)
     if task is None:
@@ -74,7 +79,11 @@ def item_from_entry(fields: dict[bytes, bytes], rules: InputRules) -> Item:
         names = ", ".join(sorted(k.decode(errors="replace") for k in fields)) or "none"
         field = RECORD_FIELD.decode()
         raise InvalidItem(f"entry has no '{field}' field with the item JSON (fields: {names})")
-    return validate_item(parse_payload(payload), rules)
+    try:  # the common case in one pass over the bytes (pydantic parses the JSON itself)
+        item = Item.model_validate_json(payload)
+    except ValidationError:  # the slow path says what is wrong in the producer's words
+        return validate_item(parse_payload(payload), rules)
+    return check_rules(item, rules)
 
 
 def problems(exc: ValidationError, whole: str = "") -> str:

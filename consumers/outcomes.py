@@ -16,6 +16,10 @@ from common.validation import InvalidItem
 from consumers.engine.handler import Entry
 from consumers.engine.writes import Writes
 
+DECISIONS_BY = {
+    source: metrics.field(metrics.DECISIONS, {"source": source}) for source in ("workers", "judge")
+}
+
 
 def reject(writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> None:
     """Settle a bad entry as a reject, once, whichever consumer sees it first."""
@@ -36,7 +40,7 @@ def publish(
 ) -> None:
     """Settle an item with its final label, once, and record how long it took; ``audit``
     (an escalation for the judge) is sent only if this call settles it."""
-    counter = metrics.field(metrics.DECISIONS, {"source": decision.source})
+    counter = DECISIONS_BY[decision.source]
     if escalated:
         writes.settle_escalated(decision.id, writes.keys.output, decision.dump(), counter)
     else:

@@ -63,8 +63,9 @@ class WorkerHandler(Handler):
             return {}
         votes, elapsed = ask(self.backend, self.worker, [item for _, item in valid], self.tasks)
         writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
+        deadline = self.deadline()
         for (entry, item), vote in zip(valid, votes, strict=True):
-            self.cast(writes, entry, item, vote)
+            writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, deadline)
         return {}
 
     def unsettled(
@@ -77,9 +78,9 @@ class WorkerHandler(Handler):
         writes.incr(metrics.SKIPPED, {"worker": self.worker}, len(valid) - len(kept))
         return kept
 
-    def cast(self, writes: Writes, entry: Entry, item: Item, vote: Vote) -> None:
-        deadline = now() + self.rt.settings.vote_timeout_s
-        writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, deadline)
+    def deadline(self) -> float:
+        """When the vote timeout of an item voted on now ends (epoch seconds)."""
+        return now() + self.rt.settings.vote_timeout_s
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         """This model keeps failing on the item: abstain with the error, so the other
@@ -94,7 +95,8 @@ class WorkerHandler(Handler):
             label=None,
             error=f"gave up after {entry.deliveries} deliveries: {error}",
         )
-        self.cast(writes, entry, item, abstain)
+        payload = entry.fields[RECORD_FIELD]
+        writes.cast_vote(item.id, abstain, payload, self.notify_at, self.deadline())
         return True
 
 

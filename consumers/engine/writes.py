@@ -1,8 +1,9 @@
 """Everything one batch writes, queued by the handler and sent in one round trip.
 
-Votes go to Redis as one script call per batch and settlements as another (not
-one command per item), and stat increments are summed per field first: on the
-hot path the per-command cost of the client, not Redis, is what limits a fleet.
+Votes go to Redis as one script call per batch and label, settlements as one per
+batch and kind (not one command per item), and stat increments are summed per field
+first: on the hot path the per-command and per-argument costs of the client and of
+Redis are what limit a fleet.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import bisect
 from collections import Counter
 from collections.abc import Mapping
+from functools import lru_cache
 
 from redis import Redis
 from redis.client import Pipeline
@@ -17,7 +19,9 @@ from redis.typing import EncodableT, FieldT
 
 from common import metrics
 from common.schemas import Vote
-from common.scripts import DONE, ESCALATED, CastVote, Scripts, Settle
+from common.scripts import DONE, ESCALATED, Ballot, Scripts, Settlement
+
+Labels = tuple[tuple[str, str], ...]
 
 
 class Writes:
@@ -27,20 +31,21 @@ class Writes:
         self._pipe = pipe
         self.scripts = scripts
         self.keys = scripts.keys
-        self._casts: list[CastVote] = []
-        self._settles: list[Settle] = []
+        # Grouped by what a script call shares, so each call sends that once (usually one
+        # call per batch and label); item ids in the order they were queued.
+        self._votes: dict[Ballot, list[tuple[str, bytes, bytes]]] = {}
+        self._settles: dict[Settlement, list[tuple[str, bytes, bytes]]] = {}
         self._counts: Counter[str] = Counter()
-        self._sums: dict[str, float] = {}
+        self._observed: dict[tuple[str, Labels, tuple[float, ...]], list[float]] = {}
 
     def cast_vote(
         self, item_id: str, vote: Vote, item: bytes, notify_at: int, deadline: float
     ) -> None:
-        counter = metrics.field(
-            metrics.VOTES, {"worker": vote.worker, "label": vote.label or "abstain"}
-        )
-        self._casts.append(
-            CastVote(item_id, vote.worker, vote.dump(), item, notify_at, deadline, counter)
-        )
+        """Store ``vote`` with the item (its JSON, as read), once per worker and item; the
+        item's vote timeout ends at ``deadline`` (epoch seconds) if this is its first vote."""
+        labels = (("label", vote.label or "abstain"), ("worker", vote.worker))
+        ballot = Ballot(vote.worker, notify_at, deadline, _field(metrics.VOTES, labels))
+        self._votes.setdefault(ballot, []).append((item_id, vote.dump(), item))
 
     def settle(
         self,
@@ -52,17 +57,19 @@ class Writes:
     ) -> None:
         """Make the item final: one entry in ``stream`` (output, rejects or dead), once; and,
         only if this call is the one that settles it, ``also`` (stream, payload)."""
-        self._settles.append(Settle(item_id, stream, payload, counter, also=also))
+        also_stream, also_payload = also or ("", b"")
+        settlement = Settlement(stream, counter, also=also_stream)
+        self._settles.setdefault(settlement, []).append((item_id, payload, also_payload))
 
     def escalate(self, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""
-        self._settles.append(
-            Settle(item_id, self.keys.judge, payload, metrics.ESCALATIONS, new=ESCALATED)
-        )
+        settlement = Settlement(self.keys.judge, metrics.ESCALATIONS, new=ESCALATED)
+        self._settles.setdefault(settlement, []).append((item_id, payload, b""))
 
     def settle_escalated(self, item_id: str, stream: str, payload: bytes, counter: str) -> None:
         """The judge's (or a dead letter's) final word on an escalated item, once."""
-        self._settles.append(Settle(item_id, stream, payload, counter, ESCALATED, DONE))
+        settlement = Settlement(stream, counter, ESCALATED, DONE)
+        self._settles.setdefault(settlement, []).append((item_id, payload, b""))
 
     @classmethod
     def transaction(cls, redis: Redis, scripts: Scripts) -> Writes:
@@ -82,7 +89,7 @@ class Writes:
 
     def incr(self, name: str, labels: Mapping[str, str] | None = None, n: int = 1) -> None:
         if n:
-            self._counts[metrics.field(name, labels)] += n
+            self._counts[_field(name, tuple(labels.items()) if labels else ())] += n
 
     def observe(
         self,
@@ -91,24 +98,36 @@ class Writes:
         labels: Mapping[str, str] | None = None,
         buckets: tuple[float, ...] = metrics.SECONDS_BUCKETS,
     ) -> None:
-        """One histogram observation: its bucket (not cumulative), sum and count."""
-        index = bisect.bisect_left(buckets, value)
-        le = "+Inf" if index == len(buckets) else f"{buckets[index]:g}"
-        base = dict(labels or {})
-        self._counts[metrics.field(name, {**base, "le": le})] += 1
-        self._counts[metrics.field(name, base) + "|count"] += 1
-        total = metrics.field(name, base) + "|sum"
-        self._sums[total] = self._sums.get(total, 0.0) + value
+        """One histogram observation; the batch's are put in buckets when flushed."""
+        key = (name, tuple(labels.items()) if labels else (), buckets)
+        self._observed.setdefault(key, []).append(value)
 
     def flush(self) -> Pipeline:
         """Queue everything on the pipeline (the caller adds XACK and executes it)."""
-        if self._casts:
-            self.scripts.cast_votes(self._pipe, self._casts)
-        if self._settles:
-            self.scripts.settle(self._pipe, self._settles)
-        for name, n in self._counts.items():
-            self._pipe.hincrby(self.keys.stats, name, n)
-        for name, total in self._sums.items():
-            self._pipe.hincrbyfloat(self.keys.stats, name, total)
-        self._casts, self._settles, self._counts, self._sums = [], [], Counter(), {}
+        for ballot, votes in self._votes.items():
+            self.scripts.cast_votes(self._pipe, ballot, votes)
+        for settlement, items in self._settles.items():
+            self.scripts.settle(self._pipe, settlement, items)
+        sums: dict[str, float] = {}
+        for (name, labels, buckets), values in self._observed.items():
+            # Each observation counts in its bucket (not cumulative: the exporter sums them),
+            # and in the histogram's count and sum.
+            for value in values:
+                index = bisect.bisect_left(buckets, value)
+                le = "+Inf" if index == len(buckets) else f"{buckets[index]:g}"
+                self._counts[_field(name, (*labels, ("le", le)))] += 1
+            self._counts[_field(name, labels) + "|count"] += len(values)
+            sum_field = _field(name, labels) + "|sum"
+            sums[sum_field] = sums.get(sum_field, 0.0) + sum(values)
+        for field, n in self._counts.items():
+            self._pipe.hincrby(self.keys.stats, field, n)
+        for field, total in sums.items():
+            self._pipe.hincrbyfloat(self.keys.stats, field, total)
+        self._votes, self._settles, self._counts, self._observed = {}, {}, Counter(), {}
         return self._pipe
+
+
+@lru_cache(maxsize=4096)
+def _field(name: str, labels: Labels) -> str:
+    """``metrics.field``, spelled once per name and labels: a batch repeats a few of them."""
+    return metrics.field(name, dict(labels))
