@@ -225,7 +225,7 @@ def paced_latencies(
 ) -> list[float]:
     """Produce at a steady ``rate`` and return each item's produce-to-label time."""
     n = int(rate * seconds)
-    batch = records(n, "paced")
+    batch = records(n, f"paced{rate:g}-")  # new ids at each rate: settled ones are known
     chunk = max(1, int(rate / 100))  # about 100 sends a second
     out: list[dict[str, Any]] = []
     reader = threading.Thread(target=lambda: out.extend(drain_output(Redis.from_url(url), keys, n)))

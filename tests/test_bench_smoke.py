@@ -56,14 +56,27 @@ def test_cascade_bench_quick_reports_every_policy() -> None:
 
 
 def test_pipeline_bench_tiny_reports_ratios_and_cpu_per_role() -> None:
-    report = run_bench("pipeline.py", "--items", "400", "--rq-items", "10")
+    report = run_bench("pipeline.py", "--items", "400", "--rq-items", "10", "--rates", "100")
     fleet = report["tribunal"]
     assert fleet["items"] == 400
     assert report["raw_items_per_s"] > 0 and report["rq_items_per_s"] > 0
     assert report["of_raw_ceiling"] > 0 and report["times_rq"] > 0
+    assert report["raw_cpu_us_per_item"] > 0 and report["cpu_vs_raw"] > 0
     assert 0 < fleet["p50_ms"] <= fleet["p95_ms"]
+    steady = fleet["latency_by_rate"]["100"]
+    assert 0 < steady["p50_ms"] <= steady["p95_ms"]
     roles = set(fleet["cpu_s_per_1k"])
     assert {"aggregator", "judge", "redis", "worker:a", "worker:b", "worker:c"} <= roles
+
+
+def test_stages_bench_charges_redis_cpu_to_every_stage() -> None:
+    report = run_bench("pipeline.py", "--stages", "--items", "1500")
+    stages = report["stages"]
+    assert len(stages) == 5 and report["raw"]["redis_us"] > 0
+    # 1,500 items are too few for every stage to cost a 10 ms clock tick of Redis CPU, but
+    # the three workers' votes are.
+    assert stages["cast votes (3 workers)"]["redis_us"] > 0
+    assert all(cost["client_us"] >= 0 and cost["redis_us"] >= 0 for cost in stages.values())
 
 
 def test_cluster_bench_quick_reports_one_server_and_three_primaries() -> None:
