@@ -213,6 +213,8 @@ def rss_mib(pid: int) -> float:
 
 
 def percentiles(latencies: list[float]) -> dict[str, float]:
+    if not latencies:
+        raise SystemExit("no label came back from a paced run: is the fleet running?")
     ordered = sorted(latencies)
     return {
         "p50_ms": statistics.median(ordered) * 1000,

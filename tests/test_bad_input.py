@@ -17,6 +17,11 @@ def item(**fields: Any) -> dict[bytes, bytes]:
     return {b"d": orjson.dumps({k: v for k, v in record.items() if v is not ...})}
 
 
+def raw(field: bytes) -> dict[bytes, bytes]:
+    """A valid item's JSON with one more field written as raw bytes."""
+    return {b"d": b'{"id":"x","task":"sentiment","text":"t",' + field + b"}"}
+
+
 def nested(levels: int) -> dict[bytes, bytes]:
     metadata = b'{"k":' * levels + b"1" + b"}" * levels
     return {b"d": b'{"id":"x","task":"sentiment","text":"t","metadata":' + metadata + b"}"}
@@ -57,6 +62,10 @@ BAD: dict[str, tuple[dict[bytes, bytes], str]] = {
     "unknown field": (item(priority="high"), "unknown field 'priority'"),
     "gold not in the label set": (item(gold="furious"), "gold label 'furious' is not one of"),
     "produced_at not a number": (item(produced_at="yesterday"), "field 'produced_at'"),
+    # JSON has no NaN or infinity: pydantic's JSON parser takes them, orjson does not.
+    "produced_at NaN": (raw(b'"produced_at":NaN'), "invalid JSON"),
+    "NaN in metadata": (raw(b'"metadata":{"k":NaN}'), "NaN or an infinite number"),
+    "overflowing number in metadata": (raw(b'"metadata":{"k":[1e400]}'), "infinite number"),
 }
 
 

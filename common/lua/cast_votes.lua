@@ -4,9 +4,10 @@
 -- One worker's votes that share a counter (its label): per item, store the vote with the
 -- item unless the item is settled (late or re-delivered votes are dropped, and no per-item
 -- key is re-created); count it and start the vote timeout when it is new; notify the
--- aggregator (one entry for the whole call) once enough votes are in. Per item the header
--- is not sent again and two or three commands run, not five: the Lua and argument costs
--- per item are most of what Redis spends on a vote (bench/pipeline.py, perf).
+-- aggregator (one entry for the whole call) once enough votes are in. The header is sent
+-- once per call, and a vote runs three commands (four for an item's first vote, or when more
+-- than two votes are needed to notify) where it ran four or five: per argument and per
+-- command costs are most of what Redis spends on a vote (INFO commandstats, perf).
 local worker, notify_at, deadline = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local ready, counted = {}, 0
 for i = 0, (#KEYS - 3) / 2 - 1 do

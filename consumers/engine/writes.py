@@ -32,7 +32,9 @@ class Writes:
         self.scripts = scripts
         self.keys = scripts.keys
         # Grouped by what a script call shares, so each call sends that once (usually one
-        # call per batch and label); item ids in the order they were queued.
+        # call per batch and label); calls go in the order their group first appeared, items
+        # in the order they were queued. (Settling one item twice in one batch, two ways,
+        # would apply in group order; no handler does: each settles an item once a batch.)
         self._votes: dict[Ballot, list[tuple[str, bytes, bytes]]] = {}
         self._settles: dict[Settlement, list[tuple[str, bytes, bytes]]] = {}
         self._counts: Counter[str] = Counter()
