@@ -25,6 +25,7 @@ import orjson
 import pytest
 from redis import Redis
 
+from common.connection import EmbeddedRedis
 from common.keys import Keys
 
 KEYS = Keys("tribunal")
@@ -366,3 +367,23 @@ def test_a_restart_keeps_the_url_so_other_shells_carry_on(procs: Procs, tmp_path
     assert status.wait(30) == 0, procs.output("status.json")
     assert ctrl_c(follower, 30) == 0
     assert ctrl_c(run) == 0
+
+
+# --- a fleet member that stops on a configuration error ---------------------------------
+
+
+def test_a_member_failing_on_its_configuration_stops_the_fleet_not_a_restart_loop(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Restarting a child that exits 2 would fail the same way forever: `run` stops with one
+    line naming it, the child's own reason above it, and leaves nothing running."""
+    with EmbeddedRedis(tmp_path / "valkey") as server:
+        Redis.from_url(server.url).set(Keys("tribunal").partitions, 2)  # the fleet runs 1
+        run = procs.start("run", log="run.log", url=server.url)
+        assert run.wait(90) == 2, procs.output("run.log").decode()[-2000:]
+    out = procs.output("run.log").decode()
+    assert "stopped on a configuration error (exit 2" in out, out[-2000:]
+    assert "uses 2 partitions but this process is set up with 1" in out, out[-2000:]
+    assert "restarting in" not in out, out[-2000:]
+    assert "Traceback" not in out
+    wait_for("every fleet member gone", lambda: not procs.alive(), timeout=30)

@@ -337,10 +337,10 @@ def run(
     try:
         with clear_errors(s):
             fleet.start()
-        for server in fleet.servers.servers:
-            say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
-        while not stop.wait(0.5):
-            fleet.supervise()
+            for server in fleet.servers.servers:
+                say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
+            while not stop.wait(0.5):
+                fleet.supervise()
         say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
     finally:
         fleet.stop(timeout=s.shutdown_grace_s + 5)

@@ -2,9 +2,11 @@
 
 Separate processes because that is how the fleet runs in production (and how a
 crash of one model must not take the others down). A child that dies is restarted
-with backoff. Each child runs in a session of its own (``common.lifecycle.start_child``):
-a terminal's Ctrl-C reaches only the supervisor, which passes one SIGTERM to every child,
-so each finishes its batch; a second signal to the supervisor stops them at once.
+with backoff, unless it exits on a configuration error (exit 2: restarting would fail
+the same way), which stops the fleet with ``ChildFailed``. Each child runs in a session of
+its own (``common.lifecycle.start_child``): a terminal's Ctrl-C reaches only the supervisor,
+which passes one SIGTERM to every child, so each finishes its batch; a second signal to the
+supervisor stops them at once.
 Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
 llama-server started first, and stopped last; their URLs reach the children in
 ``TRIBUNAL_MODEL_URLS``.
@@ -34,6 +36,13 @@ log = logging.getLogger(__name__)
 # so a folder named common/, consumers/ or producers/ where the fleet was started cannot
 # shadow tribunal's packages in its children.
 TRIBUNAL_COMMAND = (sys.executable, "-P", "-m", "tribunal")
+# A child's exit code for a setup error (tribunal.cli.base.clear_errors: a partition count
+# other than the namespace's, a backend that cannot be built, a model that cannot be served).
+CONFIG_ERROR = 2
+
+
+class ChildFailed(Exception):
+    """A fleet member exited on a configuration error; the message names it."""
 
 
 @dataclass
@@ -110,13 +119,20 @@ class Fleet:
         log.info("started %s (pid %d)", child.role, child.process.pid)
 
     def supervise(self) -> None:
-        """Restart children and model servers that died; call this periodically."""
+        """Restart children and model servers that died; call this periodically. Raises
+        ChildFailed when a child exited on a configuration error."""
         if self.stopping:
             return
         self.servers.supervise()
         for child in self.children:
             if child.process is None or child.process.poll() is None:
                 continue
+            if child.process.returncode == CONFIG_ERROR:
+                where = getattr(self.log_to, "name", None) or "the output above"
+                raise ChildFailed(
+                    f"{child.role} stopped on a configuration error (exit {CONFIG_ERROR}; its "
+                    f"message is in {where}): restarting it would fail the same way"
+                )
             if child.restart.after_exit(child.exit_note):
                 self.respawn(child)
 
