@@ -49,7 +49,7 @@ from common.settings import load_settings  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.supervisor import Fleet  # noqa: E402
 
-BATCH = 256
+BATCH = stages.BATCH
 LABELS = ("positive", "negative", "neutral")
 FLEET = """
 batch_size = {batch}

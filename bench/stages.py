@@ -54,22 +54,6 @@ def redis_stages(
             client.xack(keys.items, "stages", *[eid for eid, _ in batch])
         ids.extend(orjson.loads(fields[RECORD_FIELD])["id"] for _, fields in entries)
 
-    def cast_votes() -> None:  # three workers, as in the fleet
-        for worker in WORKERS:
-            for offset in range(0, len(entries), BATCH):
-                writes = Writes.transaction(client, scripts)
-                deadline = time.time() + 60
-                batch = zip(
-                    ids[offset : offset + BATCH], entries[offset : offset + BATCH], strict=True
-                )
-                for item_id, (_, fields) in batch:
-                    # The item's gold label: a batch's votes carry all three labels, as in
-                    # the fleet (one script call per label).
-                    label = orjson.loads(fields[RECORD_FIELD])["gold"]
-                    vote = Vote(worker=worker, label=label, confidence=0.9)
-                    writes.cast_vote(item_id, vote, fields[RECORD_FIELD], 2, deadline)
-                writes.flush().execute()
-
     def gather() -> None:
         for offset in range(0, len(ids), BATCH):
             scripts.gather_votes(client, ids[offset : offset + BATCH])
@@ -85,7 +69,7 @@ def redis_stages(
     stages = {
         "produce (script: add unless known)": produce,
         "read items (1 group: XREADGROUP + XACK)": read_items,
-        "cast votes (3 workers)": cast_votes,
+        "cast votes (3 workers)": lambda: cast_votes(client, scripts, entries),
         "gather votes (aggregator)": gather,
         "settle (aggregator)": settle,
     }
@@ -99,6 +83,21 @@ def redis_stages(
         }
     client.delete(*client.keys(f"{keys.prefix}:*"))
     return result
+
+
+def cast_votes(client: Redis, scripts: Scripts, entries: Any) -> None:
+    """Three workers vote on every item of ``entries`` (``(entry id, fields)`` as read from
+    the items stream) with its gold label, a batch per transaction as in the fleet, so a
+    batch's votes carry all three labels (one script call per label)."""
+    for worker in WORKERS:
+        for offset in range(0, len(entries), BATCH):
+            writes = Writes.transaction(client, scripts)
+            deadline = time.time() + 60
+            for _, fields in entries[offset : offset + BATCH]:
+                item = orjson.loads(fields[RECORD_FIELD])
+                vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
+                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, deadline)
+            writes.flush().execute()
 
 
 def memory_per_item(url: str, records: list[dict[str, Any]]) -> dict[str, float]:
@@ -118,15 +117,7 @@ def memory_per_item(url: str, records: list[dict[str, Any]]) -> dict[str, float]
     Producer(client, settings, chunk_size=BATCH).send(records)
     queued = used()
     scripts = Scripts(keys, settings.decided_ttl_s)
-    payloads: Any = client.xrange(keys.items)
-    for worker in WORKERS:
-        for offset in range(0, n, BATCH):
-            writes = Writes(client.pipeline(transaction=False), scripts)
-            for _, fields in payloads[offset : offset + BATCH]:
-                item = orjson.loads(fields[RECORD_FIELD])
-                vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
-                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, time.time() + 60)
-            writes.flush().execute()
+    cast_votes(client, scripts, client.xrange(keys.items))
     in_flight = used()
     client.delete(*client.keys(f"{keys.prefix}:*"))
     return {"queued_bytes": (queued - start) / n, "in_flight_bytes": (in_flight - queued) / n}

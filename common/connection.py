@@ -24,11 +24,9 @@ from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from common.lifecycle import start_child, stop_processes
-from common.settings import Settings
+from common.settings import CLUSTER_SCHEMES, Settings
 
 log = logging.getLogger(__name__)
-
-CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
 
 def connect(

@@ -29,6 +29,10 @@ Scheme = Literal["majority", "weighted", "unanimous"]
 SCHEMES: tuple[Scheme, ...] = ("majority", "weighted", "unanimous")
 
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
+# URL schemes of a Redis (``common.connection.connect``): the cluster ones name a Redis
+# Cluster by any one of its nodes.
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)
 _fleet_file: ContextVar[Path | None] = ContextVar("fleet_file", default=None)
 
 
@@ -227,9 +231,8 @@ class Settings(BaseSettings):
     @field_validator("redis_url")
     @classmethod
     def _redis_scheme(cls, url: str | None) -> str | None:
-        schemes = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
-        if url and not url.startswith(schemes):
-            raise ValueError(f"a Redis URL starts with {', '.join(schemes)}; got {url!r}")
+        if url and not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"a Redis URL starts with {', '.join(REDIS_SCHEMES)}; got {url!r}")
         return url
 
     @model_validator(mode="after")

@@ -60,18 +60,22 @@ class Writes:
         """Make the item final: one entry in ``stream`` (output, rejects or dead), once; and,
         only if this call is the one that settles it, ``also`` (stream, payload)."""
         also_stream, also_payload = also or ("", b"")
-        settlement = Settlement(stream, counter, also=also_stream)
-        self._settles.setdefault(settlement, []).append((item_id, payload, also_payload))
+        self._settle(Settlement(stream, counter, also=also_stream), item_id, payload, also_payload)
 
     def escalate(self, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""
-        settlement = Settlement(self.keys.judge, metrics.ESCALATIONS, new=ESCALATED)
-        self._settles.setdefault(settlement, []).append((item_id, payload, b""))
+        self._settle(
+            Settlement(self.keys.judge, metrics.ESCALATIONS, new=ESCALATED), item_id, payload
+        )
 
     def settle_escalated(self, item_id: str, stream: str, payload: bytes, counter: str) -> None:
         """The judge's (or a dead letter's) final word on an escalated item, once."""
-        settlement = Settlement(stream, counter, ESCALATED, DONE)
-        self._settles.setdefault(settlement, []).append((item_id, payload, b""))
+        self._settle(Settlement(stream, counter, ESCALATED, DONE), item_id, payload)
+
+    def _settle(
+        self, settlement: Settlement, item_id: str, payload: bytes, also: bytes = b""
+    ) -> None:
+        self._settles.setdefault(settlement, []).append((item_id, payload, also))
 
     @classmethod
     def transaction(cls, redis: Redis, scripts: Scripts) -> Writes:
