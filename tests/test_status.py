@@ -170,15 +170,16 @@ def test_status_table_and_errors(settings: Settings) -> None:
     assert table.returncode == 0, table.stderr
     assert "worker:vader" in table.stdout and "STALLED" in table.stdout
     assert "judge-call rate" in table.stdout
-    down = subprocess.run(
-        [sys.executable, "-m", "tribunal", "status", "--json"],
-        env={**env, "TRIBUNAL_REDIS_URL": "redis://127.0.0.1:1/0"},
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert down.returncode == 3 and "cannot read Redis" in down.stderr
-    assert down.stdout == ""
+    for url in ("redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1/0"):
+        down = subprocess.run(
+            [sys.executable, "-m", "tribunal", "status", "--json"],
+            env={**env, "TRIBUNAL_REDIS_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert down.returncode == 3 and "cannot read Redis" in down.stderr, down.stderr
+        assert "Traceback" not in down.stderr and down.stdout == ""
 
 
 def test_watch_refreshes_until_interrupted(settings: Settings) -> None:

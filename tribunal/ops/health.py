@@ -14,7 +14,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from common.keys import Keys
 from common.settings import Settings
@@ -50,7 +50,7 @@ def run_health(settings: Settings, roles: Sequence[str] = (), local: bool = Fals
     asked = list(roles) or expected_roles(settings)
     try:
         beats = read_heartbeats(quick_client(settings), Keys(settings.namespace))
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:  # a cluster client connects when made
         print(f"unhealthy: cannot read Redis: {exc}", file=sys.stderr)
         return 3
     host = socket.gethostname() if local else None

@@ -12,7 +12,7 @@ import sys
 import time
 
 from redis import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
@@ -181,7 +181,7 @@ def _render_or_error(
 ) -> RenderableType:
     try:
         return render(snapshot(redis, settings, stall_after_s))
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         return Panel(f"[red]cannot read Redis:[/] {escape(str(exc))}", title="tribunal")
 
 
@@ -194,7 +194,11 @@ def run_status(
 ) -> int:
     """The command: one snapshot (a table, or JSON on stdout), or a live table until Ctrl-C.
     Returns the exit code: 3 when Redis cannot be read."""
-    redis = quick_client(settings)
+    try:  # a cluster client reaches a node as it is made
+        redis = quick_client(settings)
+    except (RedisError, RedisClusterException) as exc:
+        Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+        return 3
     console = Console()
     if watch:
         stop = StopFlag().install()
@@ -204,7 +208,7 @@ def run_status(
         return 0
     try:
         snap = snapshot(redis, settings, stall_after_s)
-    except RedisError as exc:
+    except (RedisError, RedisClusterException) as exc:
         Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
         return 3
     if as_json:
