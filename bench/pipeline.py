@@ -174,6 +174,7 @@ def fleet_run(
         drain_output(client, keys, warm.produced)
         pids = {**fleet.pids(), "redis": server.pid}
         cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        client.config_resetstat()  # INFO commandstats from here: the measured items only
         cpu_bench = time.process_time()
         started = time.perf_counter()
         Producer(client, settings, chunk_size=BATCH).send(records(n, "max"))
@@ -181,6 +182,7 @@ def fleet_run(
         elapsed = time.perf_counter() - started
         cpu = {role: cpu_seconds(pid) - cpu_before[role] for role, pid in pids.items()}
         cpu["producer + output reader (bench)"] = time.process_time() - cpu_bench
+        commands = commands_per_item(client, len(decisions))
         rate = len(decisions) / elapsed
         rss = {role: rss_mib(pid) for role, pid in pids.items() if role != "redis"}
         leftover_votes = sum(1 for _ in client.scan_iter(keys.votes("*"), count=1000))
@@ -201,8 +203,18 @@ def fleet_run(
         "latency_by_rate": by_rate,
         "cpu_s_per_1k": {role: 1000 * s / len(decisions) for role, s in cpu.items()},
         "consumer_rss_mib": rss,
+        "redis_commands_per_item": commands,
         "leftover_vote_hashes": leftover_votes,
     }
+
+
+def commands_per_item(client: Redis, n: int) -> dict[str, float]:
+    """Calls per item of each Redis command since the last CONFIG RESETSTAT, from INFO
+    commandstats, most frequent first. Commands a script runs count too (EVAL is the call,
+    HSET inside it another): the per-command cost is what a script's work is made of."""
+    stats: Any = client.info("commandstats")
+    calls = {name.removeprefix("cmdstat_"): row["calls"] / n for name, row in stats.items()}
+    return dict(sorted(calls.items(), key=lambda kv: -kv[1]))
 
 
 def rss_mib(pid: int) -> float:
@@ -239,11 +251,23 @@ def paced_latencies(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--items", type=int, default=20_000)
-    parser.add_argument("--rq-items", type=int, default=300)
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=20_000,
+        help="items through the raw loop and the fleet (default 20000; --cluster: at most 6000)",
+    )
+    parser.add_argument(
+        "--rq-items",
+        type=int,
+        default=300,
+        help="items through the rq baseline, ~15 items/s (default 300; 0 skips it)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
-        "--cluster", action="store_true", help="items/s for 1 vs 3 primaries at P = 1, 3, 6"
+        "--cluster",
+        action="store_true",
+        help="items/s for 1 vs 3 primaries at P = 1, 3, 6 partitions (TRIBUNAL_PARTITIONS)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="with --cluster: one server and 3 primaries, P=6"
@@ -270,7 +294,7 @@ def main() -> None:
         if args.json:
             print(orjson.dumps({"raw": raw, "stages": costs}, option=orjson.OPT_INDENT_2).decode())
         else:
-            stages.report(costs, raw["redis_us"])
+            stages.report(costs, raw["redis_us"], args.items, 1 / CLK_TCK)
         return
     if args.cluster:
         import cluster
@@ -332,6 +356,12 @@ def report(r: dict[str, Any]) -> None:
     )
     for role, seconds in sorted(f["cpu_s_per_1k"].items()):
         print(f"  {role:34s} {seconds:6.3f}")
+    commands = f["redis_commands_per_item"]
+    shown = [f"{name.upper()} {calls:.2f}" for name, calls in commands.items() if calls >= 0.005]
+    print(
+        f"Redis commands per item: {sum(commands.values()):.1f} (INFO commandstats, those run "
+        f"by scripts included): " + ", ".join(shown)
+    )
     m = r["redis_memory_per_item"]
     print(
         f"Redis memory per item: queued {m['queued_bytes']:.0f} B, in flight (3 votes) "

@@ -123,8 +123,11 @@ def memory_per_item(url: str, records: list[dict[str, Any]]) -> dict[str, float]
     return {"queued_bytes": (queued - start) / n, "in_flight_bytes": (in_flight - queued) / n}
 
 
-def report(stages: dict[str, dict[str, float]], raw_redis_us: float) -> None:
-    print("Redis CPU per item by stage (µs), each stage alone:")
+def report(stages: dict[str, dict[str, float]], raw_redis_us: float, n: int, tick_s: float) -> None:
+    print(
+        f"Redis CPU per item by stage (µs), each stage alone, {n:,} items; /proc counts CPU in "
+        f"{tick_s * 1000:g} ms ticks, so each figure is ± {tick_s / n * 1e6:.1f} µs:"
+    )
     for name, cost in stages.items():
         print(f"  {name:42s} {cost['redis_us']:7.1f}   (client {cost['client_us']:6.1f})")
     total = sum(cost["redis_us"] for cost in stages.values())
