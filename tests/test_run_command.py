@@ -372,18 +372,45 @@ def test_a_restart_keeps_the_url_so_other_shells_carry_on(procs: Procs, tmp_path
 # --- a fleet member that stops on a configuration error ---------------------------------
 
 
-def test_a_member_failing_on_its_configuration_stops_the_fleet_not_a_restart_loop(
+def test_another_partition_count_is_refused_once_before_anything_starts(
     procs: Procs, tmp_path: Path
 ) -> None:
-    """Restarting a child that exits 2 would fail the same way forever: `run` stops with one
-    line naming it, the child's own reason above it, and leaves nothing running."""
+    """Every member would refuse it too, each with the same reason: the supervisor checks once
+    and starts nobody."""
     with EmbeddedRedis(tmp_path / "valkey") as server:
         Redis.from_url(server.url).set(Keys("tribunal").partitions, 2)  # the fleet runs 1
         run = procs.start("run", log="run.log", url=server.url)
         assert run.wait(90) == 2, procs.output("run.log").decode()[-2000:]
     out = procs.output("run.log").decode()
-    assert "stopped on a configuration error (exit 2" in out, out[-2000:]
+    reason = "uses 2 partitions but this process is set up with 1: set TRIBUNAL_PARTITIONS=2"
+    assert out.count(reason) == 1, out
+    assert "started " not in out and "Traceback" not in out, out
+    wait_for("every fleet member gone", lambda: not procs.alive(), timeout=30)
+
+
+def test_a_member_failing_on_its_configuration_stops_the_fleet_not_a_restart_loop(
+    procs: Procs, tmp_path: Path
+) -> None:
+    """Restarting a child that exits 2 would fail the same way forever: `run` stops with one
+    line naming it, the child's own reason above it, and leaves nothing running. Here the
+    namespace's partition count changes under a running fleet and one member is killed: its
+    restart finds the new count."""
+    with EmbeddedRedis(tmp_path / "valkey") as server:
+        run = procs.start("run", log="run.log", url=server.url)
+
+        def reading() -> dict[str, int] | None:
+            out = procs.output("run.log")
+            pids = {role.decode(): int(pid) for role, pid in STARTED.findall(out)}
+            ready = {int(pid) for pid in re.findall(rb"@\S+:(\d+) reading ", out)}
+            return pids if len(pids) == 5 and set(pids.values()) <= ready else None
+
+        pids = wait_for("the fleet to read its streams", reading, 90, run)
+        Redis.from_url(server.url).set(Keys("tribunal").partitions, 2)
+        os.kill(pids["judge"], signal.SIGKILL)
+        assert run.wait(90) == 2, procs.output("run.log").decode()[-2000:]
+    out = procs.output("run.log").decode()
+    assert "judge stopped on a configuration error (exit 2" in out, out[-2000:]
     assert "uses 2 partitions but this process is set up with 1" in out, out[-2000:]
-    assert "restarting in" not in out, out[-2000:]
+    assert out.count("restarting in") == 1, out[-2000:]  # the SIGKILL's, not the exit 2's
     assert "Traceback" not in out
     wait_for("every fleet member gone", lambda: not procs.alive(), timeout=30)

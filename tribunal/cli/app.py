@@ -336,14 +336,16 @@ def run(
     fleet = Fleet(s, url, log_dir=data_dir.parent / "logs")
     try:
         with clear_errors(s):
-            fleet.start()
-            for server in fleet.servers.servers:
-                say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
-            while not stop.wait(0.5):
-                fleet.supervise()
-        say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
+            try:
+                fleet.start()
+                for server in fleet.servers.servers:
+                    say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
+                while not stop.wait(0.5):
+                    fleet.supervise()
+                say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
+            finally:  # inside clear_errors: an error's one line comes after the members' logs
+                fleet.stop(timeout=s.shutdown_grace_s + 5)
     finally:
-        fleet.stop(timeout=s.shutdown_grace_s + 5)
         if embedded:
             embedded.stop()
     say("", "fleet stopped")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,10 @@ from pathlib import Path
 from typing import IO
 
 import orjson
+from redis.exceptions import RedisClusterException, RedisError
 
+from common.connection import connect
+from common.keys import claim_partitions
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
 from tribunal.serving.llama import servers_for
@@ -91,17 +95,29 @@ class Fleet:
     def start(self) -> Fleet:
         """The model servers (each healthy before the next), then every child.
         Raises ServerFailed or ModelUnavailable when a model cannot be served, BackendError
-        when a worker's or the judge's options do not parse."""
+        when a worker's or the judge's options do not parse, PartitionMismatch when the
+        namespace has another partition count."""
         from consumers.backends import check_options
 
         for role, spec in [*self.settings.workers.items(), ("judge", self.settings.judge)]:
             check_options(spec, role)
+        self._check_partitions()
         if self.servers.servers:
             self.servers.start()
             self.env["TRIBUNAL_MODEL_URLS"] = orjson.dumps(self.servers.urls()).decode()
         for child in self.children:
             self._spawn(child)
         return self
+
+    def _check_partitions(self) -> None:
+        """Refuse a partition count other than the namespace's once, before anything starts:
+        every child checks too, and would print the same reason and exit 2 each. When Redis
+        cannot be reached yet the children wait for it and check as they connect."""
+        try:
+            client = connect(self.settings, self.env["TRIBUNAL_REDIS_URL"], timeout_s=2.0)
+            claim_partitions(client, self.settings.namespace, self.settings.partitions)
+        except (RedisError, RedisClusterException) as exc:
+            log.info("partition count not checked before the start (%s)", exc)
 
     def respawn(self, child: Child) -> None:
         """Start ``child`` again now (after it was stopped or killed)."""
@@ -142,7 +158,9 @@ class Fleet:
         self.stopping = True
         processes = [(c.role, c.process) for c in self.children if c.process is not None]
         for role, code in stop_processes(processes, timeout).items():
-            log.log(logging.INFO if code == 0 else logging.WARNING, "%s exited (%d)", role, code)
+            # -SIGTERM: stopped while still starting, before its handler was set: as asked.
+            asked = code in (0, -signal.SIGTERM)
+            log.log(logging.INFO if asked else logging.WARNING, "%s exited (%d)", role, code)
         self.servers.stop()
 
     def pids(self) -> dict[str, int]:
