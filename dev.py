@@ -90,8 +90,11 @@ def run(argv: list[str], env: dict[str, str] | None = None) -> None:
 
 def main() -> None:
     command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
+    if command in ("-h", "--help", "help"):
+        print(__doc__)
+        return
     if command not in ("demo", "test"):
-        sys.exit(__doc__)
+        sys.exit(__doc__ if not command else f"unknown command {command!r}\n{__doc__}")
     ensure_env()
     if command == "demo":
         run([str(BIN / "tribunal"), "demo", *args])

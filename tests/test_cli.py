@@ -244,8 +244,25 @@ def test_produce_keeps_each_skipped_record_on_one_line(cli: Any, redis: Redis) -
     proc = cli("produce", str(path))
     assert proc.returncode == 0, proc.stderr
     assert f"{path}:2:missingfield'text'" in unwrapped(proc.stderr)  # reported, if folded
-    skipped = [line for line in proc.stderr.decode().splitlines() if line.startswith("skipped")]
-    assert skipped == [f"skipped {path}:2: missing field 'text'"], proc.stderr
+    lines = proc.stderr.decode().splitlines()
+    assert [line for line in lines if f"{path}:2" in line] == [
+        next(
+            line
+            for line in lines
+            if line.endswith(f"WARNING producers.api: {path}:2: missing field 'text'")
+        )
+    ], proc.stderr
+    assert "skipped 1 invalid (each named above)" in flat(proc.stderr)
+
+
+def test_produce_lists_what_it_skipped_when_warnings_are_not_logged(cli: Any) -> None:
+    (cli.workdir / "t.jsonl").write_bytes(b'{"task": "sentiment", "text": "ok"}\n{"task": 1}\n')
+    proc = cli("--log-level", "ERROR", "produce", "t.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING" not in proc.stderr.decode()
+    assert "skipped t.jsonl:2: " in flat(proc.stderr)
+    assert "produced 1, skipped 1 invalid" in flat(proc.stderr)
+    assert "named above" not in flat(proc.stderr)
 
 
 def test_produce_does_not_claim_to_have_waited_without_backpressure(cli: Any) -> None:

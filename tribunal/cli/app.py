@@ -308,8 +308,9 @@ def run(
         ),
     ] = 16379,
 ) -> None:
-    """Start the whole fleet from the fleet file: a llama-server per local model, one
-    process per worker replica, the aggregator and the judge, restarting any that dies.
+    """Start the whole fleet from the fleet file (`tribunal --fleet FILE run`; without one,
+    the offline lexicon models): a llama-server per local model, one process per worker
+    replica, the aggregator and the judge, restarting any that dies.
     Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
     from common.connection import EmbeddedRedisError

@@ -161,16 +161,19 @@ class Interrupt:
 
 
 def summarize(report: ProduceReport, s: Settings, interrupt: Interrupt, ending: str = "") -> None:
-    """What ``produce`` did: the records skipped, then one line of counts."""
-    for where, reason in report.invalid[:50]:
+    """What ``produce`` did: one line of counts, after the records skipped unless each was
+    logged as it was read (a WARNING of ``producers.api``, live even while following)."""
+    logged = logging.getLogger("producers.api").isEnabledFor(logging.WARNING)
+    for where, reason in [] if logged else report.invalid[:50]:
         say("[yellow]skipped[/]", f"{where}: {reason}")
-    if len(report.invalid) > 50:
+    if len(report.invalid) > 50 and not logged:
         err.print(f"... and {len(report.invalid) - 50} more")
     counts = f"produced {report.produced}"
     if report.known:  # an id labeled within decided_ttl_s, or being labeled, is not added twice
         counts = f"produced {report.new} new, {report.known} already known (not added again)"
     line = (
         f"{counts}, skipped {len(report.invalid)} invalid"
+        + (" (each named above)" if logged and report.invalid else "")
         + (f", waited {report.waited_s:.1f}s for the workers" if report.waited_s else "")
         + ending
     )

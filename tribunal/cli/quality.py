@@ -200,6 +200,7 @@ def calibrate(
     import orjson
 
     from consumers.decision import Rule
+    from tribunal.ops.console import wide_console
     from tribunal.ops.queues import partitions_of
     from tribunal.quality.calibrate import (
         Goal,
@@ -209,7 +210,6 @@ def calibrate(
         rule_of_report,
         run_calibrate,
     )
-    from tribunal.quality.report import wide_console
 
     s = settings()
     if target is None and judge_budget is None:

@@ -13,7 +13,7 @@ import time
 
 from redis import Redis
 from redis.exceptions import RedisClusterException, RedisError
-from rich.console import Console, Group, RenderableType
+from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.markup import escape
 from rich.panel import Panel
@@ -23,6 +23,7 @@ from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
+from tribunal.ops.console import error_console, wide_console
 from tribunal.ops.queues import (
     expected_roles,
     live_by_role,
@@ -197,9 +198,9 @@ def run_status(
     try:  # a cluster client reaches a node as it is made
         redis = quick_client(settings)
     except (RedisError, RedisClusterException) as exc:
-        Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+        error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
         return 3
-    console = Console()
+    console = wide_console()
     if watch:
         stop = StopFlag().install()
         with Live(_render_or_error(redis, settings, stall_after_s), console=console) as live:
@@ -209,7 +210,7 @@ def run_status(
     try:
         snap = snapshot(redis, settings, stall_after_s)
     except (RedisError, RedisClusterException) as exc:
-        Console(stderr=True).print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+        error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
         return 3
     if as_json:
         sys.stdout.buffer.write(snap.to_json() + b"\n")

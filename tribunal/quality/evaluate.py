@@ -232,7 +232,8 @@ def run_evaluate(
     console: Console | None = None,
 ) -> int:
     """The command: collect, score, print the summary, write JSON and HTML. Exit code."""
-    from tribunal.quality.report import print_evaluation, wide_console
+    from tribunal.ops.console import wide_console
+    from tribunal.quality.report import print_evaluation
     from tribunal.quality.report_html import render_html
 
     console = console or wide_console()

@@ -29,14 +29,6 @@ RULE_LEGEND = (
 )
 
 
-def wide_console() -> Console:
-    """Tables of many columns: on a terminal its width, in a pipe or file 160 columns
-    (rich would otherwise squeeze them into 80)."""
-    import sys
-
-    return Console() if sys.stdout.isatty() else Console(width=160)
-
-
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
