@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import logging
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -66,11 +68,38 @@ def start_child(
     gets the terminal's signals and stops its children once, in order. Since they no
     longer get them, whenever this process exits without stopping them (a second signal,
     an exception, ``sys.exit``) each child still running is sent ``hard_stop``.
+
+    When this process cannot stop them (SIGKILL, the OOM killer), the kernel sends each
+    child SIGTERM (Linux's parent-death signal, ``prctl(2)`` PR_SET_PDEATHSIG): a consumer
+    finishes its batch, valkey flushes its append-only file and releases the data directory,
+    instead of living on unsupervised and keeping the next start out.
     """
-    process: subprocess.Popen[bytes] = subprocess.Popen(argv, start_new_session=True, **options)
+    process: subprocess.Popen[bytes] = subprocess.Popen(
+        argv, start_new_session=True, preexec_fn=_parent_death_signal(), **options
+    )
     _children[:] = [(p, sig) for p, sig in _children if p.returncode is None]
     _children.append((process, hard_stop))
     return process
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that asks for SIGTERM when this process dies; None off Linux, and
+    off the main thread: the signal follows the *thread* that forked, and only the main
+    thread lives as long as the process."""
+    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
+    parent = os.getpid()
+
+    def in_child() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # it died before the request: nobody would stop us
+            os._exit(1)
+
+    return in_child
 
 
 def stop_processes(

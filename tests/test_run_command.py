@@ -310,16 +310,35 @@ def test_the_lock_lives_as_long_as_the_server_not_the_lock_file(
     holder = (data / "run.lock").read_text()
     valkey_pid = int(re.findall(r"valkey-server \(pid (\d+)\)", holder)[0])
 
-    os.kill(run.pid, signal.SIGKILL)  # the supervisor alone: its valkey still runs
+    # A server that outlives its supervisor (here: stopped, so the parent-death SIGTERM
+    # waits) keeps the data directory locked, though the lock file's writer is gone.
+    os.kill(valkey_pid, signal.SIGSTOP)
+    os.kill(run.pid, signal.SIGKILL)
     run.wait()
     second = procs.start("run", "--data-dir", str(data), "--port", str(port), log="run2.log")
     assert second.wait(60) == 1
     assert f"valkey-server (pid {valkey_pid})" in procs.output("run2.log").decode()
 
-    procs.kill_all()  # now the server is gone too (SIGKILL: a crash)
+    os.kill(valkey_pid, signal.SIGCONT)  # the pending SIGTERM: it shuts down by itself
     wait_for("the port to be free", lambda: port_is_free(port), 30)
     run, url, _ = start_run(procs, "run3.log", "--data-dir", str(data), "--port", str(port))
     assert Redis.from_url(url).get("kept") == b"1"  # the same data, from the AOF
+    assert ctrl_c(run) == 0
+
+
+def test_a_killed_run_takes_its_members_and_server_with_it(procs: Procs, tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer, kill -9) leaves the supervisor no time to stop anyone: the
+    kernel's parent-death signal does, gracefully, so nothing lives on unsupervised and the
+    next run starts on the same data directory and port."""
+    data, port = str(tmp_path / "valkey"), str(free_port())
+    run, url, pids = start_run(procs, "run1.log", "--data-dir", data, "--port", port)
+    os.kill(run.pid, signal.SIGKILL)
+    run.wait()
+    wait_for("every member and the server gone", lambda: not procs.alive(), 60)
+    text = procs.output("run1.log").decode(errors="replace")
+    for role, pid in pids.items():
+        assert re.search(rf"@\S+:{pid} stopped", text), f"{role} did not stop cleanly:\n{text}"
+    run, _, _ = start_run(procs, "run2.log", "--data-dir", data, "--port", port)
     assert ctrl_c(run) == 0
 
 
