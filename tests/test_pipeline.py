@@ -5,11 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
+from redis import Redis
 from redis.exceptions import RedisError
 
 from common.connection import connect
@@ -123,3 +126,43 @@ def test_demo_watch_shows_the_live_queues_while_producing_at_a_rate(redis_url: s
     assert result.returncode == 0, result.stdout + result.stderr
     assert "live consumers" in result.stdout and "lag" in result.stdout
     assert "25 (20 tickets + 5 malformed)" in result.stdout
+
+
+def test_demo_ctrl_c_prints_what_ended_so_far_and_stops_the_fleet(tmp_path: Path) -> None:
+    """Ctrl-C is a SIGINT to the terminal's foreground process group: the summary of what
+    ended, then a graceful stop of every process it started, and exit 130."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    env["COLUMNS"] = "120"
+    log = tmp_path / "demo.log"
+    with open(log, "wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "tribunal", "demo", "--offline", "--rate", "5"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 120
+
+        def labeled() -> int:  # on the demo's own embedded valkey, once it says where
+            url = re.search(r"Redis (redis://\S+?)[ ,]", " ".join(log.read_text().split()))
+            return int(Redis.from_url(url.group(1)).xlen(Keys("tribunal").output)) if url else 0
+
+        while labeled() < 5:  # the fleet is up and labels flow
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        os.killpg(demo.pid, signal.SIGINT)
+        assert demo.wait(90) == 130, log.read_text()[-3000:]
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "interrupted after" in text and "Summary" in text, text[-3000:]
+    settled = re.search(r"not settled\s*│\s*(\d+)\s", text)
+    assert settled and 0 < int(settled.group(1)) < 225, text[-3000:]  # part-way, not done
+    assert "stopping: each process finishes its batch" in text
+    for role in ("worker:vader", "worker:textblob", "worker:afinn", "aggregator", "judge"):
+        assert f"{role} exited (0)" in text, text[-3000:]
+    assert "Traceback" not in text

@@ -331,7 +331,7 @@ def test_a_killed_run_takes_its_members_and_server_with_it(procs: Procs, tmp_pat
     kernel's parent-death signal does, gracefully, so nothing lives on unsupervised and the
     next run starts on the same data directory and port."""
     data, port = str(tmp_path / "valkey"), str(free_port())
-    run, url, pids = start_run(procs, "run1.log", "--data-dir", data, "--port", port)
+    run, _, pids = start_run(procs, "run1.log", "--data-dir", data, "--port", port)
     os.kill(run.pid, signal.SIGKILL)
     run.wait()
     wait_for("every member and the server gone", lambda: not procs.alive(), 60)

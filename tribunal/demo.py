@@ -93,22 +93,30 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     outcome = Outcome()
     cursors = final_cursors(settings)
     last_progress, seen = time.monotonic(), 0
+    interrupted = False
     with _display(console, options.watch, expected) as show:
-        while outcome.ended < expected:
-            fleet.supervise()
-            collect(redis, cursors, outcome)
-            show(redis, settings, outcome.ended)
-            if outcome.ended > seen or producing.is_alive():
-                seen, last_progress = outcome.ended, time.monotonic()
-            elif time.monotonic() - last_progress > options.stall_s:
-                console.print(
-                    f"[red]stalled: {expected - outcome.ended} items not settled "
-                    f"after {options.stall_s:.0f}s without progress"
-                )
-                break
-            time.sleep(0.1)
+        try:
+            while outcome.ended < expected:
+                fleet.supervise()
+                collect(redis, cursors, outcome)
+                show(redis, settings, outcome.ended)
+                if outcome.ended > seen or producing.is_alive():
+                    seen, last_progress = outcome.ended, time.monotonic()
+                elif time.monotonic() - last_progress > options.stall_s:
+                    console.print(
+                        f"[red]stalled: {expected - outcome.ended} items not settled "
+                        f"after {options.stall_s:.0f}s without progress"
+                    )
+                    break
+                time.sleep(0.1)
+        except KeyboardInterrupt:  # Ctrl-C: what was labeled so far, then a graceful stop
+            interrupted = True
     elapsed = time.time() - started
+    if interrupted:
+        console.print(f"[yellow]interrupted[/] after {elapsed:.0f}s: what ended so far")
     print_summary(console, records, outcome, expected, elapsed)
+    if interrupted:
+        raise KeyboardInterrupt
     ids = (
         [d.id for d in outcome.decisions]
         + [r.id for r in outcome.rejects]

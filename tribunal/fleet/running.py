@@ -73,17 +73,23 @@ def running_fleet(
         try:
             session.fleet.start()  # inside: a model server that fails keeps its logs
             yield session
+        except KeyboardInterrupt:
+            console.print(
+                "stopping: each process finishes its batch (Ctrl-C again to stop at once)"
+            )
+            raise
         except BaseException:
             session.keep = True
             raise
         finally:
-            session.fleet.stop()
+            # As `run`: the members' own grace (a model batch may take that long), then SIGKILL.
+            session.fleet.stop(timeout=settings.shutdown_grace_s + 5)
             if embedded is not None:
                 embedded.stop()
-    if session.keep:
-        console.print(f"the fleet's logs and data are kept in {workdir}")
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)
+            if session.keep:  # also when an error ends the session: that is when they matter
+                console.print(f"the fleet's logs and data are kept in {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
