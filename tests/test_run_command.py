@@ -285,6 +285,10 @@ def test_a_second_run_on_the_same_data_dir_exits_naming_the_first(
 ) -> None:
     data = str(tmp_path / "valkey")
     run, url, _ = start_run(procs, "run1.log", "--data-dir", data, "--port", str(free_port()))
+    # The default (offline) fleet's lexicons know sentiment only, and `run` says so.
+    assert "no model of this fleet handles task 'similar_ticket'" in procs.output(
+        "run1.log"
+    ).decode().replace("\n", " ")
     other_port = free_port()
     second = procs.start("run", "--data-dir", data, "--port", str(other_port), log="run2.log")
     assert second.wait(60) == 1

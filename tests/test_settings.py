@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from common.settings import ModelSpec, load_settings
-from consumers.backends import BackendError, check_options, load_backend
+from consumers.backends import BackendError, check_options, load_backend, unhandled_tasks
 from consumers.backends.simulated import Simulated
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -114,3 +114,21 @@ def test_agreement_schemes_and_their_limits() -> None:
         load_settings(agreement="plurality")
     with pytest.raises(ValidationError, match="audit_fraction"):
         load_settings(audit_fraction=1.5)
+
+
+def test_tasks_no_model_of_the_fleet_handles_are_named(tmp_path: Path) -> None:
+    """The lexicons know sentiment, the pair scorers similar/not_similar pairs; a prompted
+    language model (no ``handles``) any task."""
+    fleets = Path(__file__).resolve().parent.parent / "tribunal" / "fleets"
+    assert unhandled_tasks(load_settings()) == ["similar_ticket"]  # the offline default
+    assert unhandled_tasks(load_settings(fleets / "similar_offline.toml")) == ["sentiment"]
+    assert unhandled_tasks(load_settings(fleets / "local.toml")) == []
+    mixed = tmp_path / "mixed.toml"
+    mixed.write_text(
+        '[workers.v]\nbackend = "vader"\n[workers.j]\nbackend = "jaccard"\n'
+        '[judge]\nbackend = "lexicon-judge"\n'
+        '[tasks.topic]\nlabels = ["billing", "bug"]\ninstructions = "Pick the topic."\n'
+    )
+    assert unhandled_tasks(load_settings(mixed)) == ["topic"]
+    mixed.write_text(mixed.read_text().replace("lexicon-judge", "simulated"))
+    assert unhandled_tasks(load_settings(mixed)) == []

@@ -30,6 +30,7 @@ __all__ = [
     "backend_for",
     "check_options",
     "load_backend",
+    "unhandled_tasks",
 ]
 
 
@@ -101,6 +102,24 @@ def check_options(spec: ModelSpec, role: str) -> None:
         options = {"base_url": "http://127.0.0.1/v1", **options}
         options.setdefault("model", "-")
     _validate_options(cls, options, f"{role}: backend {spec.backend}")
+
+
+def unhandled_tasks(settings: Settings) -> list[str]:
+    """The fleet's tasks that none of its models handles, workers or judge: every vote on
+    such an item abstains, and after the judge's ``max_deliveries`` it is dead-lettered.
+    A backend class may say which tasks it handles with ``handles(name, task) -> bool``
+    (the lexicons: sentiment; the pair scorers: similar/not_similar pairs); one that does
+    not, a prompted language model, handles every task; so does an unknown name here
+    (``check_options`` refuses it, naming the worker)."""
+    checks = [
+        getattr(_backend_class(spec.backend), "handles", None) if spec.backend in REGISTRY else None
+        for spec in (*settings.workers.values(), settings.judge)
+    ]
+    return [
+        name
+        for name, task in settings.all_tasks.items()
+        if not any(check is None or check(name, task) for check in checks)
+    ]
 
 
 def backend_for(spec: ModelSpec, settings: Settings) -> Backend:

@@ -57,6 +57,11 @@ class PolarityClassifier:
     ) -> None:
         self.band = parse_options(self.Options, options).band
 
+    @staticmethod
+    def handles(name: str, task: TaskSpec) -> bool:
+        """A polarity lexicon knows one task, sentiment (by name: its three labels)."""
+        return name == TASK
+
     def score(self, text: str) -> float:
         raise NotImplementedError
 

@@ -133,6 +133,11 @@ class PairScorer:
         self.threshold = self.opts.threshold
         self.scale = self.opts.scale
 
+    @staticmethod
+    def handles(name: str, task: TaskSpec) -> bool:
+        """Any pair task labeled similar / not_similar."""
+        return task.pair and set(task.labels) == {SIMILAR, NOT_SIMILAR}
+
     def score(self, a: str, b: str) -> float:
         raise NotImplementedError
 
@@ -141,7 +146,7 @@ class PairScorer:
 
     def predict(self, item: Item) -> Prediction:
         task = self.tasks.get(item.task)
-        if task is None or not task.pair or set(task.labels) != {SIMILAR, NOT_SIMILAR}:
+        if task is None or not self.handles(item.task, task):
             return unsupported(self.name, item)
         z = (self.score(item.text, item.text_b or "") - self.threshold) / self.scale
         p = 1 / (1 + math.exp(-max(-50.0, min(50.0, z))))

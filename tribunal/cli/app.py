@@ -317,6 +317,7 @@ def run(
     Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
     from common.connection import EmbeddedRedisError
+    from consumers.backends import unhandled_tasks
     from tribunal.fleet.supervisor import Fleet
 
     s = settings()
@@ -341,6 +342,13 @@ def run(
     try:
         with clear_errors(s):
             try:
+                for task in unhandled_tasks(s):  # a fleet may serve only some tasks: said
+                    say(
+                        "[yellow]warning:[/]",
+                        f"no model of this fleet handles task {task!r} (workers: "
+                        f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
+                        f"{s.judge.backend}): its items will end as dead letters",
+                    )
                 fleet.start()
                 for server in fleet.servers.servers:
                     say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
