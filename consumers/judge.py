@@ -2,7 +2,9 @@
 
 It reads escalations in batches, asks the judge backend once per batch, and writes
 the final decision with the workers' votes kept for audit. A judge that gives no
-usable label leaves the entry pending; after ``max_deliveries`` it is dead-lettered.
+usable label leaves the entry pending; after ``max_deliveries`` it is dead-lettered. An
+item of a task the judge's backend does not handle is dead-lettered at once: asking again
+cannot help.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from common import metrics
 from common.keys import ITEM_ID_FIELD, JUDGE_GROUP, RECORD_FIELD
 from common.schemas import Audit, Decision, Escalation, Item, Vote, now
 from consumers import outcomes
-from consumers.backends import Backend, ask, backend_for
+from consumers.backends import Backend, ask, backend_for, handles
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -33,15 +35,25 @@ class JudgeHandler(Handler):
         self.backend = backend
         self.tasks = rt.settings.all_tasks
         self.call_labels = {"worker": JUDGE_NAME, "backend": rt.settings.judge.backend}
+        judge = rt.settings.judge
+        self.unhandled = {
+            name for name, task in self.tasks.items() if not handles(judge, name, task)
+        }
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         failures: dict[str, str] = {}
         cases: list[tuple[Entry, Escalation]] = []
         for entry in entries:
             try:
-                cases.append((entry, Escalation.model_validate_json(entry.fields[RECORD_FIELD])))
+                case = Escalation.model_validate_json(entry.fields[RECORD_FIELD])
             except (KeyError, pydantic.ValidationError) as exc:
                 failures[entry.id] = f"unreadable escalation: {exc}"
+                continue
+            if case.item.task in self.unhandled:
+                error = f"the judge's backend {self.rt.settings.judge.backend} does not handle "
+                self.give_up(entry, error + f"task {case.item.task!r}", writes)
+            else:
+                cases.append((entry, case))
         if not cases:
             return failures
         verdicts, elapsed = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)

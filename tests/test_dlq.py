@@ -14,6 +14,7 @@ from test_consumers import WORKERS, Fleet, Scripted, drain, produce
 from common.connection import connect
 from common.keys import Keys
 from common.settings import ModelSpec
+from producers.api import Producer
 from tribunal.ops.dlq import dead_letters, replay
 
 
@@ -96,3 +97,24 @@ def test_dlq_cli_lists_and_refuses_a_replay_without_ids(make_settings: Any) -> N
         timeout=60,
     )
     assert skipped.returncode == 1 and "does not carry its item" in skipped.stderr
+
+
+def test_a_task_the_judges_backend_does_not_handle_is_dead_lettered_at_once(
+    make_settings: Any,
+) -> None:
+    """The default judge (lexicon-judge) knows sentiment only: a pair escalated to it is
+    dead-lettered on its first delivery with the reason, not asked max_deliveries times."""
+    workers = {name: ModelSpec(backend="simulated") for name in WORKERS}
+    settings = make_settings(workers=workers, block_ms=20)
+    assert settings.judge.backend == "lexicon-judge"
+    fleet = Fleet(settings)
+    pair = {"id": "i0", "task": "similar_ticket", "text": "Refund late", "text_b": "No refund"}
+    assert Producer(fleet.rt.redis, settings).send([pair]).produced == 1
+    fleet.step()
+    [(_, _, letter)] = dead_letters(fleet.rt.redis, [fleet.rt.keys])
+    assert letter.id == "i0" and letter.deliveries == 1
+    assert letter.error == (
+        "the judge's backend lexicon-judge does not handle task 'similar_ticket'"
+    )
+    assert fleet.judge_backend.calls == 0  # never asked
+    assert fleet.outputs() == []

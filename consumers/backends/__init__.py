@@ -29,6 +29,7 @@ __all__ = [
     "ask",
     "backend_for",
     "check_options",
+    "handles",
     "load_backend",
     "unhandled_tasks",
 ]
@@ -104,21 +105,25 @@ def check_options(spec: ModelSpec, role: str) -> None:
     _validate_options(cls, options, f"{role}: backend {spec.backend}")
 
 
+def handles(spec: ModelSpec, name: str, task: TaskSpec) -> bool:
+    """Whether the backend of ``spec`` handles task ``name``. A backend class may say so with
+    ``handles(name, task) -> bool`` (the lexicons: sentiment; the pair scorers:
+    similar/not_similar pairs); one that does not, a prompted language model, handles every
+    task; so does an unknown name here (``check_options`` refuses it, naming the role)."""
+    if spec.backend not in REGISTRY:
+        return True
+    check = getattr(_backend_class(spec.backend), "handles", None)
+    return check is None or bool(check(name, task))
+
+
 def unhandled_tasks(settings: Settings) -> list[str]:
     """The fleet's tasks that none of its models handles, workers or judge: every vote on
-    such an item abstains, and after the judge's ``max_deliveries`` it is dead-lettered.
-    A backend class may say which tasks it handles with ``handles(name, task) -> bool``
-    (the lexicons: sentiment; the pair scorers: similar/not_similar pairs); one that does
-    not, a prompted language model, handles every task; so does an unknown name here
-    (``check_options`` refuses it, naming the worker)."""
-    checks = [
-        getattr(_backend_class(spec.backend), "handles", None) if spec.backend in REGISTRY else None
-        for spec in (*settings.workers.values(), settings.judge)
-    ]
+    such an item abstains, and the judge dead-letters it."""
+    specs = [*settings.workers.values(), settings.judge]
     return [
         name
         for name, task in settings.all_tasks.items()
-        if not any(check is None or check(name, task) for check in checks)
+        if not any(handles(spec, name, task) for spec in specs)
     ]
 
 
