@@ -17,12 +17,14 @@ While the fleet runs, each server's ``/metrics`` (llama-server ``--metrics``:
 ``llamacpp:requests_processing``, ``llamacpp:requests_deferred``) is sampled to show
 whether its slots were kept busy. Speed is only ever measured here, never asserted.
 
-    python bench/models.py --feeding [--items 192] [--slots 2,4] [--batches 64,8] [--json]
+    python bench/models.py --feeding [--items 192] [--slots 2,4] [--batches 64,8]
+                                     [--replicas 1] [--json]
 
-instead runs one worker through the fleet against one SmolLM2 llama-server per (slots,
-batch size), samples its ``/metrics`` every 0.1 s and reports where the slot-time went:
-busy, idle while requests waited, idle in a batch's tail, idle between batches, and the
-run's start and end (``slot_time``). Goal: ≥ 95% busy (issue 18).
+instead runs one worker (``--replicas``: that many processes of it) through the fleet
+against one SmolLM2 llama-server per (slots, batch size, replicas), samples its
+``/metrics`` every 0.1 s and reports where the slot-time went: busy, idle while requests
+waited, idle in a batch's tail, idle between batches, and the run's start and end
+(``slot_time``). Goal: ≥ 95% busy (issue 18).
 """
 
 from __future__ import annotations
@@ -180,6 +182,7 @@ threads = {threads}
 slots = {slots}
 [workers.w]
 backend = "llama-cpp"
+replicas = {replicas}
 options = {{ model = "smol", endpoint = "chat", timeout_s = 600{extra} }}
 [judge]
 backend = "lexicon-judge"
@@ -224,23 +227,36 @@ def slot_time(samples: list[Sample], slots: int, t0: float, t1: float) -> dict[s
 
 
 def feeding_run(
-    records: list[dict[str, Any]], slots: int, batch: int, threads: int, extra: str, workdir: Path
+    records: list[dict[str, Any]],
+    slots: int,
+    batch: int,
+    replicas: int,
+    threads: int,
+    extra: str,
+    workdir: Path,
 ) -> dict[str, Any]:
-    """One worker (one llama-server with ``slots`` slots) through the fleet at ``batch``;
-    the server's /metrics sampled every 0.1 s from the first XADD to the last label."""
+    """One worker (``replicas`` processes, one llama-server with ``slots`` slots) through the
+    fleet at ``batch``; the server's /metrics sampled every 0.1 s from the first XADD to the
+    last label."""
     from rich.console import Console
 
     from tribunal.fleet.running import wait_until_live
 
-    fleet_file = workdir / f"feed-{slots}-{batch}.toml"
+    fleet_file = workdir / f"feed-{slots}-{batch}-{replicas}.toml"
     fleet_file.write_text(
         FEED_FLEET.format(
-            batch=batch, package=FEED_PACKAGE, threads=threads, slots=slots, extra=extra
+            batch=batch,
+            replicas=replicas,
+            package=FEED_PACKAGE,
+            threads=threads,
+            slots=slots,
+            extra=extra,
         )
     )
     settings = load_settings(str(fleet_file))
     console = Console(stderr=True)
-    with running_fleet(settings, console, f"bench: {slots} slots, batch {batch}") as session:
+    title = f"bench: {slots} slots, batch {batch}, {replicas} replica(s)"
+    with running_fleet(settings, console, title) as session:
         live = session.settings
         redis = connect(live)
         wait_until_live(redis, live, session.fleet, console)
@@ -258,6 +274,7 @@ def feeding_run(
     return {
         "slots": slots,
         "batch_size": batch,
+        "replicas": replicas,
         "items": outcome.ended,
         "seconds": round(ended - started, 2),
         "items_per_s": round(outcome.ended / (ended - started), 3),
@@ -271,20 +288,24 @@ def feeding_run(
 
 
 def feeding(
-    items: int, slots: list[int], batches: list[int], threads: int, max_concurrency: int | None
+    items: int,
+    slots: list[int],
+    batches: list[int],
+    replicas: list[int],
+    threads: int,
+    max_concurrency: int | None,
 ) -> dict[str, Any]:
-    """Issue 18: does a worker keep its server's slots full? Every (slots, batch) pair."""
+    """Issue 18: does a worker keep its server's slots full? Every (slots, batch, replicas)."""
     import tempfile
 
     records = load_sample("sentiment", items)
     extra = f", max_concurrency = {max_concurrency}" if max_concurrency else ""
     runs = []
     with tempfile.TemporaryDirectory(prefix="tribunal-feed-") as tmp:
-        for n in slots:
-            for b in batches:
-                print(f"feeding: {n} slots, batch {b}, {len(records)} tickets ...", file=sys.stderr)
-                runs.append(feeding_run(records, n, b, threads, extra, Path(tmp)))
-                print(orjson.dumps(runs[-1]).decode(), file=sys.stderr)
+        for n, b, r in [(n, b, r) for n in slots for b in batches for r in replicas]:
+            print(f"feeding: {n} slots, batch {b}, {r} replica(s) ...", file=sys.stderr)
+            runs.append(feeding_run(records, n, b, r, threads, extra, Path(tmp)))
+            print(orjson.dumps(runs[-1]).decode(), file=sys.stderr)
     return {
         "date": time.strftime("%Y-%m-%d"),
         "model": FEED_PACKAGE,
@@ -302,11 +323,11 @@ def print_feeding(report: dict[str, Any], as_json: bool) -> None:
         f"{report['model']}, -t {report['threads']}, max_concurrency "
         f"{report['max_concurrency']}: share of slot-time"
     )
-    print("slots batch items/s   busy  idle: saturated   tail between  edges  deferred")
+    print("slots batch replicas items/s   busy  idle: saturated   tail between  edges  deferred")
     for r in report["runs"]:
         idle = r["idle_share"]
         print(
-            f"{r['slots']:>5} {r['batch_size']:>5} {r['items_per_s']:>7.2f}  "
+            f"{r['slots']:>5} {r['batch_size']:>5} {r['replicas']:>8} {r['items_per_s']:>7.2f}  "
             f"{r['busy_share']:>6.1%}        {idle['saturated']:>6.1%} {idle['tail']:>6.1%} "
             f"{idle['between_batches']:>7.1%} {idle['edges']:>6.1%}  {r['deferred_mean']:>8.2f}"
         )
@@ -324,6 +345,9 @@ def main() -> None:
     )
     parser.add_argument("--slots", default="2,4", help="--feeding: server slots to try")
     parser.add_argument("--batches", default="64,8", help="--feeding: batch sizes to try")
+    parser.add_argument(
+        "--replicas", default="1", help="--feeding: worker processes to try (e.g. 1,2)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="--feeding: llama-server -t")
     parser.add_argument("--max-concurrency", type=int, help="--feeding: the worker's option")
     args = parser.parse_args()
@@ -332,6 +356,7 @@ def main() -> None:
             args.items or 192,
             [int(n) for n in args.slots.split(",")],
             [int(b) for b in args.batches.split(",")],
+            [int(r) for r in args.replicas.split(",")],
             args.threads,
             args.max_concurrency,
         )

