@@ -49,6 +49,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # click's help: paragraphs rewrapped to the terminal, like git's
 )
+# The embedded valkey of `run`: a fixed port and folder, so a restarted fleet has the same URL.
+DEFAULT_PORT = 16379
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / (
     "tribunal/valkey"
 )
@@ -309,14 +311,14 @@ def run(
             help="Embedded valkey only: its port, the same on every start (the URL stays "
             "valid across restarts); taken by another program: an error, pick another.",
         ),
-    ] = 16379,
+    ] = DEFAULT_PORT,
 ) -> None:
     """Start the whole fleet from the fleet file (`tribunal --fleet FILE run`; without one,
     the offline lexicon models): a llama-server per local model, one process per worker
     replica, the aggregator and the judge, restarting any that dies.
     Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
-    from common.connection import EmbeddedRedisError
+    from common.connection import EmbeddedRedisError, redact
     from consumers.backends import unhandled_tasks
     from tribunal.fleet.supervisor import Fleet
 
@@ -334,6 +336,14 @@ def run(
             )
             raise typer.Exit(1) from None
     url = s.redis_url or embedded.url  # type: ignore[union-attr]
+    if not embedded:
+        custom = data_dir != DEFAULT_DATA_DIR or port != DEFAULT_PORT
+        say(
+            "",
+            f"using the Redis at {redact(url)} (TRIBUNAL_REDIS_URL or --redis-url; unset it "
+            "for the embedded valkey)"
+            + ("; --data-dir and --port are the embedded valkey's, ignored" if custom else ""),
+        )
     if embedded:
         say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
         say("", f"  export TRIBUNAL_REDIS_URL={url}")

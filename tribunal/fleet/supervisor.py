@@ -117,7 +117,7 @@ class Fleet:
             client = connect(self.settings, self.env["TRIBUNAL_REDIS_URL"], timeout_s=2.0)
             claim_partitions(client, self.settings.namespace, self.settings.partitions)
         except (RedisError, RedisClusterException) as exc:
-            log.info("partition count not checked before the start (%s)", exc)
+            log.warning("cannot reach Redis yet (%s): the fleet waits for it", exc)
 
     def respawn(self, child: Child) -> None:
         """Start ``child`` again now (after it was stopped or killed)."""
