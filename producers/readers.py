@@ -160,14 +160,24 @@ def csv_records(
     to, or (``strict``) has columns no item field takes."""
     how = Reading(columns=reading) if isinstance(reading, CsvColumns) else reading or Reading()
     # utf-8-sig: spreadsheets often start a CSV with a byte order mark.
-    reader = csv.DictReader(line.decode("utf-8-sig", errors="replace") for line in lines)
+    # strict: bad quoting (an unterminated quote, text after a closing one) is an error for
+    # that row, not rows glued into one field up to the next quote or the end of the file.
+    rows = (line.decode("utf-8-sig", errors="replace") for line in lines)
+    reader = csv.DictReader(rows, strict=True)
     if reader.fieldnames:
         check_header(list(reader.fieldnames), name, how)
     return csv_rows(reader, name, how)
 
 
 def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[Record]:
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:  # the reader goes on at the next line
+            yield f"{name}:{reader.line_num + 1}", InvalidItem(f"malformed CSV row: {exc}")
+            continue
         where = f"{name}:{reader.line_num}"
         try:
             yield where, how.record(row)

@@ -321,6 +321,26 @@ def test_csv_reader_accepts_a_utf8_byte_order_mark() -> None:
     assert records == [("bom.csv:2", {"text": "hello", "metadata": {"channel": "web"}})]
 
 
+def test_csv_reader_refuses_bad_quoting_row_by_row_instead_of_gluing_rows() -> None:
+    """An unterminated quote used to swallow every later row into one text; text after a
+    closing quote was kept. Now each is an error for its row, and reading goes on."""
+    lines = [
+        b"text,id\n",
+        b"fine,1\n",
+        b'"quoted"then more,2\n',
+        b'"a quoted\n',
+        b'two-line text",3\n',
+        b'"unterminated,4\n',
+        b"swallowed before,5\n",
+    ]
+    records = list(csv_records(iter(lines), "q.csv", CsvColumns()))
+    assert [where for where, _ in records] == ["q.csv:2", "q.csv:3", "q.csv:5", "q.csv:6"]
+    assert records[0][1] == {"text": "fine", "id": "1"}
+    assert str(records[1][1]) == "malformed CSV row: ',' expected after '\"'"
+    assert records[2][1] == {"text": "a quoted\ntwo-line text", "id": "3"}
+    assert str(records[3][1]) == "malformed CSV row: unexpected end of data"
+
+
 # --- chunking ---------------------------------------------------------------------------
 
 
