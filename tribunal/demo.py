@@ -14,7 +14,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from common.connection import connect
 from common.keys import RECORD_FIELD, Keys
 from common.schemas import Decision, RawRecord
 from common.settings import Settings
-from producers.api import Producer
+from producers.api import Producer, ProduceReport
 from tribunal.fleet.running import running_fleet, wait_until_live
 from tribunal.fleet.supervisor import Fleet
 from tribunal.ops.outcomes import Outcome, collect, final_cursors
@@ -86,8 +86,9 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     wait_until_live(redis, settings, fleet, console)
     started = time.time()
     expected = len(records) + len(BAD_ENTRIES)
+    produced = Produced()
     producing = threading.Thread(
-        target=_produce, args=(redis, settings, records, options.rate), daemon=True
+        target=_produce, args=(redis, settings, records, options.rate, produced), daemon=True
     )
     producing.start()
     outcome = Outcome()
@@ -112,8 +113,15 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
         except KeyboardInterrupt:  # Ctrl-C: what was labeled so far, then a graceful stop
             interrupted = True
     elapsed = time.time() - started
-    if interrupted:
-        console.print(f"[yellow]interrupted[/] after {elapsed:.0f}s: what ended so far")
+    if interrupted:  # the summary covers what was produced before the stop
+        tickets = produced.sample.produced
+        console.print(
+            f"[yellow]interrupted[/] after {elapsed:.0f}s of labeling: {tickets} of "
+            f"{len(records)} tickets and {produced.malformed} of {len(BAD_ENTRIES)} malformed "
+            f"entries produced, {outcome.ended} ended"
+        )
+        # (an item can end a moment before its chunk's count is in)
+        records, expected = records[:tickets], max(tickets + produced.malformed, outcome.ended)
     print_summary(console, records, outcome, expected, elapsed)
     if interrupted:
         raise KeyboardInterrupt
@@ -126,15 +134,29 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
     return outcome.ended == expected and len(ids) == len(set(ids)) and every_sample_ended
 
 
+@dataclass
+class Produced:
+    """What the producing thread has written so far (the sample's counts, then the
+    malformed entries), for a summary cut short by Ctrl-C."""
+
+    sample: ProduceReport = field(default_factory=ProduceReport)
+    malformed: int = 0
+
+
 def _produce(
-    redis: Redis, settings: Settings, records: list[RawRecord], rate: float | None
+    redis: Redis,
+    settings: Settings,
+    records: list[RawRecord],
+    rate: float | None,
+    produced: Produced,
 ) -> None:
     """The sample (at ``rate`` items/s, or all at once), then the malformed entries."""
     chunk = max(1, int(rate / 10)) if rate else max(len(records), 1)
-    Producer(redis, settings, chunk_size=chunk).send(records, rate=rate)
+    Producer(redis, settings, chunk_size=chunk).send(records, rate=rate, report=produced.sample)
     keys = Keys(settings.namespace)
     for fields in BAD_ENTRIES:
         redis.xadd(keys.items, fields)  # type: ignore[arg-type]
+        produced.malformed += 1
 
 
 @contextmanager
