@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import IO
 
-from common.keys import RECORD_FIELD
+from common.keys import RECORD_FIELD, all_partitions
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -35,3 +35,12 @@ def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     handler = LabelsHandler(out)
     consume(rt, lambda keys: keys.output, group, lambda _: handler, role="labels", drain=not follow)
     return handler.written
+
+
+def forget_reader(rt: Runtime, group: str) -> int:
+    """Delete the reader's consumer group from the output stream of every partition, so
+    retention stops keeping labels it has not read; its next read starts a new group at
+    the oldest label still kept. Returns how many groups were deleted (0: no such reader)."""
+    settings = rt.settings
+    streams = [keys.output for keys in all_partitions(settings.namespace, settings.partitions)]
+    return sum(int(rt.redis.xgroup_destroy(s, group)) for s in streams if rt.redis.exists(s))

@@ -312,6 +312,29 @@ def test_labels_prints_new_output_once_per_group(cli: Any, redis: Redis, keys: K
     assert other.stdout == b'{"id":"x"}\n{"id":"y"}\n'
 
 
+def test_a_label_reader_that_is_gone_is_forgotten_and_retention_trims_again(
+    cli: Any, redis: Redis, keys: Keys
+) -> None:
+    from consumers.retention import trim
+
+    old = redis.xadd(keys.output, {"id": "x", "d": b'{"id":"x"}'}, id="1-0")  # long ago
+    assert cli("labels", "--group", "gone", timeout=20).returncode == 0  # read it, never back
+    redis.xadd(keys.output, {"id": "y", "d": b'{"id":"y"}'}, id="2-0")  # unread by "gone"
+    assert trim(redis, keys.output, None, max_age_s=1, approximate=False) == 1  # only x
+    assert [eid for eid, _ in redis.xrange(keys.output)] == [b"2-0"] and old == b"1-0"
+
+    proc = cli("labels", "--group", "gone", "--forget", timeout=20)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b""  # nothing read
+    assert "forgot the label reader 'gone'" in flat(proc.stderr)
+    assert redis.xinfo_groups(keys.output) == []
+    assert trim(redis, keys.output, None, max_age_s=1, approximate=False) == 1  # y too now
+
+    again = cli("labels", "--group", "gone", "--forget", timeout=20)
+    assert again.returncode == 1
+    assert flat(again.stderr) == "error: no label reader's group 'gone' on the output stream"
+
+
 def test_labels_can_append_to_a_file(cli: Any, redis: Redis, keys: Keys) -> None:
     out = cli.workdir / "labels.jsonl"
     out.write_bytes(b'{"id":"old"}\n')

@@ -270,11 +270,28 @@ def labels(
     group: Annotated[
         str, typer.Option(help="Consumer group of this reader: each group gets every label once.")
     ] = "labels",
+    forget: Annotated[
+        bool,
+        typer.Option(
+            help="Instead of reading: delete this reader's group, so retention no longer "
+            "keeps labels for a reader that is gone."
+        ),
+    ] = False,
 ) -> None:
-    """Write final labels as JSONL, continuing where this reader's group left off."""
-    from consumers.labels import read_labels
+    """Write final labels as JSONL, continuing where this reader's group left off. The final
+    streams keep a label until every reader's group has it (and retention_s has passed):
+    a reader that will not come back holds them until --forget."""
+    from consumers.labels import forget_reader, read_labels
 
     rt = runtime(settings())
+    if forget:
+        with clear_errors(rt.settings):
+            deleted = forget_reader(rt, group)
+        if not deleted:
+            say("[red]error:[/]", f"no label reader's group {group!r} on the output stream")
+            raise typer.Exit(1)
+        say("", f"forgot the label reader {group!r}: retention no longer waits for it")
+        return
     try:
         sink = open(output, "ab") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
     except OSError as exc:
