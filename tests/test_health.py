@@ -75,3 +75,11 @@ def test_unreachable_redis_is_unhealthy_at_once(settings: Settings) -> None:
         assert code == 3 and "cannot read Redis" in said, said
         assert "Traceback" not in said
         assert time.monotonic() - started < 15
+
+
+def test_a_role_no_consumer_can_have_is_a_usage_error(settings: Settings) -> None:
+    code, said = health(settings, "--role", "bogus")
+    assert code == 2, said
+    assert said.strip().startswith("error: no such role 'bogus' (this fleet's: worker:vader,")
+    assert health(settings, "--role", "worker:")[0] == 2
+    assert health(settings, "--role", "labels")[0] == 1  # a real role, just not running

@@ -90,9 +90,12 @@ def main(
 @app.command()
 def demo(
     task: Annotated[str, typer.Option(help="sentiment or similar_ticket")] = "sentiment",
-    limit: Annotated[int | None, typer.Option(help="Use only the first N sample items.")] = None,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N sample items.")
+    ] = None,
     rate: Annotated[
-        float | None, typer.Option(help="Produce this many items per second (default: at once).")
+        float | None,
+        typer.Option(min=0.01, help="Produce this many items per second (default: at once)."),
     ] = None,
     watch: Annotated[
         bool, typer.Option(help="Show the live status table (queue depth, lag) while it runs.")

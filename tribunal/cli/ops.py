@@ -137,8 +137,9 @@ def health(
     ] = False,
 ) -> None:
     """Exit 0 when each role (default: every worker, the aggregator and the judge of the
-    fleet file) has a live consumer per heartbeats, else 1 naming what is missing; for
-    compose and Kubernetes healthchecks."""
+    fleet file) has a live consumer per heartbeats, else 1 naming what is missing (2: a
+    role no consumer can have; 3: Redis unreachable); for compose and Kubernetes
+    healthchecks."""
     from tribunal.ops.health import run_health
 
     raise typer.Exit(run_health(needs_redis(settings()), role or (), local))

@@ -20,6 +20,9 @@ from common.keys import Keys
 from common.settings import Settings
 from tribunal.ops.queues import expected_roles, quick_client, read_heartbeats, role_of
 
+# Roles of a consumer besides worker:NAME (``consume(role=…)``).
+ROLES = ("aggregator", "judge", "labels")
+
 
 def missing_roles(
     heartbeats: dict[str, float], roles: Sequence[str], ttl_s: float, host: str | None = None
@@ -45,9 +48,15 @@ def _host_of(consumer: str) -> str:
 
 
 def run_health(settings: Settings, roles: Sequence[str] = (), local: bool = False) -> int:
-    """Print the verdict; return 0 (all live), 1 (a role has no live consumer) or
-    3 (Redis cannot be read: nothing can be said to be live)."""
+    """Print the verdict; return 0 (all live), 1 (a role has no live consumer), 2 (a role
+    that no consumer can have: a typo) or 3 (Redis cannot be read: nothing can be said to be
+    live)."""
     asked = list(roles) or expected_roles(settings)
+    unknown = [r for r in asked if r not in ROLES and not (r.startswith("worker:") and r[7:])]
+    if unknown:
+        known = ", ".join([*expected_roles(settings), "labels"])
+        print(f"error: no such role {unknown[0]!r} (this fleet's: {known})", file=sys.stderr)
+        return 2
     try:
         beats = read_heartbeats(quick_client(settings), Keys(settings.namespace))
     except (RedisError, RedisClusterException) as exc:  # a cluster client connects when made
