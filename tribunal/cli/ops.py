@@ -12,8 +12,9 @@ from common.keys import all_partitions
 from tribunal.cli.base import clear_errors, needs_redis, say, settings
 
 dlq_app = typer.Typer(
-    help="Inspect and replay dead letters (entries given up on after "
-    "max_deliveries failed deliveries).",
+    help="Inspect and replay dead letters (entries given up on after max_deliveries failed "
+    "deliveries, or at once when no retry can help: an item of a task the judge's backend "
+    "does not handle).",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -37,7 +38,8 @@ def dlq_list(
             say(
                 "",
                 f"{letter.id}  {letter.group} on {letter.stream} after {letter.deliveries} "
-                f"deliveries (entry {entry_id}): {letter.error}",
+                f"deliver{'y' if letter.deliveries == 1 else 'ies'} (entry {entry_id}): "
+                f"{letter.error}",
             )
     if not json:
         say("", f"{len(letters)} dead letters shown")
