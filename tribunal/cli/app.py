@@ -178,6 +178,7 @@ def produce(
         TextColumn("{task.fields[wait]}"),
         console=err,
         transient=False,
+        disable=not err.is_terminal,  # in a pipe or a log file the summary line says it all
     )
     with clear_errors(s), progress, logs_above_the_bar():
         job = progress.add_task(
