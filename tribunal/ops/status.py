@@ -166,12 +166,20 @@ def render(snap: Snapshot) -> RenderableType:
         ("judge-call rate", f"{_percent(snap.judge_call_rate)} ({snap.escalations} sent)"),
         ("worker agreement", _percent(snap.agreement_rate)),
         ("audits", _audit_cell(snap)),
-        ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters}"),
+        ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters} (all time)"),
         ("live consumers", ", ".join(f"{r} {n}" for r, n in snap.live_consumers.items())),
     ]
     for worker, labels in sorted(snap.votes.items()):
         detail = ", ".join(f"{label} {n}" for label, n in sorted(labels.items()))
         rows.append((f"votes {worker}", f"{sum(labels.values())} ({detail})"))
+    if snap.votes:  # why the counts differ between workers
+        rows.append(
+            (
+                "",
+                "votes count while an item is open: a late vote, or an item another "
+                "path settled first (early_exit), is not one",
+            )
+        )
     for name, value in rows:
         facts.add_row(f"[bold]{name}", value)
     return Group(queues, facts)
