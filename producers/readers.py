@@ -160,23 +160,31 @@ def csv_records(
     to, or (``strict``) has columns no item field takes."""
     how = Reading(columns=reading) if isinstance(reading, CsvColumns) else reading or Reading()
     # utf-8-sig: spreadsheets often start a CSV with a byte order mark.
-    # strict: bad quoting (an unterminated quote, text after a closing one) is an error for
-    # that row, not rows glued into one field up to the next quote or the end of the file.
+    # strict: bad quoting (an unterminated quote, text after a closing one) is an error naming
+    # the lines it spans, where it would be glued silently into one ticket's text.
     rows = (line.decode("utf-8-sig", errors="replace") for line in lines)
     reader = csv.DictReader(rows, strict=True)
-    if reader.fieldnames:
-        check_header(list(reader.fieldnames), name, how)
+    try:
+        header = reader.fieldnames
+    except csv.Error as exc:
+        raise UnusableSource(f"{name}: malformed CSV header: {exc}") from None
+    if header:
+        check_header(list(header), name, how)
     return csv_rows(reader, name, how)
 
 
 def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[Record]:
     while True:
+        first = reader.reader.line_num + 1  # the row's first line (a quoted field may span more)
         try:
             row = next(reader)
         except StopIteration:
             return
-        except csv.Error as exc:  # the reader goes on at the next line
-            yield f"{name}:{reader.line_num + 1}", InvalidItem(f"malformed CSV row: {exc}")
+        except csv.Error as exc:  # the reader goes on after the lines it has read
+            last = reader.reader.line_num
+            lines = f"{first}-{last}" if last > first else str(first)
+            skipped = f" (lines {lines} skipped)" if last > first else ""
+            yield f"{name}:{lines}", InvalidItem(f"malformed CSV row: {exc}{skipped}")
             continue
         where = f"{name}:{reader.line_num}"
         try:

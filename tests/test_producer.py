@@ -15,7 +15,7 @@ from common.keys import Keys
 from common.settings import Settings
 from common.validation import InvalidItem
 from producers.api import Producer
-from producers.readers import CsvColumns, csv_records, jsonl_records, lines_of
+from producers.readers import CsvColumns, UnusableSource, csv_records, jsonl_records, lines_of
 
 GOOD_A = {"id": "good-a", "task": "sentiment", "text": "Thanks, all fixed now."}
 GOOD_B = {"id": "good-b", "task": "sentiment", "text": "Where is my invoice?"}
@@ -322,8 +322,10 @@ def test_csv_reader_accepts_a_utf8_byte_order_mark() -> None:
 
 
 def test_csv_reader_refuses_bad_quoting_row_by_row_instead_of_gluing_rows() -> None:
-    """An unterminated quote used to swallow every later row into one text; text after a
-    closing quote was kept. Now each is an error for its row, and reading goes on."""
+    """An unterminated quote used to swallow every later row into one text, silently; text
+    after a closing quote was kept. Now each is an error naming the lines it spans (an
+    unterminated quote still takes the lines up to the next quote: CSV cannot say where the
+    field was meant to end), and reading goes on after them."""
     lines = [
         b"text,id\n",
         b"fine,1\n",
@@ -334,11 +336,20 @@ def test_csv_reader_refuses_bad_quoting_row_by_row_instead_of_gluing_rows() -> N
         b"swallowed before,5\n",
     ]
     records = list(csv_records(iter(lines), "q.csv", CsvColumns()))
-    assert [where for where, _ in records] == ["q.csv:2", "q.csv:3", "q.csv:5", "q.csv:6"]
+    assert [where for where, _ in records] == ["q.csv:2", "q.csv:3", "q.csv:5", "q.csv:6-7"]
     assert records[0][1] == {"text": "fine", "id": "1"}
     assert str(records[1][1]) == "malformed CSV row: ',' expected after '\"'"
     assert records[2][1] == {"text": "a quoted\ntwo-line text", "id": "3"}
-    assert str(records[3][1]) == "malformed CSV row: unexpected end of data"
+    assert str(records[3][1]) == ("malformed CSV row: unexpected end of data (lines 6-7 skipped)")
+    # Two bad rows in a row are each named at their own line.
+    twice = [b"text,id\n", b'"a"b,1\n', b'"c"d,2\n', b"ok,3\n"]
+    wheres = [where for where, _ in csv_records(iter(twice), "t.csv", CsvColumns())]
+    assert wheres == ["t.csv:2", "t.csv:3", "t.csv:4"]
+
+
+def test_csv_reader_refuses_a_malformed_header_in_one_line() -> None:
+    with pytest.raises(UnusableSource, match=r"^h.csv: malformed CSV header: "):
+        csv_records(iter([b'id,"te"xt\n', b"1,hello\n"]), "h.csv", CsvColumns())
 
 
 # --- chunking ---------------------------------------------------------------------------
