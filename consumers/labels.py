@@ -8,9 +8,10 @@ flushed before its entry is acked.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import IO
+from typing import IO, Any
 
-from common.keys import RECORD_FIELD, all_partitions
+from common.connection import text
+from common.keys import RECORD_FIELD, all_partitions, claim_partitions
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -37,10 +38,31 @@ def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     return handler.written
 
 
+class ReaderActive(RuntimeError):
+    """The reader to forget is reading now: deleting its group would make it start over."""
+
+
 def forget_reader(rt: Runtime, group: str) -> int:
     """Delete the reader's consumer group from the output stream of every partition, so
     retention stops keeping labels it has not read; its next read starts a new group at
-    the oldest label still kept. Returns how many groups were deleted (0: no such reader)."""
+    the oldest label still kept. Returns how many groups were deleted (0: no such reader).
+    Raises PartitionMismatch when this process counts partitions differently from the
+    namespace, ReaderActive when a consumer of the group was seen within the heartbeat ttl
+    (a running ``labels --follow``: it would recreate the group and write every kept label
+    again)."""
     settings = rt.settings
+    claim_partitions(rt.redis, settings.namespace, settings.partitions)
     streams = [keys.output for keys in all_partitions(settings.namespace, settings.partitions)]
-    return sum(int(rt.redis.xgroup_destroy(s, group)) for s in streams if rt.redis.exists(s))
+    streams = [s for s in streams if rt.redis.exists(s)]
+    for stream in streams:
+        groups: Any = rt.redis.xinfo_groups(stream)
+        if group not in {text(g["name"]) for g in groups}:
+            continue
+        consumers: Any = rt.redis.xinfo_consumers(stream, group)
+        for c in consumers:
+            if c["idle"] < settings.heartbeat_ttl_s * 1000:
+                raise ReaderActive(
+                    f"label reader {group!r} is reading now (consumer {text(c['name'])}, "
+                    f"idle {c['idle'] / 1000:.0f}s): stop it first"
+                )
+    return sum(int(rt.redis.xgroup_destroy(s, group)) for s in streams)

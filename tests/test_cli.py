@@ -335,6 +335,33 @@ def test_a_label_reader_that_is_gone_is_forgotten_and_retention_trims_again(
     assert flat(again.stderr) == "error: no label reader's group 'gone' on the output stream"
 
 
+def test_a_label_reader_that_is_reading_is_not_forgotten(
+    cli: Any, redis: Redis, keys: Keys, settings: Settings
+) -> None:
+    """Deleting the group under a running `labels --follow` would make it recreate the group
+    and write every kept label again."""
+    redis.xadd(keys.output, {"id": "x", "d": b'{"id":"x"}'})
+    follower = started(cli.workdir, on(settings), "labels", "--follow", "--group", "live")
+    try:
+        wait_for(
+            lambda: redis.exists(keys.output) and _consumers(redis, keys, "live"),
+            30,
+            "the follower to join its group",
+        )
+        proc = cli("labels", "--group", "live", "--forget", timeout=20)
+        assert proc.returncode == 1, proc.stderr
+        assert "error: label reader 'live' is reading now (consumer labels@" in flat(proc.stderr)
+        assert _consumers(redis, keys, "live")  # the group is still there
+    finally:
+        os.killpg(follower.pid, signal.SIGTERM)
+        follower.wait(30)
+
+
+def _consumers(redis: Redis, keys: Keys, group: str) -> int:
+    groups: Any = redis.xinfo_groups(keys.output)
+    return sum(int(g["consumers"]) for g in groups if g["name"] == group.encode())
+
+
 def test_labels_can_append_to_a_file(cli: Any, redis: Redis, keys: Keys) -> None:
     out = cli.workdir / "labels.jsonl"
     out.write_bytes(b'{"id":"old"}\n')

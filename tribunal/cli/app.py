@@ -285,12 +285,16 @@ def labels(
     """Write final labels as JSONL, continuing where this reader's group left off. The final
     streams keep a label until every reader's group has it (and retention_s has passed):
     a reader that will not come back holds them until --forget."""
-    from consumers.labels import forget_reader, read_labels
+    from consumers.labels import ReaderActive, forget_reader, read_labels
 
     rt = runtime(settings())
     if forget:
-        with clear_errors(rt.settings):
-            deleted = forget_reader(rt, group)
+        try:
+            with clear_errors(rt.settings):
+                deleted = forget_reader(rt, group)
+        except ReaderActive as exc:
+            say("[red]error:[/]", str(exc))
+            raise typer.Exit(1) from None
         if not deleted:
             say("[red]error:[/]", f"no label reader's group {group!r} on the output stream")
             raise typer.Exit(1)
