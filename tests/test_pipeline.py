@@ -148,7 +148,10 @@ def test_demo_ctrl_c_prints_what_ended_so_far_and_stops_the_fleet(tmp_path: Path
 
         def labeled() -> int:  # on the demo's own embedded valkey, once it says where
             url = re.search(r"Redis (redis://\S+?)[ ,]", " ".join(log.read_text().split()))
-            return int(Redis.from_url(url.group(1)).xlen(Keys("tribunal").output)) if url else 0
+            if not url:
+                return 0
+            with Redis.from_url(url.group(1)) as client:
+                return int(client.xlen(Keys("tribunal").output))
 
         while labeled() < 5:  # the fleet is up and labels flow
             assert demo.poll() is None and time.monotonic() < deadline, log.read_text()

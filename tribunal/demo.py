@@ -8,6 +8,7 @@ somewhere final, and prints what happened.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import threading
 import time
@@ -114,6 +115,9 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
             interrupted = True
     elapsed = time.time() - started
     if interrupted:  # the summary covers what was produced before the stop
+        produced.stop.set()
+        producing.join(10)  # it finishes the chunk it is sending
+        collect(redis, cursors, outcome)
         tickets = produced.sample.produced
         console.print(
             f"[yellow]interrupted[/] after {elapsed:.0f}s of labeling: {tickets} of "
@@ -141,6 +145,7 @@ class Produced:
 
     sample: ProduceReport = field(default_factory=ProduceReport)
     malformed: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)  # Ctrl-C: produce no more
 
 
 def _produce(
@@ -150,11 +155,17 @@ def _produce(
     rate: float | None,
     produced: Produced,
 ) -> None:
-    """The sample (at ``rate`` items/s, or all at once), then the malformed entries."""
+    """The sample (at ``rate`` items/s, or all at once), then the malformed entries, until
+    ``produced.stop`` is set."""
     chunk = max(1, int(rate / 10)) if rate else max(len(records), 1)
-    Producer(redis, settings, chunk_size=chunk).send(records, rate=rate, report=produced.sample)
+    until_stopped = itertools.takewhile(lambda _: not produced.stop.is_set(), records)
+    Producer(redis, settings, chunk_size=chunk).send(
+        until_stopped, rate=rate, report=produced.sample
+    )
     keys = Keys(settings.namespace)
     for fields in BAD_ENTRIES:
+        if produced.stop.is_set():
+            return
         redis.xadd(keys.items, fields)  # type: ignore[arg-type]
         produced.malformed += 1
 

@@ -82,14 +82,17 @@ def running_fleet(
             session.keep = True
             raise
         finally:
-            # As `run`: the members' own grace (a model batch may take that long), then SIGKILL.
-            session.fleet.stop(timeout=settings.shutdown_grace_s + 5)
-            if embedded is not None:
-                embedded.stop()
-            if session.keep:  # also when an error ends the session: that is when they matter
-                console.print(f"the fleet's logs and data are kept in {workdir}")
-            else:
-                shutil.rmtree(workdir, ignore_errors=True)
+            try:
+                # As `run`: the members' own grace (a model batch may take that long), then
+                # SIGKILL; a second Ctrl-C cuts it short (atexit kills what is left).
+                session.fleet.stop(timeout=settings.shutdown_grace_s + 5)
+            finally:
+                if embedded is not None:
+                    embedded.stop()
+                if session.keep:  # also when an error ends the session: then they matter
+                    console.print(f"the fleet's logs and data are kept in {workdir}")
+                else:
+                    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
