@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, FilePath, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -133,12 +133,15 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         default=None, description="Redis URL; unset means start an embedded valkey server."
     )
-    redis_password_file: Path | None = Field(
+    # FilePath: a missing file is a settings error, one line, not a traceback at connect.
+    redis_password_file: FilePath | None = Field(
         default=None, description="Read the Redis password from this file (e.g. a secret mount)."
     )
-    tls_ca_file: Path | None = Field(default=None, description="CA to verify a rediss:// server.")
-    tls_cert_file: Path | None = Field(default=None, description="Client certificate (mTLS).")
-    tls_key_file: Path | None = Field(default=None, description="Client key (mTLS).")
+    tls_ca_file: FilePath | None = Field(
+        default=None, description="CA to verify a rediss:// server."
+    )
+    tls_cert_file: FilePath | None = Field(default=None, description="Client certificate (mTLS).")
+    tls_key_file: FilePath | None = Field(default=None, description="Client key (mTLS).")
     embedded_appendfsync: Literal["always", "everysec", "no"] = Field(
         default="everysec", description="AOF fsync policy of the embedded valkey (demo, run)."
     )

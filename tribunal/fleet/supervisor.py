@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import IO
 
 import orjson
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
-from common.connection import connect
+from common.connection import connect, is_transient
 from common.keys import claim_partitions
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
@@ -114,9 +114,11 @@ class Fleet:
         every child checks too, and would print the same reason and exit 2 each. When Redis
         cannot be reached yet the children wait for it and check as they connect."""
         try:
-            client = connect(self.settings, self.env["TRIBUNAL_REDIS_URL"], timeout_s=2.0)
-            claim_partitions(client, self.settings.namespace, self.settings.partitions)
+            with connect(self.settings, self.env["TRIBUNAL_REDIS_URL"], timeout_s=2.0) as client:
+                claim_partitions(client, self.settings.namespace, self.settings.partitions)
         except (RedisError, RedisClusterException) as exc:
+            if isinstance(exc, AuthenticationError) or not is_transient(exc, None):
+                raise  # refused (password, ACL): every member would be too; clear_errors says so
             log.warning("cannot reach Redis yet (%s): the fleet waits for it", exc)
 
     def respawn(self, child: Child) -> None:
