@@ -49,9 +49,16 @@ class JudgeHandler(Handler):
             except (KeyError, pydantic.ValidationError) as exc:
                 failures[entry.id] = f"unreadable escalation: {exc}"
                 continue
-            if case.item.task in self.unhandled:
-                error = f"the judge's backend {self.rt.settings.judge.backend} does not handle "
-                self.give_up(entry, error + f"task {case.item.task!r}", writes)
+            task = case.item.task
+            if task in self.unhandled or task not in self.tasks:  # asking again cannot help
+                backend = self.rt.settings.judge.backend
+                error = (
+                    f"the judge's backend {backend} does not handle task {task!r}"
+                    if task in self.tasks
+                    else f"task {task!r} is not one of this fleet's"
+                )
+                log.warning("%s: %s; giving up on it now", case.item.id, error)
+                self.give_up(entry, error, writes)
             else:
                 cases.append((entry, case))
         if not cases:
@@ -103,7 +110,11 @@ class JudgeHandler(Handler):
         if case is not None and case.accepted is not None:
             # An audit only: the item already has its final label, so nothing is dead.
             log.warning(
-                "audit of %s dropped after %d deliveries: %s", item_id, entry.deliveries, error
+                "audit of %s dropped after %d deliver%s: %s",
+                item_id,
+                entry.deliveries,
+                "y" if entry.deliveries == 1 else "ies",
+                error,
             )
             writes.incr(metrics.AUDITS, {"task": case.item.task, "outcome": "failed"})
             return True

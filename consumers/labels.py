@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from common.connection import text
-from common.keys import RECORD_FIELD, all_partitions, claim_partitions
+from common.keys import LABELS_ROLE, RECORD_FIELD, all_partitions, claim_partitions
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -34,7 +34,9 @@ class LabelsHandler(Handler):
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     """Write decisions as JSONL until the stream is drained (or until stopped, with ``follow``)."""
     handler = LabelsHandler(out)
-    consume(rt, lambda keys: keys.output, group, lambda _: handler, role="labels", drain=not follow)
+    consume(
+        rt, lambda keys: keys.output, group, lambda _: handler, role=LABELS_ROLE, drain=not follow
+    )
     return handler.written
 
 

@@ -59,7 +59,7 @@ class PolarityClassifier:
 
     @staticmethod
     def handles(name: str, task: TaskSpec) -> bool:
-        """A polarity lexicon knows one task, sentiment (by name: its three labels)."""
+        """A polarity lexicon knows one task: the one named sentiment."""
         return name == TASK
 
     def score(self, text: str) -> float:

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from common.keys import Keys
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE, Keys
 from common.settings import Settings
 from tribunal.ops.queues import expected_roles, quick_client, read_heartbeats, role_of
 
 # Roles of a consumer besides worker:NAME (``consume(role=…)``).
-ROLES = ("aggregator", "judge", "labels")
+ROLES = (AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE)
 
 
 def missing_roles(
