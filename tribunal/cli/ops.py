@@ -1,15 +1,17 @@
-"""``tribunal dlq``, ``acl``, ``status``, ``exporter``, ``health``: operating a running fleet."""
+"""``tribunal labels``, ``dlq``, ``acl``, ``status``, ``exporter``, ``health``: operating a
+running fleet."""
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from common.connection import connect
 from common.keys import all_partitions
-from tribunal.cli.base import clear_errors, needs_redis, say, settings
+from tribunal.cli.base import clear_errors, needs_redis, runtime, say, settings
 
 dlq_app = typer.Typer(
     help="Inspect and replay dead letters (entries given up on after max_deliveries failed "
@@ -145,3 +147,47 @@ def health(
     from tribunal.ops.health import run_health
 
     raise typer.Exit(run_health(needs_redis(settings()), role or (), local))
+
+
+def labels(
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write JSONL here (default stdout).")
+    ] = None,
+    follow: Annotated[bool, typer.Option(help="Keep waiting for new labels.")] = False,
+    group: Annotated[
+        str, typer.Option(help="Consumer group of this reader: each group gets every label once.")
+    ] = "labels",
+    forget: Annotated[
+        bool,
+        typer.Option(
+            help="Instead of reading: delete this reader's group, so retention no longer "
+            "keeps labels for a reader that is gone."
+        ),
+    ] = False,
+) -> None:
+    """Write final labels as JSONL, continuing where this reader's group left off. The final
+    streams keep a label until every reader's group has it (and retention_s has passed):
+    a reader that will not come back holds them until --forget."""
+    from consumers.labels import ReaderActive, forget_reader, read_labels
+
+    rt = runtime(settings())
+    if forget:
+        try:
+            with clear_errors(rt.settings):
+                deleted = forget_reader(rt, group)
+        except ReaderActive as exc:
+            say("[red]error:[/]", str(exc))
+            raise typer.Exit(1) from None
+        if not deleted:
+            say("[red]error:[/]", f"no label reader's group {group!r} on the output stream")
+            raise typer.Exit(1)
+        say("", f"forgot the label reader {group!r}: retention no longer waits for it")
+        return
+    try:
+        sink = open(output, "ab") if output else sys.stdout.buffer  # noqa: SIM115 - closed below
+    except OSError as exc:
+        say("[red]error:[/]", f"cannot write {output}: {exc.strerror}")
+        raise typer.Exit(2) from None
+    with clear_errors(rt.settings), sink as out:
+        written = read_labels(rt, out, group, follow)
+    say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
