@@ -48,6 +48,9 @@ def running_fleet(
         # SIGTERM (`timeout`, a service manager) must stop the fleet as Ctrl-C does: its
         # processes run in sessions of their own and would outlive a plain default exit.
         signal.signal(signal.SIGTERM, _exit_on_signal)
+        # Ctrl-C is KeyboardInterrupt even when started with SIGINT ignored (a job started
+        # with `&` by a script): Python then installs no handler of its own, as `run` does.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
     embedded = (
         None
