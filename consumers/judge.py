@@ -58,7 +58,7 @@ class JudgeHandler(Handler):
                     else f"task {task!r} is not one of this fleet's"
                 )
                 log.warning("%s: %s; giving up on it now", case.item.id, error)
-                self.give_up(entry, error, writes)
+                self._abandon(entry, case, error, writes)
             else:
                 cases.append((entry, case))
         if not cases:
@@ -101,12 +101,17 @@ class JudgeHandler(Handler):
         writes.incr(metrics.AUDITS, {"task": item.task, "outcome": outcome})
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
-        item: Item | None
         try:
             case = Escalation.model_validate_json(entry.fields[RECORD_FIELD])
-            item, item_id = case.item, case.item.id
         except (KeyError, pydantic.ValidationError):  # written by hand: not a real escalation
-            case, item, item_id = None, None, f"entry-{entry.id}"
+            case = None
+        self._abandon(entry, case, error, writes)
+        return True
+
+    def _abandon(self, entry: Entry, case: Escalation | None, error: str, writes: Writes) -> None:
+        """Drop an audit (the item keeps its label) or dead-letter the escalation."""
+        item: Item | None = case.item if case else None
+        item_id = item.id if item else f"entry-{entry.id}"
         if case is not None and case.accepted is not None:
             # An audit only: the item already has its final label, so nothing is dead.
             log.warning(
@@ -117,13 +122,12 @@ class JudgeHandler(Handler):
                 error,
             )
             writes.incr(metrics.AUDITS, {"task": case.item.task, "outcome": "failed"})
-            return True
+            return
         keys = self.rt.keys
         escalated = item is not None
         outcomes.dead_letter(
             writes, keys.judge, JUDGE_GROUP, entry, item_id, error, item, escalated
         )
-        return True
 
 
 def run_judge(rt: Runtime) -> None:

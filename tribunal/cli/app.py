@@ -300,7 +300,7 @@ def run(
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
     from common.connection import EmbeddedRedisError, redact
     from consumers.backends import unhandled_tasks
-    from tribunal.fleet.supervisor import Fleet
+    from tribunal.fleet.supervisor import STOPPING, Fleet
 
     s = settings()
     # The whole stop is bounded: the children's own grace, then the servers' shutdown.
@@ -344,7 +344,7 @@ def run(
                     say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
                 while not stop.wait(0.5):
                     fleet.supervise()
-                say("", "stopping: each process finishes its batch (Ctrl-C again to stop at once)")
+                say("", STOPPING)
             finally:  # inside clear_errors: an error's one line comes after the members' logs
                 fleet.stop(timeout=s.shutdown_grace_s + 5)
     finally:

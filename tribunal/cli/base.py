@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.markup import escape
 
 from common.lifecycle import StopFlag
 from common.settings import Settings, load_settings
 from common.validation import problems
+from tribunal.ops.console import error_console
 
 if TYPE_CHECKING:  # the consumers package is imported only by the commands that run one
     from consumers.engine.runtime import Runtime
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # the consumers package is imported only by the commands that
 
 T = TypeVar("T")
 
-err = Console(stderr=True, soft_wrap=True)  # one line per message, even in a pipe
+err = error_console()
 log = logging.getLogger("tribunal")
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from common.connection import EmbeddedRedis, redact
 from common.keys import Keys
 from common.settings import Settings
-from tribunal.fleet.supervisor import Fleet, log_file
+from tribunal.fleet.supervisor import STOPPING, Fleet, log_file
 from tribunal.ops.health import missing_roles
 from tribunal.ops.queues import expected_roles, read_heartbeats
 
@@ -77,9 +77,7 @@ def running_fleet(
             session.fleet.start()  # inside: a model server that fails keeps its logs
             yield session
         except KeyboardInterrupt:
-            console.print(
-                "stopping: each process finishes its batch (Ctrl-C again to stop at once)"
-            )
+            console.print(STOPPING)
             raise
         except BaseException:
             session.keep = True

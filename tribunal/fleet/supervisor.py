@@ -43,6 +43,8 @@ TRIBUNAL_COMMAND = (sys.executable, "-P", "-m", "tribunal")
 # A child's exit code for a setup error (tribunal.cli.base.clear_errors: a partition count
 # other than the namespace's, a backend that cannot be built, a model that cannot be served).
 CONFIG_ERROR = 2
+# What a graceful stop tells the operator (run, demo, evaluate).
+STOPPING = "stopping: each process finishes its batch (Ctrl-C again to stop at once)"
 
 
 class ChildFailed(Exception):

@@ -54,7 +54,7 @@ def run_health(settings: Settings, roles: Sequence[str] = (), local: bool = Fals
     asked = list(roles) or expected_roles(settings)
     unknown = [r for r in asked if r not in ROLES and not (r.startswith("worker:") and r[7:])]
     if unknown:
-        known = ", ".join([*expected_roles(settings), "labels"])
+        known = ", ".join([*expected_roles(settings), LABELS_ROLE])
         print(f"error: no such role {unknown[0]!r} (this fleet's: {known})", file=sys.stderr)
         return 2
     try:

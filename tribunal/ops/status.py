@@ -206,8 +206,7 @@ def run_status(
     try:  # a cluster client reaches a node as it is made
         redis = quick_client(settings)
     except (RedisError, RedisClusterException) as exc:
-        error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
-        return 3
+        return _unreadable(exc)
     console = wide_console()
     if watch:
         stop = StopFlag().install()
@@ -218,10 +217,14 @@ def run_status(
     try:
         snap = snapshot(redis, settings, stall_after_s)
     except (RedisError, RedisClusterException) as exc:
-        error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
-        return 3
+        return _unreadable(exc)
     if as_json:
         sys.stdout.buffer.write(snap.to_json() + b"\n")
     else:
         console.print(render(snap))
     return 0
+
+
+def _unreadable(exc: Exception) -> int:
+    error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
+    return 3
