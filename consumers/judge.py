@@ -63,9 +63,11 @@ class JudgeHandler(Handler):
                 cases.append((entry, case))
         if not cases:
             return failures
-        verdicts, elapsed = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)
-        writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
-        for (entry, case), verdict in zip(cases, verdicts, strict=True):
+        call = ask(self.backend, JUDGE_NAME, [c.item for _, c in cases], self.tasks)
+        outcomes.model_call(
+            writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
+        )
+        for (entry, case), verdict in zip(cases, call.votes, strict=True):
             if verdict.label is None:
                 labels = self.tasks[case.item.task].labels
                 failures[entry.id] = (

@@ -21,6 +21,19 @@ DECISIONS_BY = {
 }
 
 
+def model_call(
+    writes: Writes, labels: dict[str, str], seconds: float, prompt_tokens: int, cached_tokens: int
+) -> None:
+    """Record one batch asked of a model (``consumers.backends.ModelCall``): its time, and its
+    prompt tokens with how many the server's prompt cache held (``status`` shows the share:
+    a model that stops reusing its prefix pays the whole prompt on every item)."""
+    writes.observe(metrics.MODEL_CALL, seconds, labels)
+    if prompt_tokens:
+        worker = {"worker": labels["worker"]}
+        writes.incr(metrics.PROMPT_TOKENS, worker, prompt_tokens)
+        writes.incr(metrics.CACHED_TOKENS, worker, cached_tokens)
+
+
 def reject(writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> None:
     """Settle a bad entry as a reject, once, whichever consumer sees it first."""
     payload = entry.fields.get(RECORD_FIELD, b"")

@@ -61,10 +61,12 @@ class WorkerHandler(Handler):
             valid = self.unsettled(valid, writes)
         if not valid:
             return {}
-        votes, elapsed = ask(self.backend, self.worker, [item for _, item in valid], self.tasks)
-        writes.observe(metrics.MODEL_CALL, elapsed, self.call_labels)
+        call = ask(self.backend, self.worker, [item for _, item in valid], self.tasks)
+        outcomes.model_call(
+            writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
+        )
         deadline = self.deadline()
-        for (entry, item), vote in zip(valid, votes, strict=True):
+        for (entry, item), vote in zip(valid, call.votes, strict=True):
             writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, deadline)
         return {}
 

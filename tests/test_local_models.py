@@ -17,8 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from redis import Redis
+from rich.console import Console
 
 from common.connection import connect
 from common.schemas import Item
@@ -30,7 +32,10 @@ from consumers.backends.openai_wire import gbnf_choice
 from producers.api import Producer
 from tribunal.demo import load_sample
 from tribunal.fleet.running import running_fleet
+from tribunal.ops.exporter import stats_families
 from tribunal.ops.outcomes import Outcome, collect, final_cursors
+from tribunal.ops.queues import read_stats
+from tribunal.ops.status import render, snapshot
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
 from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
 
@@ -168,6 +173,12 @@ def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Outc
     return outcome
 
 
+def render_text(snap: Any) -> str:
+    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(render(snap))
+    return console.export_text()
+
+
 def ended_ids(outcome: Outcome) -> list[str]:
     return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
@@ -197,6 +208,21 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
         assert killed, "the server was never killed"
         assert server.restarts == 1 and server.alive() and server.process.pid != killed["pid"]  # type: ignore[union-attr]
         assert server.port == killed["port"], "restarted on another port: clients lost it"
+        snap = snapshot(redis, session.settings)
+        families = {f.name: f for f in stats_families(read_stats(redis, session.settings))}
+
+    # Every model's prompt tokens and cache reuse, as its server reported them: the shared
+    # few-shot prefix is taken from the cache for most of them (the kill costs one cold
+    # prefix per slot, and the warm-up at start the rest).
+    workers = {"chat", "completion", "json"}  # and the judge, if an item went to it
+    assert workers <= set(snap.prompt_cache) <= {*workers, "judge"}, snap.prompt_cache
+    for name, cache in snap.prompt_cache.items():
+        assert cache.prompt_tokens > 0 and cache.hit_rate is not None, (name, cache)
+    assert snap.prompt_cache["chat"].hit_rate > 0.5, snap.prompt_cache  # type: ignore[operator]
+    assert "prompt cache chat" in str(render_text(snap))
+    cached = families["tribunal_prompt_tokens_cached"].samples
+    assert {s.labels["worker"] for s in cached} == set(snap.prompt_cache)
+    assert orjson.loads(snap.to_json())["prompt_cache"]["chat"]["cached_tokens"] > 0
 
     ended = ended_ids(outcome)
     assert sorted(ended) == sorted(ids), "every item ends exactly once"

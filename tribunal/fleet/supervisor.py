@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -32,6 +33,7 @@ from common.keys import claim_partitions
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
 from tribunal.serving.llama import servers_for
+from tribunal.serving.warm import warm_prompt_caches
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +73,12 @@ class Fleet:
         log_to: IO[bytes] | None = None,
         extra_env: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        warm_tasks: Collection[str] | None = None,
     ) -> None:
         """``log_dir``: where the model servers write their logs (default: the system's
-        temporary directory, /tmp/tribunal-models)."""
+        temporary directory, /tmp/tribunal-models); ``warm_tasks``: the tasks whose prompt
+        prefix the servers compute at start (default: every task of the fleet)."""
+        self.warm_tasks = warm_tasks
         self.settings = settings
         self.env = {
             **os.environ,
@@ -107,6 +112,7 @@ class Fleet:
         if self.servers.servers:
             self.servers.start()
             self.env["TRIBUNAL_MODEL_URLS"] = orjson.dumps(self.servers.urls()).decode()
+            warm_prompt_caches(self.settings, self.servers.urls(), self.warm_tasks)
         for child in self.children:
             self._spawn(child)
         return self

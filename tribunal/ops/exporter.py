@@ -69,6 +69,16 @@ KNOWN: dict[str, tuple[str, str]] = {
     metrics.RETRIES: ("counter", "Entries left pending after a failure (retried), by group."),
     metrics.RECLAIMED: ("counter", "Entries taken over from an idle consumer, by group."),
     metrics.MODEL_CALL: ("histogram", "One batched model call, by worker and backend."),
+    metrics.PROMPT_TOKENS: (
+        "counter",
+        "Prompt tokens of the model calls, by worker (the judge: worker=judge), where the "
+        "server reports them (llama-server's timings, OpenAI's usage).",
+    ),
+    metrics.CACHED_TOKENS: (
+        "counter",
+        "Of those, tokens the server took from its prompt cache: the cache hit rate is "
+        "rate(this) / rate(prompt_tokens).",
+    ),
     metrics.BATCH_SIZE: ("histogram", "Entries per batch handed to a handler, by group."),
     metrics.ITEM_LATENCY: ("histogram", "From produce to final label, by source."),
 }

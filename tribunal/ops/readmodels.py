@@ -118,6 +118,16 @@ class AuditCounts:
 
 
 @dataclass(frozen=True)
+class PromptCache:
+    """One model's prompt tokens (as its server reported them) and how many it took from
+    its prompt cache; ``hit_rate``: their ratio (4 decimals), None before any token."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    hit_rate: float | None
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """Everything ``tribunal status`` shows, read at ``time`` (Unix seconds, 3 decimals).
 
@@ -128,7 +138,8 @@ class Snapshot:
     audits, None when there is nothing to divide by; ``rejects``, ``dead_letters``:
     entries ever added to those streams; ``votes``: worker -> label -> votes;
     ``live_consumers``: role -> consumers with a heartbeat within ``heartbeat_ttl_s``
-    (seconds), every role the fleet file runs included.
+    (seconds), every role the fleet file runs included; ``prompt_cache``: worker (the
+    judge as "judge") -> its prompt-cache reuse, for models whose server reports it.
     """
 
     namespace: str
@@ -148,6 +159,7 @@ class Snapshot:
     votes: dict[str, dict[str, int]]
     live_consumers: dict[str, int]
     heartbeat_ttl_s: float
+    prompt_cache: dict[str, PromptCache] = field(default_factory=dict)
 
     def stream(self, name: str) -> StreamReading:
         """The reading of the stream ``name`` (``items``, ``ready``, …)."""

@@ -25,6 +25,7 @@ from common.lifecycle import StopFlag
 from common.settings import Settings
 from tribunal.ops.console import error_console, wide_console
 from tribunal.ops.queues import (
+    StatSample,
     expected_roles,
     live_by_role,
     quick_client,
@@ -33,7 +34,14 @@ from tribunal.ops.queues import (
     read_stats,
     recent_outputs,
 )
-from tribunal.ops.readmodels import AuditCounts, Decisions, GroupReading, Snapshot, Throughput
+from tribunal.ops.readmodels import (
+    AuditCounts,
+    Decisions,
+    GroupReading,
+    PromptCache,
+    Snapshot,
+    Throughput,
+)
 
 
 def _ratio(part: float, whole: float) -> float | None:
@@ -91,7 +99,22 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         live_consumers={role: len(live.get(role, [])) for role in expected_roles(settings)}
         | {role: len(names) for role, names in live.items()},
         heartbeat_ttl_s=ttl,
+        prompt_cache=_prompt_cache(stats),
     )
+
+
+def _prompt_cache(stats: list[StatSample]) -> dict[str, PromptCache]:
+    tokens: dict[str, dict[str, int]] = {}
+    for s in stats:
+        if s.name in (metrics.PROMPT_TOKENS, metrics.CACHED_TOKENS):
+            by_kind = tokens.setdefault(s.labels.get("worker", "?"), {})
+            by_kind[s.name] = by_kind.get(s.name, 0) + int(s.value)
+    out = {}
+    for worker, counts in sorted(tokens.items()):
+        prompt, cached = counts.get(metrics.PROMPT_TOKENS, 0), counts.get(metrics.CACHED_TOKENS, 0)
+        rate = round(cached / prompt, 4) if prompt else None
+        out[worker] = PromptCache(prompt, cached, rate)
+    return out
 
 
 def _percent(rate: float | None) -> str:
@@ -178,6 +201,13 @@ def render(snap: Snapshot) -> RenderableType:
                 "",
                 "votes count while an item is open: a late vote, or an item another "
                 "path settled first (early_exit), is not one",
+            )
+        )
+    for worker, cache in snap.prompt_cache.items():
+        rows.append(
+            (
+                f"prompt cache {worker}",
+                f"{_percent(cache.hit_rate)} of {cache.prompt_tokens:,} prompt tokens reused",
             )
         )
     for name, value in rows:

