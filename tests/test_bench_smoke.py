@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -85,7 +87,7 @@ def test_cluster_bench_quick_reports_one_server_and_three_primaries() -> None:
     assert all(r["items_per_s"] > 0 and r["redis_cpu_us_per_item"] > 0 for r in rows)
 
 
-def test_models_bench_tiny_reports_ceilings_cascade_and_slots(tmp_path: Path) -> None:
+def test_models_bench_tiny_reports_models_alone_cpu_capacity_and_slots(tmp_path: Path) -> None:
     """bench/models.py on SmolLM2 (two workers and the judge on one real llama-server)."""
     from common.settings import load_settings
     from tribunal.serving.models import fetch, packaged
@@ -112,11 +114,20 @@ options = { model = "smol", timeout_s = 120 }
 """
     )
     report = run_bench("models.py", "--fleet", str(fleet), "--items", "2")
-    assert set(report["ceiling_items_per_s"]) == {"a", "b", "judge"}
-    assert all(v > 0 for v in report["ceiling_items_per_s"].values())
-    assert report["fleet"]["ended"] == 2
-    assert 0 <= report["fleet"]["judge_call_rate"] <= 1
-    assert set(report["fleet"]["slots"]) == {"smol"}
+    assert set(report["alone"]) == {"a", "b", "judge"}
+    for row in report["alone"].values():
+        assert row["items_per_s"] > 0 and row["cpu_s_per_item"] > 0, row
+        assert 0 <= row["cache_hit_rate"] <= 1
+    fleet = report["fleet"]
+    assert fleet["ended"] == 2 and 0 <= fleet["judge_call_rate"] <= 1
+    assert set(fleet["slots"]) == set(fleet["cpu_s_per_item"]) == {"smol"}
+    assert fleet["cpu_s_per_item"]["smol"] > 0 and fleet["cores"] >= 1
+    # capacity = cores / CPU-s per item: the arithmetic the README's table rests on
+    assert fleet["capacity_items_per_s"] == pytest.approx(
+        fleet["cores"] / fleet["cpu_s_per_item"]["smol"], rel=0.05
+    )
+    assert fleet["share_of_capacity"] > 0
+    assert {"a", "b"} <= set(fleet["cache_hit_rate"])
     assert report["speedup_vs_judge_only"] > 0
 
 

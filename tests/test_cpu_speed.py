@@ -80,11 +80,11 @@ def backend(servers: ModelServers, name: str, endpoint: str = "chat") -> OpenAIC
 def test_each_server_runs_with_its_budgeted_threads_and_a_passive_openmp_wait(
     servers: ModelServers,
 ) -> None:
-    assert servers.budget.threads == {"smol": 1, "gemma": 1} and servers.budget.cores == 2
+    assert servers.budget.threads == {"smol": 2, "gemma": 2} and servers.budget.cores == 2
     for s in servers.servers:
         assert s.process is not None
         argv = Path(f"/proc/{s.process.pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[argv.index(b"--threads") + 1] == b"1"
+        assert argv[argv.index(b"--threads") + 1] == b"2"
         env = Path(f"/proc/{s.process.pid}/environ").read_bytes().split(b"\0")
         assert b"OMP_WAIT_POLICY=passive" in env and b"GOMP_SPINCOUNT=0" in env
     gemma = Path(f"/proc/{server(servers, 'gemma').process.pid}/cmdline").read_bytes()  # type: ignore[union-attr]

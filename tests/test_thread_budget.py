@@ -9,45 +9,26 @@ import pytest
 
 from tribunal.serving.budget import available_cores, cgroup_quota, thread_budget
 
-MB = 1_000_000
-# The local fleet's servers, by weights size: three workers and the judge.
-SIZES = {"qwen-05b": 491 * MB, "gemma": 253 * MB, "smol": 98 * MB, "judge": 1117 * MB}
-UNSET: dict[str, int | None] = dict.fromkeys(SIZES)
+UNSET: dict[str, int | None] = dict.fromkeys(("qwen-05b", "gemma", "smol", "judge"))
 
 
-def test_more_servers_than_cores_get_one_thread_each_and_say_they_take_turns() -> None:
-    budget = thread_budget(UNSET, SIZES, cores=2)
-    assert budget.threads == {"qwen-05b": 1, "gemma": 1, "smol": 1, "judge": 1}
-    assert budget.total == 4 and budget.oversubscribed
-    assert "more servers than cores" in budget.describe()
-    assert "OMP_WAIT_POLICY=passive" in budget.describe()
+def test_every_server_gets_the_cores_and_waits_passively() -> None:
+    budget = thread_budget(UNSET, cores=2)
+    assert budget.threads == {"qwen-05b": 2, "gemma": 2, "smol": 2, "judge": 2}
+    assert budget.fixed == frozenset() and budget.oversubscribed == []
+    line = budget.describe()
+    assert "4 model server(s) on 2 cores" in line and "OMP_WAIT_POLICY=passive" in line
+    assert "compete" not in line
+    assert thread_budget({"judge": None}, cores=16).threads == {"judge": 16}
 
 
-def test_spare_cores_go_to_the_largest_models_first_and_the_sum_is_the_cores() -> None:
-    budget = thread_budget(UNSET, SIZES, cores=6)
-    assert budget.threads == {"qwen-05b": 2, "gemma": 1, "smol": 1, "judge": 2}
-    budget = thread_budget(UNSET, SIZES, cores=16)
-    assert budget.threads == {"qwen-05b": 4, "gemma": 4, "smol": 4, "judge": 4}
-    assert budget.total == 16 and not budget.oversubscribed
-    assert "take turns" not in budget.describe()
-
-
-def test_a_fleet_file_count_is_kept_and_the_others_share_what_it_leaves() -> None:
-    wanted = {**UNSET, "judge": 4}
-    budget = thread_budget(wanted, SIZES, cores=8)
-    assert budget.threads == {"qwen-05b": 2, "gemma": 1, "smol": 1, "judge": 4}
-    assert budget.fixed == {"judge"} and budget.total == 8
-    assert "judge 4 (fleet file)" in budget.describe()
-
-
-def test_a_fleet_file_that_asks_for_more_than_the_cores_is_told_so() -> None:
-    budget = thread_budget({"a": 2, "b": 2}, {}, cores=2)
-    assert budget.threads == {"a": 2, "b": 2} and budget.oversubscribed
-    assert "the fleet file asks for more threads than cores" in budget.describe()
-
-
-def test_one_server_gets_every_core() -> None:
-    assert thread_budget({"judge": None}, {}, cores=8).threads == {"judge": 8}
+def test_a_fleet_file_count_is_kept_and_more_than_the_cores_is_told() -> None:
+    budget = thread_budget({**UNSET, "judge": 1}, cores=8)
+    assert budget.threads == {"qwen-05b": 8, "gemma": 8, "smol": 8, "judge": 1}
+    assert budget.fixed == {"judge"} and "judge 1 (fleet file)" in budget.describe()
+    budget = thread_budget({"a": 4, "b": None}, cores=2)
+    assert budget.threads == {"a": 4, "b": 2} and budget.oversubscribed == ["a"]
+    assert "the fleet file gives a more threads than cores: they compete" in budget.describe()
 
 
 @pytest.mark.parametrize(

@@ -1,19 +1,27 @@
-"""The thread budget: how many compute threads each model server gets, so that together
-they do not ask for more cores than the machine gives this process.
+"""The thread budget: how many compute threads each model server gets, and how they wait.
 
-Why it matters (measured on 2 cores, 2026-12-06, shared/FACTS.md): llama.cpp's CPU
-backend computes with OpenMP, whose threads spin while they wait for work. Three worker
-servers at ``-t 1`` beside a judge at ``-t 2`` are five busy-waiting threads on two cores:
-the judge took 5.6 s a ticket at ``-t 2`` and 2.7 s at ``-t 1``, and Qwen-0.5B's prompt
-processing fell from 74 to 26 tokens/s. Two things fix it: no more threads than cores
-where the fleet can help it, and a passive OpenMP wait policy (``OMP_WAIT_POLICY=passive``,
-OpenMP 5.2 §6.2; GNU libgomp reads ``GOMP_SPINCOUNT`` too), so a server that waits sleeps
-instead of taking a core from one that computes.
+Why it matters (shared/FACTS.md, 2026-12-06, 2 cores): llama.cpp's CPU backend computes
+with OpenMP, whose threads spin while they wait for work — between requests and at every
+barrier inside one. Three worker servers at ``-t 1`` beside a judge at ``-t 2`` were five
+spinning threads on two cores: the judge took 5.6 s a ticket at ``-t 2`` and 2.7 s at
+``-t 1``. With a passive wait policy (``OMP_WAIT_POLICY=passive``, OpenMP 5.2 §6.2; GNU
+libgomp also reads ``GOMP_SPINCOUNT``) a waiting thread sleeps and gives its core to a
+server that computes, and then more threads than cores cost nothing: Qwen-0.5B at ``-t 2``
+on a machine at load 6 processed 74 prompt tokens/s, against 68 at ``-t 1`` (26 at ``-t 2``
+spinning).
+
+So every server gets as many threads as the machine gives this process — each can use
+every core while the others wait, as the judge does when it works through the escalations
+of a burst after the workers are done — and all of them wait passively. Measured with
+``bench/models.py --items 40`` on the local fleet (2026-12-06, one run each, back to
+back): one thread per server 0.73 items/s, 78% of what the cores could do for that model
+work; two per server 0.92 items/s, 95%, at the same CPU seconds per item.
 
 The cores are what the process may run on (its CPU affinity, ``os.sched_getaffinity``)
 capped by a cgroup CPU quota (a container's ``--cpus``: cgroup v2 ``cpu.max``, v1
 ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), as ``nproc`` and the JVM count them —
-``os.cpu_count()`` counts the host's.
+llama-server's own default counts the host's cores, 32 threads in a 2-CPU container on
+a 64-core host. A fleet file's ``threads`` overrides the count for its model.
 """
 
 from __future__ import annotations
@@ -69,12 +77,9 @@ class ThreadBudget:
     fixed: frozenset[str]
 
     @property
-    def total(self) -> int:
-        return sum(self.threads.values())
-
-    @property
-    def oversubscribed(self) -> bool:
-        return self.total > self.cores
+    def oversubscribed(self) -> list[str]:
+        """Servers given more threads than there are cores: their own threads compete."""
+        return [name for name, n in self.threads.items() if n > self.cores]
 
     def describe(self) -> str:
         """One line for the start log: what each server got and why."""
@@ -83,35 +88,18 @@ class ThreadBudget:
             for name, n in self.threads.items()
         )
         line = (
-            f"thread budget: {len(self.threads)} model servers on {self.cores} cores: {each} "
-            f"(sum {self.total}); waiting threads sleep (OMP_WAIT_POLICY=passive)"
+            f"thread budget: {len(self.threads)} model server(s) on {self.cores} cores, threads "
+            f"{each}; a server may use every core while the others wait, and waiting "
+            "threads sleep (OMP_WAIT_POLICY=passive)"
         )
-        if not self.oversubscribed:
-            return line
-        if self.fixed:
-            return f"{line}; the fleet file asks for more threads than cores: they compete"
-        return f"{line}; more servers than cores: one thread each, they take turns"
+        if self.oversubscribed:
+            names = ", ".join(self.oversubscribed)
+            line += f"; the fleet file gives {names} more threads than cores: they compete"
+        return line
 
 
-def thread_budget(
-    wanted: Mapping[str, int | None], sizes: Mapping[str, int], cores: int
-) -> ThreadBudget:
-    """Threads for each server: ``wanted[name]`` where the fleet file sets it, otherwise a
-    share of the cores the fixed ones leave — one each, then one more at a time to the
-    largest models first (``sizes``: bytes of weights; per item a bigger model computes
-    more, so an extra core shortens its calls most). Never below 1, so with more servers
-    than cores the sum exceeds the cores (``oversubscribed``) and the servers take turns."""
-    fixed = {name: n for name, n in wanted.items() if n is not None}
-    free = [name for name, n in wanted.items() if n is None]
-    threads = {name: 1 for name in free}
-    spare = cores - sum(fixed.values()) - len(free)
-    by_size = sorted(free, key=lambda name: -sizes.get(name, 0))
-    while spare > 0 and by_size:
-        for name in by_size:
-            if spare == 0:
-                break
-            threads[name] += 1
-            spare -= 1
-    return ThreadBudget(
-        {name: fixed.get(name) or threads[name] for name in wanted}, cores, frozenset(fixed)
-    )
+def thread_budget(wanted: Mapping[str, int | None], cores: int) -> ThreadBudget:
+    """Threads for each server: ``wanted[name]`` where the fleet file sets it, else
+    ``cores`` (see the module's docstring for why every server gets every core)."""
+    fixed = frozenset(name for name, n in wanted.items() if n is not None)
+    return ThreadBudget({name: n or cores for name, n in wanted.items()}, cores, fixed)

@@ -29,7 +29,7 @@ from common.settings import LocalModel, Settings
 from tribunal.serving.binaries import llama_binary
 from tribunal.serving.budget import PASSIVE_WAIT, ThreadBudget, available_cores, thread_budget
 from tribunal.serving.gguf_info import UnreadableModel, gguf_info
-from tribunal.serving.models import ModelUnavailable, model_file, packaged
+from tribunal.serving.models import ModelUnavailable, model_file
 from tribunal.serving.warm import warm_prompt_caches
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ class ModelServers:
         start_timeout_s: float = 300.0,  # an hf source downloads first
         cores: int | None = None,  # default: available_cores()
     ) -> None:
-        self.budget = budget_for(models, model_dir, cores)
+        self.budget = budget_for(models, cores)
         self.servers = [
             ModelServer(name, m, model_dir, log_dir, threads=self.budget.threads[name])
             for name, m in models.items()
@@ -201,9 +201,7 @@ class ModelServers:
         """Every server, one after another, each healthy before the next; on a failure
         the ones started are stopped and ServerFailed (or ModelUnavailable) raised."""
         if self.servers:
-            log_budget = (
-                log.warning if self.budget.oversubscribed and self.budget.fixed else log.info
-            )
+            log_budget = log.warning if self.budget.oversubscribed else log.info
             log_budget("%s", self.budget.describe())
         try:
             for server in self.servers:
@@ -249,27 +247,10 @@ def _sliding_window(gguf: Path) -> bool:
         return False
 
 
-def _weights_bytes(model: LocalModel, model_dir: Path) -> int:
-    """The size of a model's weights, for the thread budget's order (0 where unknown)."""
-    if model.path is not None:
-        path = model.path.expanduser()
-        return path.stat().st_size if path.is_file() else 0
-    if model.package is not None:
-        try:
-            return packaged(model.package).size
-        except ModelUnavailable:
-            return 0
-    return 0
-
-
-def budget_for(
-    models: Mapping[str, LocalModel], model_dir: Path, cores: int | None = None
-) -> ThreadBudget:
+def budget_for(models: Mapping[str, LocalModel], cores: int | None = None) -> ThreadBudget:
     """The thread budget of these servers on this machine's cores (``budget``)."""
     return thread_budget(
-        {name: m.threads for name, m in models.items()},
-        {name: _weights_bytes(m, model_dir) for name, m in models.items()},
-        cores or available_cores(),
+        {name: m.threads for name, m in models.items()}, cores or available_cores()
     )
 
 
