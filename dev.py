@@ -51,7 +51,10 @@ BUILD_ENV = {
     "CMAKE_ARGS": " ".join(
         ("-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF", os.environ.get("CMAKE_ARGS", ""))
     ).strip(),
-    "LLAMA_CPP_BUILD_JOBS": str(os.cpu_count() or 2),
+    # the cores this process may use (a container's affinity), not the host's: one job each
+    "LLAMA_CPP_BUILD_JOBS": str(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    ),
 }
 LLAMA_NOTE = (
     "the first install compiles llama.cpp's llama-server (about 10 min on 2 cores, once: "
