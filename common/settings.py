@@ -24,10 +24,6 @@ from pydantic_settings import (
 
 from common.tasks import BUILTIN_TASKS, TaskSpec
 
-# How workers' votes agree (``consumers.decision.Rule`` applies it).
-Scheme = Literal["majority", "weighted", "unanimous"]
-SCHEMES: tuple[Scheme, ...] = ("majority", "weighted", "unanimous")
-
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
 # URL schemes of a Redis (``common.connection.connect``): the cluster ones name a Redis
 # Cluster by any one of its nodes.
@@ -164,10 +160,14 @@ class Settings(BaseSettings):
     confidence_threshold: float | None = Field(
         default=None, ge=0.0, le=1.0, description="Votes less confident than this do not count."
     )
-    agreement: Scheme = Field(
+    # The schemes are consumers.decision.SCHEMES, which checks the name when a rule is made
+    # (a fleet refuses an unknown one at start, like a backend's options).
+    agreement: str = Field(
         default="majority",
-        description="majority: `quorum` votes for one label. weighted: summed confidence of "
-        "at least `min_weight`. unanimous: every worker votes for the same label.",
+        pattern=r"^[a-z][a-z0-9_-]{0,31}$",
+        description="How the workers' votes agree (consumers.decision.SCHEMES): majority: "
+        "`quorum` votes for one label. weighted: summed confidence of at least `min_weight`. "
+        "unanimous: every worker votes for the same label.",
     )
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."

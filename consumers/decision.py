@@ -1,47 +1,54 @@
 """The decision rule: when do the workers' votes settle an item, and when must the judge decide.
 
-This is the only place the rule lives; the aggregator, the evaluation and the
-calibration all call it, so what is measured offline is what runs live.
+This is the only place a rule lives. Each agreement scheme is one class here — how a vote
+weighs, the score a label needs, how the rule reads, the fleet-file lines that select it,
+the variants calibration tries and which of them audits can judge — registered in
+``SCHEMES``; the aggregator, ``evaluate`` and ``calibrate`` all go through it, so what is
+measured offline is what runs live, and a new scheme is one more class in this module.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from common.schemas import Vote
-from common.settings import Scheme, Settings
+from common.settings import Settings
+
+# Confidence thresholds calibration tries for every scheme (None: every vote counts).
+THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+class UnknownScheme(ValueError):
+    """A fleet file's ``agreement`` names no scheme of ``SCHEMES``."""
 
 
 @dataclass(frozen=True)
 class Rule:
-    """How votes agree.
-
-    - ``majority``: a label needs ``quorum`` counted votes and more than any other label.
-    - ``weighted``: each counted vote weighs its confidence (1 when the backend gives none);
-      a label needs a summed weight of ``min_weight`` (default: half the fleet) and more
-      than any other label, so two unsure votes no longer outvote the judge.
-    - ``unanimous``: every worker must cast a counted vote for the same label.
-
-    With a ``threshold``, votes less confident than it do not count at all (the paper's
-    confidence-threshold majority); abstentions never count.
-    """
+    """How votes agree: the parameters every scheme shares. Votes less confident than
+    ``threshold`` do not count at all (the paper's confidence-threshold majority);
+    abstentions never count. A subclass per scheme says how a counted vote weighs and what a
+    label needs; the label must also score more than any other."""
 
     n_workers: int
     quorum: int
     threshold: float | None = None
-    scheme: Scheme = "majority"
     min_weight: float | None = None
+    # The scheme's name, set by each subclass: a field, so a report's copy of the rule
+    # (``dataclasses.asdict``) names it and ``make(**that)`` builds the rule again.
+    scheme: str = field(default="", init=False)
 
     @classmethod
     def of(cls, settings: Settings) -> Rule:
-        return cls(
+        """The fleet's rule (``agreement``, ``quorum``, ``confidence_threshold``,
+        ``min_weight``). Raises UnknownScheme."""
+        return make(
+            settings.agreement,
             n_workers=len(settings.workers),
             quorum=settings.effective_quorum,
             threshold=settings.confidence_threshold,
-            scheme=settings.agreement,
             min_weight=settings.min_weight,
         )
 
@@ -53,26 +60,131 @@ class Rule:
         return vote.confidence is not None and vote.confidence >= self.threshold
 
     def weight(self, vote: Vote) -> float:
-        if self.scheme != "weighted" or vote.confidence is None:
-            return 1.0
-        return vote.confidence
+        return 1.0
 
     @property
     def needed(self) -> float:
         """The score the winning label must reach."""
-        if self.scheme == "unanimous":
-            return self.n_workers
-        if self.scheme == "weighted":
-            return self.min_weight if self.min_weight is not None else self.n_workers / 2
-        return self.quorum
+        raise NotImplementedError
 
     def describe(self) -> str:
         """``majority 2/3``, ``weighted >= 1.5``, ``unanimous 3/3``, plus the threshold."""
-        if self.scheme == "weighted":
-            text = f"weighted >= {self.needed:g}"
-        else:
-            text = f"{self.scheme} {self.needed:g}/{self.n_workers}"
+        text = f"{self.scheme} {self.needed:g}/{self.n_workers}"
         return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+
+    def fleet_lines(self) -> str:
+        """What to put at the top of a fleet file (before the first [table]) to run this."""
+        lines = [f'agreement = "{self.scheme}"', *self._own_lines()]
+        if self.threshold is None:
+            lines.append("# confidence_threshold: leave unset (every vote counts)")
+        else:
+            lines.append(f"confidence_threshold = {self.threshold:g}")
+        return "\n".join(lines)
+
+    def _own_lines(self) -> list[str]:
+        return []
+
+    @classmethod
+    def sweep(cls, n_workers: int, min_weight: float | None) -> list[Rule]:
+        """The variants of this scheme calibration tries: every threshold of ``THRESHOLDS``."""
+        majority = n_workers // 2 + 1
+        return [cls(n_workers, majority, t, min_weight) for t in THRESHOLDS]
+
+    def within(self, live: Rule) -> bool:
+        """Accepts only items ``live`` accepts too, so audits of ``live``'s accepted items can
+        judge it: the same scheme with at least its threshold."""
+        return type(self) is type(live) and (self.threshold or 0.0) >= (live.threshold or 0.0)
+
+
+@dataclass(frozen=True)
+class Majority(Rule):
+    """A label needs ``quorum`` counted votes."""
+
+    scheme: str = field(default="majority", init=False)
+
+    @property
+    def needed(self) -> float:
+        return self.quorum
+
+    def _own_lines(self) -> list[str]:
+        return [f"quorum = {self.quorum}"]
+
+    @classmethod
+    def sweep(cls, n_workers: int, min_weight: float | None) -> list[Rule]:
+        """Every quorum from a majority up to one short of every worker (that is unanimity)."""
+        majority = n_workers // 2 + 1
+        return [
+            cls(n_workers, quorum, t, min_weight)
+            for quorum in range(majority, max(n_workers, majority + 1))
+            for t in THRESHOLDS
+        ]
+
+    def within(self, live: Rule) -> bool:
+        return super().within(live) and self.quorum >= live.quorum
+
+
+@dataclass(frozen=True)
+class Weighted(Rule):
+    """Each counted vote weighs its confidence (1 when the backend gives none); a label
+    needs a summed weight of ``min_weight`` (default: half the fleet), so two unsure votes no
+    longer outvote the judge."""
+
+    scheme: str = field(default="weighted", init=False)
+
+    def weight(self, vote: Vote) -> float:
+        return 1.0 if vote.confidence is None else vote.confidence
+
+    @property
+    def needed(self) -> float:
+        return self.min_weight if self.min_weight is not None else self.n_workers / 2
+
+    def describe(self) -> str:
+        text = f"weighted >= {self.needed:g}"
+        return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+
+    def _own_lines(self) -> list[str]:
+        return [f"min_weight = {self.needed:g}"]
+
+
+@dataclass(frozen=True)
+class Unanimous(Rule):
+    """Every worker must cast a counted vote for the same label."""
+
+    scheme: str = field(default="unanimous", init=False)
+
+    @property
+    def needed(self) -> float:
+        return self.n_workers
+
+    def within(self, live: Rule) -> bool:
+        """Also within a live majority (every worker is at least its quorum); a weighted
+        rule's sum is not bounded by unanimity."""
+        floor = (self.threshold or 0.0) >= (live.threshold or 0.0)
+        return super().within(live) or (isinstance(live, Majority) and floor)
+
+
+# The schemes by name, simplest first (calibration prefers the simpler of equal rules).
+SCHEMES: dict[str, type[Rule]] = {cls.scheme: cls for cls in (Majority, Weighted, Unanimous)}
+
+
+def make(scheme: str, **params: int | float | None) -> Rule:
+    """The rule of scheme ``scheme`` with ``params`` (``n_workers``, ``quorum``,
+    ``threshold``, ``min_weight``): ``make(**dataclasses.asdict(rule))`` is ``rule``.
+    Raises UnknownScheme."""
+    cls = SCHEMES.get(scheme)
+    if cls is None:
+        raise UnknownScheme(f"unknown agreement {scheme!r} (known: {', '.join(SCHEMES)})")
+    return cls(**params)  # type: ignore[arg-type]
+
+
+def candidate_rules(n_workers: int, min_weight: float | None = None) -> list[Rule]:
+    """Every scheme's variants, simplest scheme first (what ``calibrate`` compares)."""
+    return [rule for cls in SCHEMES.values() for rule in cls.sweep(n_workers, min_weight)]
+
+
+def simplicity(rule: Rule) -> tuple[int, float, int]:
+    """Larger is simpler: an earlier scheme, then a lower threshold, then a smaller quorum."""
+    return (-list(SCHEMES).index(rule.scheme), -(rule.threshold or 0.0), -rule.quorum)
 
 
 @dataclass(frozen=True)

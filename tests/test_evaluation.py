@@ -8,25 +8,23 @@ import pytest
 
 from common.schemas import Vote
 from common.settings import load_settings
-from consumers.decision import Rule
+from consumers.decision import Majority, Rule, Weighted, candidate_rules
 from tribunal.quality.calibrate import (
     Candidate,
     Goal,
-    fleet_lines,
     recommend,
     score_candidates,
     stricter_rules,
 )
 from tribunal.quality.scoring import (
     Observation,
-    candidate_rules,
     confusion,
     evaluate_task,
     pairwise,
     score_rule,
 )
 
-MAJORITY = Rule(n_workers=3, quorum=2)
+MAJORITY = Majority(n_workers=3, quorum=2)
 
 
 def obs(
@@ -69,7 +67,7 @@ def test_majority_numbers_match_the_hand_computed_case() -> None:
 
 
 def test_threshold_rule_numbers_match_the_hand_computed_case() -> None:
-    s = score_rule(HAND, Rule(n_workers=3, quorum=2, threshold=0.8))
+    s = score_rule(HAND, Majority(n_workers=3, quorum=2, threshold=0.8))
     assert (s.accepted, s.judge_agreement, s.accuracy) == (1, 1.0, 0.75)
     assert s.judge_calls == 0.75
 
@@ -123,13 +121,13 @@ def candidates() -> list[Candidate]:
 def test_calibration_picks_the_lowest_threshold_that_filters_the_unsure_votes() -> None:
     best = recommend(candidates(), Goal(target_agreement=0.9))
     assert best is not None
-    assert best.rule == Rule(n_workers=3, quorum=2, threshold=0.65)
+    assert best.rule == Majority(n_workers=3, quorum=2, threshold=0.65)
     assert (best.score.acceptance, best.score.judge_agreement) == (0.6, 1.0)
 
 
 def test_plain_majority_is_kept_when_the_target_allows_it() -> None:
     best = recommend(candidates(), Goal(target_agreement=0.55))
-    assert best is not None and best.rule == Rule(n_workers=3, quorum=2)
+    assert best is not None and best.rule == Majority(n_workers=3, quorum=2)
 
 
 def test_calibration_within_a_judge_budget() -> None:
@@ -143,7 +141,7 @@ def test_the_printed_fleet_lines_load_and_give_the_recommended_rule(tmp_path: Pa
     best = recommend(candidates(), Goal(target_agreement=0.9))
     assert best is not None
     fleet = tmp_path / "fleet.toml"
-    fleet.write_text(fleet_lines(best.rule) + '\n\n[judge]\nbackend = "lexicon-judge"\n')
+    fleet.write_text(best.rule.fleet_lines() + '\n\n[judge]\nbackend = "lexicon-judge"\n')
     assert Rule.of(load_settings(fleet)) == best.rule
 
 
@@ -154,10 +152,10 @@ def test_a_judge_abstention_is_not_a_disagreement() -> None:
 
 
 def test_audits_judge_only_rules_at_least_as_strict_as_the_live_one() -> None:
-    weighted = Rule(n_workers=3, quorum=2, threshold=0.6, scheme="weighted", min_weight=2.5)
+    weighted = Weighted(n_workers=3, quorum=2, threshold=0.6, min_weight=2.5)
     rules = stricter_rules(weighted)
     assert rules and all(r.scheme == "weighted" and r.min_weight == 2.5 for r in rules)
     assert all((r.threshold or 0) >= 0.6 for r in rules)
-    majority = stricter_rules(Rule(n_workers=3, quorum=2))
+    majority = stricter_rules(Majority(n_workers=3, quorum=2))
     assert {r.scheme for r in majority} == {"majority", "unanimous"}
-    assert "min_weight = 2.5" in fleet_lines(weighted)
+    assert "min_weight = 2.5" in weighted.fleet_lines()

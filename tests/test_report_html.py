@@ -10,7 +10,7 @@ import base64
 import re
 
 from common.schemas import Vote
-from consumers.decision import Rule
+from consumers.decision import Majority
 from tribunal.quality.report_html import render_html
 from tribunal.quality.scoring import (
     EvaluationReport,
@@ -47,7 +47,7 @@ def build(gold: bool, judge_ms: float, skipped: int = 1) -> EvaluationReport:
         )
         for item_id, label, votes, judge in ITEMS
     ]
-    rule = Rule(n_workers=3, quorum=2)
+    rule = Majority(n_workers=3, quorum=2)
     task = evaluate_task(observations, rule, ["positive", "negative"])
     return EvaluationReport(
         source=f"tickets{HOSTILE}.jsonl",

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from common.settings import ModelSpec, load_settings
 from consumers.backends import BackendError, check_options, load_backend, unhandled_tasks
 from consumers.backends.simulated import Simulated
+from consumers.decision import Rule, UnknownScheme
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -111,7 +112,11 @@ def test_agreement_schemes_and_their_limits() -> None:
     with pytest.raises(ValidationError, match=r"min_weight 4\.0 exceeds the 3 workers"):
         load_settings(agreement="weighted", min_weight=4)
     with pytest.raises(ValidationError, match="agreement"):
-        load_settings(agreement="plurality")
+        load_settings(agreement="not a scheme name!")
+    # The names are consumers.decision.SCHEMES': an unknown one is refused where a rule is
+    # made (fleet start, evaluate, calibrate: exit 2, tests/test_decision.py).
+    with pytest.raises(UnknownScheme, match="unknown agreement 'plurality'"):
+        Rule.of(load_settings(agreement="plurality"))
     with pytest.raises(ValidationError, match="audit_fraction"):
         load_settings(audit_fraction=1.5)
 

@@ -69,20 +69,29 @@ def settings(**overrides: Any) -> Settings:
 @contextmanager
 def clear_errors(s: Settings) -> Iterator[None]:
     """A readable line and an exit code instead of a traceback: 2 for a fleet set up
-    differently from the one in Redis, a model that cannot be built or served, or a fleet
-    member that stopped on such an error; 3 when Redis refuses or cannot be reached."""
+    differently from the one in Redis, a model that cannot be built or served, an unknown
+    agreement scheme, or a fleet member that stopped on such an error; 3 when Redis refuses
+    or cannot be reached."""
     from redis import exceptions as rx
 
     from common.connection import redact
     from common.keys import PartitionMismatch
     from consumers.backends import BackendError
+    from consumers.decision import UnknownScheme
     from tribunal.fleet.supervisor import ChildFailed
     from tribunal.serving.llama import ServerFailed
     from tribunal.serving.models import ModelUnavailable
 
     try:
         yield
-    except (PartitionMismatch, BackendError, ServerFailed, ModelUnavailable, ChildFailed) as exc:
+    except (
+        PartitionMismatch,
+        BackendError,
+        UnknownScheme,
+        ServerFailed,
+        ModelUnavailable,
+        ChildFailed,
+    ) as exc:
         say("[red]error:[/]", str(exc))
         raise typer.Exit(2) from None
     except (rx.ConnectionError, rx.TimeoutError) as exc:

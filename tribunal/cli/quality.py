@@ -157,6 +157,7 @@ def evaluate(
         if len(named) == 1 and (only := named.pop()) in DEMO_FLEETS:
             say("", f"{only} items and no fleet file: using {DEMO_FLEETS[only]}")
             state.fleet = DEMO_FLEETS[only]
+    from consumers.decision import Rule
     from tribunal.quality.evaluate import run_evaluate
 
     s = settings()
@@ -166,6 +167,7 @@ def evaluate(
         say("[red]error:[/]", f"--out {out}: cannot make a directory there ({exc.strerror})")
         raise typer.Exit(2) from None
     with clear_errors(s):
+        Rule.of(s)  # an unknown agreement scheme: refused before minutes of labeling
         code = run_evaluate(s, source, out, offline, reading)
     raise typer.Exit(code)
 
@@ -217,7 +219,8 @@ def calibrate(
     goal = Goal(target, judge_budget, min_accepted)
     console = wide_console()
     rate: float | None = None
-    live = Rule.of(s)
+    with clear_errors(s):
+        live = Rule.of(s)
     if report is not None:
         try:
             evaluation = orjson.loads(report.read_bytes())

@@ -102,12 +102,15 @@ class Fleet:
     def start(self) -> Fleet:
         """The model servers (each healthy before the next), then every child.
         Raises ServerFailed or ModelUnavailable when a model cannot be served, BackendError
-        when a worker's or the judge's options do not parse, PartitionMismatch when the
+        when a worker's or the judge's options do not parse, UnknownScheme for an unknown
+        agreement, PartitionMismatch when the
         namespace has another partition count."""
         from consumers.backends import check_options
+        from consumers.decision import Rule
 
         for role, spec in [*self.settings.workers.items(), ("judge", self.settings.judge)]:
             check_options(spec, role)
+        Rule.of(self.settings)  # the agreement scheme exists
         self._check_partitions()
         if self.servers.servers:
             self.servers.start()

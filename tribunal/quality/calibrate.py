@@ -25,15 +25,14 @@ from rich.console import Console
 
 from common import metrics
 from common.keys import Keys
-from common.settings import SCHEMES, Settings
-from consumers.decision import Rule
+from common.settings import Settings
+from consumers.decision import Rule, UnknownScheme, candidate_rules, make, simplicity
 from tribunal.ops.outcomes import Cursors, Outcome, collect
 from tribunal.ops.queues import read_stats
 from tribunal.quality.report import RULE_COLUMNS, RULE_LEGEND, rule_table
 from tribunal.quality.scoring import (
     Observation,
     RuleScore,
-    candidate_rules,
     model_seconds,
     score_rule,
     worker_names,
@@ -97,40 +96,33 @@ def recommend(candidates: Sequence[Candidate], goal: Goal) -> Candidate | None:
             return False
         return goal.judge_budget is None or s.judge_calls <= goal.judge_budget + 1e-9
 
-    def simplicity(c: Candidate) -> tuple[int, float, int]:
-        return (-SCHEMES.index(c.rule.scheme), -(c.rule.threshold or 0.0), -c.rule.quorum)
-
     feasible = [c for c in candidates if fits(c)]
     if not feasible:
         return None
     if goal.target_agreement is None:
         return max(
             feasible,
-            key=lambda c: (c.score.judge_agreement or 0.0, c.score.acceptance, *simplicity(c)),
+            key=lambda c: (
+                c.score.judge_agreement or 0.0,
+                c.score.acceptance,
+                *simplicity(c.rule),
+            ),
         )
     return max(
-        feasible, key=lambda c: (c.score.acceptance, c.score.judge_agreement, *simplicity(c))
+        feasible,
+        key=lambda c: (c.score.acceptance, c.score.judge_agreement, *simplicity(c.rule)),
     )
-
-
-def fleet_lines(rule: Rule) -> str:
-    """What to put at the top of the fleet file (before the first [table])."""
-    lines = [f'agreement = "{rule.scheme}"']
-    if rule.scheme == "majority":
-        lines.append(f"quorum = {rule.quorum}")
-    if rule.scheme == "weighted":
-        lines.append(f"min_weight = {rule.needed:g}")
-    if rule.threshold is None:
-        lines.append("# confidence_threshold: leave unset (every vote counts)")
-    else:
-        lines.append(f"confidence_threshold = {rule.threshold:g}")
-    return "\n".join(lines)
 
 
 def rule_of_report(report: Any) -> Rule | None:
     """The rule the evaluated fleet ran, when the report says (older reports do not)."""
     params = report.get("fleet", {}).get("rule_params") if isinstance(report, dict) else None
-    return Rule(**params) if isinstance(params, dict) else None
+    if not isinstance(params, dict):
+        return None
+    try:
+        return make(**params)
+    except (UnknownScheme, TypeError):  # a scheme this version lacks, or other fields
+        return None
 
 
 def observations_from_report(report: Any, task: str | None) -> list[Observation]:
@@ -170,20 +162,8 @@ def live_acceptance(redis: Redis, settings: Settings) -> float | None:
 
 def stricter_rules(live: Rule) -> list[Rule]:
     """Candidates that accept only items the live rule accepts too: the ones audits can
-    judge. The same scheme with a higher threshold (and, for majority, quorum), and for a
-    live majority also unanimity (a weighted rule's sum is not bounded by unanimity)."""
-    floor = live.threshold or 0.0
-
-    def stricter(r: Rule) -> bool:
-        if (r.threshold or 0.0) < floor:
-            return False
-        if r.scheme == live.scheme == "majority":
-            return r.quorum >= live.quorum
-        if r.scheme == live.scheme:
-            return True
-        return r.scheme == "unanimous" and live.scheme == "majority"
-
-    return [r for r in candidate_rules(live.n_workers, live.min_weight) if stricter(r)]
+    judge (``Rule.within``)."""
+    return [r for r in candidate_rules(live.n_workers, live.min_weight) if r.within(live)]
 
 
 def as_json(candidates: Sequence[Candidate], best: Candidate | None, goal: Goal) -> bytes:
@@ -191,7 +171,7 @@ def as_json(candidates: Sequence[Candidate], best: Candidate | None, goal: Goal)
         {
             "goal": asdict(goal),
             "recommended": asdict(best.score) if best else None,
-            "fleet_lines": fleet_lines(best.rule) if best else None,
+            "fleet_lines": best.rule.fleet_lines() if best else None,
             "candidates": [asdict(c.score) for c in candidates],
         },
         option=orjson.OPT_INDENT_2,
@@ -268,5 +248,5 @@ def run_calibrate(
         f"{s.judge_agreement or 0:.1%} (95% low {s.judge_agreement_low or 0:.1%})"
     )
     console.print("put these at the top of the fleet file (before the first \\[table]):")
-    console.print(fleet_lines(best.rule), markup=False, highlight=False)
+    console.print(best.rule.fleet_lines(), markup=False, highlight=False)
     return 0

@@ -22,10 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, SerializationInfo, field_serializer
 
 from common.schemas import Vote
-from common.settings import SCHEMES
-from consumers.decision import Rule, decide
-
-THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+from consumers.decision import SCHEMES, Majority, Rule, candidate_rules, decide
 
 
 class Observation(BaseModel):
@@ -235,20 +232,6 @@ def _speedup(n: int, judge_calls: int, model_time: tuple[float | None, float]) -
     return judge_s * n / cascade if cascade else None
 
 
-def candidate_rules(n_workers: int, min_weight: float | None = None) -> list[Rule]:
-    """Every scheme, every quorum from a majority up, every threshold of the sweep (a quorum
-    of every worker is the unanimous scheme); weighted rules need ``min_weight``."""
-    majority = n_workers // 2 + 1
-    rules: list[Rule] = []
-    for scheme in SCHEMES:
-        quorums = (
-            range(majority, max(n_workers, majority + 1)) if scheme == "majority" else [majority]
-        )
-        for quorum in quorums:
-            rules += [Rule(n_workers, quorum, t, scheme, min_weight) for t in THRESHOLDS]
-    return rules
-
-
 def model_table(observations: Sequence[Observation]) -> dict[str, ModelRow]:
     """Per model (each worker by name, then ``judge``): accuracy vs gold, agreement with the
     judge, abstentions, seconds per item."""
@@ -310,8 +293,8 @@ def evaluate_task(
     rule = replace(rule, n_workers=n_workers)
     schemes = [
         rule,
-        *(Rule(n_workers, rule.quorum, None, scheme) for scheme in SCHEMES),
-        Rule(n_workers, rule.quorum, 0.8, "majority"),
+        *(cls(n_workers, rule.quorum) for cls in SCHEMES.values()),
+        Majority(n_workers, rule.quorum, 0.8),
     ]
     model_time = model_seconds(observations)
     compared = {r.describe(): score_rule(observations, r, model_time) for r in schemes}
