@@ -41,7 +41,7 @@ QUICK = ((None, 1), (3, 6))  # for the smoke test
 def run_one(
     url: str, partitions: int, items: int, workdir: Path, pids: list[int]
 ) -> dict[str, Any]:
-    from pipeline import BATCH, FLEET, cpu_seconds, records
+    from workload import BATCH, FLEET, cpu_seconds, records
 
     fleet_file = workdir / "fleet.toml"
     fleet_file.write_text(FLEET.format(batch=BATCH))

@@ -42,51 +42,13 @@ sys.path.insert(0, str(ROOT))
 
 import rq_baseline  # noqa: E402  (bench/, beside this file)
 import stages  # noqa: E402
+from workload import BATCH, CLK_TCK, FLEET, cpu_seconds, records  # noqa: E402
 
 from common.connection import EmbeddedRedis  # noqa: E402
 from common.keys import RECORD_FIELD, Keys  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.supervisor import Fleet  # noqa: E402
-
-BATCH = stages.BATCH
-LABELS = ("positive", "negative", "neutral")
-FLEET = """
-batch_size = {batch}
-block_ms = 50
-[workers.a]
-backend = "simulated"
-options = {{ accuracy = 0.95, seed = "a" }}
-[workers.b]
-backend = "simulated"
-options = {{ accuracy = 0.95, seed = "b" }}
-[workers.c]
-backend = "simulated"
-options = {{ accuracy = 0.95, seed = "c" }}
-[judge]
-backend = "simulated"
-options = {{ accuracy = 1.0, seed = "j" }}
-"""
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def records(n: int, prefix: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "id": f"{prefix}{i}",
-            "task": "sentiment",
-            "text": f"ticket {i} about an invoice",
-            "gold": LABELS[i % 3],
-        }
-        for i in range(n)
-    ]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process, from /proc (no psutil needed)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
 
 # --- raw ceiling ------------------------------------------------------------------------
 

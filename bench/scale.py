@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import BATCH, FLEET, records, rss_mib
+from pipeline import rss_mib
 from redis import Redis
+from workload import BATCH, FLEET, records
 
 from common.connection import EmbeddedRedis
 from common.keys import Keys

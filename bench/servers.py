@@ -19,7 +19,7 @@ from redis import Redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pipeline import cpu_seconds  # noqa: E402  (bench/, beside this file)
+from workload import cpu_seconds  # noqa: E402  (bench/, beside this file)
 
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.running import FleetSession  # noqa: E402
