@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -317,3 +322,49 @@ def test_a_worker_that_keeps_crashing_on_an_item_abstains_after_max_deliveries(
     assert alpha["label"] is None
     assert "alpha crashed" in alpha["error"]
     assert decision["source"] == "judge"
+
+
+PLUGIN = '''
+from consumers.backends.base import BackendOptions
+from common.schemas import Prediction
+
+
+class Always:
+    """Votes one label, sure of it."""
+
+    class Options(BackendOptions):
+        label: str = "positive"
+
+    def __init__(self, options, tasks):
+        self.label = options.label
+
+    def classify(self, items):
+        return [Prediction(label=self.label, confidence=1.0) for _ in items]
+'''
+
+
+def test_a_backend_of_your_own_by_dotted_path_runs_in_the_fleet(tmp_path: Path) -> None:
+    """``backend = "module:Class"``: a user's backend without forking tribunal, imported by
+    every fleet process from its path; a typo in it is one line before anything starts."""
+    (tmp_path / "my_backends.py").write_text(PLUGIN)
+    fleet = tmp_path / "fleet.toml"
+    workers = "".join(
+        f'[workers.w{n}]\nbackend = "my_backends:Always"\noptions = {{ label = "negative" }}\n'
+        for n in range(3)
+    )
+    fleet.write_text(workers + '[judge]\nbackend = "lexicon-judge"\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    demo = [sys.executable, "-m", "tribunal", "--fleet", str(fleet), "demo", "--offline"]
+    result = subprocess.run(
+        [*demo, "--limit", "4"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"accepted by workers\W+4 \(100%\)", result.stdout), result.stdout
+    assert re.search(r"sent to judge\W+0 \(0%\)", result.stdout), result.stdout
+
+    fleet.write_text(fleet.read_text().replace("my_backends:Always", "my_backends:Alway"))
+    result = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "module 'my_backends' has no 'Alway'" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -66,12 +66,27 @@ class BackendError(ValueError):
 
 
 def _backend_class(name: str) -> BackendClass:
-    """The class of backend ``name``, its module imported now. Raises BackendError."""
-    target = REGISTRY.get(name)
+    """The class of backend ``name``: a name in ``REGISTRY``, or ``"package.module:Class"``
+    for a backend of the user's own (as rq and taskiq load plug-ins), its module imported
+    now from the process's path. Raises BackendError."""
+    target = REGISTRY.get(name) or (name if ":" in name else None)
     if target is None:
-        raise BackendError(f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))})")
-    module, class_name = target.split(":")
-    cls: BackendClass = getattr(importlib.import_module(module), class_name)
+        raise BackendError(
+            f"unknown backend {name!r} (known: {', '.join(sorted(REGISTRY))}; or give "
+            '"package.module:Class" for one of your own)'
+        )
+    module, _, class_name = target.partition(":")
+    try:
+        cls: BackendClass = getattr(importlib.import_module(module), class_name)
+    except ImportError as exc:
+        raise BackendError(f"backend {name!r}: cannot import {module!r}: {exc}") from None
+    except AttributeError:
+        raise BackendError(f"backend {name!r}: module {module!r} has no {class_name!r}") from None
+    if not isinstance(getattr(cls, "Options", None), type) or not callable(cls):
+        raise BackendError(
+            f"backend {name!r}: {class_name} is not a backend class (it needs an Options "
+            "model and a constructor taking (options, tasks): consumers/backends/base.py)"
+        )
     return cls
 
 
@@ -111,9 +126,10 @@ def handles(spec: ModelSpec, name: str, task: TaskSpec) -> bool:
     ``handles(name, task) -> bool`` (the lexicons: sentiment; the pair scorers:
     similar/not_similar pairs); one that does not, a prompted language model, handles every
     task; so does an unknown name here (``check_options`` refuses it, naming the role)."""
-    if spec.backend not in REGISTRY:
+    try:
+        check = getattr(_backend_class(spec.backend), "handles", None)
+    except BackendError:
         return True
-    check = getattr(_backend_class(spec.backend), "handles", None)
     return check is None or bool(check(name, task))
 
 
