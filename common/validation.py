@@ -12,12 +12,13 @@ import math
 import orjson
 from pydantic import ValidationError
 
+from common.errors import InputError
 from common.keys import RECORD_FIELD
 from common.schemas import Item, RawRecord
 from common.settings import InputRules
 
 
-class InvalidItem(ValueError):
+class InvalidItem(InputError, ValueError):
     """The input can never be labeled; the message says why."""
 
 

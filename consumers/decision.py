@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.errors import ConfigurationError
 from common.schemas import Vote
 from common.settings import Settings
 
@@ -21,7 +22,7 @@ from common.settings import Settings
 THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 
 
-class UnknownScheme(ValueError):
+class UnknownScheme(ConfigurationError, ValueError):
     """A fleet file's ``agreement`` names no scheme of ``SCHEMES``."""
 
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 from common.connection import text
+from common.errors import Busy
 from common.keys import LABELS_ROLE, RECORD_FIELD, all_partitions, claim_partitions
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
@@ -40,7 +41,7 @@ def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     return handler.written
 
 
-class ReaderActive(RuntimeError):
+class ReaderActive(Busy, RuntimeError):
     """The reader to forget is reading now: deleting its group would make it start over."""
 
 

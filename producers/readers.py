@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from typing import IO, Any
 
+from common.errors import InputError
 from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
@@ -39,7 +40,7 @@ def flag_of(item_field: str) -> str:
     return "--" + item_field.replace("_", "-") + "-col"
 
 
-class UnusableSource(ValueError):
+class UnusableSource(InputError, ValueError):
     """No record of this file can become an item, whatever its lines hold; says why."""
 
 

@@ -122,3 +122,25 @@ def test_a_fleet_started_beside_a_folder_named_common_runs(tmp_path: Path) -> No
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert re.search(r"not settled\s*│\s*0", proc.stdout), proc.stdout[-2000:]
+
+
+def test_every_error_of_ours_is_one_family_with_an_exit_code() -> None:
+    """Each exception class defined in the packages descends from common.errors'
+    TribunalError (one ``except`` catches them all; the CLI's exit code follows the branch)."""
+    import importlib
+
+    from common.errors import Busy, ConfigurationError, InputError, TribunalError, exit_code
+
+    found = []
+    for path in modules():
+        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                isinstance(b, ast.Name) and b.id.endswith(("Error", "Exception"))
+                for b in node.bases
+            ):
+                found.append(getattr(importlib.import_module(module), node.name))
+    outside = [cls.__name__ for cls in found if not issubclass(cls, TribunalError)]
+    assert outside == [], "derive these from a common.errors branch"
+    assert len(found) >= 10
+    assert [exit_code(e("x")) for e in (ConfigurationError, InputError, Busy)] == [2, 2, 1]

@@ -16,6 +16,7 @@ from typing import NamedTuple, Protocol
 
 import pydantic
 
+from common.errors import ConfigurationError
 from common.schemas import Item, Prediction, Vote
 from common.settings import LOCAL_BACKEND, ModelSpec, Settings
 from common.tasks import TaskSpec
@@ -61,7 +62,7 @@ REGISTRY: dict[str, str] = {
 }
 
 
-class BackendError(ValueError):
+class BackendError(ConfigurationError, ValueError):
     """A backend cannot be built: unknown name, invalid options, no server for its model."""
 
 

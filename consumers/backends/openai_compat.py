@@ -46,6 +46,7 @@ from typing import Any, TypeVar, cast
 import httpx
 import orjson
 
+from common.errors import TribunalError
 from common.schemas import Item, Prediction, now
 from common.tasks import TaskSpec
 from consumers.backends.answers import parsers
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RequestFailed(Exception):
+class RequestFailed(TribunalError):
     """An item's request failed for good (retries exhausted or not worth retrying)."""
 
 

@@ -68,32 +68,21 @@ def settings(**overrides: Any) -> Settings:
 
 @contextmanager
 def clear_errors(s: Settings) -> Iterator[None]:
-    """A readable line and an exit code instead of a traceback: 2 for a fleet set up
-    differently from the one in Redis, a model that cannot be built or served, an unknown
-    agreement scheme, or a fleet member that stopped on such an error; 3 when Redis refuses
-    or cannot be reached."""
+    """A readable line and an exit code instead of a traceback: tribunal's own errors by
+    their branch (``common.errors``: 2 for a fleet that cannot run as configured — a
+    setting, a model, a backend, an agreement scheme, a partition count, a member stopped on
+    such an error — or unusable input; 1 when another process holds what is needed), 3 when
+    Redis refuses or cannot be reached."""
     from redis import exceptions as rx
 
     from common.connection import redact
-    from common.keys import PartitionMismatch
-    from consumers.backends import BackendError
-    from consumers.decision import UnknownScheme
-    from tribunal.fleet.supervisor import ChildFailed
-    from tribunal.serving.llama import ServerFailed
-    from tribunal.serving.models import ModelUnavailable
+    from common.errors import TribunalError, exit_code
 
     try:
         yield
-    except (
-        PartitionMismatch,
-        BackendError,
-        UnknownScheme,
-        ServerFailed,
-        ModelUnavailable,
-        ChildFailed,
-    ) as exc:
+    except TribunalError as exc:
         say("[red]error:[/]", str(exc))
-        raise typer.Exit(2) from None
+        raise typer.Exit(exit_code(exc)) from None
     except (rx.ConnectionError, rx.TimeoutError) as exc:
         say("[red]error:[/]", f"cannot reach Redis at {redact(s.redis_url or '')}: {exc}")
         raise typer.Exit(3) from None

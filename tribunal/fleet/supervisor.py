@@ -29,6 +29,7 @@ import orjson
 from redis.exceptions import AuthenticationError, RedisClusterException, RedisError
 
 from common.connection import connect, is_transient
+from common.errors import ConfigurationError
 from common.keys import claim_partitions
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
@@ -49,7 +50,7 @@ CONFIG_ERROR = 2
 STOPPING = "stopping: each process finishes its batch (Ctrl-C again to stop at once)"
 
 
-class ChildFailed(Exception):
+class ChildFailed(ConfigurationError):
     """A fleet member exited on a configuration error; the message names it."""
 
 

@@ -26,11 +26,12 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from common.connection import connect
+from common.errors import ConfigurationError
 from common.keys import Keys, all_partitions
 from common.schemas import Item, Vote
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
-from consumers.backends import BackendError, ask, backend_for
+from consumers.backends import ask, backend_for
 from consumers.decision import Rule
 from consumers.judge import JUDGE_NAME
 from producers.api import Producer, Record
@@ -42,8 +43,7 @@ from tribunal.quality.scoring import (
     Skipped,
     evaluate_task,
 )
-from tribunal.serving.llama import ServerFailed, serving
-from tribunal.serving.models import ModelUnavailable
+from tribunal.serving.llama import serving
 
 Progressed = Callable[[int], None]
 
@@ -274,7 +274,7 @@ def run_evaluate(
                     run = collect_offline(items, served, advance)
             else:
                 run = collect_fleet(items, settings, console, advance)
-        except (BackendError, ServerFailed, ModelUnavailable) as exc:
+        except ConfigurationError as exc:
             console.print(f"[red]error:[/] {escape(str(exc))}")
             return 2
     run.skipped[:0] = skipped

@@ -29,6 +29,8 @@ from pathlib import Path
 
 from gguf import GGUFValueType, LlamaFileType
 
+from common.errors import ConfigurationError
+
 # Types with no fast CPU path here, converted on fetch (tribunal.serving.models). Only
 # Q4_1 was measured; Q5_0 and Q5_1 lack the same repacked kernels and are not listed
 # until measured.
@@ -39,7 +41,7 @@ SLOW_FILE_TYPES = frozenset({LlamaFileType.MOSTLY_Q4_1})
 FAST_FILE_TYPE = LlamaFileType.MOSTLY_F16
 
 
-class UnreadableModel(ValueError):
+class UnreadableModel(ConfigurationError, ValueError):
     """The file is not a GGUF file this version of ``gguf`` can read."""
 
 

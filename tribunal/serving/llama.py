@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 
+from common.errors import ConfigurationError
 from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import LocalModel, Settings
 from tribunal.serving.binaries import llama_binary
@@ -44,7 +45,7 @@ INSTALL_HINT = (
 START_MARK = "--- tribunal started this llama-server at"
 
 
-class ServerFailed(Exception):
+class ServerFailed(ConfigurationError):
     """A model server is missing, would not start, or died while starting."""
 
 

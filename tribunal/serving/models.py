@@ -27,6 +27,7 @@ from pathlib import Path
 
 import orjson
 
+from common.errors import ConfigurationError
 from common.settings import LocalModel
 from tribunal.serving.binaries import llama_binary
 from tribunal.serving.gguf_info import FAST_FILE_TYPE, UnreadableModel, gguf_info
@@ -108,7 +109,7 @@ CATALOG: dict[str, Packaged] = {
 }
 
 
-class ModelUnavailable(Exception):
+class ModelUnavailable(ConfigurationError):
     """A model's file is missing or cannot be fetched; the message says what to run."""
 
 
