@@ -74,7 +74,7 @@ from common.settings import load_settings  # noqa: E402
 from consumers.backends.simulated import Simulated  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.supervisor import Fleet, log_file  # noqa: E402
-from tribunal.ops.outcomes import Cursors, Outcome, collect  # noqa: E402
+from tribunal.ops.finals import Cursors, FinalRecords, collect  # noqa: E402
 
 CALIBRATION: dict[str, Any] = {
     "gpu": "A100-SXM4-80GB, bf16, one vLLM engine per model",
@@ -197,7 +197,7 @@ def run_policy(
     namespace = "cascade-" + run.replace("+", "-")
     settings = load_settings(path, redis_url=server.url, namespace=namespace, max_backlog=10**9)
     client, keys = Redis.from_url(server.url), Keys(namespace)
-    outcome, cursors = Outcome(), Cursors.of([keys])
+    outcome, cursors = FinalRecords(), Cursors.of([keys])
     with log_file(workdir / run) as logs:
         fleet = Fleet(settings, server.url, log_level="WARNING", log_to=logs).start()
         try:
@@ -224,7 +224,7 @@ def run_policy(
 def summarize(
     run: str,
     workers: dict[str, Any],
-    outcome: Outcome,
+    outcome: FinalRecords,
     stats: dict[bytes, bytes],
     started: float,
 ) -> dict[str, Any]:

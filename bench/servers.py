@@ -23,7 +23,7 @@ from workload import cpu_seconds  # noqa: E402  (bench/, beside this file)
 
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.running import FleetSession  # noqa: E402
-from tribunal.ops.outcomes import Outcome, collect, final_cursors  # noqa: E402
+from tribunal.ops.finals import FinalRecords, collect, final_cursors  # noqa: E402
 
 METRIC = re.compile(r"^llamacpp:(requests_processing|requests_deferred)\s+([0-9.e+-]+)$", re.M)
 
@@ -104,11 +104,11 @@ class CPUMeter:
 
 def label_all(
     session: FleetSession, redis: Redis, records: list[dict[str, Any]], poll_s: float
-) -> Outcome:
+) -> FinalRecords:
     """Produce ``records`` and read the final streams every ``poll_s`` until each has ended
     (or 30 minutes passed), supervising the fleet meanwhile."""
     Producer(redis, session.settings).send(records)
-    cursors, outcome = final_cursors(session.settings), Outcome()
+    cursors, outcome = final_cursors(session.settings), FinalRecords()
     deadline = time.monotonic() + 1800
     while outcome.ended < len(records) and time.monotonic() < deadline:
         session.fleet.supervise()

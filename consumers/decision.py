@@ -189,13 +189,16 @@ def simplicity(rule: Rule) -> tuple[int, float, int]:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Ruling:
+    """What ``decide`` rules for an item: accept ``label``, escalate to the judge, or wait for
+    more votes; ``reason`` says why in a line (it goes into the final record)."""
+
     kind: Literal["accept", "escalate", "wait"]
     label: str | None = None
     reason: str = ""
 
 
-def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False) -> Outcome:
+def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False) -> Ruling:
     """Accept a label, escalate to the judge, or wait for more votes.
 
     ``final`` means no more votes will come (all are in, or the vote timeout hit).
@@ -210,11 +213,11 @@ def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False) -> Outcome
     top_label, top = ranked[0] if ranked else (None, 0.0)
     runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
     if top_label is not None and top >= rule.needed - 1e-9 and top > runner_up:
-        return Outcome("accept", top_label, f"{_spread(scores)} of {len(votes)} votes")
+        return Ruling("accept", top_label, f"{_spread(scores)} of {len(votes)} votes")
     missing = 0 if final else max(rule.n_workers - len(votes), 0)
     if missing and top + missing >= rule.needed - 1e-9:
-        return Outcome("wait", reason=f"{len(votes)}/{rule.n_workers} votes in")
-    return Outcome(
+        return Ruling("wait", reason=f"{len(votes)}/{rule.n_workers} votes in")
+    return Ruling(
         "escalate",
         reason=f"no agreement ({rule.describe()}): {len(votes)}/{rule.n_workers} votes, "
         f"counted {_spread(scores) or 'none'}",

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 QUIET_S = 10.0
 
 # (where the record came from, e.g. a line number; the record or the reason it is unusable)
-Record = tuple[str, "RawRecord | InvalidItem"]
+SourceRecord = tuple[str, "RawRecord | InvalidItem"]
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Producer:
 
     def send(
         self,
-        records: Iterable[RawRecord] | Iterable[Record],
+        records: Iterable[RawRecord] | Iterable[SourceRecord],
         on_progress: Callable[[int], None] | None = None,
         rate: float | None = None,
         report: ProduceReport | None = None,
@@ -253,7 +253,7 @@ class Producer:
         return time.monotonic() - started if announced else 0.0
 
 
-def _numbered(records: Iterable[Any]) -> Iterator[Record]:
+def _numbered(records: Iterable[Any]) -> Iterator[SourceRecord]:
     for n, record in enumerate(records, 1):
         if isinstance(record, tuple):
             yield record

@@ -27,7 +27,7 @@ from common.errors import InputError
 from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
-from producers.api import Record
+from producers.api import SourceRecord
 
 PASSED_AS_IS = ("metadata", "produced_at")  # item fields no option maps
 # Each mapped item field: what it holds, as the command-line help and the errors say it.
@@ -141,7 +141,7 @@ def default_task(settings: Settings, given: str | None = None) -> str | None:
 
 def jsonl_records(
     lines: Iterator[bytes], name: str, reading: Reading | None = None
-) -> Iterator[Record]:
+) -> Iterator[SourceRecord]:
     how = reading or Reading()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -155,7 +155,7 @@ def jsonl_records(
 
 def csv_records(
     lines: Iterator[bytes], name: str, reading: Reading | CsvColumns | None = None
-) -> Iterator[Record]:
+) -> Iterator[SourceRecord]:
     """Records of CSV rows. Reads the header at once: raises ``UnusableSource`` when it lacks
     the text column, a column named by a flag, or the task column with no task to default
     to, or (``strict``) has columns no item field takes."""
@@ -174,7 +174,7 @@ def csv_records(
     return csv_rows(reader, name, how)
 
 
-def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[Record]:
+def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[SourceRecord]:
     while True:
         first = reader.reader.line_num + 1  # the row's first line (a quoted field may span more)
         try:
@@ -254,7 +254,7 @@ def records_of(
     reading: Reading | None = None,
     follow: bool = False,
     stop: Callable[[], bool] = lambda: False,
-) -> Iterator[Record]:
+) -> Iterator[SourceRecord]:
     """The records of a JSONL or CSV file (``-``: stdin), each with where it came from. Raises
     ``OSError`` when the file cannot be opened, ``UnusableSource`` when no line of it can
     be used (a CSV header is read at once for that)."""

@@ -24,7 +24,7 @@ from common.settings import Settings, load_settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet.supervisor import Fleet, log_file
-from tribunal.ops.outcomes import Outcome
+from tribunal.ops.finals import FinalRecords
 
 PARTITIONS = 6
 
@@ -45,7 +45,7 @@ def cluster_settings(cluster: LocalCluster, **overrides: Any) -> Settings:
     )
 
 
-def ended_ids(outcome: Outcome) -> list[str]:
+def ended_ids(outcome: FinalRecords) -> list[str]:
     return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
 

@@ -33,7 +33,7 @@ from producers.api import Producer
 from tribunal.demo import load_sample
 from tribunal.fleet.running import running_fleet
 from tribunal.ops.exporter import stats_families
-from tribunal.ops.outcomes import Outcome, collect, final_cursors
+from tribunal.ops.finals import FinalRecords, collect, final_cursors
 from tribunal.ops.queues import read_stats
 from tribunal.ops.status import render, snapshot
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
@@ -158,11 +158,11 @@ options = { model = "smol", timeout_s = 120 }
     return path
 
 
-def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Outcome:
+def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> FinalRecords:
     """Collect outcomes, supervising the fleet, until every id ended (or 240 s)."""
     settings = session.settings
     cursors = final_cursors(settings)
-    outcome = Outcome()
+    outcome = FinalRecords()
     deadline = time.monotonic() + 240
     while outcome.ended < len(ids) and time.monotonic() < deadline:
         session.fleet.supervise()
@@ -179,7 +179,7 @@ def render_text(snap: Any) -> str:
     return console.export_text()
 
 
-def ended_ids(outcome: Outcome) -> list[str]:
+def ended_ids(outcome: FinalRecords) -> list[str]:
     return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
 
@@ -193,7 +193,7 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
     ids = {r["id"] for r in records}
     killed: dict[str, Any] = {}
 
-    def kill_the_server_once(outcome: Outcome) -> None:
+    def kill_the_server_once(outcome: FinalRecords) -> None:
         server = session.fleet.servers.servers[0]
         if not killed and outcome.ended >= 2:
             killed.update(port=server.port, pid=server.process.pid)  # type: ignore[union-attr]

@@ -21,7 +21,7 @@ from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet.supervisor import Fleet
-from tribunal.ops.outcomes import Outcome, collect, final_cursors
+from tribunal.ops.finals import FinalRecords, collect, final_cursors
 
 
 def wait_for_all(
@@ -30,11 +30,11 @@ def wait_for_all(
     expected: int,
     timeout: float = 120.0,
     fleet: Fleet | None = None,
-) -> Outcome:
+) -> FinalRecords:
     """Collect the final records of every partition until ``expected`` ended (or the
     timeout), then a moment more: a second record for an item would show up then. Read
     errors are retried (a cluster may be electing a primary)."""
-    outcome = Outcome()
+    outcome = FinalRecords()
     cursors = final_cursors(settings)
     deadline = time.monotonic() + timeout
     while outcome.ended < expected and time.monotonic() < deadline:

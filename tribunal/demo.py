@@ -34,7 +34,7 @@ from common.settings import Settings
 from producers.api import Producer, ProduceReport
 from tribunal.fleet.running import running_fleet, wait_until_live
 from tribunal.fleet.supervisor import Fleet
-from tribunal.ops.outcomes import Outcome, collect, final_cursors
+from tribunal.ops.finals import FinalRecords, collect, final_cursors
 from tribunal.ops.status import render, snapshot
 
 SAMPLES = {"sentiment": "tickets.jsonl", "similar_ticket": "ticket_pairs.jsonl"}
@@ -93,7 +93,7 @@ def _drive(settings: Settings, options: DemoOptions, console: Console, fleet: Fl
         target=_produce, args=(redis, settings, records, options.rate, produced), daemon=True
     )
     producing.start()
-    outcome = Outcome()
+    outcome = FinalRecords()
     cursors = final_cursors(settings)
     last_progress, seen = time.monotonic(), 0
     interrupted = False
@@ -196,7 +196,7 @@ def _pct(part: int, whole: int) -> str:
 def print_summary(
     console: Console,
     records: Sequence[RawRecord],
-    outcome: Outcome,
+    outcome: FinalRecords,
     expected: int,
     elapsed: float,
 ) -> None:

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from common.connection import connect
 from common.settings import Settings
-from producers.api import Record
+from producers.api import SourceRecord
 from producers.readers import HOLDS, CsvColumns, Reading, UnusableSource, flag_of, records_of
 from tribunal.cli.base import clear_errors, needs_redis, say, settings, state
 
@@ -95,7 +95,7 @@ def open_records(
     s: Settings,
     follow: bool = False,
     stop: Callable[[], bool] = lambda: False,
-) -> Iterator[Record]:
+) -> Iterator[SourceRecord]:
     """The records of ``source`` read for this fleet, or one line saying why not, exit 2."""
     try:
         return records_of(source, reading.for_fleet(s), follow, stop)

@@ -27,7 +27,7 @@ from common import metrics
 from common.keys import Keys
 from common.settings import Settings
 from consumers.decision import Rule, UnknownScheme, candidate_rules, make, simplicity
-from tribunal.ops.outcomes import Cursors, Outcome, collect
+from tribunal.ops.finals import Cursors, FinalRecords, collect
 from tribunal.ops.queues import read_stats
 from tribunal.quality.report import RULE_COLUMNS, RULE_LEGEND, rule_table
 from tribunal.quality.scoring import (
@@ -135,7 +135,7 @@ def observations_from_report(report: Any, task: str | None) -> list[Observation]
 
 def read_audits(redis: Redis, partitions: Sequence[Keys], task: str | None) -> list[Observation]:
     """The audits streams as observations, one per item (a re-delivered audit counts once)."""
-    outcome, cursors = Outcome(), Cursors.of(partitions, final=False, audits=True)
+    outcome, cursors = FinalRecords(), Cursors.of(partitions, final=False, audits=True)
     while True:  # collect reads up to 1,000 entries per stream and call
         before = len(outcome.audits)
         collect(redis, cursors, outcome)

@@ -34,7 +34,7 @@ from common.validation import InvalidItem, validate_item
 from consumers.backends import ask, backend_for
 from consumers.decision import Rule
 from consumers.judge import JUDGE_NAME
-from producers.api import Producer, Record
+from producers.api import Producer, SourceRecord
 from producers.readers import Reading, UnusableSource, records_of
 from tribunal.quality.scoring import (
     EvaluationReport,
@@ -59,7 +59,7 @@ class Collected:
 
 
 def load_items(
-    records: Iterable[Record], settings: Settings
+    records: Iterable[SourceRecord], settings: Settings
 ) -> tuple[list[Item], list[tuple[str, str]]]:
     """Validate records as the producer would; ids are required to match answers to items."""
     items: list[Item] = []
@@ -82,7 +82,7 @@ def load_items(
     return items, skipped
 
 
-def with_ids(records: Iterable[Record]) -> Iterable[Record]:
+def with_ids(records: Iterable[SourceRecord]) -> Iterable[SourceRecord]:
     """Records without an id get their row number: answers are matched to items by id."""
     for n, (where, record) in enumerate(records, 1):
         if isinstance(record, dict) and record.get("id") is None:
@@ -146,10 +146,10 @@ def collect_fleet(
 ) -> Collected:
     """The items through the real pipeline, every accepted label audited by the judge."""
     from tribunal.fleet.running import running_fleet, wait_until_live
-    from tribunal.ops.outcomes import Outcome, collect, final_cursors
+    from tribunal.ops.finals import FinalRecords, collect, final_cursors
 
     audit_all = {"TRIBUNAL_AUDIT_FRACTION": "1"}
-    outcome = Outcome()
+    outcome = FinalRecords()
     tasks = {item.task for item in items}
     title = "tribunal evaluate: the fleet"
     with running_fleet(settings, console, title, audit_all, tasks) as session:

@@ -17,7 +17,7 @@ Kind = Literal["output", "rejects", "dead", "audits"]
 
 
 @dataclass
-class Outcome:
+class FinalRecords:
     """The final-stream records ``collect`` has read, parsed, in stream order (partition by
     partition). Audits are not an end: the label stands."""
 
@@ -55,7 +55,7 @@ def final_cursors(settings: Settings, audits: bool = False) -> Cursors:
     return Cursors.of(all_partitions(settings.namespace, settings.partitions), audits=audits)
 
 
-def collect(redis: Redis, cursors: Cursors, outcome: Outcome) -> None:
+def collect(redis: Redis, cursors: Cursors, outcome: FinalRecords) -> None:
     """Read up to 1,000 new entries of each stream into ``outcome``, each record parsed into
     its model (a record that is not one raises pydantic's ``ValidationError``: only the
     fleet writes these streams)."""
