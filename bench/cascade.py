@@ -67,7 +67,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import metrics  # noqa: E402
-from common.connection import EmbeddedRedis  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.schemas import Item  # noqa: E402
 from common.settings import load_settings  # noqa: E402
@@ -75,6 +74,7 @@ from consumers.backends.simulated import Simulated  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.supervisor import Fleet, log_file  # noqa: E402
 from tribunal.ops.finals import Cursors, FinalRecords, collect  # noqa: E402
+from tribunal.processes.embedded import EmbeddedRedis  # noqa: E402
 
 CALIBRATION: dict[str, Any] = {
     "gpu": "A100-SXM4-80GB, bf16, one vLLM engine per model",

@@ -26,13 +26,14 @@ from typing import Any
 
 from redis import Redis
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import all_partitions
 from common.settings import Settings, load_settings
 from producers.api import Producer
 from tests.localcluster import LocalCluster
 from tribunal.fleet.supervisor import Fleet
 from tribunal.ops.queues import expected_roles, read_heartbeats
+from tribunal.processes.embedded import EmbeddedRedis
 
 CONFIGS = ((None, 1), (1, 1), (1, 3), (1, 6), (3, 1), (3, 3), (3, 6))  # (primaries, P)
 QUICK = ((None, 1), (3, 6))  # for the smoke test

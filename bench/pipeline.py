@@ -44,11 +44,11 @@ import rq_baseline  # noqa: E402  (bench/, beside this file)
 import stages  # noqa: E402
 from workload import BATCH, CLK_TCK, FLEET, cpu_seconds, records  # noqa: E402
 
-from common.connection import EmbeddedRedis  # noqa: E402
 from common.keys import RECORD_FIELD, Keys  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from producers.api import Producer  # noqa: E402
 from tribunal.fleet.supervisor import Fleet  # noqa: E402
+from tribunal.processes.embedded import EmbeddedRedis  # noqa: E402
 
 # --- raw ceiling ------------------------------------------------------------------------
 

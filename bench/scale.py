@@ -25,11 +25,11 @@ from pipeline import rss_mib
 from redis import Redis
 from workload import BATCH, FLEET, records
 
-from common.connection import EmbeddedRedis
 from common.keys import Keys
 from common.settings import load_settings
 from producers.api import Producer
 from tribunal.fleet.supervisor import Fleet
+from tribunal.processes.embedded import EmbeddedRedis
 
 RETENTION = "\nretention_s = 30\ndecided_ttl_s = 60\ntrim_every_s = 5\nmax_backlog = 20000\n"
 

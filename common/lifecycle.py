@@ -1,143 +1,32 @@
-"""Signals, child processes and logging shared by every long-running command."""
+"""Signals and logging shared by every long-running command. (The child processes a
+supervisor runs are tribunal.processes': no stage starts any.)"""
 
 from __future__ import annotations
 
-import atexit
-import ctypes
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from types import FrameType
-from typing import Any
-
-from redis.backoff import ExponentialBackoff
 
 log = logging.getLogger(__name__)
 
-_children: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
+# Called before a hard exit (os._exit skips atexit): tribunal.processes registers the one
+# that sends supervised children their hard stop.
+_before_hard_exit: list[Callable[[], None]] = []
 
 
-# The supervisors' backoff (redis-py's, as for Redis outages): 1, 2, 4 … 30 s.
-RESTART_BACKOFF = ExponentialBackoff(cap=30.0, base=1.0)
-
-
-@dataclass
-class Restarts:
-    """When to restart a supervised process that died: after 1, 2, 4 … 30 s (monotonic)."""
-
-    count: int = 0
-    at: float = 0.0  # when the planned restart is due; 0.0: none planned
-
-    def plan(self) -> float:
-        """Plan the next restart; returns its delay in seconds."""
-        delay = RESTART_BACKOFF.compute(self.count)
-        self.at = time.monotonic() + delay
-        return delay
-
-    def after_exit(self, what: Callable[[], str]) -> bool:
-        """Called each supervision round while the process is dead: the first time, plans
-        its restart and logs ``what()`` happened with the delay; True once it is due."""
-        if self.at == 0.0:
-            log.warning("%s; restarting in %.0fs", what(), self.plan())
-            return False
-        return self.due()
-
-    def due(self) -> bool:
-        """True once the planned restart's time has come (and counts it)."""
-        if self.at == 0.0 or time.monotonic() < self.at:
-            return False
-        self.count, self.at = self.count + 1, 0.0
-        return True
-
-
-def start_child(
-    argv: list[str], hard_stop: signal.Signals = signal.SIGKILL, **options: Any
-) -> subprocess.Popen[bytes]:
-    """Start a process this one supervises (a fleet member, a model server, valkey).
-
-    In a session of its own: a terminal's Ctrl-C is a SIGINT to its whole foreground
-    process group, so a child in that group would start stopping on its own, take the
-    supervisor's SIGTERM that follows for a second signal and exit mid-batch (and a
-    server would go away under the consumers still finishing theirs). Only the supervisor
-    gets the terminal's signals and stops its children once, in order. Since they no
-    longer get them, whenever this process exits without stopping them (a second signal,
-    an exception, ``sys.exit``) each child still running is sent ``hard_stop``.
-
-    When this process cannot stop them (SIGKILL, the OOM killer), the kernel sends each
-    child SIGTERM (Linux's parent-death signal, ``prctl(2)`` PR_SET_PDEATHSIG): a consumer
-    finishes its batch, valkey flushes its append-only file and releases the data directory,
-    instead of living on unsupervised and keeping the next start out.
-    """
-    process: subprocess.Popen[bytes] = subprocess.Popen(
-        argv, start_new_session=True, preexec_fn=_parent_death_signal(), **options
-    )
-    _children[:] = [(p, sig) for p, sig in _children if p.returncode is None]
-    _children.append((process, hard_stop))
-    return process
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _parent_death_signal() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that asks for SIGTERM when this process dies; None off Linux, and
-    off the main thread: the signal follows the *thread* that forked, and only the main
-    thread lives as long as the process."""
-    if sys.platform != "linux" or threading.current_thread() is not threading.main_thread():
-        return None
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
-    parent = os.getpid()
-
-    def in_child() -> None:
-        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-        if os.getppid() != parent:  # it died before the request: nobody would stop us
-            os._exit(1)
-
-    return in_child
-
-
-def stop_processes(
-    processes: Sequence[tuple[str, subprocess.Popen[bytes]]], timeout_s: float
-) -> dict[str, int]:
-    """Stop supervised processes together: SIGTERM to each still running (a consumer finishes
-    its batch, a server its requests), then SIGKILL whoever is left ``timeout_s`` later.
-    Returns each one's exit code by name."""
-    running = [(name, p) for name, p in processes if p.poll() is None]
-    for _, process in running:
-        process.terminate()
-    deadline = time.monotonic() + timeout_s
-    codes: dict[str, int] = {}
-    for name, process in running:
-        try:
-            codes[name] = process.wait(max(deadline - time.monotonic(), 0.1))
-        except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in %.0fs: killing it", name, timeout_s)
-            process.kill()
-            codes[name] = process.wait()
-    return codes
-
-
-@atexit.register
-def stop_children() -> None:
-    """Send each child still running its ``hard_stop`` (without waiting: called on exit)."""
-    for process, sig in _children:
-        try:
-            if process.poll() is None:
-                process.send_signal(sig)
-        except OSError:
-            pass
+def before_hard_exit(callback: Callable[[], None]) -> None:
+    """Run ``callback`` when a second signal (or a stop past its grace) exits at once."""
+    _before_hard_exit.append(callback)
 
 
 class StopFlag:
     """First SIGTERM/SIGINT/SIGHUP asks the loop to finish its batch and exit; a second
     signal, or a batch still running ``grace_s`` later (a hung model call), exits at once
-    (sending this process's children their ``hard_stop``). Whatever was not acked is
+    (running ``before_hard_exit``'s callbacks first: a supervisor's children get their
+    ``hard_stop``). Whatever was not acked is
     reclaimed by another consumer later, so exiting hard loses nothing."""
 
     def __init__(self, grace_s: float = 30.0) -> None:
@@ -178,7 +67,8 @@ class StopFlag:
 
 def _exit_now(why: str, code: int) -> None:
     log.warning("%s: exiting now; the unfinished batch will be reclaimed", why)
-    stop_children()  # os._exit skips atexit
+    for callback in _before_hard_exit:  # os._exit skips atexit
+        callback()
     logging.shutdown()
     os._exit(code)
 

@@ -22,9 +22,10 @@ import pytest
 import redis as redis_lib
 from redis import Redis
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import Keys
 from common.settings import Settings, load_settings
+from tribunal.processes.embedded import EmbeddedRedis
 
 
 def _servers() -> list[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from redis import Redis
 
-from common.connection import EmbeddedRedis, EmbeddedRedisError
+from tribunal.processes.embedded import EmbeddedRedis, EmbeddedRedisError
 
 
 def test_a_killed_server_restarts_on_its_port_with_what_the_aof_held(tmp_path: Path) -> None:

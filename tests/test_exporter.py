@@ -19,10 +19,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
 from test_status import TTL_S, cli_env, fresh_records, start_fleet, wait_until
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import Keys
 from common.settings import Settings, load_settings
 from producers.api import Producer
+from tribunal.processes.embedded import EmbeddedRedis
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "dashboards" / "tribunal.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

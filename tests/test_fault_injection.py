@@ -17,11 +17,12 @@ import orjson
 import pytest
 import redis as redis_lib
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.settings import Settings, load_settings
 from producers.api import Producer
 from tribunal.fleet.supervisor import Fleet
+from tribunal.processes.embedded import EmbeddedRedis
 
 N_ITEMS = int(os.environ.get("TRIBUNAL_FAULT_ITEMS", "3000"))
 CHAOS_S = float(os.environ.get("TRIBUNAL_FAULT_SECONDS", "25"))

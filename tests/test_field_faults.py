@@ -25,7 +25,7 @@ import pytest
 from llm_server import LLMServer, llm_server
 from redis import Redis
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import Keys, worker_group
 from common.settings import ModelSpec, Settings, load_settings
 from consumers.backends.simulated import Simulated
@@ -33,6 +33,7 @@ from consumers.engine.consumer import StreamConsumer
 from consumers.engine.runtime import Runtime
 from consumers.worker import WorkerHandler
 from producers.api import Producer, ProduceReport
+from tribunal.processes.embedded import EmbeddedRedis
 
 LLM_FLEET = """
 batch_size = 16

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import redis as redis_lib
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.keys import Keys
 from common.settings import load_settings
 from producers.api import Producer
+from tribunal.processes.embedded import EmbeddedRedis
 
 RECORDS = [{"task": "sentiment", "text": f"ticket {n}"} for n in range(50)]
 

@@ -25,8 +25,8 @@ import orjson
 import pytest
 from redis import Redis
 
-from common.connection import EmbeddedRedis
 from common.keys import Keys
+from tribunal.processes.embedded import EmbeddedRedis
 
 KEYS = Keys("tribunal")
 HOST = "127.0.0.1"

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.connection import EmbeddedRedis, connect
+from common.connection import connect
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
 from producers.readers import Reading
@@ -35,6 +35,7 @@ from tribunal.cli.quality import (
     open_records,
     reads_records,
 )
+from tribunal.processes.embedded import EmbeddedRedis
 
 app = typer.Typer(
     help=(
@@ -298,9 +299,10 @@ def run(
     replica, the aggregator and the judge, restarting any that dies.
     Starts an embedded valkey when no Redis URL is set. Ctrl-C (or SIGTERM) stops
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
-    from common.connection import EmbeddedRedisError, redact
+    from common.connection import redact
     from consumers.backends import unhandled_tasks
     from tribunal.fleet.supervisor import STOPPING, Fleet
+    from tribunal.processes.embedded import EmbeddedRedisError
 
     s = settings()
     # The whole stop is bounded: the children's own grace, then the servers' shutdown.

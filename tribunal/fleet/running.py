@@ -21,12 +21,13 @@ from pathlib import Path
 from redis import Redis
 from rich.console import Console
 
-from common.connection import EmbeddedRedis, redact
+from common.connection import redact
 from common.keys import Keys
 from common.settings import Settings
 from tribunal.fleet.supervisor import STOPPING, Fleet, log_file
 from tribunal.ops.health import missing_roles
 from tribunal.ops.queues import expected_roles, read_heartbeats
+from tribunal.processes.embedded import EmbeddedRedis
 
 
 @dataclass

@@ -4,7 +4,7 @@ Separate processes because that is how the fleet runs in production (and how a
 crash of one model must not take the others down). A child that dies is restarted
 with backoff, unless it exits on a configuration error (exit 2: restarting would fail
 the same way), which stops the fleet with ``ChildFailed``. Each child runs in a session of
-its own (``common.lifecycle.start_child``): a terminal's Ctrl-C reaches only the supervisor,
+its own (``tribunal.processes.children.start_child``): a terminal's Ctrl-C reaches only the supervisor,
 which passes one SIGTERM to every child, so each finishes its batch; a second signal to the
 supervisor stops them at once.
 Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
@@ -31,8 +31,8 @@ from redis.exceptions import AuthenticationError, RedisClusterException, RedisEr
 from common.connection import connect, is_transient
 from common.errors import ConfigurationError
 from common.keys import claim_partitions
-from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import FLEET_FILE_ENV, Settings, fleet_roles
+from tribunal.processes.children import Restarts, start_child, stop_processes
 from tribunal.serving.llama import servers_for
 from tribunal.serving.warm import warm_prompt_caches
 

@@ -25,8 +25,8 @@ from pathlib import Path
 import httpx
 
 from common.errors import ConfigurationError
-from common.lifecycle import Restarts, start_child, stop_processes
 from common.settings import LocalModel, Settings
+from tribunal.processes.children import Restarts, start_child, stop_processes
 from tribunal.serving.binaries import llama_binary
 from tribunal.serving.budget import PASSIVE_WAIT, ThreadBudget, available_cores, thread_budget
 from tribunal.serving.gguf_info import UnreadableModel, gguf_info
