@@ -69,6 +69,7 @@ class Producer:
         chunk_size: int = 500,
         default_task: str | None = None,
         wait_for_redis: bool = False,
+        on_wait: Callable[[int], None] = lambda backlog: None,
     ) -> None:
         self.redis = redis
         self.settings = settings
@@ -81,7 +82,7 @@ class Producer:
         self.wait_for_redis = wait_for_redis  # else a Redis outage raises at once
         # Called with the backlog at each check while ``send`` waits for the workers, and
         # with 0 when it goes on: a progress bar shows the wait there.
-        self.on_wait: Callable[[int], None] = lambda backlog: None
+        self.on_wait = on_wait
         self._waited_until = float("-inf")  # when the last wait for the workers ended
 
     def prepare(self, record: RawRecord) -> Item:

@@ -329,9 +329,8 @@ def test_a_stretch_of_waits_is_logged_once_and_reported_to_on_wait(
 ) -> None:
     s = make_settings(max_backlog=40)
     redis.xgroup_create(keys.items, "worker:slow", id="0", mkstream=True)
-    producer = Producer(redis, s, chunk_size=20, default_task="sentiment")
     seen: list[int] = []
-    producer.on_wait = seen.append
+    producer = Producer(redis, s, chunk_size=20, default_task="sentiment", on_wait=seen.append)
     stop = threading.Event()
     reader = threading.Thread(target=slow_reader, args=(s.redis_url, keys, stop), daemon=True)
     reader.start()

@@ -16,6 +16,7 @@ from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
 from producers.readers import Reading
 from tribunal.cli.base import (
+    CliConfig,
     Interrupt,
     clear_errors,
     err,
@@ -23,7 +24,6 @@ from tribunal.cli.base import (
     runtime,
     say,
     settings,
-    state,
     summarize,
 )
 from tribunal.cli.models import models_app
@@ -61,6 +61,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 @app.callback()
 def main(
+    ctx: typer.Context,
     fleet: Annotated[
         Path | None,
         typer.Option(
@@ -84,11 +85,12 @@ def main(
         say("[red]error:[/]", f"--log-level {log_level}: one of {', '.join(LOG_LEVELS)}")
         raise typer.Exit(2)
     setup_logging(log_level.upper())
-    state.fleet, state.redis_url = fleet, redis_url
+    ctx.obj = CliConfig(fleet, redis_url)
 
 
 @app.command()
 def demo(
+    ctx: typer.Context,
     task: Annotated[str, typer.Option(help="sentiment or similar_ticket")] = "sentiment",
     limit: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N sample items.")
@@ -125,12 +127,13 @@ def demo(
     if task not in SAMPLES:
         say("[red]error:[/]", f"no sample for task {task!r} (have: {', '.join(SAMPLES)})")
         raise typer.Exit(2)
-    if state.fleet is None and not offline:
-        state.fleet = LOCAL_FLEET
+    config = CliConfig.of(ctx)
+    if config.fleet is None and not offline:
+        config = config.with_fleet(LOCAL_FLEET)
         limit = limit or LOCAL_LIMITS[task]
-    elif state.fleet is None and task in DEMO_FLEETS:
-        state.fleet = DEMO_FLEETS[task]
-    s = settings()
+    elif config.fleet is None and task in DEMO_FLEETS:
+        config = config.with_fleet(DEMO_FLEETS[task])
+    s = config.settings()
     console = Console()
     with clear_errors(s):
         if s.served_models:
@@ -146,6 +149,7 @@ def demo(
 @app.command()
 @reads_records
 def produce(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="JSONL or CSV file, or - for stdin.")],
     follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
     chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
@@ -165,11 +169,10 @@ def produce(
     """
     from producers.api import Producer, ProduceReport
 
-    s = needs_redis(settings())
+    s = needs_redis(settings(ctx))
     stop = Interrupt().install()
     name = "stdin" if source == "-" else source
     records = open_records(source, reading, s, follow, stop.is_set)
-    producer = Producer(connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis)
     progress = Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -191,7 +194,9 @@ def produce(
             wait = f"waiting for the workers (backlog {backlog} > {s.max_backlog})"
             progress.update(job, wait=wait if backlog else "")
 
-        producer.on_wait = show_wait
+        producer = Producer(
+            connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis, on_wait=show_wait
+        )
         report = ProduceReport()  # kept when sending stops part-way
         try:
             with clear_errors(s):
@@ -228,39 +233,40 @@ PartitionOption = Annotated[
 ]
 
 
-def consumer_settings(partition: list[int] | None) -> Settings:
-    return settings(assigned_partitions=partition) if partition else settings()
+def consumer_settings(ctx: typer.Context, partition: list[int] | None) -> Settings:
+    return settings(ctx, assigned_partitions=partition) if partition else settings(ctx)
 
 
 @app.command()
 def worker(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Worker name from the fleet file.")],
     partition: PartitionOption = None,
 ) -> None:
     """Run one worker-model consumer: vote on every item of the items stream."""
     from consumers.worker import run_worker
 
-    s = consumer_settings(partition)
+    s = consumer_settings(ctx, partition)
     with clear_errors(s):
         run_worker(runtime(s), name)
 
 
 @app.command()
-def aggregator(partition: PartitionOption = None) -> None:
+def aggregator(ctx: typer.Context, partition: PartitionOption = None) -> None:
     """Run the aggregator: accept the workers' majority or send the item to the judge."""
     from consumers.aggregator import run_aggregator
 
-    s = consumer_settings(partition)
+    s = consumer_settings(ctx, partition)
     with clear_errors(s):
         run_aggregator(runtime(s))
 
 
 @app.command()
-def judge(partition: PartitionOption = None) -> None:
+def judge(ctx: typer.Context, partition: PartitionOption = None) -> None:
     """Run the judge consumer: the large model decides the items the workers split on."""
     from consumers.judge import run_judge
 
-    s = consumer_settings(partition)
+    s = consumer_settings(ctx, partition)
     with clear_errors(s):
         run_judge(runtime(s))
 
@@ -273,6 +279,7 @@ app.command()(acl)
 
 @app.command()
 def run(
+    ctx: typer.Context,
     data_dir: Annotated[
         Path,
         typer.Option(
@@ -304,7 +311,7 @@ def run(
     from tribunal.fleet.supervisor import STOPPING, Fleet
     from tribunal.processes.embedded import EmbeddedRedisError
 
-    s = settings()
+    s = settings(ctx)
     # The whole stop is bounded: the children's own grace, then the servers' shutdown.
     stop = StopFlag(s.shutdown_grace_s + 30).install()
     embedded = None

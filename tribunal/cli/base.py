@@ -6,6 +6,7 @@ import logging
 import signal
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -29,12 +30,48 @@ err = error_console()
 log = logging.getLogger("tribunal")
 
 
-class State:
+@dataclass(frozen=True)
+class CliConfig:
+    """The global options (``--fleet``, ``--redis-url`` or their environment variables), as
+    rq's ``CliConfig``: the app's callback puts one in typer's context, each command takes it
+    with ``CliConfig.of(ctx)`` and makes its settings from it. A command that picks another
+    fleet (``demo``, ``evaluate``) makes a copy (``with_fleet``); nothing is set from outside."""
+
     fleet: Path | None = None
     redis_url: str | None = None
 
+    @classmethod
+    def of(cls, ctx: typer.Context) -> CliConfig:
+        obj = ctx.find_root().obj
+        return obj if isinstance(obj, CliConfig) else cls()
 
-state = State()
+    def with_fleet(self, fleet: Path) -> CliConfig:
+        return replace(self, fleet=fleet)
+
+    def settings(self, **overrides: Any) -> Settings:
+        """The settings for this command, or a readable error and exit code 2."""
+        if self.redis_url:
+            overrides["redis_url"] = self.redis_url
+        import tomllib
+
+        from pydantic_settings import SettingsError
+
+        try:
+            return load_settings(self.fleet, **overrides)
+        except FileNotFoundError as exc:
+            say("[red]error:[/]", str(exc))
+        except tomllib.TOMLDecodeError as exc:
+            say("[red]error:[/]", f"fleet file {self.fleet} is not valid TOML: {exc}")
+        except SettingsError as exc:  # an environment value that does not parse (JSON maps)
+            say("[red]error:[/]", f"{exc}{f': {exc.__cause__}' if exc.__cause__ else ''}")
+        except ValidationError as exc:
+            say("[red]invalid settings:[/]", problems(exc))
+        raise typer.Exit(2)
+
+
+def settings(ctx: typer.Context, **overrides: Any) -> Settings:
+    """The settings of the command ``ctx`` runs (``CliConfig.of(ctx).settings``)."""
+    return CliConfig.of(ctx).settings(**overrides)
 
 
 def say(prefix: str, message: str) -> None:
@@ -43,27 +80,6 @@ def say(prefix: str, message: str) -> None:
         err.print(prefix, escape(message))
     else:
         err.print(escape(message))
-
-
-def settings(**overrides: Any) -> Settings:
-    """The settings for this command, or a readable error and exit code 2."""
-    if state.redis_url:
-        overrides["redis_url"] = state.redis_url
-    import tomllib
-
-    from pydantic_settings import SettingsError
-
-    try:
-        return load_settings(state.fleet, **overrides)
-    except FileNotFoundError as exc:
-        say("[red]error:[/]", str(exc))
-    except tomllib.TOMLDecodeError as exc:
-        say("[red]error:[/]", f"fleet file {state.fleet} is not valid TOML: {exc}")
-    except SettingsError as exc:  # an environment value that does not parse (JSON maps)
-        say("[red]error:[/]", f"{exc}{f': {exc.__cause__}' if exc.__cause__ else ''}")
-    except ValidationError as exc:
-        say("[red]invalid settings:[/]", problems(exc))
-    raise typer.Exit(2)
 
 
 @contextmanager

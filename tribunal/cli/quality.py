@@ -19,7 +19,7 @@ from common.connection import connect
 from common.settings import Settings
 from producers.api import SourceRecord
 from producers.readers import HOLDS, CsvColumns, Reading, UnusableSource, flag_of, records_of
-from tribunal.cli.base import clear_errors, needs_redis, say, settings, state
+from tribunal.cli.base import CliConfig, clear_errors, needs_redis, say, settings
 
 
 def _column(item_field: str, what: str) -> tuple[Any, str]:
@@ -129,6 +129,7 @@ def logs_above_the_bar() -> Iterator[None]:
 
 @reads_records
 def evaluate(
+    ctx: typer.Context,
     source: Annotated[str, typer.Argument(help="Labeled JSONL or CSV file (gold optional).")],
     offline: Annotated[
         bool,
@@ -152,15 +153,16 @@ def evaluate(
     from tribunal.demo import DEMO_FLEETS
     from tribunal.quality.evaluate import tasks_named
 
-    if state.fleet is None and source != "-":  # the default fleet knows sentiment only
-        named = tasks_named(source, reading, settings())
+    config = CliConfig.of(ctx)
+    if config.fleet is None and source != "-":  # the default fleet knows sentiment only
+        named = tasks_named(source, reading, config.settings())
         if len(named) == 1 and (only := named.pop()) in DEMO_FLEETS:
             say("", f"{only} items and no fleet file: using {DEMO_FLEETS[only]}")
-            state.fleet = DEMO_FLEETS[only]
+            config = config.with_fleet(DEMO_FLEETS[only])
     from consumers.decision import Rule
     from tribunal.quality.evaluate import run_evaluate
 
-    s = settings()
+    s = config.settings()
     try:  # before minutes of labeling, not after
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -173,6 +175,7 @@ def evaluate(
 
 
 def calibrate(
+    ctx: typer.Context,
     report: Annotated[
         Path | None,
         typer.Argument(help="evaluation.json of `tribunal evaluate`; omit to use live audits."),
@@ -213,7 +216,7 @@ def calibrate(
         run_calibrate,
     )
 
-    s = settings()
+    s = settings(ctx)
     if target is None and judge_budget is None:
         target = 0.9
     goal = Goal(target, judge_budget, min_accepted)

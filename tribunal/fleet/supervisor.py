@@ -3,10 +3,10 @@
 Separate processes because that is how the fleet runs in production (and how a
 crash of one model must not take the others down). A child that dies is restarted
 with backoff, unless it exits on a configuration error (exit 2: restarting would fail
-the same way), which stops the fleet with ``ChildFailed``. Each child runs in a session of
-its own (``tribunal.processes.children.start_child``): a terminal's Ctrl-C reaches only the supervisor,
-which passes one SIGTERM to every child, so each finishes its batch; a second signal to the
-supervisor stops them at once.
+the same way), which stops the fleet with ``ChildFailed``. Each child runs in a session
+of its own (``tribunal.processes.children.start_child``): a terminal's Ctrl-C reaches only
+the supervisor, which passes one SIGTERM to every child, so each finishes its batch; a
+second signal to the supervisor stops them at once.
 Local models (``[models.NAME]`` used by a ``llama-cpp`` worker or judge) get their
 llama-server started first, and stopped last; their URLs reach the children in
 ``TRIBUNAL_MODEL_URLS``.
@@ -135,7 +135,7 @@ class Fleet:
 
     def respawn(self, child: Child) -> None:
         """Start ``child`` again now (after it was stopped or killed)."""
-        child.restart.at = 0.0
+        child.restart.cancel()
         self._spawn(child)
 
     def _spawn(self, child: Child) -> None:

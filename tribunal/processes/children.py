@@ -51,6 +51,10 @@ class Restarts:
             return False
         return self.due()
 
+    def cancel(self) -> None:
+        """Drop the planned restart (the process was started again by other means)."""
+        self.at = 0.0
+
     def due(self) -> bool:
         """True once the planned restart's time has come (and counts it)."""
         if self.at == 0.0 or time.monotonic() < self.at:
