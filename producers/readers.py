@@ -239,10 +239,22 @@ def lines_of(
         yield pending
 
 
+# The input formats: name -> reader of a file's lines (its name, how to read it). The one
+# place a format is added: ``--format`` offers these names and a file whose extension is one
+# of them is read with it (else as JSONL).
+Reader = Callable[[Iterator[bytes], str, Reading], Iterator[SourceRecord]]
+FORMATS: dict[str, Reader] = {"jsonl": jsonl_records, "csv": csv_records}
+
+
 def detect_format(path: str, explicit: str | None) -> str:
+    """``explicit`` if given, else the file's extension where it names a format, else jsonl.
+    Raises UnusableSource for an unknown ``explicit``."""
     if explicit:
+        if explicit not in FORMATS:
+            raise UnusableSource(f"--format {explicit}: one of {', '.join(FORMATS)}")
         return explicit
-    return "csv" if path.lower().endswith(".csv") else "jsonl"
+    extension = path.lower().rsplit(".", 1)[-1] if "." in path else ""
+    return extension if extension in FORMATS else "jsonl"
 
 
 def open_binary(path: str) -> IO[bytes]:
@@ -259,9 +271,7 @@ def records_of(
     ``OSError`` when the file cannot be opened, ``UnusableSource`` when no line of it can
     be used (a CSV header is read at once for that)."""
     how = reading or Reading()
+    reader = FORMATS[detect_format(source, how.fmt)]  # before opening: a bad --format
     stream = open_binary(source)
     name = "stdin" if source == "-" else source
-    lines = lines_of(stream, follow, stop)
-    if detect_format(source, how.fmt) == "csv":
-        return csv_records(lines, name, how)
-    return jsonl_records(lines, name, how)
+    return reader(lines_of(stream, follow, stop), name, how)

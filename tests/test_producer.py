@@ -559,3 +559,30 @@ def test_send_at_a_rate_spreads_the_records_over_time(redis: Redis, settings: Se
     )
     assert report.produced == 20
     assert time.monotonic() - started >= 0.45
+
+
+def test_an_input_format_is_added_in_one_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A throwaway tab-separated format, registered in producers.readers.FORMATS only: a file
+    with its extension is read with it, --format accepts its name, an unknown name is one
+    line naming the known ones."""
+    from producers import readers
+
+    def tsv_records(lines: Any, name: str, how: Any) -> Any:
+        for n, line in enumerate(lines, 1):
+            ident, text = line.decode().rstrip("\n").split("\t")
+            yield f"{name}:{n}", how.record({"id": ident, "text": text})
+
+    monkeypatch.setitem(readers.FORMATS, "tsv", tsv_records)
+    path = tmp_path / "desk.tsv"
+    path.write_text("t-1\tThe export hangs.\nt-2\tThanks, all good now!\n")
+    got = list(readers.records_of(str(path)))
+    assert [(where, r["id"], r["text"]) for where, r in got] == [  # type: ignore[index]
+        (f"{path}:1", "t-1", "The export hangs."),
+        (f"{path}:2", "t-2", "Thanks, all good now!"),
+    ]
+    same = list(readers.records_of(str(path.rename(tmp_path / "desk.txt")), readers.Reading("tsv")))
+    assert [r for _, r in same] == [r for _, r in got]
+    with pytest.raises(UnusableSource, match="--format xml: one of jsonl, csv, tsv"):
+        readers.records_of(str(tmp_path / "desk.txt"), readers.Reading("xml"))

@@ -18,7 +18,15 @@ from pydantic import ValidationError
 from common.connection import connect
 from common.settings import Settings
 from producers.api import SourceRecord
-from producers.readers import HOLDS, CsvColumns, Reading, UnusableSource, flag_of, records_of
+from producers.readers import (
+    FORMATS,
+    HOLDS,
+    CsvColumns,
+    Reading,
+    UnusableSource,
+    flag_of,
+    records_of,
+)
 from tribunal.cli.base import CliConfig, clear_errors, needs_redis, say, settings
 
 
@@ -32,7 +40,8 @@ def _column(item_field: str, what: str) -> tuple[Any, str]:
 READ_OPTIONS: dict[str, tuple[Any, Any]] = {
     "fmt": (
         Annotated[
-            str | None, typer.Option("--format", help="jsonl or csv (default: by file extension).")
+            str | None,
+            typer.Option("--format", help=f"{' or '.join(FORMATS)} (default: by file extension)."),
         ],
         None,
     ),
@@ -76,8 +85,8 @@ def reads_records(command: Callable[..., None]) -> Callable[..., None]:
     @functools.wraps(command)
     def with_reading(*args: Any, **kwargs: Any) -> None:
         given = {name: kwargs.pop(name) for name in READ_OPTIONS}
-        if given["fmt"] not in (None, "jsonl", "csv"):
-            say("[red]error:[/]", f"--format {given['fmt']}: jsonl or csv")
+        if given["fmt"] not in (None, *FORMATS):
+            say("[red]error:[/]", f"--format {given['fmt']}: one of {', '.join(FORMATS)}")
             raise typer.Exit(2)
         columns = CsvColumns(**{field: given[f"{field}_col"] for field in HOLDS})
         reading = Reading(given["fmt"], columns, given["task"], given["strict"])
