@@ -308,6 +308,7 @@ def run(
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
     from common.connection import redact
     from consumers.backends import unhandled_tasks
+    from tribunal.fleet.running import fleet_life
     from tribunal.fleet.supervisor import STOPPING, Fleet
     from tribunal.processes.embedded import EmbeddedRedisError
 
@@ -337,28 +338,27 @@ def run(
         say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
         say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
-    fleet = Fleet(s, url, log_dir=data_dir.parent / "logs")
-    try:
-        with clear_errors(s):
-            try:
-                for task in unhandled_tasks(s):  # a fleet may serve only some tasks: said
-                    say(
-                        "[yellow]warning:[/]",
-                        f"no model of this fleet handles task {task!r} (workers: "
-                        f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
-                        f"{s.judge.backend}): its items will end as dead letters",
-                    )
-                fleet.start()
-                for server in fleet.servers.servers:
-                    say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
-                while not stop.wait(0.5):
-                    fleet.supervise()
-                say("", STOPPING)
-            finally:  # inside clear_errors: an error's one line comes after the members' logs
-                fleet.stop(timeout=s.shutdown_grace_s + 5)
-    finally:
-        if embedded:
-            embedded.stop()
+
+    def warn_unhandled(fleet: Fleet) -> None:
+        for task in unhandled_tasks(s):  # a fleet may serve only some tasks: said
+            say(
+                "[yellow]warning:[/]",
+                f"no model of this fleet handles task {task!r} (workers: "
+                f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
+                f"{s.judge.backend}): its items will end as dead letters",
+            )
+
+    log_dir = data_dir.parent / "logs"
+    # inside clear_errors: an error's one line comes after the members' stop logs
+    with (
+        clear_errors(s),
+        fleet_life(s, url, embedded, log_dir=log_dir, announce=warn_unhandled) as fleet,
+    ):
+        for server in fleet.servers.servers:
+            say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
+        while not stop.wait(0.5):
+            fleet.supervise()
+        say("", STOPPING)
     say("", "fleet stopped")
 
 

@@ -1,8 +1,16 @@
-"""A fleet run for one job (the demo, an evaluation): its Redis, its processes, its logs.
+"""A fleet's life: its Redis, its model servers and processes, and their stop in order.
 
-``running_fleet`` starts an embedded valkey (or, with ``TRIBUNAL_REDIS_URL``, uses that
-server in a fresh namespace) and the fleet's processes, and stops both on exit;
-``wait_until_live`` waits until every process reads its stream.
+``fleet_life`` is the one sequence every command that runs a fleet goes through (``run``,
+``demo``, ``evaluate``, the benches): the fleet starts on a Redis — the embedded valkey the
+caller started, whose stop it then owns, or a given URL — and on the way out the members
+get their own grace to finish their batch, then the model servers stop, then valkey.
+Signals stay the caller's: ``run`` loops on a stop flag, a one-job command takes Ctrl-C as
+``KeyboardInterrupt``.
+
+``running_fleet`` is that life for one job (the demo, an evaluation): an embedded valkey in
+a temporary directory (or, with ``TRIBUNAL_REDIS_URL``, that server in a fresh namespace),
+logs kept only when something went wrong; ``wait_until_live`` waits until every process
+reads its stream.
 """
 
 from __future__ import annotations
@@ -13,10 +21,11 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from redis import Redis
 from rich.console import Console
@@ -28,6 +37,45 @@ from tribunal.fleet.supervisor import STOPPING, Fleet, log_file
 from tribunal.ops.health import missing_roles
 from tribunal.ops.queues import expected_roles, read_heartbeats
 from tribunal.processes.embedded import EmbeddedRedis
+
+
+@contextmanager
+def fleet_life(
+    settings: Settings,
+    url: str,
+    embedded: EmbeddedRedis | None = None,
+    *,
+    log_to: IO[bytes] | None = None,
+    log_dir: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+    warm_tasks: Collection[str] | None = None,
+    announce: Callable[[Fleet], None] = lambda fleet: None,
+) -> Iterator[Fleet]:
+    """Within: the fleet started on the Redis at ``url`` (``embedded``, if given, is the
+    started valkey behind it: stopped last, whatever happens). ``announce(fleet)`` runs
+    once the fleet is built, before anything of it starts. On exit the members get
+    ``shutdown_grace_s + 5`` s to finish their batch (then SIGKILL), then the model servers
+    and valkey stop. Raises what ``Fleet.start`` raises (``ConfigurationError``s)."""
+    try:
+        fleet = Fleet(
+            settings,
+            url,
+            log_to=log_to,
+            extra_env=extra_env,
+            log_dir=log_dir,
+            warm_tasks=warm_tasks,
+        )
+        announce(fleet)
+        try:
+            fleet.start()
+            yield fleet
+        finally:
+            # The members' own grace (a model batch may take that long), then SIGKILL; a
+            # second Ctrl-C cuts it short (the atexit hard stop kills what is left).
+            fleet.stop(timeout=settings.shutdown_grace_s + 5)
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 @dataclass
@@ -72,36 +120,45 @@ def running_fleet(
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
     )
     with log_file(workdir) as logs:
-        fleet = Fleet(
-            settings, url, log_to=logs, extra_env=extra_env, log_dir=workdir, warm_tasks=tasks
+
+        def announce(fleet: Fleet) -> None:
+            console.print(
+                f"starting {len(fleet.children)} processes "
+                f"({', '.join(c.role for c in fleet.children)}); "
+                f"logs in {logs.name} (kept only if something goes wrong)"
+            )
+
+        life = fleet_life(
+            settings,
+            url,
+            embedded,
+            log_to=logs,
+            log_dir=workdir,
+            extra_env=extra_env or {},
+            warm_tasks=tasks,
+            announce=announce,
         )
-        session = FleetSession(settings, fleet, workdir)
-        children = session.fleet.children
-        console.print(
-            f"starting {len(children)} processes ({', '.join(c.role for c in children)}); "
-            f"logs in {logs.name} (kept only if something goes wrong)"
-        )
+        keep = False
         try:
-            session.fleet.start()  # inside: a model server that fails keeps its logs
-            yield session
+            with life as fleet:  # inside: a model server that fails keeps its logs
+                session = FleetSession(settings, fleet, workdir)
+                try:
+                    yield session
+                except KeyboardInterrupt:
+                    console.print(STOPPING)  # before the stop, which takes a while
+                    raise
+                finally:
+                    keep = session.keep
         except KeyboardInterrupt:
-            console.print(STOPPING)
             raise
         except BaseException:
-            session.keep = True
+            keep = True
             raise
         finally:
-            try:
-                # As `run`: the members' own grace (a model batch may take that long), then
-                # SIGKILL; a second Ctrl-C cuts it short (atexit kills what is left).
-                session.fleet.stop(timeout=settings.shutdown_grace_s + 5)
-            finally:
-                if embedded is not None:
-                    embedded.stop()
-                if session.keep:  # also when an error ends the session: then they matter
-                    console.print(f"the fleet's logs and data are kept in {workdir}")
-                else:
-                    shutil.rmtree(workdir, ignore_errors=True)
+            if keep:  # also when an error ends the session: then they matter
+                console.print(f"the fleet's logs and data are kept in {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
