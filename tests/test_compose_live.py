@@ -1,4 +1,4 @@
-"""The compose stack started for real, as the README's compose section says: local base images
+"""The compose stack started for real, as docs/operations.md's compose section says: local base images
 and a wheelhouse (deploy/images/make-local.sh), `docker-compose --profile cpu up -d --build`,
 every healthcheck passing, the bundled tickets through the producer service, each labeled
 once, Prometheus scraping the exporter, a worker and Redis restarted with nothing lost, then
@@ -149,7 +149,7 @@ class Stack:
             time.sleep(2)
 
     def produce(self, *env: str) -> str:
-        """The README's producer command (`run --rm producer`), with INGEST_* overrides."""
+        """The documented producer command (`run --rm producer`), with INGEST_* overrides."""
         saved = dict(self.env)
         self.env.update(dict(pair.split("=", 1) for pair in env))
         try:

@@ -7,7 +7,7 @@
 #   deploy/images/make-local.sh all      # both (the default)
 #   deploy/images/make-local.sh clean    # remove the tribunal-local/* images and the cache
 #
-#   eval "$(deploy/images/make-local.sh)"   # then: docker compose build, up ... (README)
+#   eval "$(deploy/images/make-local.sh)"   # then: docker compose build, up ... (docs/operations.md)
 #
 # wheels: `pip wheel` of the runtime dependencies of pyproject.toml, pinned by
 #   requirements.lock, plus setuptools (the build backend), with $PYTHON (default python3),
