@@ -1,4 +1,4 @@
-"""The compose stack started for real, as docs/operations.md's compose section says: local base images
+"""The compose stack started for real, as docs/operations.md says: local base images
 and a wheelhouse (deploy/images/make-local.sh), `docker-compose --profile cpu up -d --build`,
 every healthcheck passing, the bundled tickets through the producer service, each labeled
 once, Prometheus scraping the exporter, a worker and Redis restarted with nothing lost, then
