@@ -211,14 +211,15 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
         snap = snapshot(redis, session.settings)
         families = {f.name: f for f in stats_families(read_stats(redis, session.settings))}
 
-    # Every model's prompt tokens and cache reuse, as its server reported them: the shared
-    # few-shot prefix is taken from the cache for most of them (the kill costs one cold
-    # prefix per slot, and the warm-up at start the rest).
+    # Every model's prompt tokens and cache reuse, as its server reported them, reach
+    # status, its JSON and the exporter. (How much is reused here depends on the order the
+    # four prompt styles meet two slots and on the kill; tests/test_cpu_speed.py checks a
+    # hit where it is certain.)
     workers = {"chat", "completion", "json"}  # and the judge, if an item went to it
     assert workers <= set(snap.prompt_cache) <= {*workers, "judge"}, snap.prompt_cache
     for name, cache in snap.prompt_cache.items():
-        assert cache.prompt_tokens > 0 and cache.hit_rate is not None, (name, cache)
-    assert snap.prompt_cache["chat"].hit_rate > 0.5, snap.prompt_cache  # type: ignore[operator]
+        assert cache.prompt_tokens > 0 and 0 < cache.cached_tokens < cache.prompt_tokens
+        assert cache.hit_rate == round(cache.cached_tokens / cache.prompt_tokens, 4), name
     assert "prompt cache chat" in str(render_text(snap))
     cached = families["tribunal_prompt_tokens_cached"].samples
     assert {s.labels["worker"] for s in cached} == set(snap.prompt_cache)
