@@ -11,6 +11,8 @@ from test_consumers import WORKERS, Fleet, agree, produce
 
 from common.settings import ModelSpec
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 
 def item(**fields: Any) -> dict[bytes, bytes]:
     record = {"id": "x", "task": "sentiment", "text": "My invoice is wrong.", **fields}

@@ -18,6 +18,8 @@ from redis import Redis
 from common.keys import Keys
 from common.settings import Settings
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 COMMANDS = ("demo", "produce", "worker", "aggregator", "judge", "labels", "run")
 CLOSED_PORT_URL = "redis://127.0.0.1:1/0"
 

@@ -26,6 +26,8 @@ from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet.supervisor import Fleet, log_file
 from tribunal.ops.finals import FinalRecords
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 PARTITIONS = 6
 
 

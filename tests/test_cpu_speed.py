@@ -36,6 +36,8 @@ from tribunal.serving.models import (
 )
 from tribunal.serving.warm import warm_prompt_caches
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 SMOL = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"  # Gemma-3: sliding-window attention
 TICKETS = [

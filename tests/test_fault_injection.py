@@ -24,6 +24,8 @@ from producers.api import Producer
 from tribunal.fleet.supervisor import Fleet
 from tribunal.processes.embedded import EmbeddedRedis
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 N_ITEMS = int(os.environ.get("TRIBUNAL_FAULT_ITEMS", "3000"))
 CHAOS_S = float(os.environ.get("TRIBUNAL_FAULT_SECONDS", "25"))
 LABELS = ("positive", "negative", "neutral")

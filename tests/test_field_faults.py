@@ -35,6 +35,8 @@ from consumers.worker import WorkerHandler
 from producers.api import Producer, ProduceReport
 from tribunal.processes.embedded import EmbeddedRedis
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 LLM_FLEET = """
 batch_size = 16
 block_ms = 100

@@ -10,11 +10,14 @@ import sys
 import time
 from typing import Any
 
+import pytest
 from test_status import cli_env, fast_settings, wait_until
 
 from common.connection import connect
 from common.keys import Keys
 from common.settings import Settings
+
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
 
 
 def health(settings: Settings, *args: str, url: str | None = None) -> tuple[int, str]:

@@ -52,6 +52,8 @@ from tribunal.quality import report_html
 from tribunal.quality.evaluate import run_evaluate
 from tribunal.quality.scoring import EvaluationReport
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 SAMPLES = Path(__file__).resolve().parent.parent / "producers" / "samples"
 TICKETS = [orjson.loads(line) for line in (SAMPLES / "tickets.jsonl").read_bytes().splitlines()]
 PAIRS = [orjson.loads(line) for line in (SAMPLES / "ticket_pairs.jsonl").read_bytes().splitlines()]

@@ -39,6 +39,8 @@ from tribunal.ops.status import render, snapshot
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
 from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 SMOL = "smollm2-135m-instruct"
 ITEMS = [
     Item(id="s1", task="sentiment", text="The app crashes every time I open my invoices."),

@@ -17,6 +17,8 @@ from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from redis import Redis
 from redis.exceptions import RedisError
 
@@ -22,6 +23,8 @@ from producers.api import Producer
 from tribunal.demo import BAD_ENTRIES, load_sample
 from tribunal.fleet.supervisor import Fleet
 from tribunal.ops.finals import FinalRecords, collect, final_cursors
+
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
 
 
 def wait_for_all(

@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from test_cli import cli  # noqa: F401  (the fixture)
 
 from common.settings import load_settings
 from consumers.decision import Rule
+
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "producers" / "samples"

@@ -28,6 +28,8 @@ from redis import Redis
 from common.keys import Keys
 from tribunal.processes.embedded import EmbeddedRedis
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 KEYS = Keys("tribunal")
 HOST = "127.0.0.1"
 DEFAULT_PORT = 16379

@@ -21,6 +21,8 @@ from common.keys import Keys, worker_group
 from common.settings import Settings
 from producers.api import Producer
 
+pytestmark = pytest.mark.slow  # real processes, servers or clusters: `-m "not slow"` skips
+
 FLEET = """
 batch_size = 10
 block_ms = 100
