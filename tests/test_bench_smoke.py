@@ -125,7 +125,7 @@ options = { model = "smol", timeout_s = 120 }
     assert fleet["ended"] == 2 and 0 <= fleet["judge_call_rate"] <= 1
     assert set(fleet["slots"]) == set(fleet["cpu_s_per_item"]) == {"smol"}
     assert fleet["cpu_s_per_item"]["smol"] > 0 and fleet["cores"] >= 1
-    # capacity = cores / CPU-s per item: the arithmetic the README's table rests on
+    # capacity = cores / CPU-s per item: the arithmetic docs/models.md's table rests on
     assert fleet["capacity_items_per_s"] == pytest.approx(
         fleet["cores"] / fleet["cpu_s_per_item"]["smol"], rel=0.05
     )

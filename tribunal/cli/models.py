@@ -73,8 +73,8 @@ def fetch_missing(s: Settings, names: list[str], console: Console) -> None:
                 bar.update(job, description=entry.name)
                 fetch(entry, s.model_dir, on_part)  # converts a slow type too
                 done += entry.size
-    for entry in entries:  # fetched before conversions existed
-        if needs_speed_up(entry, s.model_dir):
+    for entry in entries:  # fetched before conversions existed (fetch converts the new ones)
+        if entry not in missing and needs_speed_up(entry, s.model_dir):
             console.print(f"converting {entry.name} once to a type fast on this CPU ...")
             speed_up(entry, s.model_dir)
 

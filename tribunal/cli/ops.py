@@ -174,16 +174,12 @@ def labels(
     """Write final labels as JSONL, continuing where this reader's group left off. The final
     streams keep a label until every reader's group has it (and retention_s has passed):
     a reader that will not come back holds them until --forget."""
-    from consumers.labels import ReaderActive, forget_reader, read_labels
+    from consumers.labels import forget_reader, read_labels
 
     rt = runtime(settings(ctx))
     if forget:
-        try:
-            with clear_errors(rt.settings):
-                deleted = forget_reader(rt, group)
-        except ReaderActive as exc:
-            say("[red]error:[/]", str(exc))
-            raise typer.Exit(1) from None
+        with clear_errors(rt.settings):  # a reader still reading (Busy): one line, exit 1
+            deleted = forget_reader(rt, group)
         if not deleted:
             say("[red]error:[/]", f"no label reader's group {group!r} on the output stream")
             raise typer.Exit(1)

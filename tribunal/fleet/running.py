@@ -1,7 +1,8 @@
 """A fleet's life: its Redis, its model servers and processes, and their stop in order.
 
 ``fleet_life`` is the one sequence every command that runs a fleet goes through (``run``,
-``demo``, ``evaluate``, the benches): the fleet starts on a Redis — the embedded valkey the
+``demo``, ``evaluate``, bench/models.py; the benches that run several fleets on one valkey
+drive ``Fleet`` themselves): the fleet starts on a Redis — the embedded valkey the
 caller started, whose stop it then owns, or a given URL — and on the way out the members
 get their own grace to finish their batch, then the model servers stop, then valkey.
 Signals stay the caller's: ``run`` loops on a stop flag, a one-job command takes Ctrl-C as

