@@ -220,8 +220,11 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
     workers = {"chat", "completion", "json"}  # and the judge, if an item went to it
     assert workers <= set(snap.prompt_cache) <= {*workers, "judge"}, snap.prompt_cache
     for name, cache in snap.prompt_cache.items():
-        assert cache.prompt_tokens > 0 and 0 < cache.cached_tokens < cache.prompt_tokens
+        assert cache.prompt_tokens > 0 and 0 <= cache.cached_tokens < cache.prompt_tokens
         assert cache.hit_rate == round(cache.cached_tokens / cache.prompt_tokens, 4), name
+    # the workers' first batches came before the kill, on prefixes warmed at start (the
+    # judge may have been asked only after the restart, on a cold server)
+    assert all(snap.prompt_cache[name].cached_tokens > 0 for name in workers), snap
     assert "prompt cache chat" in str(render_text(snap))
     cached = families["tribunal_prompt_tokens_cached"].samples
     assert {s.labels["worker"] for s in cached} == set(snap.prompt_cache)
