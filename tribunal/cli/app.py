@@ -309,10 +309,12 @@ def run(
     from common.connection import redact
     from consumers.backends import unhandled_tasks
     from tribunal.fleet.running import fleet_life
-    from tribunal.fleet.supervisor import STOPPING, Fleet
+    from tribunal.fleet.supervisor import STOPPING, Fleet, check_fleet
     from tribunal.processes.embedded import EmbeddedRedisError
 
     s = settings(ctx)
+    with clear_errors(s):  # a typo: one line before valkey, servers or processes start
+        check_fleet(s)
     # The whole stop is bounded: the children's own grace, then the servers' shutdown.
     stop = StopFlag(s.shutdown_grace_s + 30).install()
     embedded = None

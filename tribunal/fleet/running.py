@@ -34,7 +34,7 @@ from rich.console import Console
 from common.connection import redact
 from common.keys import Keys
 from common.settings import Settings
-from tribunal.fleet.supervisor import STOPPING, Fleet, log_file
+from tribunal.fleet.supervisor import STOPPING, Fleet, check_fleet, log_file
 from tribunal.ops.health import missing_roles
 from tribunal.ops.queues import expected_roles, read_heartbeats
 from tribunal.processes.embedded import EmbeddedRedis
@@ -106,6 +106,7 @@ def running_fleet(
         # Ctrl-C is KeyboardInterrupt even when started with SIGINT ignored (a job started
         # with `&` by a script): Python then installs no handler of its own, as `run` does.
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    check_fleet(settings)  # a typo: one line before valkey, servers or processes start
     workdir = Path(tempfile.mkdtemp(prefix="tribunal-"))
     embedded = (
         None

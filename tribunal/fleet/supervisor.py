@@ -65,6 +65,18 @@ class Child:
         return f"{self.role} exited with {self.process and self.process.returncode}"
 
 
+def check_fleet(settings: Settings) -> None:
+    """What can be refused before anything starts: each worker's and the judge's backend and
+    options (BackendError), the agreement scheme (UnknownScheme). ``Fleet.start`` checks it;
+    commands call it first, so a typo ends them before a server or valkey starts."""
+    from consumers.backends import check_options
+    from consumers.decision import Rule
+
+    for role, spec in [*settings.workers.items(), ("judge", settings.judge)]:
+        check_options(spec, role)
+    Rule.of(settings)
+
+
 class Fleet:
     def __init__(
         self,
@@ -102,16 +114,10 @@ class Fleet:
 
     def start(self) -> Fleet:
         """The model servers (each healthy before the next), then every child.
-        Raises ServerFailed or ModelUnavailable when a model cannot be served, BackendError
-        when a worker's or the judge's options do not parse, UnknownScheme for an unknown
-        agreement, PartitionMismatch when the
-        namespace has another partition count."""
-        from consumers.backends import check_options
-        from consumers.decision import Rule
-
-        for role, spec in [*self.settings.workers.items(), ("judge", self.settings.judge)]:
-            check_options(spec, role)
-        Rule.of(self.settings)  # the agreement scheme exists
+        Raises ServerFailed or ModelUnavailable when a model cannot be served, what
+        ``check_fleet`` raises, PartitionMismatch when the namespace has another partition
+        count."""
+        check_fleet(self.settings)
         self._check_partitions()
         if self.servers.servers:
             self.servers.start()
