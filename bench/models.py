@@ -45,7 +45,7 @@ from servers import CPUMeter, SlotSampler, label_all  # noqa: E402
 
 from common.connection import connect  # noqa: E402
 from common.schemas import Item  # noqa: E402
-from common.settings import Settings, load_settings  # noqa: E402
+from common.settings import ModelSpec, Settings, load_settings  # noqa: E402
 from consumers.backends import ask, backend_for  # noqa: E402
 from tribunal.demo import load_sample  # noqa: E402
 from tribunal.fleet.running import running_fleet  # noqa: E402
@@ -54,10 +54,10 @@ from tribunal.serving.llama import servers_for  # noqa: E402
 from tribunal.serving.warm import warm_prompt_caches  # noqa: E402
 
 
-def per_role(settings: Settings) -> dict[str, str]:
-    """Worker (and "judge") -> the name of the local model serving it."""
+def per_role(settings: Settings) -> dict[str, tuple[ModelSpec, str]]:
+    """Worker (and "judge") -> its spec and the name of the local model serving it."""
     specs = {**settings.workers, "judge": settings.judge}
-    return {role: str(spec.options.get("model")) for role, spec in specs.items()}
+    return {role: (spec, str(spec.options.get("model"))) for role, spec in specs.items()}
 
 
 def alone(settings: Settings, items: list[Item]) -> dict[str, dict[str, float]]:
@@ -69,8 +69,7 @@ def alone(settings: Settings, items: list[Item]) -> dict[str, dict[str, float]]:
         warm_prompt_caches(settings, servers.urls(), ["sentiment"])
         live = settings.model_copy(update={"model_urls": servers.urls()})
         pids = {s.name: s.process.pid for s in servers.servers if s.process}
-        for role, model in per_role(settings).items():
-            spec = {**settings.workers, "judge": settings.judge}[role]
+        for role, (spec, model) in per_role(settings).items():
             backend = backend_for(spec, live)
             meter = CPUMeter({model: pids[model]}).start()
             started, prompt, cached = time.perf_counter(), 0, 0

@@ -116,7 +116,6 @@ def running_fleet(
     url = settings.redis_url or embedded.url  # type: ignore[union-attr]
     namespace = f"run{uuid.uuid4().hex[:8]}" if settings.redis_url else settings.namespace
     settings = settings.model_copy(update={"redis_url": url, "namespace": namespace})
-    extra_env = extra_env or {}
     console.print(
         f"[bold]{title}[/], Redis {redact(url)}"
         + (" (embedded valkey, AOF on)" if embedded else f", namespace {namespace}")
@@ -136,7 +135,7 @@ def running_fleet(
             embedded,
             log_to=logs,
             log_dir=workdir,
-            extra_env=extra_env or {},
+            extra_env=extra_env,
             warm_tasks=tasks,
             announce=announce,
         )

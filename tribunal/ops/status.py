@@ -112,8 +112,7 @@ def _prompt_cache(stats: list[StatSample]) -> dict[str, PromptCache]:
     out = {}
     for worker, counts in sorted(tokens.items()):
         prompt, cached = counts.get(metrics.PROMPT_TOKENS, 0), counts.get(metrics.CACHED_TOKENS, 0)
-        rate = round(cached / prompt, 4) if prompt else None
-        out[worker] = PromptCache(prompt, cached, rate)
+        out[worker] = PromptCache(prompt, cached, _ratio(cached, prompt))
     return out
 
 

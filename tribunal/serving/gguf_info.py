@@ -41,6 +41,11 @@ SLOW_FILE_TYPES = frozenset({LlamaFileType.MOSTLY_Q4_1})
 FAST_FILE_TYPE = LlamaFileType.MOSTLY_F16
 
 
+def type_name(file_type: LlamaFileType | None) -> str:
+    """A weights type as llama.cpp's tools spell it ("Q4_1", "F16"; "unknown" for None)."""
+    return "unknown" if file_type is None else file_type.name.removeprefix("MOSTLY_")
+
+
 class UnreadableModel(ConfigurationError, ValueError):
     """The file is not a GGUF file this version of ``gguf`` can read."""
 
@@ -61,7 +66,7 @@ class GGUFInfo:
 
     @property
     def type_name(self) -> str:
-        return "unknown" if self.file_type is None else self.file_type.name.removeprefix("MOSTLY_")
+        return type_name(self.file_type)
 
 
 # Fixed-size scalar types: struct format (little-endian).

@@ -30,7 +30,7 @@ import orjson
 from common.errors import ConfigurationError
 from common.settings import LocalModel
 from tribunal.serving.binaries import llama_binary
-from tribunal.serving.gguf_info import FAST_FILE_TYPE, UnreadableModel, gguf_info
+from tribunal.serving.gguf_info import FAST_FILE_TYPE, UnreadableModel, gguf_info, type_name
 
 log = logging.getLogger(__name__)
 
@@ -198,8 +198,7 @@ def fetch(
 
 def fast_copy(entry: Packaged, model_dir: Path) -> Path:
     """Where the converted copy of ``entry`` lives (whether or not it exists)."""
-    kind = FAST_FILE_TYPE.name.removeprefix("MOSTLY_")
-    return model_dir / f"{entry.name}.{kind}.gguf"
+    return model_dir / f"{entry.name}.{type_name(FAST_FILE_TYPE)}.gguf"
 
 
 def is_converted(copy: Path, entry: Packaged) -> bool:
@@ -233,7 +232,7 @@ def speed_up(entry: Packaged, model_dir: Path) -> Path | None:
     if not needs_speed_up(entry, model_dir):
         return None
     original = model_dir / entry.filename
-    kind = FAST_FILE_TYPE.name.removeprefix("MOSTLY_")
+    kind = type_name(FAST_FILE_TYPE)
     quantize = llama_binary("llama-quantize")
     if quantize is None:
         log.warning(
