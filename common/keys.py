@@ -30,14 +30,15 @@ class Keys:
         """Producers XADD items here; every worker model reads it in its own group."""
         return f"{self.prefix}:items"
 
-    @property
-    def tiebreak(self) -> str:
-        """Staged policy: items the first workers split on, for the backup workers."""
-        return f"{self.prefix}:tiebreak"
+    def tier(self, k: int) -> str:
+        """The stream the workers of tier ``k`` read (``Settings.worker_tiers``): tier 0
+        reads the items; a later tier gets only the items the tiers before it left open."""
+        return self.items if k == 0 else f"{self.prefix}:tier:{k}"
 
-    def source_of(self, worker: str, backup_workers: list[str]) -> str:
-        """The stream a worker model reads."""
-        return self.tiebreak if worker in backup_workers else self.items
+    def stream(self, name: str) -> str:
+        """A stream by the name ``status`` shows: a property's name, or ``tier:K``."""
+        tier, _, k = name.partition(":")
+        return self.tier(int(k)) if tier == "tier" and k.isdigit() else str(getattr(self, name))
 
     @property
     def ready(self) -> str:
@@ -58,6 +59,18 @@ class Keys:
     def audits(self) -> str:
         """The judge's answers on a sample of worker-accepted items (``audit_fraction``)."""
         return f"{self.prefix}:audits"
+
+    @property
+    def lessons(self) -> str:
+        """Labels the fleet trusts, for its students to learn from: the judge's decisions and
+        audits, and gold labels a user teaches (``consumers.lessons``)."""
+        return f"{self.prefix}:lessons"
+
+    @property
+    def reliability(self) -> str:
+        """Hash: how each voter's answers compare with the labels the fleet trusts, counted
+        per task, answer and trusted label (``consumers.reliability``)."""
+        return f"{self.prefix}:reliability"
 
     @property
     def rejects(self) -> str:
@@ -103,6 +116,11 @@ class Keys:
         """Sorted set: consumer name (``role@host:pid``) -> last time its loop came round.
         One per fleet, in partition 0, whatever partitions a consumer reads."""
         return f"{self.namespace}:{{0}}:heartbeats"
+
+    def student(self, worker: str) -> str:
+        """String: a student's snapshot (its models and the lessons they cover), one per
+        student worker and fleet, in {0} like the heartbeats (``consumers.lessons``)."""
+        return f"{self.namespace}:{{0}}:student:{worker}"
 
     @property
     def partitions(self) -> str:

@@ -81,7 +81,10 @@ class Prediction(Record):
 
 
 class Decision(Record):
-    """The final label of an item, with the votes behind it kept for audit."""
+    """The final label of an item, with the votes behind it kept for audit, and what it
+    cost: ``model_calls`` (the votes and the judge's verdict that reached a model) and
+    ``model_seconds`` (their share of their batches' wall time, summed; each vote's own
+    figure is its ``latency_ms``)."""
 
     id: str
     task: str
@@ -94,6 +97,8 @@ class Decision(Record):
     gold: str | None = None
     produced_at: float | None = None
     decided_at: float
+    model_calls: int = 0
+    model_seconds: float = 0.0
 
     @classmethod
     def of(
@@ -106,6 +111,7 @@ class Decision(Record):
         judge: Vote | None = None,
     ) -> Decision:
         """The decision for ``item``, carrying its metadata, gold label and timing through."""
+        asked = [v for v in [*votes, judge] if v is not None and v.latency_ms > 0]
         return cls(
             id=item.id,
             task=item.task,
@@ -118,6 +124,8 @@ class Decision(Record):
             gold=item.gold,
             produced_at=item.produced_at,
             decided_at=now(),
+            model_calls=len(asked),
+            model_seconds=round(sum(v.latency_ms for v in asked) / 1000, 6),
         )
 
 

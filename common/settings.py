@@ -75,6 +75,7 @@ class LocalModel(BaseModel):
 
 
 LOCAL_BACKEND = "llama-cpp"  # the backend that talks to a model of [models.NAME]
+STUDENT_BACKEND = "student"  # the backend that learns from the judge (consumers.lessons)
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,18 @@ class Settings(BaseSettings):
         pattern=r"^[a-z][a-z0-9_-]{0,31}$",
         description="How the workers' votes agree (consumers.decision.SCHEMES): majority: "
         "`quorum` votes for one label. weighted: summed confidence of at least `min_weight`. "
-        "unanimous: every worker votes for the same label.",
+        "unanimous: every worker votes for the same label. posterior: the probability that "
+        "the judge would agree, learned from its labels, reaches `target_agreement`.",
+    )
+    target_agreement: float = Field(
+        default=0.95,
+        gt=0.5,
+        lt=1.0,
+        description="posterior: accept a label when the judge would give it with at least "
+        "this probability (learned from the judge's decisions and audits).",
+    )
+    reliability_every_s: float = Field(
+        default=5.0, gt=0, description="posterior: how often the aggregator rereads the counts."
     )
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
@@ -184,6 +196,12 @@ class Settings(BaseSettings):
         default="parallel",
         description="parallel: every worker votes on every item. staged: the first `quorum` "
         "workers vote first; the others only when those did not settle it.",
+    )
+    tiers: list[list[str]] | None = Field(
+        default=None,
+        description="Workers in the order they are asked, cheapest first: a tier votes only "
+        'on the items the tiers before it did not settle (e.g. [["student"], '
+        '["gemma"], ["qwen", "smollm"]]). Unset: the policy\'s shape.',
     )
     early_exit: bool = Field(default=True, description="Skip items already settled.")
 
@@ -257,6 +275,13 @@ class Settings(BaseSettings):
         for p in self.assigned_partitions or []:
             if not 0 <= p < self.partitions:
                 raise ValueError(f"assigned partition {p} is not in 0..{self.partitions - 1}")
+        if self.tiers is not None:
+            listed = [name for tier in self.tiers for name in tier]
+            if sorted(listed) != sorted(self.workers) or not all(self.tiers):
+                raise ValueError(
+                    f"tiers {self.tiers} must name every worker once, in non-empty tiers "
+                    f"(workers: {', '.join(self.workers)})"
+                )
         for name in self.workers:
             if not name.replace("-", "").replace("_", "").isalnum():
                 raise ValueError(f"worker name {name!r}: use letters, digits, - and _")
@@ -285,6 +310,11 @@ class Settings(BaseSettings):
         return [name for name in self.models if name in used]
 
     @property
+    def has_students(self) -> bool:
+        """Whether a worker learns from the judge's labels (``consumers.lessons``)."""
+        return any(spec.backend == STUDENT_BACKEND for spec in self.workers.values())
+
+    @property
     def effective_quorum(self) -> int:
         return self.quorum if self.quorum is not None else len(self.workers) // 2 + 1
 
@@ -294,9 +324,19 @@ class Settings(BaseSettings):
         return sorted(set(self.assigned_partitions or range(self.partitions)))
 
     @property
-    def backup_workers(self) -> list[str]:
-        """Workers asked only when the first ones split (``policy = "staged"``)."""
-        return list(self.workers)[self.effective_quorum :] if self.policy == "staged" else []
+    def worker_tiers(self) -> list[list[str]]:
+        """The workers in the order they are asked: ``tiers`` when given; else one tier of
+        every worker (``parallel``), or the first ``quorum`` then the rest (``staged``)."""
+        if self.tiers is not None:
+            return [list(tier) for tier in self.tiers]
+        names, quorum = list(self.workers), self.effective_quorum
+        if self.policy == "staged" and names[quorum:]:
+            return [names[:quorum], names[quorum:]]
+        return [names]
+
+    def tier_of(self, worker: str) -> int:
+        """The index of the worker's tier (0: it reads the items)."""
+        return next(k for k, tier in enumerate(self.worker_tiers) if worker in tier)
 
     @property
     def all_tasks(self) -> dict[str, TaskSpec]:

@@ -18,14 +18,21 @@ from typing import Any
 import pydantic
 
 from common import metrics
-from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD, RECORD_FIELD
+from common.keys import (
+    AGGREGATOR_GROUP,
+    ITEM_IN_VOTES,
+    READY_IDS_FIELD,
+    RECORD_FIELD,
+    all_partitions,
+)
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
-from consumers.decision import Rule, decide
+from consumers.decision import Posterior, Rule, decide
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
+from consumers.reliability import Reliability
 from consumers.retention import trim_all
 
 log = logging.getLogger(__name__)
@@ -34,9 +41,13 @@ log = logging.getLogger(__name__)
 class AggregatorHandler(Handler):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self.rule = Rule.of(rt.settings)
+        settings = rt.settings
+        self.reliability = Reliability({n: t.labels for n, t in settings.all_tasks.items()})
+        self.rule = Rule.of(settings, self.reliability)
+        self.learns = isinstance(self.rule, Posterior)
         self._next_sweep = 0.0
         self._next_trim = 0.0
+        self._next_reread = 0.0
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         ids = list(dict.fromkeys(item_id for e in entries for item_id in _ids(e)))
@@ -56,6 +67,10 @@ class AggregatorHandler(Handler):
         return True
 
     def tick(self) -> None:
+        if self.learns and time.monotonic() >= self._next_reread:
+            self._next_reread = time.monotonic() + self.rt.settings.reliability_every_s
+            partitions = all_partitions(self.rt.settings.namespace, self.rt.settings.partitions)
+            self.reliability.refresh(self.rt.redis, partitions)
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.rt.settings.trim_every_s
             trim_all(self.rt.redis, self.rt.keys, self.rt.settings)
@@ -88,7 +103,7 @@ class AggregatorHandler(Handler):
             item = Item.model_validate_json(raw_item)
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
             final = timed_out or len(votes) >= self.rule.n_workers
-            outcome = decide(votes, self.rule, final=final)
+            outcome = decide(votes, self.rule, final=final, task=item.task)
             if outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
                 audit = None
@@ -105,16 +120,22 @@ class AggregatorHandler(Handler):
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
                 writes.escalate(item.id, escalation.dump())
-            elif self.needs_backups(votes):
-                writes.add(keys.tiebreak, {RECORD_FIELD: raw_item})
+            elif (tier := self.next_tier(votes)) is not None:
+                writes.add(keys.tier(tier), {RECORD_FIELD: raw_item})
+                # The vote timeout starts again for the votes the next tier owes.
+                writes.extend_deadline(item.id, now() + self.rt.settings.vote_timeout_s)
                 writes.incr(metrics.TIEBREAKS)
 
-    def needs_backups(self, votes: list[Vote]) -> bool:
-        """Staged policy: the first workers have all voted without settling the item and no
-        backup has been asked yet."""
-        backups = self.rt.settings.backup_workers
+    def next_tier(self, votes: list[Vote]) -> int | None:
+        """The tier to ask next, when every worker of the tiers asked so far has voted (an
+        abstention counts as voted) and the item is still open; else None."""
+        tiers = self.rt.settings.worker_tiers
         voters = {v.worker for v in votes}
-        return bool(backups) and not voters & set(backups) and len(voters) >= self.rule.quorum
+        asked = max((k for k, tier in enumerate(tiers) if voters & set(tier)), default=0)
+        if asked + 1 >= len(tiers):
+            return None
+        everyone = all(name in voters for tier in tiers[: asked + 1] for name in tier)
+        return asked + 1 if everyone else None
 
 
 def audited(item_id: str, fraction: float) -> bool:

@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from common.errors import ConfigurationError
 from common.schemas import Vote
 from common.settings import Settings
+from consumers.reliability import Reliability
 
 # Confidence thresholds calibration tries for every scheme (None: every vote counts).
 THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
@@ -40,18 +41,38 @@ class Rule:
     # The scheme's name, set by each subclass: a field, so a report's copy of the rule
     # (``dataclasses.asdict``) names it and ``make(**that)`` builds the rule again.
     scheme: str = field(default="", init=False)
+    # Whether the scheme can be scored offline from recorded votes alone (evaluate and
+    # calibrate compare such schemes); a learned one needs the live fleet's counts.
+    offline: ClassVar[bool] = True
 
     @classmethod
-    def of(cls, settings: Settings) -> Rule:
+    def of(cls, settings: Settings, reliability: Reliability | None = None) -> Rule:
         """The fleet's rule (``agreement``, ``quorum``, ``confidence_threshold``,
-        ``min_weight``). Raises UnknownScheme."""
-        return make(
-            settings.agreement,
-            n_workers=len(settings.workers),
-            quorum=settings.effective_quorum,
-            threshold=settings.confidence_threshold,
-            min_weight=settings.min_weight,
-        )
+        ``min_weight``; ``target_agreement`` for the posterior rule, which reads
+        ``reliability``: an empty table when None). Raises UnknownScheme."""
+        params: dict[str, int | float | None] = {
+            "n_workers": len(settings.workers),
+            "quorum": settings.effective_quorum,
+            "threshold": settings.confidence_threshold,
+            "min_weight": settings.min_weight,
+        }
+        if settings.agreement == Posterior.scheme:
+            labels = {name: task.labels for name, task in settings.all_tasks.items()}
+            table = reliability if reliability is not None else Reliability(labels)
+            return Posterior(**params, target=settings.target_agreement, table=table)  # type: ignore[arg-type]
+        return make(settings.agreement, **params)
+
+    def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
+        """Each label's score from the votes that count."""
+        scores: dict[str, float] = defaultdict(float)
+        for vote in votes:
+            if vote.label is not None and self.counts(vote):
+                scores[vote.label] += self.weight(vote)
+        return scores
+
+    def reachable(self, top: float, missing: int) -> bool:
+        """Whether ``missing`` more votes could still lift the leading score to ``needed``."""
+        return top + missing >= self.needed - 1e-9
 
     def counts(self, vote: Vote) -> bool:
         if vote.label is None:
@@ -164,8 +185,52 @@ class Unanimous(Rule):
         return super().within(live) or (isinstance(live, Majority) and floor)
 
 
+@dataclass(frozen=True)
+class Posterior(Rule):
+    """The learned rule: accept a label when the probability that the judge would give it,
+    given the votes (``consumers.reliability``: each voter's confusion counts against the
+    judge, per confidence band), reaches ``target``. Votes below ``threshold`` still do not
+    count; with no counted vote it never accepts (the prior alone is not evidence). While
+    the table is empty every voter counts as a weak one (its prior), so the judge decides
+    almost everything until the judge's labels say who can be trusted.
+
+    Offline (``evaluate``, ``calibrate``) the table is empty: there is nothing to sweep."""
+
+    target: float = 0.95
+    table: Reliability = field(default_factory=lambda: Reliability({}), compare=False, repr=False)
+    scheme: str = field(default="posterior", init=False)
+    offline: ClassVar[bool] = False
+
+    @property
+    def needed(self) -> float:
+        return self.target
+
+    def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
+        counted = [v for v in votes if self.counts(v)]
+        return self.table.posterior(task, counted) if counted else {}
+
+    def reachable(self, top: float, missing: int) -> bool:
+        return missing > 0  # any vote still to come may raise the posterior
+
+    def describe(self) -> str:
+        text = f"posterior >= {self.target:g}"
+        return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+
+    def _own_lines(self) -> list[str]:
+        return [f"target_agreement = {self.target:g}"]
+
+    @classmethod
+    def sweep(cls, n_workers: int, min_weight: float | None) -> list[Rule]:
+        return []
+
+    def within(self, live: Rule) -> bool:
+        return False
+
+
 # The schemes by name, simplest first (calibration prefers the simpler of equal rules).
-SCHEMES: dict[str, type[Rule]] = {cls.scheme: cls for cls in (Majority, Weighted, Unanimous)}
+SCHEMES: dict[str, type[Rule]] = {
+    cls.scheme: cls for cls in (Majority, Weighted, Unanimous, Posterior)
+}
 
 
 def make(scheme: str, **params: int | float | None) -> Rule:
@@ -198,24 +263,21 @@ class Ruling:
     reason: str = ""
 
 
-def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False) -> Ruling:
-    """Accept a label, escalate to the judge, or wait for more votes.
+def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False, task: str = "") -> Ruling:
+    """Accept a label, escalate to the judge, or wait for more votes on an item of ``task``.
 
     ``final`` means no more votes will come (all are in, or the vote timeout hit).
     The rule escalates early when the votes still missing could not make any label
     reach the needed score, so the judge is not kept waiting on a lost cause.
     """
-    scores: dict[str, float] = defaultdict(float)
-    for vote in votes:
-        if vote.label is not None and rule.counts(vote):
-            scores[vote.label] += rule.weight(vote)
+    scores = rule.tally(votes, task)
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     top_label, top = ranked[0] if ranked else (None, 0.0)
     runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
     if top_label is not None and top >= rule.needed - 1e-9 and top > runner_up:
         return Ruling("accept", top_label, f"{_spread(scores)} of {len(votes)} votes")
     missing = 0 if final else max(rule.n_workers - len(votes), 0)
-    if missing and top + missing >= rule.needed - 1e-9:
+    if missing and rule.reachable(top, missing):
         return Ruling("wait", reason=f"{len(votes)}/{rule.n_workers} votes in")
     return Ruling(
         "escalate",
@@ -225,4 +287,6 @@ def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False) -> Ruling:
 
 
 def _spread(scores: dict[str, float]) -> str:
-    return ", ".join(f"{label}={n:g}" for label, n in sorted(scores.items(), key=lambda kv: -kv[1]))
+    return ", ".join(
+        f"{label}={n:.3g}" for label, n in sorted(scores.items(), key=lambda kv: -kv[1])
+    )

@@ -17,7 +17,7 @@ import pydantic
 from common import metrics
 from common.keys import ITEM_ID_FIELD, JUDGE_GROUP, RECORD_FIELD
 from common.schemas import Audit, Decision, Escalation, Item, Vote, now
-from consumers import outcomes
+from consumers import lessons, outcomes, reliability
 from consumers.backends import Backend, ask, backend_for, handles
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
@@ -39,6 +39,9 @@ class JudgeHandler(Handler):
         self.unhandled = {
             name for name, task in self.tasks.items() if not handles(judge, name, task)
         }
+        # Lessons only where a student learns from them: otherwise they are memory for
+        # nobody. The reliability counts are small (voters x answers x labels): always kept.
+        self.teaches = rt.settings.has_students
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         failures: dict[str, str] = {}
@@ -75,12 +78,21 @@ class JudgeHandler(Handler):
                 )
             elif case.accepted is not None:
                 self.record_audit(writes, case, case.accepted, verdict)
+                self.trust(writes, case, verdict.label, "audit")
             else:
+                self.trust(writes, case, verdict.label, "judge")
                 decision = Decision.of(
                     case.item, verdict.label, "judge", case.reason, case.votes, verdict
                 )
                 outcomes.publish(writes, decision, escalated=True)
         return failures
+
+    def trust(self, writes: Writes, case: Escalation, label: str, source: lessons.Source) -> None:
+        """The judge's label is one the fleet trusts: count how each vote compared with it
+        (the posterior rule's evidence) and keep it as a lesson for the students."""
+        reliability.record(writes, case.item.task, case.votes, label)
+        if self.teaches:
+            lessons.record(writes, case.item, label, source)
 
     def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
         """The accepted label stands; the judge's answer on it is kept and counted."""

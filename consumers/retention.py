@@ -98,16 +98,16 @@ def forget_idle_consumers(redis: Redis, stream: str, group: str, idle_s: float =
 
 def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
     """One janitor pass over every stream of a partition."""
-    backups = settings.backup_workers
-    first = [worker_group(name) for name in settings.workers if name not in backups]
-    done = trim(redis, keys.items, first, None)
-    if backups:
-        done += trim(redis, keys.tiebreak, [worker_group(name) for name in backups], None)
+    done = 0
+    tiers = settings.worker_tiers
+    for k, tier in enumerate(tiers):
+        done += trim(redis, keys.tier(k), [worker_group(name) for name in tier], None)
     done += trim(redis, keys.ready, [AGGREGATOR_GROUP], None)
     done += trim(redis, keys.judge, [JUDGE_GROUP], None)
-    for stream in (*keys.final_streams, keys.audits):
+    for stream in (*keys.final_streams, keys.audits, keys.lessons):
         done += trim(redis, stream, None, settings.retention_s)
-    for stream in (keys.items, keys.tiebreak, keys.ready, keys.judge, keys.output):
+    later = [keys.tier(k) for k in range(1, len(tiers))]
+    for stream in (keys.items, *later, keys.ready, keys.judge, keys.output):
         if redis.exists(stream):
             for group in redis.xinfo_groups(stream):
                 forget_idle_consumers(redis, stream, text(group["name"]))

@@ -12,31 +12,42 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+import redis
+
 from common import metrics
 from common.keys import RECORD_FIELD, worker_group
 from common.schemas import Item, Vote, now
 from common.validation import InvalidItem, item_from_entry
 from consumers import outcomes
 from consumers.backends import Backend, BackendError, ask, backend_for
+from consumers.backends.base import Learner
 from consumers.engine.consumer import ensure_group
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
+from consumers.lessons import LessonFeed
 
 log = logging.getLogger(__name__)
 
 
 class WorkerHandler(Handler):
-    def __init__(self, rt: Runtime, worker: str, backend: Backend) -> None:
+    def __init__(
+        self, rt: Runtime, worker: str, backend: Backend, feed: LessonFeed | None = None
+    ) -> None:
         self.rt = rt
+        self.feed = feed
         self.worker = worker
         self.backend = backend
         self.tasks = rt.settings.all_tasks
         self.rules = rt.settings.input_rules
-        # The aggregator is woken once a decision may be possible, not on every vote.
-        self.notify_at = rt.settings.effective_quorum
-        self.stream = rt.keys.source_of(worker, rt.settings.backup_workers)
+        # The aggregator is woken once a decision may be possible, not on every vote: once
+        # the earlier tiers' votes and a quorum of this tier's (or all of it) are in.
+        settings = rt.settings
+        tiers, k = settings.worker_tiers, settings.tier_of(worker)
+        before = sum(len(tier) for tier in tiers[:k])
+        self.notify_at = before + min(settings.effective_quorum, len(tiers[k]))
+        self.stream = rt.keys.tier(k)
         self._groups_ready = False
         self.call_labels = {"worker": worker, "backend": rt.settings.workers[worker].backend}
 
@@ -44,11 +55,12 @@ class WorkerHandler(Handler):
         """Once connected: make sure every model's group exists, so the janitor never trims
         entries a model that has not started yet would still need."""
         if not self._groups_ready:
-            backups = self.rt.settings.backup_workers
-            for name in self.rt.settings.workers:
-                stream = self.rt.keys.source_of(name, backups)
-                ensure_group(self.rt.redis, stream, worker_group(name))
+            for k, tier in enumerate(self.rt.settings.worker_tiers):
+                for name in tier:
+                    ensure_group(self.rt.redis, self.rt.keys.tier(k), worker_group(name))
             self._groups_ready = True
+        if self.feed is not None and isinstance(self.backend, Learner):
+            self.backend.learn(self.feed)
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         valid: list[tuple[Entry, Item]] = []
@@ -108,11 +120,21 @@ def run_worker(rt: Runtime, worker: str) -> None:
         known = ", ".join(sorted(rt.settings.workers))
         raise BackendError(f"no worker named {worker!r} in the fleet (known: {known})")
     backend = backend_for(spec, rt.settings)
-    backups = rt.settings.backup_workers
+    tier = rt.settings.tier_of(worker)
+    # One feed for the process: each partition's handler asks the backend to learn from
+    # it, and the first call that finds something new does.
+    feed = None
+    if isinstance(backend, Learner):
+        feed = LessonFeed(rt.redis, rt.settings.namespace, rt.settings.partitions, worker)
     consume(
         rt,
-        lambda keys: keys.source_of(worker, backups),
+        lambda keys: keys.tier(tier),
         worker_group(worker),
-        lambda prt: WorkerHandler(prt, worker, backend),
+        lambda prt: WorkerHandler(prt, worker, backend, feed),
         role=f"worker:{worker}",
     )
+    if isinstance(backend, Learner):
+        try:
+            backend.save()  # what was learned since the last snapshot, on a graceful stop
+        except redis.RedisError as exc:
+            log.warning("worker %s: could not save what it learned (%s)", worker, exc)

@@ -200,7 +200,9 @@ def test_a_new_scheme_is_one_class_in_one_place(
 def test_an_unknown_scheme_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet.toml"
     fleet.write_text('agreement = "majorty"\n')
-    with pytest.raises(UnknownScheme, match=r"'majorty' \(known: majority, weighted, unanimous\)"):
+    with pytest.raises(
+        UnknownScheme, match=r"'majorty' \(known: majority, weighted, unanimous, posterior\)"
+    ):
         Rule.of(load_settings(fleet))
     result = subprocess.run(
         [sys.executable, "-m", "tribunal", "--fleet", str(fleet), "demo", "--offline"],

@@ -13,7 +13,7 @@ SPECS = {name: ModelSpec(backend="simulated") for name in WORKERS}
 
 def test_staged_asks_the_third_worker_only_when_the_first_two_split(make_settings: Any) -> None:
     fleet = Fleet(make_settings(workers=SPECS, policy="staged", block_ms=20))
-    assert fleet.rt.settings.backup_workers == ["gamma"]
+    assert fleet.rt.settings.worker_tiers == [["alpha", "beta"], ["gamma"]]
     produce(
         fleet.rt.settings,
         agree("positive"),  # settled by alpha and beta
@@ -29,7 +29,7 @@ def test_staged_asks_the_third_worker_only_when_the_first_two_split(make_setting
     assert {v["worker"] for v in decided["i1"]["votes"]} == {"alpha", "beta", "gamma"}
     assert (decided["i2"]["label"], decided["i2"]["source"]) == ("neutral", "judge")
     # gamma saw only the two items its colleagues split on.
-    assert fleet.rt.redis.xlen(fleet.rt.keys.tiebreak) == 2
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tier(1)) == 2
     assert fleet.stats()["tiebreaks_total"] == 2
     assert fleet.stats()["votes_total|label=negative|worker=gamma"] == 1
 
@@ -43,7 +43,7 @@ def test_staged_with_a_threshold_asks_the_third_when_a_vote_is_unsure(make_setti
         {"alpha": "neutral@0.3", "beta": "neutral@0.5", "judge": "positive"},  # hopeless: judge
     )
     fleet.step("alpha", "beta")
-    assert fleet.rt.redis.xlen(fleet.rt.keys.tiebreak) == 1
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tier(1)) == 1
     fleet.step("gamma")
     decided = {d["id"]: (d["label"], d["source"]) for d in fleet.outputs()}
     assert decided == {"i0": ("neutral", "workers"), "i1": ("positive", "judge")}
@@ -69,3 +69,40 @@ def test_without_early_exit_the_lagging_worker_still_runs(make_settings: Any) ->
     fleet.step("gamma")
     assert fleet.backends["gamma"].calls == 1
     assert len(fleet.outputs()) == 1
+
+
+def test_three_tiers_ask_each_only_what_the_cheaper_ones_left_open(make_settings: Any) -> None:
+    tiers = [["alpha"], ["beta"], ["gamma"]]
+    settings = make_settings(workers=SPECS, tiers=tiers, quorum=2, block_ms=20)
+    fleet = Fleet(settings)
+    assert settings.worker_tiers == tiers
+    produce(
+        settings,
+        {"alpha": "positive", "beta": "positive", "gamma": "negative"},  # two tiers settle it
+        {"alpha": "positive", "beta": "negative", "gamma": "negative"},  # the third breaks it
+        {"alpha": "positive", "beta": "negative", "gamma": "neutral", "judge": "neutral"},
+    )
+    fleet.step("alpha")
+    assert fleet.outputs() == []  # one vote of a quorum of two: beta's tier is asked
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tier(1)) == 3
+    fleet.step("beta")
+    assert [d["id"] for d in fleet.outputs()] == ["i0"]
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tier(2)) == 2
+    fleet.step("gamma")
+    decided = {d["id"]: (d["label"], d["source"], len(d["votes"])) for d in fleet.outputs()}
+    assert decided == {
+        "i0": ("positive", "workers", 2),
+        "i1": ("negative", "workers", 3),
+        "i2": ("neutral", "judge", 3),
+    }
+    assert fleet.backends["gamma"].calls == 1  # one batch: the two items left open
+    assert fleet.stats()["votes_total|label=negative|worker=gamma"] == 1
+
+
+def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    for tiers in ([["alpha"], ["beta"]], [["alpha", "beta"], ["gamma", "alpha"]], [[], WORKERS]):
+        with pytest.raises(ValidationError, match="must name every worker once"):
+            make_settings(workers=SPECS, tiers=tiers)

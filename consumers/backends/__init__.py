@@ -18,7 +18,7 @@ import pydantic
 
 from common.errors import ConfigurationError
 from common.schemas import Item, Prediction, Vote
-from common.settings import LOCAL_BACKEND, ModelSpec, Settings
+from common.settings import LOCAL_BACKEND, STUDENT_BACKEND, ModelSpec, Settings
 from common.tasks import TaskSpec
 from common.validation import problems
 from consumers.backends.base import Backend, RawOptions
@@ -59,6 +59,7 @@ REGISTRY: dict[str, str] = {
     "tfidf": "consumers.backends.similarity:TfIdf",
     "char-ngrams": "consumers.backends.similarity:CharNgrams",
     "similarity-judge": "consumers.backends.similarity:SimilarityJudge",
+    STUDENT_BACKEND: "consumers.backends.student:Student",
 }
 
 

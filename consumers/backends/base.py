@@ -7,11 +7,12 @@ The backend modules import from here and never from the package, so imports go o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeAlias, TypeVar
+from typing import Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
 from common.schemas import Item, Prediction
+from consumers.lessons import LessonFeed
 
 # A fleet file's ``options`` table as read, before its backend's model has checked it.
 RawOptions: TypeAlias = Mapping[str, object]
@@ -22,6 +23,21 @@ M = TypeVar("M", bound=BaseModel)
 class Backend(Protocol):
     def classify(self, items: Sequence[Item]) -> list[Prediction]:
         """One prediction per item, in order. Never raise for one bad item: abstain instead."""
+        ...
+
+
+@runtime_checkable
+class Learner(Protocol):
+    """A backend that learns from the fleet's lessons (``consumers.lessons``): the worker
+    calls ``learn`` between batches and ``save`` when it stops."""
+
+    def learn(self, feed: LessonFeed) -> int:
+        """Learn what ``feed`` has that is new (the first call starts from its snapshot).
+        Returns how many lessons were read. Raises redis errors (the loop retries)."""
+        ...
+
+    def save(self) -> None:
+        """Write a snapshot of what was learned now."""
         ...
 
 

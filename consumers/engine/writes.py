@@ -89,6 +89,14 @@ class Writes:
         """An entry for another consumer group (a backup worker, the judge's audits)."""
         self._pipe.xadd(stream, dict(fields))
 
+    def hincr(self, key: str, field: str, n: int = 1) -> None:
+        """Add ``n`` to a counter of another hash than the stats (``consumers.reliability``)."""
+        self._pipe.hincrby(key, field, n)
+
+    def extend_deadline(self, item_id: str, at: float) -> None:
+        """The item's vote timeout now ends at ``at`` (epoch seconds), if it has one."""
+        self._pipe.zadd(self.keys.deadlines, {item_id: at}, xx=True)
+
     def forget_deadline(self, item_id: str) -> None:
         """The item settled before its vote timeout: no sweep needs to decide it."""
         self._pipe.zrem(self.keys.deadlines, item_id)

@@ -34,6 +34,7 @@ from tribunal.cli.quality import (
     logs_above_the_bar,
     open_records,
     reads_records,
+    teach,
 )
 from tribunal.processes.embedded import EmbeddedRedis
 
@@ -366,6 +367,7 @@ def run(
 
 app.command()(evaluate)
 app.command()(calibrate)
+app.command()(teach)
 
 
 app.command()(status)

@@ -183,6 +183,47 @@ def evaluate(
     raise typer.Exit(code)
 
 
+@reads_records
+def teach(
+    ctx: typer.Context,
+    source: Annotated[
+        str, typer.Argument(help="Labeled JSONL or CSV file: each record's gold becomes a lesson.")
+    ],
+    *,
+    reading: Reading,
+) -> None:
+    """Give the fleet's students gold labels to learn from (workers with backend "student"):
+    each record's text with its gold label becomes a lesson, as the judge's labels do. A
+    record without a gold label of its task's set is reported with its line and skipped."""
+    import uuid
+
+    from common.validation import InvalidItem, validate_item
+    from consumers.lessons import Lesson
+    from consumers.lessons import teach as add_lessons
+
+    s = needs_redis(settings(ctx))
+    if not s.has_students:
+        say("", 'note: no worker of this fleet is a student (backend "student"); storing anyway')
+    lessons: list[Lesson] = []
+    skipped = 0
+    for where, record in open_records(source, reading, s):
+        try:
+            if isinstance(record, InvalidItem):
+                raise record
+            item = validate_item({"id": uuid.uuid4().hex, **record}, s.input_rules)
+            if item.gold is None:  # a gold label outside the task's set is refused above
+                raise InvalidItem("no gold label: nothing to teach")
+        except InvalidItem as exc:
+            say("[yellow]skipped[/]", f"{where}: {exc}")
+            skipped += 1
+            continue
+        lessons.append(Lesson.of(item, item.gold, "gold"))
+    with clear_errors(s):
+        taught = add_lessons(connect(s), s.namespace, s.partitions, lessons)
+    say("", f"taught {taught} lessons" + (f", skipped {skipped}" if skipped else ""))
+    raise typer.Exit(0 if taught or not skipped else 2)
+
+
 def calibrate(
     ctx: typer.Context,
     report: Annotated[

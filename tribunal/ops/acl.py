@@ -40,12 +40,16 @@ def rules(role: str, namespace: str = "tribunal") -> str:
             "+xadd +xinfo|groups +xlen +exists +wait +get +set +eval",
             _keys(ns, "items", "partitions", "produced:*", "state:*", "votes:*", "queued:*"),
         ),
+        # MGET: which items of a batch are settled. XRANGE, GET, SET: a student reads the
+        # lessons and keeps its snapshot (student:NAME).
         "worker": (
-            f"{_CONSUMER} {_SCRIPTS} +mget",  # MGET: which items of a batch are settled
+            f"{_CONSUMER} {_SCRIPTS} +mget +xrange",
             _keys(
                 ns,
                 "items",
-                "tiebreak",
+                "tier:*",
+                "lessons",
+                "student:*",
                 "votes:*",
                 "state:*",
                 "queued:*",
@@ -72,9 +76,11 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "stats",
                 "heartbeats",
                 "items",
-                "tiebreak",
+                "tier:*",
                 "rejects",
                 "audits",
+                "lessons",
+                "reliability",
                 "partitions",
             ),
         ),
@@ -90,6 +96,8 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "output",
                 "dead",
                 "audits",
+                "lessons",
+                "reliability",
                 "stats",
                 "heartbeats",
                 "partitions",

@@ -40,6 +40,7 @@ from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
+from tribunal.ops.learning import cost_of, read_reliability
 from tribunal.ops.queues import (
     StatSample,
     expected_roles,
@@ -217,6 +218,38 @@ def queue_families(redis: Redis, settings: Settings) -> Iterator[Metric]:
     yield from (length, added, lag, pending, consumers, live, idle, stalled, read, roles)
 
 
+def learning_families(
+    redis: Redis, settings: Settings, stats: list[StatSample]
+) -> Iterator[Metric]:
+    """What the fleet learned from its judge and what a label costs (tribunal.ops.learning)."""
+    agreement = _gauge(
+        "voter_agreement",
+        "Share of a voter's answers that agreed with the judge's label, on the items the "
+        "judge labeled (its decisions and audits).",
+        ["task", "voter"],
+    )
+    judged = _gauge(
+        "voter_judged_items", "Items the judge labeled that the voter answered.", ["task", "voter"]
+    )
+    for row in read_reliability(redis, settings):
+        judged.add_metric([row.task, row.voter], row.labels)
+        if row.agreement is not None:
+            agreement.add_metric([row.task, row.voter], row.agreement)
+    yield from (agreement, judged)
+    cost = cost_of(stats)
+    for name, value, doc in (
+        ("model_seconds_per_label", cost.per_label_s, "Model seconds spent per final label."),
+        (
+            "judge_seconds_per_item",
+            cost.judge_per_item_s,
+            "The judge's model seconds per item it answered: a label's cost if it labeled all.",
+        ),
+        ("cost_ratio", cost.ratio, "Model seconds per label over the judge's per item."),
+    ):
+        if value is not None:
+            yield GaugeMetricFamily(PREFIX + name, doc, value)
+
+
 class FleetCollector(Collector):
     """Reads Redis on every ``collect`` (each scrape): nothing is cached between scrapes."""
 
@@ -227,9 +260,11 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         started = time.perf_counter()
         try:
+            stats = read_stats(self.redis, self.settings)
             families = [
                 *queue_families(self.redis, self.settings),
-                *stats_families(read_stats(self.redis, self.settings)),
+                *stats_families(stats),
+                *learning_families(self.redis, self.settings, stats),
             ]
             up = 1.0
         except RedisError as exc:

@@ -45,7 +45,9 @@ from common.keys import (
 from common.settings import Settings, fleet_roles
 from tribunal.ops.readmodels import ConsumerReading, GroupReading, StreamReading, Throughput
 
-STREAMS = ("items", "tiebreak", "ready", "judge", "output", "rejects", "dead", "audits")
+# The streams status shows, in an item's order; the later tiers' streams ("tier:K") go
+# after the items where the fleet has them (``stream_names``).
+STREAMS = ("items", "ready", "judge", "output", "rejects", "dead", "audits")
 THROUGHPUT_WINDOW_S = 60
 THROUGHPUT_CAP = 1000
 
@@ -58,14 +60,17 @@ def quick_client(settings: Settings, timeout_s: float = 3.0) -> Redis:
 
 def expected_groups(settings: Settings) -> dict[str, list[str]]:
     """Consumer groups the fleet file implies, by stream."""
-    backups = settings.backup_workers
-    first = [worker_group(name) for name in settings.workers if name not in backups]
-    return {
-        "items": first,
-        "tiebreak": [worker_group(name) for name in backups],
-        "ready": [AGGREGATOR_GROUP],
-        "judge": [JUDGE_GROUP],
+    tiers = {
+        ("items" if k == 0 else f"tier:{k}"): [worker_group(name) for name in tier]
+        for k, tier in enumerate(settings.worker_tiers)
     }
+    return {**tiers, "ready": [AGGREGATOR_GROUP], "judge": [JUDGE_GROUP]}
+
+
+def stream_names(expected: Mapping[str, Sequence[str]]) -> list[str]:
+    """``STREAMS`` with the later tiers' streams that ``expected`` names after the items."""
+    tiers = [name for name in expected if name.startswith("tier:")]
+    return [STREAMS[0], *tiers, *STREAMS[1:]]
 
 
 def expected_roles(settings: Settings) -> list[str]:
@@ -98,14 +103,15 @@ def read_streams(
     redis: Redis, keys: Keys, expected: Mapping[str, Sequence[str]]
 ) -> list[StreamReading]:
     """Length, entries ever added, and every group with its consumers, for each stream of
-    ``STREAMS`` (in that order) in the partition of ``keys``; the groups ``expected`` names
-    by stream are added, not created, where missing. Not flagged yet (``flag_stalls``).
-    Three pipelined round trips whatever the number of groups."""
+    ``stream_names(expected)`` (in that order) in the partition of ``keys``; the groups
+    ``expected`` names by stream are added, not created, where missing. Not flagged yet
+    (``flag_stalls``). Three pipelined round trips whatever the number of groups."""
     pipe = redis.pipeline(transaction=False)
-    for name in STREAMS:
-        pipe.xinfo_stream(getattr(keys, name))
+    names = stream_names(expected)
+    for name in names:
+        pipe.xinfo_stream(keys.stream(name))
     streams: list[StreamReading] = []
-    for name, info in zip(STREAMS, pipe.execute(raise_on_error=False), strict=True):
+    for name, info in zip(names, pipe.execute(raise_on_error=False), strict=True):
         if isinstance(info, ResponseError):  # "no such key": nothing was ever added
             info = None
         elif isinstance(info, Exception):
@@ -113,7 +119,7 @@ def read_streams(
         streams.append(
             StreamReading(
                 stream=name,
-                key=getattr(keys, name),
+                key=keys.stream(name),
                 partitions=None,
                 exists=info is not None,
                 length=int(info["length"]) if info else 0,

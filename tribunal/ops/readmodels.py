@@ -118,6 +118,32 @@ class AuditCounts:
 
 
 @dataclass(frozen=True)
+class VoterReliability:
+    """A voter's agreement with the judge on one task: ``agreement`` (4 decimals) of its
+    ``labels`` answers (abstentions not counted) that the judge also labeled."""
+
+    task: str
+    voter: str
+    labels: int
+    agreement: float | None
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Model seconds per final label (``per_label_s``) and per item the judge answered
+    (``judge_per_item_s``, decisions and audits), and their ratio: < 1 means the cascade
+    costs less than asking the judge for every item. None where nothing was counted yet."""
+
+    model_seconds: float
+    labels: int
+    per_label_s: float | None
+    judge_seconds: float
+    judge_items: int
+    judge_per_item_s: float | None
+    ratio: float | None
+
+
+@dataclass(frozen=True)
 class PromptCache:
     """One model's prompt tokens (as its server reported them) and how many it took from
     its prompt cache; ``hit_rate``: their ratio (4 decimals), None before any token."""
@@ -160,6 +186,12 @@ class Snapshot:
     live_consumers: dict[str, int]
     heartbeat_ttl_s: float
     prompt_cache: dict[str, PromptCache] = field(default_factory=dict)
+    # What the fleet learned and what a label costs (tribunal.ops.learning): each voter's
+    # agreement with the judge by task, model seconds per label against the judge alone,
+    # and the audits' agreement at least (95% Wilson lower bound; None before any audit).
+    reliability: tuple[VoterReliability, ...] = ()
+    cost: Cost | None = None
+    audit_agreement_at_least: float | None = None
 
     def stream(self, name: str) -> StreamReading:
         """The reading of the stream ``name`` (``items``, ``ready``, …)."""

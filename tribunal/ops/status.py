@@ -24,6 +24,7 @@ from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
 from tribunal.ops.console import error_console, wide_console
+from tribunal.ops.learning import cost_of, read_reliability, wilson_lower
 from tribunal.ops.queues import (
     StatSample,
     expected_roles,
@@ -80,6 +81,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     )
     live = live_by_role(beats, ttl)
     by_name = {s.stream: s for s in streams}
+    cost = cost_of(stats)
     return Snapshot(
         namespace=settings.namespace,
         partitions=settings.partitions,
@@ -100,6 +102,9 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         | {role: len(names) for role, names in live.items()},
         heartbeat_ttl_s=ttl,
         prompt_cache=_prompt_cache(stats),
+        reliability=read_reliability(redis, settings),
+        cost=cost,
+        audit_agreement_at_least=wilson_lower(audits.agree, audits.judged),
     )
 
 
@@ -125,10 +130,22 @@ def _audit_cell(snap: Snapshot) -> str:
     if not audits.judged and not audits.failed:
         return "none (set audit_fraction to sample accepted labels for the judge)"
     failed = f", {audits.failed} failed" if audits.failed else ""
+    bound = snap.audit_agreement_at_least
+    floor = f" (agreement >= {bound:.1%}, 95% Wilson bound)" if bound is not None else ""
     return (
         f"{audits.judged} judged, {_percent(snap.audit_disagreement)} disagree with the "
-        f"accepted label{failed}"
+        f"accepted label{floor}{failed}"
     )
+
+
+def _cost_cell(snap: Snapshot) -> str:
+    cost = snap.cost
+    if cost is None or cost.per_label_s is None:
+        return "-"
+    text = f"{cost.per_label_s:.3f} model-s per label"
+    if cost.judge_per_item_s is not None and cost.ratio is not None:
+        text += f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x)"
+    return text
 
 
 def _throughput_cell(tp: Throughput) -> str:
@@ -188,6 +205,7 @@ def render(snap: Snapshot) -> RenderableType:
         ("judge-call rate", f"{_percent(snap.judge_call_rate)} ({snap.escalations} sent)"),
         ("worker agreement", _percent(snap.agreement_rate)),
         ("audits", _audit_cell(snap)),
+        ("cost", _cost_cell(snap)),
         ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters} (all time)"),
         ("live consumers", ", ".join(f"{r} {n}" for r, n in snap.live_consumers.items())),
     ]
@@ -200,6 +218,13 @@ def render(snap: Snapshot) -> RenderableType:
                 "",
                 "votes count while an item is open: a late vote, or an item another "
                 "path settled first (early_exit), is not one",
+            )
+        )
+    for row in snap.reliability:
+        rows.append(
+            (
+                f"agrees with the judge {row.voter}",
+                f"{_percent(row.agreement)} of {row.labels} judged items ({row.task})",
             )
         )
     for worker, cache in snap.prompt_cache.items():

@@ -293,7 +293,7 @@ def evaluate_task(
     rule = replace(rule, n_workers=n_workers)
     schemes = [
         rule,
-        *(cls(n_workers, rule.quorum) for cls in SCHEMES.values()),
+        *(cls(n_workers, rule.quorum) for cls in SCHEMES.values() if cls.offline),
         Majority(n_workers, rule.quorum, 0.8),
     ]
     model_time = model_seconds(observations)

@@ -1,0 +1,355 @@
+"""The fleet learns from its judge: lessons, the student, the reliability counts and the
+posterior rule, on a real Redis (issue 25)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from typing import Any
+
+import orjson
+import pytest
+from redis import Redis
+from test_consumers import Fleet as ScriptedFleet
+from test_consumers import Scripted, drain
+
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
+from common.schemas import Item, Vote
+from common.settings import ModelSpec, Settings
+from common.tasks import BUILTIN_TASKS, TaskSpec
+from consumers.aggregator import AggregatorHandler
+from consumers.backends.student import Student
+from consumers.decision import Posterior, decide
+from consumers.engine.runtime import Runtime
+from consumers.judge import JudgeHandler
+from consumers.lessons import Lesson, LessonFeed, teach
+from consumers.reliability import Reliability, answer
+from consumers.worker import WorkerHandler
+from producers.api import Producer
+from tribunal.demo import load_sample
+
+
+def lessons_of(records: list[dict[str, Any]]) -> list[Lesson]:
+    return [
+        Lesson(
+            id=r["id"], task=r["task"], text=r["text"], text_b=r.get("text_b"), label=r["gold"],
+            source="gold",
+        )
+        for r in records
+    ]  # fmt: skip
+
+
+def accuracy(student: Student, records: list[dict[str, Any]]) -> float:
+    items = [
+        Item(id=r["id"], task=r["task"], text=r["text"], text_b=r.get("text_b")) for r in records
+    ]
+    predictions = student.classify(items)
+    return sum(p.label == r["gold"] for p, r in zip(predictions, records, strict=True)) / len(items)
+
+
+def test_the_students_accuracy_on_held_out_tickets_rises_with_lessons() -> None:
+    tickets = load_sample("sentiment")
+    held_out, stream = tickets[-60:], tickets[:-60]
+    scores = []
+    for n in (30, len(stream)):
+        student = Student({"min_per_class": 3}, BUILTIN_TASKS)
+        student.tasks["sentiment"].learn(lessons_of(stream[:n]))
+        scores.append(accuracy(student, held_out))
+    majority = Counter(r["gold"] for r in held_out).most_common(1)[0][1] / len(held_out)
+    assert scores[0] < scores[1], scores
+    assert scores[1] > majority, (scores, majority)  # it learned more than the base rate
+
+
+def test_the_student_learns_pairs_from_what_the_two_tickets_share() -> None:
+    pairs = load_sample("similar_ticket")
+    held_out = pairs[-40:]
+    student = Student({"min_per_class": 3}, BUILTIN_TASKS)
+    student.tasks["similar_ticket"].learn(lessons_of(pairs[:10]))
+    before = accuracy(student, held_out)
+    student.tasks["similar_ticket"].learn(lessons_of(pairs[10:-40]))
+    assert accuracy(student, held_out) > before
+
+
+def test_the_student_abstains_until_it_has_seen_every_label() -> None:
+    student = Student({"min_per_class": 2}, BUILTIN_TASKS)
+    model = student.tasks["sentiment"]
+    item = Item(id="x", task="sentiment", text="the export is broken again")
+    for label in ("negative", "negative", "positive", "positive", "neutral"):
+        model.learn([Lesson(id="l", task="sentiment", text="t", label=label, source="gold")])
+        [p] = student.classify([item])
+        assert p.label is None and "still learning" in (p.error or "")
+    model.learn([Lesson(id="l", task="sentiment", text="t", label="neutral", source="gold")])
+    [p] = student.classify([item])
+    assert p.label in ("positive", "negative", "neutral") and 0 < (p.confidence or 0) <= 1
+    [other] = student.classify([Item(id="y", task="unknown", text="t")])
+    assert other.label is None and "does not know task" in (other.error or "")
+
+
+def test_a_restarted_student_resumes_from_its_snapshot_and_reads_only_newer_lessons(
+    redis: Redis, settings: Settings
+) -> None:
+    tickets = load_sample("sentiment")
+    assert teach(redis, settings.namespace, 2, lessons_of(tickets[:100])) == 100
+    first = Student({"min_per_class": 3}, BUILTIN_TASKS)
+    assert first.learn(LessonFeed(redis, settings.namespace, 2, "student")) == 100
+    first.save()
+    teach(redis, settings.namespace, 2, lessons_of(tickets[100:103]))
+
+    again = Student({"min_per_class": 3}, BUILTIN_TASKS)
+    feed = LessonFeed(redis, settings.namespace, 2, "student")
+    assert again.learn(feed) == 3  # the snapshot covered the first 100
+    assert sum(again.tasks["sentiment"].counts.values()) == 103
+    fresh = Student({"min_per_class": 3}, BUILTIN_TASKS)
+    assert fresh.learn(LessonFeed(redis, settings.namespace, 2, "other")) == 103  # no snapshot
+    held_out = tickets[-60:]
+    items = [Item(id=r["id"], task="sentiment", text=r["text"]) for r in held_out]
+    assert again.classify(items) == fresh.classify(items)  # counts: the same model
+
+
+def test_an_unreadable_snapshot_is_ignored_and_the_stream_is_read_from_the_start(
+    redis: Redis, settings: Settings
+) -> None:
+    tickets = load_sample("sentiment")
+    teach(redis, settings.namespace, 1, lessons_of(tickets[:20]))
+    key = Keys(settings.namespace).student("student")
+    for bad in (b"not json", orjson.dumps({"version": 99, "offsets": {}, "state": {}})):
+        redis.set(key, bad)
+        student = Student({}, BUILTIN_TASKS)
+        assert student.learn(LessonFeed(redis, settings.namespace, 1, "student")) == 20
+    redis.set(key, orjson.dumps({"version": 1, "offsets": {"0": "0-0"}, "state": {
+        "sentiment": {"counts": {}, "columns": ["AAAA"], "values": []}}}))  # fmt: skip
+    student = Student({}, BUILTIN_TASKS)
+    assert student.learn(LessonFeed(redis, settings.namespace, 1, "student")) == 20
+
+
+def simulate(
+    accuracies: dict[str, float], n: int, rng: random.Random, labels: list[str]
+) -> list[tuple[str, list[Vote]]]:
+    """Items with a known truth and votes from voters of known accuracy; a voter's
+    confidence says nothing (a constant), so only its counts can tell them apart."""
+    out = []
+    for _ in range(n):
+        truth = rng.choice(labels)
+        votes = []
+        for voter, acc in accuracies.items():
+            wrong = [x for x in labels if x != truth]
+            label = truth if rng.random() < acc else rng.choice(wrong)
+            votes.append(Vote(worker=voter, label=label, confidence=0.9))
+        out.append((truth, votes))
+    return out
+
+
+@pytest.mark.parametrize("target", [0.9, 0.97])
+def test_the_posterior_rule_keeps_its_target_when_voter_reliabilities_are_known(
+    target: float,
+) -> None:
+    rng = random.Random(7)
+    labels = ["positive", "negative", "neutral"]
+    voters = {"good": 0.92, "fair": 0.8, "coin": 1 / 3}
+    counts: Counter[tuple[str, str, str, str]] = Counter()
+    for truth, votes in simulate(voters, 3000, rng, labels):  # the judge's labels so far
+        counts[("t", "", "", truth)] += 1
+        for v in votes:
+            counts[("t", v.worker, answer(v) or "", truth)] += 1
+    table = Reliability({"t": labels})
+    table.load(counts)
+    rule = Posterior(n_workers=3, quorum=1, target=target, table=table)
+    accepted = right = 0
+    for truth, votes in simulate(voters, 4000, rng, labels):
+        ruling = decide(votes, rule, final=True, task="t")
+        if ruling.kind == "accept":
+            accepted += 1
+            right += ruling.label == truth
+    assert accepted > 1000  # it accepts a useful share...
+    assert right / accepted >= target - 0.01  # ...and keeps the agreement it was asked for
+    # A voter no better than chance settles nothing alone, however sure it says it is.
+    coin_alone = [v for v in simulate(voters, 50, rng, labels)[0][1] if v.worker == "coin"]
+    assert decide(coin_alone, rule, final=True, task="t").kind == "escalate"
+
+
+def test_with_no_judge_labels_yet_the_posterior_rule_sends_everything_to_the_judge() -> None:
+    rule = Posterior(n_workers=3, quorum=1, target=0.9, table=Reliability({"t": ["a", "b"]}))
+    unanimous = [Vote(worker=w, label="a", confidence=0.99) for w in ("x", "y", "z")]
+    assert decide(unanimous, rule, final=True, task="t").kind == "escalate"
+    assert decide(unanimous[:1], rule, final=False, task="t").kind == "wait"
+
+
+TASK = TaskSpec(labels=["fruit", "tool"], instructions="Is it a fruit or a tool?")
+FRUIT = ["apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "peach", "pear", "plum"]
+TOOLS = [
+    "hammer",
+    "wrench",
+    "saw",
+    "drill",
+    "chisel",
+    "pliers",
+    "spanner",
+    "file",
+    "level",
+    "clamp",
+]
+
+
+def thing(rng: random.Random, n: int) -> dict[str, Any]:
+    label = rng.choice(["fruit", "tool"])
+    words = " ".join(rng.sample(FRUIT if label == "fruit" else TOOLS, 3))
+    return {
+        "id": f"i{n}",
+        "task": "things",
+        "text": words,
+        "metadata": {"judge": label, "backup": label},
+    }
+
+
+class LearningFleet(ScriptedFleet):
+    """A student first, a scripted backup worker only when the student did not settle the
+    item (staged, quorum 1), the posterior rule, a scripted judge: in-process, real Redis."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.rt = rt = Runtime.create(settings)
+        self.student = Student({"min_per_class": 3, "snapshot_every_s": 0.01}, settings.all_tasks)
+        self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "student")
+        self.backup = Scripted("backup")
+        self.handlers = {
+            "student": WorkerHandler(rt, "student", self.student, self.feed),
+            "backup": WorkerHandler(rt, "backup", self.backup),
+        }
+        self.workers = {
+            name: self._consumer(h.stream, worker_group(name), h)
+            for name, h in self.handlers.items()
+        }
+        self.aggregator_handler = AggregatorHandler(rt)
+        self.aggregator_handler._next_trim = float("inf")
+        self.aggregator = self._consumer(rt.keys.ready, AGGREGATOR_GROUP, self.aggregator_handler)
+        self.judge_backend = Scripted("judge")
+        self.judge = self._consumer(
+            rt.keys.judge, JUDGE_GROUP, JudgeHandler(rt, self.judge_backend)
+        )
+
+    def round(self) -> None:
+        for handler in self.handlers.values():
+            handler.tick()  # the student learns what the judge decided so far
+        self.aggregator_handler._next_reread = 0.0
+        self.aggregator_handler.tick()  # the aggregator rereads the reliability counts
+        for name in ("student", "aggregator", "backup", "aggregator"):
+            drain(self.aggregator if name == "aggregator" else self.workers[name])
+        drain(self.judge)
+
+
+def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
+    make_settings: Any,
+) -> None:
+    settings = make_settings(
+        workers={"student": ModelSpec(backend="student"), "backup": ModelSpec(backend="simulated")},
+        judge=ModelSpec(backend="simulated"),
+        tasks={"things": TASK},
+        agreement="posterior",
+        target_agreement=0.9,
+        policy="staged",
+        quorum=1,
+        audit_fraction=0.2,
+        block_ms=20,
+    )
+    fleet = LearningFleet(settings)
+    rng = random.Random(3)
+    producer = Producer(fleet.rt.redis, settings)
+    sources: list[list[str]] = []
+    for r in range(12):
+        batch = [thing(rng, 20 * r + k) for k in range(20)]
+        assert producer.send(batch).produced == 20
+        fleet.round()
+        outputs = {d["id"]: d for d in fleet.outputs()}
+        assert all(b["id"] in outputs for b in batch), "every item ends in its round"
+        sources.append([outputs[b["id"]]["source"] for b in batch])
+    assert sources[0] == ["judge"] * 20  # nothing is trusted at first
+    late = fleet.outputs()[-40:]
+    assert all(d["source"] == "workers" for d in late)  # the judge decides none of them
+    # Many are settled on the student's vote alone: the backup worker never saw those items
+    # (the others waited for its vote too: the student's bands for one label earn trust
+    # sooner than for the other).
+    alone = [d for d in late if [v["worker"] for v in d["votes"]] == ["student"]]
+    assert len(alone) >= 15, [d["reason"] for d in late]
+    assert all(d["label"] == d["metadata"]["judge"] for d in fleet.outputs())
+    # The judge's labels became lessons; the student's state is in Redis, with its offsets.
+    lessons = sum(fleet.rt.redis.xlen(k.lessons) for k in [fleet.rt.keys])
+    assert lessons == sum(s.count("judge") for s in sources) + fleet.rt.redis.xlen(
+        fleet.rt.keys.audits
+    )
+    snapshot = orjson.loads(fleet.rt.redis.get(Keys(settings.namespace).student("student")))
+    assert snapshot["version"] == 1 and snapshot["state"]["things"]["counts"]
+    # Each final record says what it cost: the student's share of its batches' time.
+    assert all(d["model_calls"] == len(d["votes"]) + (d["judge"] is not None) for d in late)
+
+
+def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
+    make_settings: Any,
+) -> None:
+    from prometheus_client import generate_latest
+
+    from tribunal.ops.exporter import registry_for
+    from tribunal.ops.status import render, snapshot
+
+    settings = make_settings(
+        workers={"student": ModelSpec(backend="student"), "backup": ModelSpec(backend="simulated")},
+        judge=ModelSpec(backend="simulated"),
+        tasks={"things": TASK},
+        agreement="posterior",
+        target_agreement=0.9,
+        policy="staged",
+        quorum=1,
+        audit_fraction=1.0,
+        block_ms=20,
+    )
+    fleet = LearningFleet(settings)
+    rng = random.Random(5)
+    producer = Producer(fleet.rt.redis, settings)
+    for r in range(6):
+        producer.send([thing(rng, 20 * r + k) for k in range(20)])
+        fleet.round()
+    snap = snapshot(fleet.rt.redis, settings)
+    rows = {(row.task, row.voter): row for row in snap.reliability}
+    assert rows[("things", "backup")].agreement == 1.0  # the scripted backup is always right
+    assert rows[("things", "student")].labels > 0
+    assert snap.audits.judged > 0 and snap.audit_agreement_at_least is not None
+    assert 0 < snap.audit_agreement_at_least < 1  # a lower bound: below the 100% observed
+    assert snap.cost is not None and snap.cost.labels == 120
+    text = render(snap)
+    assert text is not None
+    scraped = generate_latest(registry_for(settings)).decode()
+    assert 'tribunal_voter_agreement{task="things",voter="backup"} 1.0' in scraped
+
+
+def test_teach_stores_gold_lessons_and_reports_the_records_it_skipped(
+    settings: Settings, redis: Redis, tmp_path: Any
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "gold.jsonl"
+    path.write_text(
+        '{"task": "sentiment", "text": "refund never came", "gold": "negative"}\n'
+        '{"task": "sentiment", "text": "thanks a lot", "gold": "positive"}\n'
+        '{"task": "sentiment", "text": "no label here"}\n'
+        '{"task": "sentiment", "text": "wrong label", "gold": "happy"}\n'
+    )
+    env = {
+        **os.environ,
+        "TRIBUNAL_REDIS_URL": settings.redis_url or "",
+        "TRIBUNAL_NAMESPACE": settings.namespace,
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tribunal", "teach", str(path)],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert "taught 2 lessons, skipped 2" in out
+    assert "gold.jsonl:3: no gold label" in out
+    assert "gold.jsonl:4: gold label 'happy' is not one of" in out
+    assert "Traceback" not in out
+    feed = LessonFeed(redis, settings.namespace, settings.partitions, "student")
+    assert sorted((x.text, x.label, x.source) for x in feed.read()) == [
+        ("refund never came", "negative", "gold"),
+        ("thanks a lot", "positive", "gold"),
+    ]

@@ -1,0 +1,85 @@
+"""What the fleet has learned from its judge, and what a label costs against the judge alone:
+the readings ``status`` and the exporter show beside the queues.
+
+- Reliability: per task and voter, how often its answers agreed with the judge's label on
+  the items the fleet trusts (the judge's decisions and audits: ``consumers.reliability``
+  counts them); a student's row is its accuracy on the judge's labels.
+- Cost: model seconds (the ``model_call_seconds`` sums: each batch's wall time, workers,
+  judge and audits) per final label, against the judge's seconds per item it answered —
+  what a label would cost if the judge labeled everything.
+- The audits' agreement as a Wilson score interval's lower bound (95%): the rate the
+  accepted labels agree with the judge at least, given how many were audited.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+from redis import Redis
+
+from common import metrics
+from common.settings import Settings
+from consumers.reliability import Reliability
+from tribunal.ops.queues import StatSample, partitions_of
+from tribunal.ops.readmodels import Cost, VoterReliability
+
+
+def read_reliability(redis: Redis, settings: Settings) -> tuple[VoterReliability, ...]:
+    """Every voter's agreement with the judge, by task, from the reliability counts."""
+    table = Reliability({name: task.labels for name, task in settings.all_tasks.items()})
+    table.refresh(redis, partitions_of(settings))
+    agree: Counter[tuple[str, str]] = Counter()
+    total: Counter[tuple[str, str]] = Counter()
+    for (task, voter, given, truth), n in table.counts.items():
+        if voter:  # "" holds the judge's own label counts
+            total[(task, voter)] += n
+            agree[(task, voter)] += n if given.partition("@")[0] == truth else 0
+    return tuple(
+        VoterReliability(task, voter, n, round(agree[(task, voter)] / n, 4) if n else None)
+        for (task, voter), n in sorted(total.items())
+    )
+
+
+def cost_of(stats: list[StatSample]) -> Cost:
+    """The cost readings from the fleet counters: model seconds over the final labels, and
+    the judge's over the items it answered (escalations, and audits it gave a label)."""
+    labels = int(sum(s.value for s in stats if s.name == metrics.DECISIONS))
+    judge_items = int(
+        sum(s.value for s in stats if s.name == metrics.ESCALATIONS)
+        + sum(
+            s.value
+            for s in stats
+            if s.name == metrics.AUDITS and s.labels.get("outcome") in ("agree", "disagree")
+        )
+    )
+    calls = [s for s in stats if s.name == metrics.MODEL_CALL and s.suffix == "sum"]
+    spent = sum(s.value for s in calls)
+    judge = sum(s.value for s in calls if s.labels.get("worker") == "judge")
+    per_label = spent / labels if labels else None
+    per_judged = judge / judge_items if judge_items else None
+    ratio = per_label / per_judged if per_label is not None and per_judged else None
+    return Cost(
+        model_seconds=round(spent, 3),
+        labels=labels,
+        per_label_s=_round(per_label),
+        judge_seconds=round(judge, 3),
+        judge_items=judge_items,
+        judge_per_item_s=_round(per_judged),
+        ratio=_round(ratio),
+    )
+
+
+def wilson_lower(successes: int, n: int, z: float = 1.96) -> float | None:
+    """The lower end of the Wilson score interval for a rate of ``successes`` in ``n``
+    (Wilson 1927; z = 1.96: 95% two-sided), 4 decimals; None when ``n`` is 0."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = p + z * z / (2 * n)
+    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return round((centre - spread) / (1 + z * z / n), 4)
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
