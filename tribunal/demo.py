@@ -236,12 +236,29 @@ def print_summary(
             "latency p50 / p95",
             f"{statistics.median(latencies) * 1000:.0f} ms / {p95 * 1000:.0f} ms",
         )
+    cost = cost_line(decisions)
+    if cost:
+        summary.add_row("model time per label", cost)
     console.print(summary)
     console.print(agreement_table(decisions))
     for r in outcome.rejects:
         console.print(f"  rejected {r.id}: {r.reason}", markup=False, soft_wrap=True)
     for dead in outcome.dead:
         console.print(f"  dead letter {dead.id}: {dead.error}", markup=False, soft_wrap=True)
+
+
+def cost_line(decisions: Sequence[Decision]) -> str:
+    """Model seconds per label (each record's ``model_seconds``) against the judge's seconds
+    per item it decided: what a label would cost if the judge labeled all."""
+    judged = [d.judge.latency_ms / 1000 for d in decisions if d.judge and d.judge.latency_ms]
+    if not decisions or not judged:
+        return ""
+    per_label = sum(d.model_seconds for d in decisions) / len(decisions)
+    judge_alone = sum(judged) / len(judged)
+    return (
+        f"{per_label:.2f} s (the judge alone: {judge_alone:.2f} s per item, "
+        f"{per_label / judge_alone:.2f}x)"
+    )
 
 
 def agreement_table(decisions: Sequence[Decision]) -> Table:
