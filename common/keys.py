@@ -67,12 +67,6 @@ class Keys:
         return f"{self.prefix}:lessons"
 
     @property
-    def reliability(self) -> str:
-        """Hash: how each voter's answers compare with the labels the fleet trusts, counted
-        per task, answer and trusted label (``consumers.reliability``)."""
-        return f"{self.prefix}:reliability"
-
-    @property
     def rejects(self) -> str:
         """Items refused for bad input, with the reason."""
         return f"{self.prefix}:rejects"

@@ -43,6 +43,7 @@ PRODUCE = _lua("produce")  # add items unless known, once per chunk
 RENEW = _lua("renew")  # reset the idle time of entries a consumer still holds
 FORGET = _lua("forget")  # remove a consumer that holds nothing from its group
 GATHER = _lua("gather")  # read many vote hashes in one round trip
+ADVANCE = _lua("advance")  # send open items on to a later tier of workers, once
 
 ESCALATED = "judge"
 DONE = "done"
@@ -121,6 +122,19 @@ class Scripts:
         args: list[Any] = [self.done_ttl_s, CHUNK_TTL_S]
         args += [payload for _, payload in items]
         return _eval(client, PRODUCE, keys, args)
+
+    def advance(
+        self, pipe: Pipeline, tier: int, counter: str, items: Sequence[tuple[str, float, bytes]]
+    ) -> None:
+        """Send ``(item id, vote deadline in epoch seconds, item json)`` on to tier
+        ``tier``'s stream, each once however often it is asked."""
+        k = self.keys
+        keys: list[Any] = [k.tier(tier), k.deadlines, k.stats]
+        args: list[Any] = [tier, counter]
+        for item_id, deadline, item in items:
+            keys += [k.state(item_id), k.queued(item_id)]
+            args += [item_id, f"{deadline:.3f}", item]
+        _eval(pipe, ADVANCE, keys, args)
 
     def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The vote hash of each item (empty once settled), in one round trip."""

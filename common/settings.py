@@ -179,7 +179,13 @@ class Settings(BaseSettings):
         "this probability (learned from the judge's decisions and audits).",
     )
     reliability_every_s: float = Field(
-        default=5.0, gt=0, description="posterior: how often the aggregator rereads the counts."
+        default=5.0, gt=0, description="posterior: how often the aggregator reads new lessons."
+    )
+    reliability_window: int = Field(
+        default=2000,
+        ge=10,
+        description="posterior: a voter's agreement is counted over the last this many lessons "
+        "of each task (a student that improved is judged on what it does now).",
     )
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
@@ -313,6 +319,12 @@ class Settings(BaseSettings):
     def has_students(self) -> bool:
         """Whether a worker learns from the judge's labels (``consumers.lessons``)."""
         return any(spec.backend == STUDENT_BACKEND for spec in self.workers.values())
+
+    @property
+    def learns(self) -> bool:
+        """Whether the judge keeps its labels as lessons: a student learns from them, or the
+        posterior rule counts the voters' agreement with them."""
+        return self.has_students or self.agreement == "posterior"
 
     @property
     def effective_quorum(self) -> int:

@@ -17,14 +17,7 @@ from typing import Any
 
 import pydantic
 
-from common import metrics
-from common.keys import (
-    AGGREGATOR_GROUP,
-    ITEM_IN_VOTES,
-    READY_IDS_FIELD,
-    RECORD_FIELD,
-    all_partitions,
-)
+from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
 from consumers.decision import Posterior, Rule, decide
@@ -32,22 +25,42 @@ from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
+from consumers.lessons import LessonFeed
 from consumers.reliability import Reliability
 from consumers.retention import trim_all
 
 log = logging.getLogger(__name__)
 
 
-class AggregatorHandler(Handler):
+class Learning:
+    """The posterior rule's counts, folded from the lessons as they arrive: one per process,
+    shared by its partitions' handlers (each would otherwise read every partition again)."""
+
     def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
         settings = rt.settings
-        self.reliability = Reliability({n: t.labels for n, t in settings.all_tasks.items()})
-        self.rule = Rule.of(settings, self.reliability)
+        labels = {name: task.labels for name, task in settings.all_tasks.items()}
+        self.reliability = Reliability(labels, window=settings.reliability_window)
+        self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "aggregator")
+        self.every_s = settings.reliability_every_s
+        self.next_at = 0.0
+
+    def refresh(self) -> None:
+        """Count the lessons that arrived, at most every ``reliability_every_s``."""
+        if time.monotonic() < self.next_at:
+            return
+        self.next_at = time.monotonic() + self.every_s
+        while lessons := self.feed.read():
+            self.reliability.learn(lessons)
+
+
+class AggregatorHandler(Handler):
+    def __init__(self, rt: Runtime, learning: Learning | None = None) -> None:
+        self.rt = rt
+        self.learning = learning or Learning(rt)
+        self.rule = Rule.of(rt.settings, self.learning.reliability)
         self.learns = isinstance(self.rule, Posterior)
         self._next_sweep = 0.0
         self._next_trim = 0.0
-        self._next_reread = 0.0
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         ids = list(dict.fromkeys(item_id for e in entries for item_id in _ids(e)))
@@ -67,10 +80,8 @@ class AggregatorHandler(Handler):
         return True
 
     def tick(self) -> None:
-        if self.learns and time.monotonic() >= self._next_reread:
-            self._next_reread = time.monotonic() + self.rt.settings.reliability_every_s
-            partitions = all_partitions(self.rt.settings.namespace, self.rt.settings.partitions)
-            self.reliability.refresh(self.rt.redis, partitions)
+        if self.learns:
+            self.learning.refresh()
         if time.monotonic() >= self._next_trim:
             self._next_trim = time.monotonic() + self.rt.settings.trim_every_s
             trim_all(self.rt.redis, self.rt.keys, self.rt.settings)
@@ -91,7 +102,6 @@ class AggregatorHandler(Handler):
             writes.flush().execute()
 
     def settle(self, ids: list[str], writes: Writes, timed_out: bool) -> None:
-        keys = self.rt.keys
         for item_id, fields in zip(
             ids, self.rt.scripts.gather_votes(self.rt.redis, ids), strict=True
         ):
@@ -121,10 +131,9 @@ class AggregatorHandler(Handler):
                 escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
                 writes.escalate(item.id, escalation.dump())
             elif (tier := self.next_tier(votes)) is not None:
-                writes.add(keys.tier(tier), {RECORD_FIELD: raw_item})
                 # The vote timeout starts again for the votes the next tier owes.
-                writes.extend_deadline(item.id, now() + self.rt.settings.vote_timeout_s)
-                writes.incr(metrics.TIEBREAKS)
+                deadline = now() + self.rt.settings.vote_timeout_s
+                writes.advance(item.id, tier, raw_item, deadline)
 
     def next_tier(self, votes: list[Vote]) -> int | None:
         """The tier to ask next, when every worker of the tiers asked so far has voted (an
@@ -167,4 +176,11 @@ def _read_vote(worker: bytes, raw: bytes) -> Vote:
 
 
 def run_aggregator(rt: Runtime) -> None:
-    consume(rt, lambda keys: keys.ready, AGGREGATOR_GROUP, AggregatorHandler, role="aggregator")
+    learning = Learning(rt)
+    consume(
+        rt,
+        lambda keys: keys.ready,
+        AGGREGATOR_GROUP,
+        lambda prt: AggregatorHandler(prt, learning),
+        role="aggregator",
+    )

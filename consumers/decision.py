@@ -206,8 +206,12 @@ class Posterior(Rule):
         return self.target
 
     def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
+        """The posterior of each label some counted vote named: a label nobody voted for
+        is never accepted, however likely the others make it."""
         counted = [v for v in votes if self.counts(v)]
-        return self.table.posterior(task, counted) if counted else {}
+        voted = {v.label for v in counted}
+        posterior = self.table.posterior(task, counted) if counted else {}
+        return {label: p for label, p in posterior.items() if label in voted}
 
     def reachable(self, top: float, missing: int) -> bool:
         return missing > 0  # any vote still to come may raise the posterior

@@ -17,12 +17,13 @@ import pydantic
 from common import metrics
 from common.keys import ITEM_ID_FIELD, JUDGE_GROUP, RECORD_FIELD
 from common.schemas import Audit, Decision, Escalation, Item, Vote, now
-from consumers import lessons, outcomes, reliability
+from consumers import outcomes
 from consumers.backends import Backend, ask, backend_for, handles
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
+from consumers.lessons import Lesson, Source
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,9 @@ class JudgeHandler(Handler):
         self.unhandled = {
             name for name, task in self.tasks.items() if not handles(judge, name, task)
         }
-        # Lessons only where a student learns from them: otherwise they are memory for
-        # nobody. The reliability counts are small (voters x answers x labels): always kept.
-        self.teaches = rt.settings.has_students
+        # Lessons only where a student or the posterior rule learns from them: otherwise
+        # they are memory for nobody.
+        self.teaches = rt.settings.learns
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         failures: dict[str, str] = {}
@@ -78,21 +79,17 @@ class JudgeHandler(Handler):
                 )
             elif case.accepted is not None:
                 self.record_audit(writes, case, case.accepted, verdict)
-                self.trust(writes, case, verdict.label, "audit")
             else:
-                self.trust(writes, case, verdict.label, "judge")
                 decision = Decision.of(
                     case.item, verdict.label, "judge", case.reason, case.votes, verdict
                 )
-                outcomes.publish(writes, decision, escalated=True)
+                lesson = self.lesson(case, verdict.label, "judge")
+                outcomes.publish(writes, decision, escalated=True, lesson=lesson)
         return failures
 
-    def trust(self, writes: Writes, case: Escalation, label: str, source: lessons.Source) -> None:
-        """The judge's label is one the fleet trusts: count how each vote compared with it
-        (the posterior rule's evidence) and keep it as a lesson for the students."""
-        reliability.record(writes, case.item.task, case.votes, label)
-        if self.teaches:
-            lessons.record(writes, case.item, label, source)
+    def lesson(self, case: Escalation, label: str, source: Source) -> bytes | None:
+        """The judge's label as a lesson (the item, its votes), where the fleet learns."""
+        return Lesson.of(case.item, label, source, case.votes).dump() if self.teaches else None
 
     def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
         """The accepted label stands; the judge's answer on it is kept and counted."""
@@ -113,6 +110,11 @@ class JudgeHandler(Handler):
         )
         outcome = "agree" if agree else "disagree"
         writes.incr(metrics.AUDITS, {"task": item.task, "outcome": outcome})
+        lesson = self.lesson(case, verdict.label, "audit") if verdict.label else None
+        if lesson:  # an audit is recorded once per answer, like the audit itself
+            writes.add(
+                self.rt.keys.lessons, {ITEM_ID_FIELD: item.id.encode(), RECORD_FIELD: lesson}
+            )
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         try:

@@ -1,15 +1,18 @@
 """Lessons: the labels the fleet trusts, kept for its students to learn from.
 
 Every label the judge hands out — an escalated item's decision, or its answer on an audited
-item — costs a judge call; a lesson keeps it (the item's text with that label) so that a
-student (``consumers.backends.student``) can learn the task from the judge instead of the
-fleet paying for the same answer again. Users may add gold labels (``tribunal teach``).
+item — costs a judge call; a lesson keeps it (the item's text with that label, and the votes
+the item had) so that a student (``consumers.backends.student``) can learn the task from the
+judge, and the posterior rule (``consumers.reliability``) can learn how far each voter
+agrees with it, instead of the fleet paying for the same answer again. Users may add gold
+labels (``tribunal teach``).
 
-Lessons go to a stream per partition, written in the judge's own transaction: a lesson
-exists exactly when its decision or audit does. A ``LessonFeed`` reads every partition's
-stream in order from saved offsets and keeps a learner's snapshot beside those offsets, so
-a learner that restarts (or a new replica) loads the snapshot and reads only what came
-after it, never from zero.
+Lessons go to a stream per partition. A decision's lesson is written by the settle script
+that publishes the decision, only when that call settles the item: exactly one lesson per
+decision, however often a crashed judge's batch is retried; an audit's goes with the audit
+record. A ``LessonFeed`` reads every partition's stream in order from saved offsets and
+keeps a learner's snapshot beside those offsets, so a learner that restarts (or a new
+replica) loads the snapshot and reads only what came after it, never from zero.
 """
 
 from __future__ import annotations
@@ -20,11 +23,11 @@ from typing import Any, Literal
 
 import orjson
 import pydantic
+from pydantic import Field
 from redis import Redis
 
 from common.keys import ITEM_ID_FIELD, RECORD_FIELD, Keys, all_partitions, partition_of
-from common.schemas import Item, Record
-from consumers.engine.writes import Writes
+from common.schemas import Item, Record, Vote
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,10 @@ Source = Literal["judge", "audit", "gold"]
 
 
 class Lesson(Record):
-    """One trusted label: the item's text (and second text, for pairs) with its label.
-    ``source``: the judge deciding an escalated item, the judge's audit of an accepted one,
-    or a gold label a user taught."""
+    """One trusted label: the item's text (and second text, for pairs) with its label, and
+    the votes the workers had cast on it (none for a gold label). ``source``: the judge
+    deciding an escalated item, the judge's audit of an accepted one, or a gold label a user
+    taught."""
 
     id: str
     task: str
@@ -46,19 +50,14 @@ class Lesson(Record):
     text_b: str | None = None
     label: str
     source: Source
+    votes: list[Vote] = Field(default_factory=list)
 
     @classmethod
-    def of(cls, item: Item, label: str, source: Source) -> Lesson:
+    def of(cls, item: Item, label: str, source: Source, votes: list[Vote] | None = None) -> Lesson:
         return cls(
             id=item.id, task=item.task, text=item.text, text_b=item.text_b, label=label,
-            source=source,
+            source=source, votes=[v.model_copy(update={"raw": None}) for v in votes or []],
         )  # fmt: skip
-
-
-def record(writes: Writes, item: Item, label: str, source: Source) -> None:
-    """Queue a lesson on the batch's writes (the same MULTI/EXEC as the decision or audit)."""
-    lesson = Lesson.of(item, label, source)
-    writes.add(writes.keys.lessons, {ITEM_ID_FIELD: item.id.encode(), RECORD_FIELD: lesson.dump()})
 
 
 def teach(redis: Redis, namespace: str, partitions: int, lessons: Iterable[Lesson]) -> int:
@@ -88,22 +87,37 @@ class LessonFeed:
         self.redis = redis
         self.partitions = all_partitions(namespace, partitions)
         self.key = Keys(namespace).student(name)
-        self.offsets: dict[int, str] = {k.partition: "0-0" for k in self.partitions}
+        self.offsets: dict[int, str] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        """Read from the start of every partition's stream."""
+        self.offsets = {k.partition: "0-0" for k in self.partitions}
 
     def read(self, count: int = 500) -> list[Lesson]:
-        """Up to ``count`` lessons per partition after the offsets (which advance). A lesson
-        that cannot be read is skipped with a warning: it must not stop the learning."""
-        lessons: list[Lesson] = []
+        """Up to ``count`` lessons per partition after the offsets, which advance only once
+        every partition was read (a Redis error part-way loses nothing: the next call reads
+        the same lessons again). A lesson that cannot be read is skipped with a warning: it
+        must not stop the learning."""
+        lessons: list[Lesson | None] = []
+        offsets = dict(self.offsets)
         for keys in self.partitions:
-            start = "(" + self.offsets[keys.partition]
+            start = "(" + offsets[keys.partition]
             entries: Any = self.redis.xrange(keys.lessons, min=start, count=count)
             for entry_id, fields in entries:
-                self.offsets[keys.partition] = entry_id.decode()
-                try:
-                    lessons.append(Lesson.model_validate_json(fields[RECORD_FIELD]))
-                except (KeyError, pydantic.ValidationError) as exc:
-                    log.warning("skipping unreadable lesson %s: %s", entry_id.decode(), exc)
-        return lessons
+                offsets[keys.partition] = entry_id.decode()
+                lessons.append(_lesson(entry_id, fields))
+        self.offsets = offsets
+        return [lesson for lesson in lessons if lesson is not None]
+
+    def latest(self, count: int) -> list[Lesson]:
+        """The newest ``count`` lessons of each partition, oldest first (offsets untouched):
+        what ``status`` folds into the voters' agreement."""
+        lessons: list[Lesson | None] = []
+        for keys in self.partitions:
+            entries: Any = self.redis.xrevrange(keys.lessons, count=count)
+            lessons += [_lesson(entry_id, fields) for entry_id, fields in reversed(entries)]
+        return [lesson for lesson in lessons if lesson is not None]
 
     def save(self, state: object) -> int:
         """Write the snapshot: ``state`` with the current offsets. Returns its size (bytes)."""
@@ -130,3 +144,11 @@ class LessonFeed:
             return None
         self.offsets.update({p: o for p, o in offsets.items() if p in self.offsets})
         return snapshot["state"]
+
+
+def _lesson(entry_id: bytes, fields: dict[bytes, bytes]) -> Lesson | None:
+    try:
+        return Lesson.model_validate_json(fields[RECORD_FIELD])
+    except (KeyError, pydantic.ValidationError) as exc:
+        log.warning("skipping unreadable lesson %s: %s", entry_id.decode(), exc)
+        return None

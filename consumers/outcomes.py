@@ -49,13 +49,19 @@ def reject(writes: Writes, stream: str, entry: Entry, error: InvalidItem) -> Non
 
 
 def publish(
-    writes: Writes, decision: Decision, escalated: bool, audit: bytes | None = None
+    writes: Writes,
+    decision: Decision,
+    escalated: bool,
+    audit: bytes | None = None,
+    lesson: bytes | None = None,
 ) -> None:
     """Settle an item with its final label, once, and record how long it took; ``audit``
-    (an escalation for the judge) is sent only if this call settles it."""
+    (an escalation for the judge) or, for the judge's decision, ``lesson`` (consumers.lessons)
+    is sent only if this call settles it."""
     counter = DECISIONS_BY[decision.source]
     if escalated:
-        writes.settle_escalated(decision.id, writes.keys.output, decision.dump(), counter)
+        also = (writes.keys.lessons, lesson) if lesson else None
+        writes.settle_escalated(decision.id, writes.keys.output, decision.dump(), counter, also)
     else:
         also = (writes.keys.judge, audit) if audit else None
         writes.settle(decision.id, writes.keys.output, decision.dump(), counter, also)

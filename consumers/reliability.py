@@ -3,40 +3,37 @@
 Dawid and Skene (1979, "Maximum likelihood estimation of observer error-rates using the EM
 algorithm") describe each annotator by a confusion matrix: how often it answers each label
 when the truth is each label. Here the truth is the judge's label (the fleet's aim is to
-agree with its judge, cheaply), so no EM is needed: every judge decision and every audit
-counts, per task and voter, its answer against the judge's. An answer is a label with its
-confidence band (``BANDS``): a voter that says 0.99 is trusted as far as its 0.99s have
-agreed with the judge, whatever the number claims — the counts calibrate it.
+agree with its judge, cheaply), so no EM is needed: every lesson (``consumers.lessons``: a
+judge decision or audit, with the votes the item had) counts, per task and voter, its answer
+against the judge's. An answer is a label with its confidence band (``BANDS``): a voter that
+says 0.99 is trusted as far as its 0.99s have agreed with the judge, whatever the number
+claims — the counts calibrate it.
 
-Audits of accepted items (``audit_fraction``) keep the estimate honest: the judge's
-decisions alone are the hard items. ``Reliability.posterior`` combines votes as naive Bayes
-(answers independent given the truth) with Laplace smoothing, so a voter nobody has checked
-yet counts for nothing, and one whose band has agreed 200 times out of 200 counts for a lot.
-
-Counts live in a hash per partition (``Keys.reliability``), written in the judge's
-transaction; the aggregator reads them all every few seconds.
+The counts are a fold over the lessons stream, so they are exactly as many as the lessons
+(a decision's lesson is written once, with the decision), and they cover the last ``window``
+lessons of each task: a student that got better is judged on what it does now. Audits of
+accepted items (``audit_fraction``) keep them honest: the judge's decisions alone are the
+hard items. ``Reliability.posterior`` combines votes as naive Bayes (answers independent
+given the judge's label) with Laplace smoothing and a uniform prior over the labels: only the
+votes are evidence, so a voter nobody has checked yet counts for nothing.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections import Counter
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections import Counter, deque
+from collections.abc import Iterable, Mapping, Sequence
 
-from redis import Redis
-
-from common.keys import Keys
 from common.schemas import Vote
-from consumers.engine.writes import Writes
+from consumers.lessons import Lesson
 
 # Confidence bands (lower edges): an answer is "label@k" with k the band's index. A vote
 # without a confidence is band "n". The top bands are narrow because naive Bayes (the
 # student) crowds its probabilities there: its 0.9999s are right more often than its 0.99s.
 BANDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
-_SEP = "\t"  # between the parts of a hash field: task, voter, answer, truth
-_PRIOR_VOTER = ""  # the field of the trusted labels' own counts (the prior)
+
+Key = tuple[str, str, str, str]  # task, voter, answer, judge's label
 
 
 def answer(vote: Vote) -> str | None:
@@ -48,59 +45,58 @@ def answer(vote: Vote) -> str | None:
     return f"{vote.label}@{bisect.bisect_right(BANDS, vote.confidence) - 1}"
 
 
-def record(writes: Writes, task: str, votes: Sequence[Vote], truth: str) -> None:
-    """Count each vote's answer against ``truth`` (the judge's label), in the batch's writes."""
-    key = writes.keys.reliability
-    writes.hincr(key, _SEP.join((task, _PRIOR_VOTER, "", truth)))
-    for vote in votes:
-        given = answer(vote)
-        if given is not None:
-            writes.hincr(key, _SEP.join((task, vote.worker, given, truth)))
-
-
 class Reliability:
-    """The counts of every partition, and the posterior they give.
-
-    ``labels`` maps each task to its label set. Not thread-safe; one per aggregator.
-    """
+    """Each voter's answers against the judge's labels over the last ``window`` lessons of
+    each task, and the posterior they give. ``labels`` maps each task to its label set.
+    Not thread-safe."""
 
     def __init__(
-        self,
-        labels: Mapping[str, Sequence[str]],
-        pseudo_count: float = 1.0,
+        self, labels: Mapping[str, Sequence[str]], window: int = 2000, pseudo_count: float = 1.0
     ) -> None:
         self.labels = {task: list(names) for task, names in labels.items()}
+        self.window = window
         self.pseudo_count = pseudo_count
-        self.counts: Counter[tuple[str, str, str, str]] = Counter()
+        self.counts: Counter[Key] = Counter()
         self.per_truth: Counter[tuple[str, str, str]] = Counter()  # (task, voter, truth)
+        self.lessons: Counter[str] = Counter()  # task -> lessons counted
+        self._recent: dict[str, deque[list[Key]]] = {}
 
-    def refresh(self, redis: Redis, partitions: Sequence[Keys]) -> None:
-        """Read every partition's counts again (one HGETALL each)."""
-        counts: Counter[tuple[str, str, str, str]] = Counter()
-        for keys in partitions:
-            raw: Any = redis.hgetall(keys.reliability)
-            for field, n in raw.items():
-                parts = field.decode().split(_SEP)
-                if len(parts) == 4:
-                    counts[(parts[0], parts[1], parts[2], parts[3])] += int(n)
-        self.load(counts)
+    def learn(self, lessons: Iterable[Lesson]) -> None:
+        """Count each lesson's votes against its label, oldest first; lessons of other
+        tasks, or with a label outside the task's set, are not counted."""
+        for lesson in lessons:
+            if lesson.label not in self.labels.get(lesson.task, ()):
+                continue
+            keys = [
+                (lesson.task, vote.worker, given, lesson.label)
+                for vote in lesson.votes
+                if (given := answer(vote)) is not None
+            ]
+            recent = self._recent.setdefault(lesson.task, deque())
+            recent.append(keys)
+            self._add(keys, 1)
+            self.lessons[lesson.task] += 1
+            if len(recent) > self.window:
+                self._add(recent.popleft(), -1)
+                self.lessons[lesson.task] -= 1
 
-    def load(self, counts: Mapping[tuple[str, str, str, str], int]) -> None:
-        """Replace the counts: (task, voter, answer, truth) -> items."""
-        self.counts = Counter(counts)
-        self.per_truth = Counter()
-        for (task, voter, _, truth), n in self.counts.items():
+    def load(self, counts: Mapping[Key, int]) -> None:
+        """Replace the counts with ``counts``: (task, voter, answer, judge's label) -> items."""
+        self.counts, self.per_truth, self._recent = Counter(), Counter(), {}
+        for key, n in counts.items():
+            self._add([key], n)
+
+    def _add(self, keys: Sequence[Key], n: int) -> None:
+        for key in keys:
+            task, voter, _, truth = key
+            self.counts[key] += n
             self.per_truth[(task, voter, truth)] += n
 
-    def trusted(self, task: str) -> int:
-        """How many trusted labels the task has."""
-        return sum(self.per_truth[(task, _PRIOR_VOTER, t)] for t in self.labels.get(task, []))
-
     def likelihood(self, task: str, voter: str, given: str, truth: str) -> float:
-        """P(voter answers ``given`` | truth), Laplace-smoothed: ``pseudo_count`` added to
-        every possible answer (each label in each band, and "n"), so an answer never seen
-        under some truth is rare there, not impossible — twenty agreements in a band and no
-        disagreement weigh about 20:1, not infinitely."""
+        """P(voter answers ``given`` | the judge's label is ``truth``), Laplace-smoothed:
+        ``pseudo_count`` added to every possible answer (each label in each band, and "n"),
+        so an answer never seen under some truth is rare there, not impossible — twenty
+        agreements in a band and no disagreement weigh about 20:1, not infinitely."""
         answers = len(self.labels[task]) * (len(BANDS) + 1)
         seen = self.counts[(task, voter, given, truth)]
         total = self.per_truth[(task, voter, truth)]
@@ -108,22 +104,29 @@ class Reliability:
 
     def posterior(self, task: str, votes: Sequence[Vote]) -> dict[str, float]:
         """P(the judge would say each label | these votes): label -> probability, summing to
-        1 over the task's labels. Abstentions carry no evidence. An unknown task: {}."""
+        1 over the task's labels, from a uniform prior. Abstentions, and labels outside the
+        task's set, carry no evidence. An unknown task: {}."""
         labels = self.labels.get(task)
         if not labels:
             return {}
-        base = sum(self.per_truth[(task, _PRIOR_VOTER, t)] for t in labels)
         logs: dict[str, float] = {}
         for truth in labels:
-            # The judge's own label frequencies, with one pseudo-count each (Laplace).
-            prior = (self.per_truth[(task, _PRIOR_VOTER, truth)] + 1) / (base + len(labels))
-            total = math.log(prior)
+            total = 0.0
             for vote in votes:
                 given = answer(vote)
-                if given is not None:
+                if given is not None and vote.label in labels:
                     total += math.log(self.likelihood(task, vote.worker, given, truth))
             logs[truth] = total
         top = max(logs.values())
         weights = {label: math.exp(v - top) for label, v in logs.items()}
         norm = sum(weights.values())
         return {label: w / norm for label, w in weights.items()}
+
+    def agreement(self) -> list[tuple[str, str, int, int]]:
+        """(task, voter, answers that agreed with the judge, answers counted), sorted."""
+        agree: Counter[tuple[str, str]] = Counter()
+        total: Counter[tuple[str, str]] = Counter()
+        for (task, voter, given, truth), n in self.counts.items():
+            total[(task, voter)] += n
+            agree[(task, voter)] += n if given.partition("@")[0] == truth else 0
+        return [(t, v, agree[(t, v)], n) for (t, v), n in sorted(total.items()) if n]

@@ -41,12 +41,13 @@ class WorkerHandler(Handler):
         self.backend = backend
         self.tasks = rt.settings.all_tasks
         self.rules = rt.settings.input_rules
-        # The aggregator is woken once a decision may be possible, not on every vote: once
-        # the earlier tiers' votes and a quorum of this tier's (or all of it) are in.
+        # The aggregator is woken once a decision may be possible, not on every vote: in
+        # the first tier once a quorum of it has voted; in a later one (asked only about the
+        # few items left open) on each vote.
         settings = rt.settings
         tiers, k = settings.worker_tiers, settings.tier_of(worker)
         before = sum(len(tier) for tier in tiers[:k])
-        self.notify_at = before + min(settings.effective_quorum, len(tiers[k]))
+        self.notify_at = before + 1 if k else min(settings.effective_quorum, len(tiers[0]))
         self.stream = rt.keys.tier(k)
         self._groups_ready = False
         self.call_labels = {"worker": worker, "backend": rt.settings.workers[worker].backend}

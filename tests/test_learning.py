@@ -167,6 +167,37 @@ def test_the_posterior_rule_keeps_its_target_when_voter_reliabilities_are_known(
     assert decide(coin_alone, rule, final=True, task="t").kind == "escalate"
 
 
+def test_the_posterior_rule_never_accepts_a_label_nobody_voted_for() -> None:
+    table = Reliability({"t": ["a", "b"]})
+    # The judge said "a" 990 times; "x" always agreed with it, "new" was never checked.
+    table.load({("t", "x", "a@7", "a"): 990, ("t", "x", "b@7", "b"): 10})
+    rule = Posterior(n_workers=2, quorum=1, target=0.9, table=table)
+    unchecked = [Vote(worker="new", label="b", confidence=0.99)]
+    assert decide(unchecked, rule, final=True, task="t").kind == "escalate"
+    outside = [Vote(worker="x", label="zzz", confidence=0.99)]
+    assert decide(outside, rule, final=True, task="t").kind == "escalate"
+    trusted = [Vote(worker="x", label="b", confidence=0.99)]
+    assert decide(trusted, rule, final=True, task="t").label == "b"
+
+
+def test_a_snapshot_made_for_other_labels_is_not_used_and_every_lesson_is_learned_again(
+    redis: Redis, settings: Settings
+) -> None:
+    old = {"review": TaskSpec(labels=["pos", "neg"], instructions="x")}
+    new = {"review": TaskSpec(labels=["pos", "mixed"], instructions="x")}
+    lessons = [
+        Lesson(id=f"l{i}", task="review", text=f"text {i}", label=label, source="gold")
+        for i, label in enumerate(["pos", "neg", "mixed"] * 4)
+    ]
+    teach(redis, settings.namespace, 1, lessons)
+    before = Student({"min_per_class": 1}, old)
+    before.learn(LessonFeed(redis, settings.namespace, 1, "student"))
+    before.save()
+    after = Student({"min_per_class": 1}, new)
+    assert after.learn(LessonFeed(redis, settings.namespace, 1, "student")) == 12  # all again
+    assert after.tasks["review"].counts == Counter({"pos": 4, "mixed": 4})  # no stale "neg"
+
+
 def test_with_no_judge_labels_yet_the_posterior_rule_sends_everything_to_the_judge() -> None:
     rule = Posterior(n_workers=3, quorum=1, target=0.9, table=Reliability({"t": ["a", "b"]}))
     unanimous = [Vote(worker=w, label="a", confidence=0.99) for w in ("x", "y", "z")]
@@ -229,17 +260,16 @@ class LearningFleet(ScriptedFleet):
     def round(self) -> None:
         for handler in self.handlers.values():
             handler.tick()  # the student learns what the judge decided so far
-        self.aggregator_handler._next_reread = 0.0
-        self.aggregator_handler.tick()  # the aggregator rereads the reliability counts
+        self.aggregator_handler.learning.next_at = 0.0
+        self.aggregator_handler.tick()  # the aggregator counts the new lessons
         for name in ("student", "aggregator", "backup", "aggregator"):
             drain(self.aggregator if name == "aggregator" else self.workers[name])
         drain(self.judge)
 
 
-def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
-    make_settings: Any,
-) -> None:
-    settings = make_settings(
+def learning_settings(make_settings: Any, audit_fraction: float) -> Settings:
+    """A student, then a scripted backup, the posterior rule at 0.9, a scripted judge."""
+    settings: Settings = make_settings(
         workers={"student": ModelSpec(backend="student"), "backup": ModelSpec(backend="simulated")},
         judge=ModelSpec(backend="simulated"),
         tasks={"things": TASK},
@@ -247,10 +277,17 @@ def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
         target_agreement=0.9,
         policy="staged",
         quorum=1,
-        audit_fraction=0.2,
+        audit_fraction=audit_fraction,
         block_ms=20,
     )
-    fleet = LearningFleet(settings)
+    return settings
+
+
+def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
+    make_settings: Any,
+) -> None:
+    fleet = LearningFleet(learning_settings(make_settings, audit_fraction=0.2))
+    settings = fleet.rt.settings
     rng = random.Random(3)
     producer = Producer(fleet.rt.redis, settings)
     sources: list[list[str]] = []
@@ -276,7 +313,7 @@ def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
         fleet.rt.keys.audits
     )
     snapshot = orjson.loads(fleet.rt.redis.get(Keys(settings.namespace).student("student")))
-    assert snapshot["version"] == 1 and snapshot["state"]["things"]["counts"]
+    assert snapshot["version"] == 1 and snapshot["state"]["tasks"]["things"]["counts"]
     # Each final record says what it cost: the student's share of its batches' time.
     assert all(d["model_calls"] == len(d["votes"]) + (d["judge"] is not None) for d in late)
 
@@ -289,18 +326,8 @@ def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
     from tribunal.ops.exporter import registry_for
     from tribunal.ops.status import render, snapshot
 
-    settings = make_settings(
-        workers={"student": ModelSpec(backend="student"), "backup": ModelSpec(backend="simulated")},
-        judge=ModelSpec(backend="simulated"),
-        tasks={"things": TASK},
-        agreement="posterior",
-        target_agreement=0.9,
-        policy="staged",
-        quorum=1,
-        audit_fraction=1.0,
-        block_ms=20,
-    )
-    fleet = LearningFleet(settings)
+    fleet = LearningFleet(learning_settings(make_settings, audit_fraction=1.0))
+    settings = fleet.rt.settings
     rng = random.Random(5)
     producer = Producer(fleet.rt.redis, settings)
     for r in range(6):

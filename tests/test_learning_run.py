@@ -60,7 +60,7 @@ def test_killed_mid_stream_nothing_is_lost_and_the_student_resumes_from_its_snap
     key = KEYS.student("student")
     wait_for("a snapshot", lambda: redis.get(key), 30, run)
     saved = orjson.loads(redis.get(key))
-    learned = sum(saved["state"]["sentiment"]["counts"].values())
+    learned = sum(saved["state"]["tasks"]["sentiment"]["counts"].values())
     assert learned > 0
 
     second = make_tickets("b", 60)
@@ -81,7 +81,7 @@ def test_killed_mid_stream_nothing_is_lost_and_the_student_resumes_from_its_snap
 
     def snapshot_covers_all() -> bool:  # the restarted student saved what it learned since
         saved = orjson.loads(redis.get(key))
-        return bool(sum(saved["state"]["sentiment"]["counts"].values()) == lessons)
+        return bool(sum(saved["state"]["tasks"]["sentiment"]["counts"].values()) == lessons)
 
     wait_for("a snapshot of every lesson", snapshot_covers_all, 30, run)
     assert ctrl_c(run) == 0

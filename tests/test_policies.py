@@ -7,6 +7,7 @@ from typing import Any
 from test_consumers import WORKERS, Fleet, agree, produce
 
 from common.settings import ModelSpec
+from consumers.engine.writes import Writes
 
 SPECS = {name: ModelSpec(backend="simulated") for name in WORKERS}
 
@@ -106,3 +107,23 @@ def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
     for tiers in ([["alpha"], ["beta"]], [["alpha", "beta"], ["gamma", "alpha"]], [[], WORKERS]):
         with pytest.raises(ValidationError, match="must name every worker once"):
             make_settings(workers=SPECS, tiers=tiers)
+
+
+def test_an_item_is_sent_to_a_tier_once_however_often_the_aggregator_is_told(
+    make_settings: Any,
+) -> None:
+    tiers = [["alpha", "beta"], ["gamma"]]
+    settings = make_settings(workers=SPECS, tiers=tiers, quorum=1, block_ms=20)
+    fleet = Fleet(settings)
+    produce(settings, {"alpha": "positive", "beta": "negative", "gamma": "negative"})
+    fleet.step("alpha", "beta")  # two notices (quorum 1), read after both votes are in
+    for _ in range(2):  # and more: a replica, a re-delivery deciding the same votes again
+        writes = Writes.transaction(fleet.rt.redis, fleet.rt.scripts)
+        fleet.aggregator_handler.settle(["i0"], writes, timed_out=False)
+        writes.flush().execute()
+    assert fleet.rt.redis.xlen(fleet.rt.keys.tier(1)) == 1  # sent once, not once per notice
+    assert fleet.stats()["tiebreaks_total"] == 1
+    fleet.step("gamma")
+    [decision] = fleet.outputs()
+    assert (decision["label"], decision["source"]) == ("negative", "workers")
+    assert fleet.backends["gamma"].calls == 1

@@ -201,10 +201,13 @@ class Student:
 
     def learn(self, feed: LessonFeed) -> int:
         """Learn the lessons that arrived since the last call, starting from ``feed``'s
-        snapshot the first time; save a snapshot when due. Returns how many were read."""
+        snapshot the first time (a Redis error there leaves the feed unattached: the next
+        call tries again, rather than learning from zero over a good snapshot); save a
+        snapshot when due. Returns how many lessons were read."""
         if self.feed is not feed:
+            if not self.restore(feed.load()):
+                feed.reset()  # what the snapshot covered is learned again from the stream
             self.feed = feed
-            self.restore(feed.load())
         total = 0
         while lessons := feed.read():
             by_task: dict[str, list[Lesson]] = {}
@@ -220,24 +223,35 @@ class Student:
             self.save()
         return total
 
-    def restore(self, state: object) -> None:
-        if not isinstance(state, dict):
-            return
-        for task, saved in state.items():
-            model = self.tasks.get(str(task))
-            if model is None:
-                continue
-            try:
-                model.restore(saved)
-            except (KeyError, TypeError, ValueError) as exc:
-                log.warning("student: not restoring task %s (%s)", task, exc)
+    def fingerprint(self) -> dict[str, object]:
+        """What a snapshot must have been made for: the tasks, their labels and pair shape,
+        and the feature space. Another one is learned again from the lessons instead."""
+        tasks = {name: {"labels": m.labels, "pair": m.pair} for name, m in self.tasks.items()}
+        return {"features_log2": self.options.features_log2, "tasks": tasks}
+
+    def restore(self, state: object) -> bool:
+        """Continue from a snapshot's state; False when it cannot be used (another fleet's
+        tasks or labels, another feature space, damaged), and then nothing is restored."""
+        if state is None:
+            return True
+        fresh = {name: TaskModel(m.labels, m.pair, self.options) for name, m in self.tasks.items()}
+        try:
+            if not isinstance(state, dict) or state.get("fingerprint") != self.fingerprint():
+                raise ValueError("it was made for other tasks, labels or features")
+            for task, saved in state["tasks"].items():
+                fresh[task].restore(saved)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("student: not using its snapshot (%s): learning every lesson again", exc)
+            return False
+        self.tasks = fresh
         log.info("student: resumed from its snapshot (%s)", self.describe())
+        return True
 
     def save(self) -> None:
         if self.feed is None or not self._unsaved:
             return
         states = {name: s for name, model in self.tasks.items() if (s := model.state())}
-        size = self.feed.save(states)
+        size = self.feed.save({"fingerprint": self.fingerprint(), "tasks": states})
         log.info("student: snapshot saved, %d bytes (%s)", size, self.describe())
         self._saved_at, self._unsaved = time.monotonic(), 0
 

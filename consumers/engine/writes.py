@@ -37,6 +37,7 @@ class Writes:
         # would apply in group order; no handler does: each settles an item once a batch.)
         self._votes: dict[Ballot, list[tuple[str, bytes, bytes]]] = {}
         self._settles: dict[Settlement, list[tuple[str, bytes, bytes]]] = {}
+        self._advances: dict[int, list[tuple[str, float, bytes]]] = {}
         self._counts: Counter[str] = Counter()
         self._observed: dict[tuple[str, Labels, tuple[float, ...]], list[float]] = {}
 
@@ -68,9 +69,19 @@ class Writes:
             Settlement(self.keys.judge, metrics.ESCALATIONS, new=ESCALATED), item_id, payload
         )
 
-    def settle_escalated(self, item_id: str, stream: str, payload: bytes, counter: str) -> None:
-        """The judge's (or a dead letter's) final word on an escalated item, once."""
-        self._settle(Settlement(stream, counter, ESCALATED, DONE), item_id, payload)
+    def settle_escalated(
+        self,
+        item_id: str,
+        stream: str,
+        payload: bytes,
+        counter: str,
+        also: tuple[str, bytes] | None = None,
+    ) -> None:
+        """The judge's (or a dead letter's) final word on an escalated item, once; ``also``
+        as for ``settle``."""
+        also_stream, also_payload = also or ("", b"")
+        settlement = Settlement(stream, counter, ESCALATED, DONE, also=also_stream)
+        self._settle(settlement, item_id, payload, also_payload)
 
     def _settle(
         self, settlement: Settlement, item_id: str, payload: bytes, also: bytes = b""
@@ -89,13 +100,10 @@ class Writes:
         """An entry for another consumer group (a backup worker, the judge's audits)."""
         self._pipe.xadd(stream, dict(fields))
 
-    def hincr(self, key: str, field: str, n: int = 1) -> None:
-        """Add ``n`` to a counter of another hash than the stats (``consumers.reliability``)."""
-        self._pipe.hincrby(key, field, n)
-
-    def extend_deadline(self, item_id: str, at: float) -> None:
-        """The item's vote timeout now ends at ``at`` (epoch seconds), if it has one."""
-        self._pipe.zadd(self.keys.deadlines, {item_id: at}, xx=True)
+    def advance(self, item_id: str, tier: int, item: bytes, deadline: float) -> None:
+        """Send the item (its JSON, as read) on to tier ``tier``'s workers, once however often
+        this is asked; its vote timeout then ends at ``deadline`` (epoch seconds)."""
+        self._advances.setdefault(tier, []).append((item_id, deadline, item))
 
     def forget_deadline(self, item_id: str) -> None:
         """The item settled before its vote timeout: no sweep needs to decide it."""
@@ -122,6 +130,8 @@ class Writes:
             self.scripts.cast_votes(self._pipe, ballot, votes)
         for settlement, items in self._settles.items():
             self.scripts.settle(self._pipe, settlement, items)
+        for tier, advances in self._advances.items():
+            self.scripts.advance(self._pipe, tier, metrics.TIEBREAKS, advances)
         sums: dict[str, float] = {}
         for (name, labels, buckets), values in self._observed.items():
             # Each observation counts in its bucket (not cumulative: the exporter sums them),
@@ -138,6 +148,7 @@ class Writes:
         for field, total in sums.items():
             self._pipe.hincrbyfloat(self.keys.stats, field, total)
         self._votes, self._settles, self._counts, self._observed = {}, {}, Counter(), {}
+        self._advances = {}
         return self._pipe
 
 

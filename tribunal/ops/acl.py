@@ -62,7 +62,7 @@ def rules(role: str, namespace: str = "tribunal") -> str:
             ),
         ),
         "aggregator": (
-            f"{_CONSUMER} {_SCRIPTS} {_JANITOR} +hgetall +hget +zrangebyscore",
+            f"{_CONSUMER} {_SCRIPTS} {_JANITOR} +hgetall +hget +zrangebyscore +xrange",
             _keys(
                 ns,
                 "ready",
@@ -80,7 +80,6 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "rejects",
                 "audits",
                 "lessons",
-                "reliability",
                 "partitions",
             ),
         ),
@@ -97,7 +96,6 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "dead",
                 "audits",
                 "lessons",
-                "reliability",
                 "stats",
                 "heartbeats",
                 "partitions",

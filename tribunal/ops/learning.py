@@ -2,8 +2,8 @@
 the readings ``status`` and the exporter show beside the queues.
 
 - Reliability: per task and voter, how often its answers agreed with the judge's label on
-  the items the fleet trusts (the judge's decisions and audits: ``consumers.reliability``
-  counts them); a student's row is its accuracy on the judge's labels.
+  the items the fleet trusts (the judge's decisions and audits: the lessons, as
+  ``consumers.reliability`` counts them); a student's row is its accuracy on those labels.
 - Cost: model seconds (the ``model_call_seconds`` sums: each batch's wall time, workers,
   judge and audits) per final label, against the judge's seconds per item it answered —
   what a label would cost if the judge labeled everything.
@@ -14,30 +14,27 @@ the readings ``status`` and the exporter show beside the queues.
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 from redis import Redis
 
 from common import metrics
 from common.settings import Settings
+from consumers.lessons import LessonFeed
 from consumers.reliability import Reliability
-from tribunal.ops.queues import StatSample, partitions_of
+from tribunal.ops.queues import StatSample
 from tribunal.ops.readmodels import Cost, VoterReliability
 
 
 def read_reliability(redis: Redis, settings: Settings) -> tuple[VoterReliability, ...]:
-    """Every voter's agreement with the judge, by task, from the reliability counts."""
-    table = Reliability({name: task.labels for name, task in settings.all_tasks.items()})
-    table.refresh(redis, partitions_of(settings))
-    agree: Counter[tuple[str, str]] = Counter()
-    total: Counter[tuple[str, str]] = Counter()
-    for (task, voter, given, truth), n in table.counts.items():
-        if voter:  # "" holds the judge's own label counts
-            total[(task, voter)] += n
-            agree[(task, voter)] += n if given.partition("@")[0] == truth else 0
+    """Every voter's agreement with the judge, by task, over the newest lessons (the
+    posterior rule's window: ``reliability_window`` per partition)."""
+    labels = {name: task.labels for name, task in settings.all_tasks.items()}
+    table = Reliability(labels, window=settings.reliability_window)
+    feed = LessonFeed(redis, settings.namespace, settings.partitions, "status")
+    table.learn(feed.latest(settings.reliability_window))
     return tuple(
-        VoterReliability(task, voter, n, round(agree[(task, voter)] / n, 4) if n else None)
-        for (task, voter), n in sorted(total.items())
+        VoterReliability(task, voter, n, round(agree / n, 4))
+        for task, voter, agree, n in table.agreement()
     )
 
 

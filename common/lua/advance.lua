@@ -1,0 +1,22 @@
+-- KEYS: the tier's stream, deadlines zset, stats hash, then per item: state, queued marker
+-- ARGV: tier, counter field, then per item: item id, deadline, item json
+-- Sends each open item on to a later tier of workers, once: its queued marker holds 1 + the
+-- tier it was last sent to (1: the items stream, as produce.lua sets it), so a second
+-- decision to send it there (another notice of the same votes, a replica, a re-delivery)
+-- finds it sent and adds nothing. The item's vote timeout starts again (ZADD XX: only for
+-- an item still awaited); the counter counts the items sent.
+local tier = tonumber(ARGV[1])
+local sent = 0
+for i = 0, (#KEYS - 3) / 2 - 1 do
+  local state, queued = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
+  local a = 3 + 3 * i
+  if redis.call('EXISTS', state) == 0
+      and (tonumber(redis.call('GET', queued)) or 1) < tier + 1 then
+    redis.call('SET', queued, tier + 1, 'KEEPTTL')
+    redis.call('XADD', KEYS[1], '*', '${RECORD}', ARGV[a + 2])
+    redis.call('ZADD', KEYS[2], 'XX', ARGV[a + 1], ARGV[a])
+    sent = sent + 1
+  end
+end
+if sent > 0 then redis.call('HINCRBY', KEYS[3], ARGV[2], sent) end
+return sent
