@@ -171,22 +171,12 @@ class Settings(BaseSettings):
         "unanimous: every worker votes for the same label. posterior: the probability that "
         "the judge would agree, learned from its labels, reaches `target_agreement`.",
     )
-    target_agreement: float = Field(
-        default=0.95,
-        gt=0.5,
-        lt=1.0,
-        description="posterior: accept a label when the judge would give it with at least "
-        "this probability (learned from the judge's decisions and audits).",
-    )
-    reliability_every_s: float = Field(
-        default=5.0, gt=0, description="posterior: how often the aggregator reads new lessons."
-    )
-    reliability_window: int = Field(
-        default=2000,
-        ge=10,
-        description="posterior: a voter's agreement is counted over the last this many lessons "
-        "of each task (a student that improved is judged on what it does now).",
-    )
+    # posterior: the probability (learned from the lessons) that the judge would give a
+    # label, needed to accept it; how often the aggregator reads new lessons; over how many
+    # of each task's newest lessons a voter is judged (one that improved: on what it does now).
+    target_agreement: float = Field(default=0.95, gt=0.5, lt=1.0)
+    reliability_every_s: float = Field(default=5.0, gt=0)
+    reliability_window: int = Field(default=2000, ge=10)
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
     )
@@ -203,12 +193,9 @@ class Settings(BaseSettings):
         description="parallel: every worker votes on every item. staged: the first `quorum` "
         "workers vote first; the others only when those did not settle it.",
     )
-    tiers: list[list[str]] | None = Field(
-        default=None,
-        description="Workers in the order they are asked, cheapest first: a tier votes only "
-        'on the items the tiers before it did not settle (e.g. [["student"], '
-        '["gemma"], ["qwen", "smollm"]]). Unset: the policy\'s shape.',
-    )
+    # Workers in the order they are asked, cheapest first: a tier votes only on the items
+    # the tiers before it left open ([["student"], ["qwen"]]). Unset: the policy's shape.
+    tiers: list[list[str]] | None = None
     early_exit: bool = Field(default=True, description="Skip items already settled.")
 
     # Partitions (see common.keys): items are spread over this many sets of streams by a
