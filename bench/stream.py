@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import orjson
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -181,15 +182,12 @@ def window(
     )
 
 
-def console(args: argparse.Namespace) -> object:
-    from rich.console import Console
-
-    return Console(stderr=args.json, quiet=False)
+def console(args: argparse.Namespace) -> Console:
+    return Console(stderr=args.json)
 
 
 def report(args: argparse.Namespace, w: Window) -> None:
-    if args.json:
-        return
+    """A window's line: on stdout, or on stderr beside --json's document."""
     ratio = f"{w.cost_ratio:.2f}x" if w.cost_ratio is not None else "-"
     agree = f"{w.agreement_with_judge:.0%}" if w.agreement_with_judge is not None else "-"
     judge_acc = f"{w.judge_only_accuracy:.0%}" if w.judge_only_accuracy is not None else "-"
@@ -199,6 +197,7 @@ def report(args: argparse.Namespace, w: Window) -> None:
         f"CPU-s/item {w.cpu_seconds_per_item:.3f} vs judge-only "
         f"{w.judge_only_cpu_seconds_per_item or 0:.3f} ({ratio})  model-s/item "
         f"{w.model_seconds_per_item:.3f} vs {w.judge_only_model_seconds_per_item or 0:.3f}",
+        file=sys.stderr if args.json else sys.stdout,
         flush=True,
     )
 
@@ -249,6 +248,9 @@ def plot(path: Path, windows: list[Window]) -> None:
     bottom.axhline(1.0, color="grey", linestyle=":")
     bottom.set_xlabel("items labeled")
     bottom.legend()
+    if path.suffix == ".png":
+        fig.savefig(path, dpi=80)
+        return
     page = (
         f"<html><body><h1>tribunal: learning from the judge</h1>{png(fig, 'curve')}</body></html>"
     )
@@ -265,7 +267,7 @@ def main() -> None:
     parser.add_argument("--sample-every", type=int, default=10)
     parser.add_argument("--stall-s", type=float, default=600.0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--plot", type=Path, help="write the learning curve: F.html or F.png")
     args = parser.parse_args()
     try:
         windows = run(args)

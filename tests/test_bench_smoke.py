@@ -158,3 +158,38 @@ def test_models_bench_feeding_reports_where_the_slot_time_went() -> None:
     assert 0 < run["busy_share"] <= 1
     shares = run["busy_share"] + sum(run["idle_share"].values())
     assert abs(shares - 1) < 0.01, run  # busy and the four kinds of idle: all the slot-time
+
+
+LEARNING_FLEET = """
+agreement = "posterior"
+target_agreement = 0.8
+audit_fraction = 0.2
+tiers = [["student"], ["vader"]]
+batch_size = 8
+[workers.student]
+backend = "student"
+options = { min_per_class = 2 }
+[workers.vader]
+backend = "vader"
+[judge]
+backend = "lexicon-judge"
+"""
+
+
+def test_stream_bench_prints_windows_and_the_second_half(tmp_path: Path) -> None:
+    fleet = tmp_path / "learning.toml"
+    fleet.write_text(LEARNING_FLEET)
+    plot = tmp_path / "curve.html"
+    report = run_bench(
+        "stream.py", "--fleet", str(fleet), "--data", "tickets", "--items", "60",
+        "--window", "20", "--step", "10", "--plot", str(plot),
+    )  # fmt: skip
+    windows = report["windows"]
+    assert [w["first_item"] for w in windows] == [0, 20, 40]
+    assert windows[0]["judge_share"] == 1.0  # nothing is trusted before the judge has spoken
+    for w in windows:
+        assert w["items"] == 20 and 0 <= w["judge_share"] <= 1 and 0 <= w["accuracy"] <= 1
+        assert w["judge_only_model_seconds_per_item"] is not None
+    half = report["second_half"]
+    assert half["items"] == 40 and set(half) >= {"judge_share", "accuracy", "cost_ratio"}
+    assert plot.read_text().startswith("<html>")
