@@ -238,7 +238,8 @@ class LearningFleet(ScriptedFleet):
 
     def __init__(self, settings: Settings) -> None:
         self.rt = rt = Runtime.create(settings)
-        self.student = Student({"min_per_class": 3, "snapshot_every_s": 0.01}, settings.all_tasks)
+        options = {"min_per_class": 3, "snapshot_every_s": 0.01, "learn_every_s": 0}
+        self.student = Student(options, settings.all_tasks)
         self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "student")
         self.backup = Scripted("backup")
         self.handlers = {

@@ -55,6 +55,12 @@ class StudentOptions(BackendOptions):
     )
     smoothing: float = Field(default=1.0, gt=0, description="naive Bayes' additive smoothing")
     snapshot_every_s: float = Field(default=30.0, gt=0, description="how often state is saved")
+    learn_every_s: float = Field(
+        default=0.5,
+        ge=0,
+        description="how often new lessons are read (every partition's handler asks each "
+        "round: without this, a process reading P partitions would read them P times)",
+    )
 
 
 class TaskState(TypedDict):
@@ -182,6 +188,7 @@ class Student:
         }
         self.feed: LessonFeed | None = None
         self._saved_at = time.monotonic()
+        self._next_learn = 0.0
         self._unsaved = 0
 
     def classify(self, items: Sequence[Item]) -> list[Prediction]:
@@ -208,6 +215,9 @@ class Student:
             if not self.restore(feed.load()):
                 feed.reset()  # what the snapshot covered is learned again from the stream
             self.feed = feed
+        elif time.monotonic() < self._next_learn:
+            return 0
+        self._next_learn = time.monotonic() + self.options.learn_every_s
         total = 0
         while lessons := feed.read():
             by_task: dict[str, list[Lesson]] = {}
