@@ -230,7 +230,7 @@ def summary(windows: list[Window]) -> dict[str, float | None]:
     }
 
 
-def plot(path: Path, windows: list[Window]) -> None:
+def plot(path: Path, windows: list[Window], title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,11 +240,12 @@ def plot(path: Path, windows: list[Window]) -> None:
 
     x = [w.first_item + w.items for w in windows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig.suptitle(title)
     top.plot(x, [w.judge_share for w in windows], marker="o", label="judge share")
     top.plot(x, [w.accuracy for w in windows], marker="o", label="accuracy (gold)")
     top.set_ylim(0, 1.02)
     top.legend()
-    bottom.plot(x, [w.cost_ratio or 0 for w in windows], marker="o", label="cost / judge-only")
+    bottom.plot(x, [w.cost_ratio or 0 for w in windows], marker="o", label="CPU / judge-only")
     bottom.axhline(1.0, color="grey", linestyle=":")
     bottom.set_xlabel("items labeled")
     bottom.legend()
@@ -275,7 +276,7 @@ def main() -> None:
         sys.exit(f"stream bench: {exc}")
     result = summary(windows)
     if args.plot:
-        plot(args.plot, windows)
+        plot(args.plot, windows, f"{Path(args.fleet).name}, {args.data}, {args.items} items")
     if args.json:
         print(
             orjson.dumps({"windows": [asdict(w) for w in windows], "second_half": result}).decode()
