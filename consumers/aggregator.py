@@ -42,6 +42,7 @@ class Learning:
         self.reliability = Reliability(labels, window=settings.reliability_window)
         self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "aggregator")
         self.every_s = settings.reliability_every_s
+        self.target, self.audit_fraction = settings.target_agreement, settings.audit_fraction
         self.next_at = 0.0
 
     def refresh(self) -> None:
@@ -49,8 +50,12 @@ class Learning:
         if time.monotonic() < self.next_at:
             return
         self.next_at = time.monotonic() + self.every_s
+        learned = 0
         while lessons := self.feed.read():
             self.reliability.learn(lessons)
+            learned += len(lessons)
+        if learned:
+            self.reliability.refit(self.target, self.audit_fraction)
 
 
 class AggregatorHandler(Handler):

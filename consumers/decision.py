@@ -9,6 +9,7 @@ measured offline is what runs live, and a new scheme is one more class in this m
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -73,6 +74,10 @@ class Rule:
     def reachable(self, top: float, missing: int) -> bool:
         """Whether ``missing`` more votes could still lift the leading score to ``needed``."""
         return top + missing >= self.needed - 1e-9
+
+    def needed_for(self, task: str) -> float:
+        """The score the winning label must reach on an item of ``task``."""
+        return self.needed
 
     def counts(self, vote: Vote) -> bool:
         if vote.label is None:
@@ -187,12 +192,14 @@ class Unanimous(Rule):
 
 @dataclass(frozen=True)
 class Posterior(Rule):
-    """The learned rule: accept a label when the probability that the judge would give it,
-    given the votes (``consumers.reliability``: each voter's confusion counts against the
-    judge, per confidence band), reaches ``target``. Votes below ``threshold`` still do not
-    count; with no counted vote it never accepts (the prior alone is not evidence). While
-    the table is empty every voter counts as a weak one (its prior), so the judge decides
-    almost everything until the judge's labels say who can be trusted.
+    """The learned rule: the labels it accepts agree with the judge at least ``target``, with
+    95% confidence. A label's score is the probability that the judge would give it, given
+    the votes (``consumers.reliability``: each voter's answers per confidence band counted
+    against the judge's labels); it is accepted when that reaches the task's threshold,
+    which ``fit_threshold`` chooses from the judge's labels so that the bound holds, and
+    chooses again as labels arrive. Until the labels support one, it accepts nothing: the
+    judge decides. Votes below ``threshold`` still do not count; a label no counted vote
+    named is never accepted.
 
     Offline (``evaluate``, ``calibrate``) the table is empty: there is nothing to sweep."""
 
@@ -204,6 +211,10 @@ class Posterior(Rule):
     @property
     def needed(self) -> float:
         return self.target
+
+    def needed_for(self, task: str) -> float:
+        chosen = self.table.thresholds.get(task)
+        return chosen.value if chosen and chosen.value is not None else math.inf
 
     def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
         """The posterior of each label some counted vote named: a label nobody voted for
@@ -217,7 +228,7 @@ class Posterior(Rule):
         return missing > 0  # any vote still to come may raise the posterior
 
     def describe(self) -> str:
-        text = f"posterior >= {self.target:g}"
+        text = f"agreement with the judge >= {self.target:g}"
         return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
 
     def _own_lines(self) -> list[str]:
@@ -278,7 +289,7 @@ def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False, task: str 
     ranked = sorted(scores.items(), key=lambda kv: -kv[1])
     top_label, top = ranked[0] if ranked else (None, 0.0)
     runner_up = ranked[1][1] if len(ranked) > 1 else 0.0
-    if top_label is not None and top >= rule.needed - 1e-9 and top > runner_up:
+    if top_label is not None and top >= rule.needed_for(task) - 1e-9 and top > runner_up:
         return Ruling("accept", top_label, f"{_spread(scores)} of {len(votes)} votes")
     missing = 0 if final else max(rule.n_workers - len(votes), 0)
     if missing and rule.reachable(top, missing):

@@ -24,6 +24,7 @@ import bisect
 import math
 from collections import Counter, deque
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from common.schemas import Vote
 from consumers.lessons import Lesson
@@ -34,6 +35,22 @@ from consumers.lessons import Lesson
 BANDS = (0.0, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)
 
 Key = tuple[str, str, str, str]  # task, voter, answer, judge's label
+
+# The acceptance thresholds on the posterior that ``fit_threshold`` tests, strictest first.
+THRESHOLDS = (0.9999, 0.999, 0.995, 0.99, 0.98, 0.97, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+MIN_EVIDENCE = 20  # labeled items (effective) a threshold needs before it is tested
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The posterior a label needs on a task (``value``; None: accept nothing yet), the
+    95% lower bound on the agreement with the judge of the labels it accepts (``bound``),
+    and how many labeled items that bound rests on (``items``, effective: audits weigh
+    1 / audit_fraction)."""
+
+    value: float | None
+    bound: float | None
+    items: float
 
 
 def answer(vote: Vote) -> str | None:
@@ -59,7 +76,8 @@ class Reliability:
         self.counts: Counter[Key] = Counter()
         self.per_truth: Counter[tuple[str, str, str]] = Counter()  # (task, voter, truth)
         self.lessons: Counter[str] = Counter()  # task -> lessons counted
-        self._recent: dict[str, deque[list[Key]]] = {}
+        self._recent: dict[str, deque[tuple[list[Key], Lesson]]] = {}
+        self.thresholds: dict[str, Threshold] = {}  # task -> the posterior it needs now
 
     def learn(self, lessons: Iterable[Lesson]) -> None:
         """Count each lesson's votes against its label, oldest first; lessons of other
@@ -73,11 +91,11 @@ class Reliability:
                 if (given := answer(vote)) is not None
             ]
             recent = self._recent.setdefault(lesson.task, deque())
-            recent.append(keys)
+            recent.append((keys, lesson))
             self._add(keys, 1)
             self.lessons[lesson.task] += 1
             if len(recent) > self.window:
-                self._add(recent.popleft(), -1)
+                self._add(recent.popleft()[0], -1)
                 self.lessons[lesson.task] -= 1
 
     def load(self, counts: Mapping[Key, int]) -> None:
@@ -130,3 +148,63 @@ class Reliability:
             total[(task, voter)] += n
             agree[(task, voter)] += n if given.partition("@")[0] == truth else 0
         return [(t, v, agree[(t, v)], n) for (t, v), n in sorted(total.items()) if n]
+
+    def refit(self, target: float, audit_fraction: float) -> None:
+        """Choose each task's threshold again from the lessons counted now."""
+        self.thresholds = {
+            task: fit_threshold(self, task, target, audit_fraction) for task in self._recent
+        }
+
+    def recent(self, task: str) -> list[Lesson]:
+        """The lessons of ``task`` counted now, oldest first."""
+        return [lesson for _, lesson in self._recent.get(task, ())]
+
+
+def fit_threshold(table: Reliability, task: str, target: float, audit_fraction: float) -> Threshold:
+    """The lowest posterior threshold whose accepted labels agree with the judge at least
+    ``target`` with 95% confidence, by fixed-sequence testing (Trust or Escalate, Jung et al.
+    2024, arXiv 2407.18370): thresholds are tested strictest first (``THRESHOLDS``) and the
+    search stops at the first that fails, so the chosen one keeps the bound without paying
+    for the many tries. A threshold with fewer than ``MIN_EVIDENCE`` labeled items above it
+    is passed over untested.
+
+    The evidence is the lessons in the window, each item's top posterior (from the current
+    counts: a little optimistic, as they include that item) against the judge's label. The
+    judge labels every escalated item but only ``audit_fraction`` of the accepted ones, so an
+    audit weighs ``1 / audit_fraction`` (inverse-propensity weighting): the estimate is then
+    one of all items, not of the hard ones. The bound is Wilson's on the weighted rate with
+    the effective sample size. No audits: the accepted items are unseen, and only the
+    escalated ones count."""
+    rows: list[tuple[float, float, bool]] = []  # (top posterior, weight, agrees)
+    for lesson in table.recent(task):
+        if lesson.source == "gold" or not lesson.votes:
+            continue
+        posterior = table.posterior(task, lesson.votes)
+        voted = {v.label for v in lesson.votes if v.label is not None}
+        options = [(p, label) for label, p in posterior.items() if label in voted]
+        if not options:
+            continue
+        top, label = max(options)
+        weight = 1 / audit_fraction if lesson.source == "audit" and audit_fraction > 0 else 1.0
+        rows.append((top, weight, label == lesson.label))
+    chosen = Threshold(None, None, 0.0)
+    for threshold in THRESHOLDS:
+        above = [(w, ok) for p, w, ok in rows if p >= threshold]
+        weight = sum(w for w, _ in above)
+        items = weight * weight / sum(w * w for w, _ in above) if above else 0.0
+        if items < MIN_EVIDENCE:
+            continue
+        rate = sum(w for w, ok in above if ok) / weight
+        bound = wilson_lower(rate, items)
+        if bound < target:
+            break
+        chosen = Threshold(threshold, round(bound, 4), round(items, 1))
+    return chosen
+
+
+def wilson_lower(rate: float, n: float, z: float = 1.96) -> float:
+    """The lower end of the Wilson score interval for a rate observed on ``n`` items
+    (Wilson 1927; z = 1.96: 95% two-sided)."""
+    centre = rate + z * z / (2 * n)
+    spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)

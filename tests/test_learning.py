@@ -22,8 +22,8 @@ from consumers.backends.student import Student
 from consumers.decision import Posterior, decide
 from consumers.engine.runtime import Runtime
 from consumers.judge import JudgeHandler
-from consumers.lessons import Lesson, LessonFeed, teach
-from consumers.reliability import Reliability, answer
+from consumers.lessons import Lesson, LessonFeed, Source, teach
+from consumers.reliability import Reliability, Threshold
 from consumers.worker import WorkerHandler
 from producers.api import Producer
 from tribunal.demo import load_sample
@@ -146,13 +146,15 @@ def test_the_posterior_rule_keeps_its_target_when_voter_reliabilities_are_known(
     rng = random.Random(7)
     labels = ["positive", "negative", "neutral"]
     voters = {"good": 0.92, "fair": 0.8, "coin": 1 / 3}
-    counts: Counter[tuple[str, str, str, str]] = Counter()
-    for truth, votes in simulate(voters, 3000, rng, labels):  # the judge's labels so far
-        counts[("t", "", "", truth)] += 1
-        for v in votes:
-            counts[("t", v.worker, answer(v) or "", truth)] += 1
-    table = Reliability({"t": labels})
-    table.load(counts)
+    lessons = [  # the judge's labels so far, on every item
+        Lesson(id=f"c{i}", task="t", text="-", label=truth, source="judge", votes=votes)
+        for i, (truth, votes) in enumerate(simulate(voters, 3000, rng, labels))
+    ]
+    table = Reliability({"t": labels}, window=3000)
+    table.learn(lessons)
+    table.refit(target, audit_fraction=0.1)
+    chosen = table.thresholds["t"]
+    assert chosen.value is not None and chosen.bound is not None and chosen.bound >= target
     rule = Posterior(n_workers=3, quorum=1, target=target, table=table)
     accepted = right = 0
     for truth, votes in simulate(voters, 4000, rng, labels):
@@ -171,6 +173,7 @@ def test_the_posterior_rule_never_accepts_a_label_nobody_voted_for() -> None:
     table = Reliability({"t": ["a", "b"]})
     # The judge said "a" 990 times; "x" always agreed with it, "new" was never checked.
     table.load({("t", "x", "a@7", "a"): 990, ("t", "x", "b@7", "b"): 10})
+    table.thresholds = {"t": Threshold(0.9, 0.95, 1000)}
     rule = Posterior(n_workers=2, quorum=1, target=0.9, table=table)
     unchecked = [Vote(worker="new", label="b", confidence=0.99)]
     assert decide(unchecked, rule, final=True, task="t").kind == "escalate"
@@ -196,6 +199,26 @@ def test_a_snapshot_made_for_other_labels_is_not_used_and_every_lesson_is_learne
     after = Student({"min_per_class": 1}, new)
     assert after.learn(LessonFeed(redis, settings.namespace, 1, "student")) == 12  # all again
     assert after.tasks["review"].counts == Counter({"pos": 4, "mixed": 4})  # no stale "neg"
+
+
+def test_the_threshold_waits_for_evidence_and_weighs_audits_as_the_items_they_stand_for() -> None:
+    labels = ["a", "b"]
+    table = Reliability({"t": labels})
+
+    def lesson(i: int, vote: str, judge: str, source: Source) -> Lesson:
+        votes = [Vote(worker="x", label=vote, confidence=0.99)]
+        return Lesson(id=f"l{i}", task="t", text="-", label=judge, source=source, votes=votes)
+
+    table.learn([lesson(i, "a", "a", "judge") for i in range(10)])
+    table.refit(0.8, audit_fraction=0.1)
+    assert table.thresholds["t"].value is None  # ten agreeing labels are not enough evidence
+    table.learn([lesson(100 + i, "a", "a", "judge") for i in range(60)])
+    table.refit(0.8, audit_fraction=0.1)
+    assert table.thresholds["t"].value is not None
+    # Audits of accepted items: two disagreements in ten stand for twenty in a hundred.
+    table.learn([lesson(200 + i, "a", "b" if i < 2 else "a", "audit") for i in range(10)])
+    table.refit(0.9, audit_fraction=0.1)
+    assert table.thresholds["t"].value is None, table.thresholds
 
 
 def test_with_no_judge_labels_yet_the_posterior_rule_sends_everything_to_the_judge() -> None:

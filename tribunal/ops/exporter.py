@@ -40,7 +40,7 @@ from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
-from tribunal.ops.learning import cost_of, read_reliability
+from tribunal.ops.learning import cost_of, read_learning
 from tribunal.ops.queues import (
     StatSample,
     expected_roles,
@@ -231,11 +231,26 @@ def learning_families(
     judged = _gauge(
         "voter_judged_items", "Items the judge labeled that the voter answered.", ["task", "voter"]
     )
-    for row in read_reliability(redis, settings):
+    threshold = _gauge(
+        "posterior_threshold",
+        "The posterior rule's threshold on the task now (absent: it accepts nothing yet).",
+        ["task"],
+    )
+    bound = _gauge(
+        "posterior_agreement_bound",
+        "The 95% lower bound on the accepted labels' agreement with the judge at that threshold.",
+        ["task"],
+    )
+    voters, thresholds = read_learning(redis, settings)
+    for row in voters:
         judged.add_metric([row.task, row.voter], row.labels)
         if row.agreement is not None:
             agreement.add_metric([row.task, row.voter], row.agreement)
-    yield from (agreement, judged)
+    for t in thresholds:
+        if t.threshold is not None and t.bound is not None:
+            threshold.add_metric([t.task], t.threshold)
+            bound.add_metric([t.task], t.bound)
+    yield from (agreement, judged, threshold, bound)
     cost = cost_of(stats)
     for name, value, doc in (
         ("model_seconds_per_label", cost.per_label_s, "Model seconds spent per final label."),

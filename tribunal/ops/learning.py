@@ -8,12 +8,11 @@ the readings ``status`` and the exporter show beside the queues.
   judge and audits) per final label, against the judge's seconds per item it answered —
   what a label would cost if the judge labeled everything.
 - The audits' agreement as a Wilson score interval's lower bound (95%): the rate the
-  accepted labels agree with the judge at least, given how many were audited.
+  accepted labels agree with the judge at least, given how many were audited; and, for the
+  posterior rule, each task's threshold with the bound it keeps (``fit_threshold``).
 """
 
 from __future__ import annotations
-
-import math
 
 from redis import Redis
 
@@ -22,20 +21,31 @@ from common.settings import Settings
 from consumers.lessons import LessonFeed
 from consumers.reliability import Reliability
 from tribunal.ops.queues import StatSample
-from tribunal.ops.readmodels import Cost, VoterReliability
+from tribunal.ops.readmodels import Cost, TaskThreshold, VoterReliability
 
 
-def read_reliability(redis: Redis, settings: Settings) -> tuple[VoterReliability, ...]:
+def read_learning(
+    redis: Redis, settings: Settings
+) -> tuple[tuple[VoterReliability, ...], tuple[TaskThreshold, ...]]:
     """Every voter's agreement with the judge, by task, over the newest lessons (the
-    posterior rule's window: ``reliability_window`` per partition)."""
+    posterior rule's window: ``reliability_window`` per partition), and, for the posterior
+    rule, each task's threshold as the aggregator chooses it from the same lessons."""
     labels = {name: task.labels for name, task in settings.all_tasks.items()}
     table = Reliability(labels, window=settings.reliability_window)
     feed = LessonFeed(redis, settings.namespace, settings.partitions, "status")
     table.learn(feed.latest(settings.reliability_window))
-    return tuple(
+    voters = tuple(
         VoterReliability(task, voter, n, round(agree / n, 4))
         for task, voter, agree, n in table.agreement()
     )
+    if settings.agreement != "posterior":
+        return voters, ()
+    table.refit(settings.target_agreement, settings.audit_fraction)
+    thresholds = tuple(
+        TaskThreshold(task, t.value, t.bound, t.items)
+        for task, t in sorted(table.thresholds.items())
+    )
+    return voters, thresholds
 
 
 def cost_of(stats: list[StatSample]) -> Cost:
@@ -65,17 +75,6 @@ def cost_of(stats: list[StatSample]) -> Cost:
         judge_per_item_s=_round(per_judged),
         ratio=_round(ratio),
     )
-
-
-def wilson_lower(successes: int, n: int, z: float = 1.96) -> float | None:
-    """The lower end of the Wilson score interval for a rate of ``successes`` in ``n``
-    (Wilson 1927; z = 1.96: 95% two-sided), 4 decimals; None when ``n`` is 0."""
-    if n == 0:
-        return None
-    p = successes / n
-    centre = p + z * z / (2 * n)
-    spread = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return round((centre - spread) / (1 + z * z / n), 4)
 
 
 def _round(x: float | None) -> float | None:

@@ -144,6 +144,18 @@ class Cost:
 
 
 @dataclass(frozen=True)
+class TaskThreshold:
+    """The posterior rule on one task now: the posterior a label needs (``threshold``; None:
+    nothing is accepted yet), the 95% lower bound on the accepted labels' agreement with the
+    judge it keeps (``bound``), and the labeled items that bound rests on (``items``)."""
+
+    task: str
+    threshold: float | None
+    bound: float | None
+    items: float
+
+
+@dataclass(frozen=True)
 class PromptCache:
     """One model's prompt tokens (as its server reported them) and how many it took from
     its prompt cache; ``hit_rate``: their ratio (4 decimals), None before any token."""
@@ -190,6 +202,7 @@ class Snapshot:
     # agreement with the judge by task, model seconds per label against the judge alone,
     # and the audits' agreement at least (95% Wilson lower bound; None before any audit).
     reliability: tuple[VoterReliability, ...] = ()
+    thresholds: tuple[TaskThreshold, ...] = ()
     cost: Cost | None = None
     audit_agreement_at_least: float | None = None
 

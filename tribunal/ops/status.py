@@ -23,8 +23,9 @@ from common import metrics
 from common.keys import Keys
 from common.lifecycle import StopFlag
 from common.settings import Settings
+from consumers.reliability import wilson_lower
 from tribunal.ops.console import error_console, wide_console
-from tribunal.ops.learning import cost_of, read_reliability, wilson_lower
+from tribunal.ops.learning import cost_of, read_learning
 from tribunal.ops.queues import (
     StatSample,
     expected_roles,
@@ -82,6 +83,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     live = live_by_role(beats, ttl)
     by_name = {s.stream: s for s in streams}
     cost = cost_of(stats)
+    voters, thresholds = read_learning(redis, settings)
     return Snapshot(
         namespace=settings.namespace,
         partitions=settings.partitions,
@@ -102,9 +104,14 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         | {role: len(names) for role, names in live.items()},
         heartbeat_ttl_s=ttl,
         prompt_cache=_prompt_cache(stats),
-        reliability=read_reliability(redis, settings),
+        reliability=voters,
+        thresholds=thresholds,
         cost=cost,
-        audit_agreement_at_least=wilson_lower(audits.agree, audits.judged),
+        audit_agreement_at_least=(
+            round(wilson_lower(audits.agree / audits.judged, audits.judged), 4)
+            if audits.judged
+            else None
+        ),
     )
 
 
@@ -220,6 +227,14 @@ def render(snap: Snapshot) -> RenderableType:
                 "path settled first (early_exit), is not one",
             )
         )
+    for t in snap.thresholds:
+        rule = (
+            "accepts nothing yet: the judge decides (too few labels for the bound)"
+            if t.threshold is None
+            else f"accepts at posterior >= {t.threshold:g}: agreement >= {t.bound:.1%} "
+            f"(95% bound, {t.items:g} labeled items)"
+        )
+        rows.append((f"posterior rule {t.task}", rule))
     for row in snap.reliability:
         rows.append(
             (
