@@ -171,9 +171,9 @@ class Settings(BaseSettings):
         "unanimous: every worker votes for the same label. posterior: the probability that "
         "the judge would agree, learned from its labels, reaches `target_agreement`.",
     )
-    # posterior: the probability (learned from the lessons) that the judge would give a
-    # label, needed to accept it; how often the aggregator reads new lessons; over how many
-    # of each task's newest lessons a voter is judged (one that improved: on what it does now).
+    # posterior: the agreement with the judge that the accepted labels keep (95% confidence;
+    # consumers.reliability.fit_threshold); how often the aggregator reads new lessons; over
+    # how many of each task's newest lessons voters are judged (one that improved: on now).
     target_agreement: float = Field(default=0.95, gt=0.5, lt=1.0)
     reliability_every_s: float = Field(default=5.0, gt=0)
     reliability_window: int = Field(default=2000, ge=10)

@@ -202,9 +202,10 @@ def fit_threshold(table: Reliability, task: str, target: float, audit_fraction: 
     return chosen
 
 
-def wilson_lower(rate: float, n: float, z: float = 1.96) -> float:
+def wilson_lower(rate: float, n: float, z: float = 1.645) -> float:
     """The lower end of the Wilson score interval for a rate observed on ``n`` items
-    (Wilson 1927; z = 1.96: 95% two-sided)."""
+    (Wilson 1927): with z = 1.645, a one-sided 95% lower bound — the true rate is at least
+    this with 95% confidence."""
     centre = rate + z * z / (2 * n)
     spread = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
     return (centre - spread) / (1 + z * z / n)
