@@ -155,9 +155,16 @@ class Reliability:
             task: fit_threshold(self, task, target, audit_fraction) for task in self._recent
         }
 
-    def recent(self, task: str) -> list[Lesson]:
-        """The lessons of ``task`` counted now, oldest first."""
-        return [lesson for _, lesson in self._recent.get(task, ())]
+    def counted(self, task: str) -> list[tuple[list[Key], Lesson]]:
+        """The lessons of ``task`` counted now, oldest first, each with what it counted."""
+        return list(self._recent.get(task, ()))
+
+    def uncount(self, keys: Sequence[Key]) -> None:
+        """Take one lesson's answers out of the counts (``recount`` puts them back)."""
+        self._add(keys, -1)
+
+    def recount(self, keys: Sequence[Key]) -> None:
+        self._add(keys, 1)
 
 
 def fit_threshold(table: Reliability, task: str, target: float, audit_fraction: float) -> Threshold:
@@ -168,18 +175,24 @@ def fit_threshold(table: Reliability, task: str, target: float, audit_fraction: 
     for the many tries. A threshold with fewer than ``MIN_EVIDENCE`` labeled items above it
     is passed over untested.
 
-    The evidence is the lessons in the window, each item's top posterior (from the current
-    counts: a little optimistic, as they include that item) against the judge's label. The
+    The evidence is the lessons in the window, each item's top posterior (from the counts
+    of every other lesson: leave-one-out) against the judge's label. The
     judge labels every escalated item but only ``audit_fraction`` of the accepted ones, so an
     audit weighs ``1 / audit_fraction`` (inverse-propensity weighting): the estimate is then
     one of all items, not of the hard ones. The bound is Wilson's on the weighted rate with
     the effective sample size. No audits: the accepted items are unseen, and only the
     escalated ones count."""
     rows: list[tuple[float, float, bool]] = []  # (top posterior, weight, agrees)
-    for lesson in table.recent(task):
+    for keys, lesson in table.counted(task):
         if lesson.source == "gold" or not lesson.votes:
             continue
-        posterior = table.posterior(task, lesson.votes)
+        # Leave one out: the item's own answers must not vouch for it (with few lessons,
+        # counting them made every band look right, and the rule accepted too soon).
+        table.uncount(keys)
+        try:
+            posterior = table.posterior(task, lesson.votes)
+        finally:
+            table.recount(keys)
         voted = {v.label for v in lesson.votes if v.label is not None}
         options = [(p, label) for label, p in posterior.items() if label in voted]
         if not options:
