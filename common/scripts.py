@@ -130,7 +130,7 @@ class Scripts:
         ``tier``'s stream, each once however often it is asked."""
         k = self.keys
         keys: list[Any] = [k.tier(tier), k.deadlines, k.stats]
-        args: list[Any] = [tier, counter]
+        args: list[Any] = [tier, counter, self.done_ttl_s]
         for item_id, deadline, item in items:
             keys += [k.state(item_id), k.queued(item_id)]
             args += [item_id, f"{deadline:.3f}", item]

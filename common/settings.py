@@ -176,7 +176,7 @@ class Settings(BaseSettings):
     # how many of each task's newest lessons voters are judged (one that improved: on now).
     target_agreement: float = Field(default=0.95, gt=0.5, lt=1.0)
     reliability_every_s: float = Field(default=5.0, gt=0)
-    reliability_window: int = Field(default=2000, ge=10)
+    reliability_window: int = Field(default=2000, ge=50)
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
     )
@@ -268,6 +268,11 @@ class Settings(BaseSettings):
         for p in self.assigned_partitions or []:
             if not 0 <= p < self.partitions:
                 raise ValueError(f"assigned partition {p} is not in 0..{self.partitions - 1}")
+        if self.agreement == "posterior" and self.audit_fraction <= 0:
+            raise ValueError(
+                'agreement = "posterior" needs audit_fraction > 0 (e.g. 0.1): its bound holds '
+                "only if the judge also sees a sample of the labels it accepts"
+            )
         if self.tiers is not None:
             listed = [name for tier in self.tiers for name in tier]
             if sorted(listed) != sorted(self.workers) or not all(self.tiers):

@@ -20,7 +20,7 @@ import pydantic
 from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
-from consumers.decision import Posterior, Rule, decide
+from consumers.decision import Posterior, Rule, decide, fit_policy
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -42,7 +42,7 @@ class Learning:
         self.reliability = Reliability(labels, window=settings.reliability_window)
         self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "aggregator")
         self.every_s = settings.reliability_every_s
-        self.target, self.audit_fraction = settings.target_agreement, settings.audit_fraction
+        self.policy = fit_policy(settings)
         self.next_at = 0.0
 
     def refresh(self) -> None:
@@ -55,7 +55,7 @@ class Learning:
             self.reliability.learn(lessons)
             learned += len(lessons)
         if learned:
-            self.reliability.refit(self.target, self.audit_fraction)
+            self.reliability.refit(self.policy)
 
 
 class AggregatorHandler(Handler):

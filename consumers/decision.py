@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 from common.errors import ConfigurationError
 from common.schemas import Vote
 from common.settings import Settings
-from consumers.reliability import Reliability
+from consumers.reliability import FitPolicy, Reliability, tier_prefixes
 
 # Confidence thresholds calibration tries for every scheme (None: every vote counts).
 THRESHOLDS: tuple[float | None, ...] = (None, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
@@ -60,7 +60,13 @@ class Rule:
         if settings.agreement == Posterior.scheme:
             labels = {name: task.labels for name, task in settings.all_tasks.items()}
             table = reliability if reliability is not None else Reliability(labels)
-            return Posterior(**params, target=settings.target_agreement, table=table)  # type: ignore[arg-type]
+            tiers = tuple(tuple(tier) for tier in settings.worker_tiers)
+            return Posterior(
+                **params,  # type: ignore[arg-type]
+                target=settings.target_agreement,
+                table=table,
+                tiers=tiers,
+            )
         return make(settings.agreement, **params)
 
     def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
@@ -205,6 +211,9 @@ class Posterior(Rule):
 
     target: float = 0.95
     table: Reliability = field(default_factory=lambda: Reliability({}), compare=False, repr=False)
+    # The tiers the votes come in (Settings.worker_tiers): the rule decides only once a
+    # tier's votes are all in, as fit_threshold scores the items it chose the threshold on.
+    tiers: tuple[tuple[str, ...], ...] = ()
     scheme: str = field(default="posterior", init=False)
     offline: ClassVar[bool] = False
 
@@ -219,7 +228,8 @@ class Posterior(Rule):
     def tally(self, votes: Sequence[Vote], task: str) -> dict[str, float]:
         """The posterior of each label some counted vote named: a label nobody voted for
         is never accepted, however likely the others make it."""
-        counted = [v for v in votes if self.counts(v)]
+        prefixes = tier_prefixes(votes, self.tiers)
+        counted = [v for v in prefixes[-1] if self.counts(v)] if prefixes else []
         voted = {v.label for v in counted}
         posterior = self.table.posterior(task, counted) if counted else {}
         return {label: p for label, p in posterior.items() if label in voted}
@@ -256,6 +266,14 @@ def make(scheme: str, **params: int | float | None) -> Rule:
     if cls is None:
         raise UnknownScheme(f"unknown agreement {scheme!r} (known: {', '.join(SCHEMES)})")
     return cls(**params)  # type: ignore[arg-type]
+
+
+def fit_policy(settings: Settings) -> FitPolicy:
+    """How the posterior rule's thresholds are fitted for this fleet: its target, audit rate,
+    tiers and which votes its rule counts."""
+    rule = Rule.of(settings)
+    tiers = settings.worker_tiers
+    return FitPolicy(settings.target_agreement, settings.audit_fraction, tiers, rule.counts)
 
 
 def candidate_rules(n_workers: int, min_weight: float | None = None) -> list[Rule]:

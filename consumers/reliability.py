@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter, deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.schemas import Vote
@@ -83,7 +83,9 @@ class Reliability:
         """Count each lesson's votes against its label, oldest first; lessons of other
         tasks, or with a label outside the task's set, are not counted."""
         for lesson in lessons:
-            if lesson.label not in self.labels.get(lesson.task, ()):
+            # A gold lesson has no votes: it says nothing of the voters, and in the window it
+            # would only push out lessons that do.
+            if lesson.label not in self.labels.get(lesson.task, ()) or not lesson.votes:
                 continue
             keys = [
                 (lesson.task, vote.worker, given, lesson.label)
@@ -149,11 +151,9 @@ class Reliability:
             agree[(task, voter)] += n if given.partition("@")[0] == truth else 0
         return [(t, v, agree[(t, v)], n) for (t, v), n in sorted(total.items()) if n]
 
-    def refit(self, target: float, audit_fraction: float) -> None:
+    def refit(self, policy: FitPolicy) -> None:
         """Choose each task's threshold again from the lessons counted now."""
-        self.thresholds = {
-            task: fit_threshold(self, task, target, audit_fraction) for task in self._recent
-        }
+        self.thresholds = {task: fit_threshold(self, task, policy) for task in self._recent}
 
     def counted(self, task: str) -> list[tuple[list[Key], Lesson]]:
         """The lessons of ``task`` counted now, oldest first, each with what it counted."""
@@ -167,52 +167,102 @@ class Reliability:
         self._add(keys, 1)
 
 
-def fit_threshold(table: Reliability, task: str, target: float, audit_fraction: float) -> Threshold:
-    """The lowest posterior threshold whose accepted labels agree with the judge at least
-    ``target`` with 95% confidence, by fixed-sequence testing (Trust or Escalate, Jung et al.
-    2024, arXiv 2407.18370): thresholds are tested strictest first (``THRESHOLDS``) and the
-    search stops at the first that fails, so the chosen one keeps the bound without paying
-    for the many tries. A threshold with fewer than ``MIN_EVIDENCE`` labeled items above it
-    is passed over untested.
+@dataclass(frozen=True)
+class FitPolicy:
+    """What ``fit_threshold`` needs of the live rule, so it scores items as the rule decides
+    them: the agreement to keep, the audit sampling rate, the tiers in the order they are
+    asked, and which votes count (``Rule.counts``: a confidence threshold)."""
 
-    The evidence is the lessons in the window, each item's top posterior (from the counts
-    of every other lesson: leave-one-out) against the judge's label. The
-    judge labels every escalated item but only ``audit_fraction`` of the accepted ones, so an
-    audit weighs ``1 / audit_fraction`` (inverse-propensity weighting): the estimate is then
-    one of all items, not of the hard ones. The bound is Wilson's on the weighted rate with
-    the effective sample size. No audits: the accepted items are unseen, and only the
-    escalated ones count."""
-    rows: list[tuple[float, float, bool]] = []  # (top posterior, weight, agrees)
+    target: float
+    audit_fraction: float
+    tiers: Sequence[Sequence[str]]
+    counts: Callable[[Vote], bool]
+
+
+def tier_prefixes(votes: Sequence[Vote], tiers: Sequence[Sequence[str]]) -> list[list[Vote]]:
+    """The votes the rule decides on, tier by tier: those of tier 0, then of tiers 0-1, … as
+    long as every worker of those tiers has voted (an abstention is a vote). No tiers: one
+    prefix of every vote. The posterior rule decides only at these points."""
+    if not tiers:
+        return [list(votes)] if votes else []
+    by_worker = {v.worker: v for v in votes}
+    prefixes: list[list[Vote]] = []
+    for k in range(len(tiers)):
+        asked = [name for tier in tiers[: k + 1] for name in tier]
+        if not all(name in by_worker for name in asked):
+            break
+        prefixes.append([by_worker[name] for name in asked])
+    return prefixes
+
+
+def fit_threshold(table: Reliability, task: str, policy: FitPolicy) -> Threshold:
+    """The lowest posterior threshold whose accepted labels agree with the judge at least
+    ``policy.target`` with 95% confidence, by fixed-sequence testing (Trust or Escalate, Jung
+    et al. 2024, arXiv 2407.18370): thresholds are tested strictest first (``THRESHOLDS``,
+    those above 1/labels: a posterior no vote has moved is never enough) and the search
+    stops at the first that fails, so the chosen one keeps the bound without paying for the
+    many tries. A threshold with fewer than ``MIN_EVIDENCE`` labeled items above it is
+    passed over untested.
+
+    The evidence is the lessons in the window, each scored as the live rule would have
+    decided it: tier by tier (``tier_prefixes``), with only the votes that count, accepted at
+    the first tier whose top posterior — from the counts of every other lesson
+    (leave-one-out) — reaches the threshold. The judge labels every escalated item but only
+    ``audit_fraction`` of the accepted ones, so an audit weighs ``1 / audit_fraction``
+    (inverse-propensity weighting): the estimate covers all items, not the hard ones only.
+    The bound is Wilson's on the weighted rate, with the smaller of Kish's effective sample
+    size and the one its linearised variance gives (errors concentrated in heavy audits
+    then widen it)."""
+    labels = table.labels.get(task, [])
+    scored: list[tuple[list[tuple[float, str]], float, str]] = []  # (tops per tier, w, judge)
     for keys, lesson in table.counted(task):
-        if lesson.source == "gold" or not lesson.votes:
+        if lesson.source == "gold":
             continue
-        # Leave one out: the item's own answers must not vouch for it (with few lessons,
-        # counting them made every band look right, and the rule accepted too soon).
-        table.uncount(keys)
+        table.uncount(keys)  # leave one out: the item's own answers must not vouch for it
         try:
-            posterior = table.posterior(task, lesson.votes)
+            counted = [
+                [v for v in prefix if policy.counts(v)]
+                for prefix in tier_prefixes(lesson.votes, policy.tiers)
+            ]
+            tops = [_top(table.posterior(task, votes), votes) for votes in counted]
         finally:
             table.recount(keys)
-        voted = {v.label for v in lesson.votes if v.label is not None}
-        options = [(p, label) for label, p in posterior.items() if label in voted]
-        if not options:
-            continue
-        top, label = max(options)
-        weight = 1 / audit_fraction if lesson.source == "audit" and audit_fraction > 0 else 1.0
-        rows.append((top, weight, label == lesson.label))
+        audit = lesson.source == "audit" and policy.audit_fraction > 0
+        scored.append((tops, 1 / policy.audit_fraction if audit else 1.0, lesson.label))
     chosen = Threshold(None, None, 0.0)
-    for threshold in THRESHOLDS:
-        above = [(w, ok) for p, w, ok in rows if p >= threshold]
-        weight = sum(w for w, _ in above)
-        items = weight * weight / sum(w * w for w, _ in above) if above else 0.0
+    for threshold in (t for t in THRESHOLDS if labels and t > 1 / len(labels)):
+        above: list[tuple[float, bool]] = []
+        for tops, weight, judge in scored:
+            first = next((label for p, label in tops if p >= threshold and label), None)
+            if first is not None:
+                above.append((weight, first == judge))
+        items = _effective_items(above)
         if items < MIN_EVIDENCE:
             continue
-        rate = sum(w for w, ok in above if ok) / weight
+        rate = sum(w for w, ok in above if ok) / sum(w for w, _ in above)
         bound = wilson_lower(rate, items)
-        if bound < target:
+        if bound < policy.target:
             break
         chosen = Threshold(threshold, round(bound, 4), round(items, 1))
     return chosen
+
+
+def _top(posterior: Mapping[str, float], votes: Sequence[Vote]) -> tuple[float, str]:
+    """The best posterior among the labels some vote named (0, "" when none)."""
+    voted = {v.label for v in votes if v.label is not None}
+    return max(((p, label) for label, p in posterior.items() if label in voted), default=(0.0, ""))
+
+
+def _effective_items(rows: Sequence[tuple[float, bool]]) -> float:
+    """The effective sample size of weighted 0/1 outcomes: Kish's, or the smaller one the
+    weighted rate's linearised variance implies."""
+    if not rows:
+        return 0.0
+    total = sum(w for w, _ in rows)
+    kish = total * total / sum(w * w for w, _ in rows)
+    rate = sum(w for w, ok in rows if ok) / total
+    variance = sum(w * w * ((1.0 if ok else 0.0) - rate) ** 2 for w, ok in rows) / total**2
+    return min(kish, rate * (1 - rate) / variance) if variance > 0 else kish
 
 
 def wilson_lower(rate: float, n: float, z: float = 1.645) -> float:

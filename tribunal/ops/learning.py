@@ -18,6 +18,7 @@ from redis import Redis
 
 from common import metrics
 from common.settings import Settings
+from consumers.decision import fit_policy
 from consumers.lessons import LessonFeed
 from consumers.reliability import Reliability
 from tribunal.ops.queues import StatSample
@@ -40,7 +41,7 @@ def read_learning(
     )
     if settings.agreement != "posterior":
         return voters, ()
-    table.refit(settings.target_agreement, settings.audit_fraction)
+    table.refit(fit_policy(settings))
     thresholds = tuple(
         TaskThreshold(task, t.value, t.bound, t.items)
         for task, t in sorted(table.thresholds.items())
