@@ -60,8 +60,7 @@ class Writes:
     ) -> None:
         """Make the item final: one entry in ``stream`` (output, rejects or dead), once; and,
         only if this call is the one that settles it, ``also`` (stream, payload)."""
-        also_stream, also_payload = also or ("", b"")
-        self._settle(Settlement(stream, counter, also=also_stream), item_id, payload, also_payload)
+        self._final(item_id, stream, payload, counter, also, expect="")
 
     def escalate(self, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""
@@ -79,8 +78,19 @@ class Writes:
     ) -> None:
         """The judge's (or a dead letter's) final word on an escalated item, once; ``also``
         as for ``settle``."""
+        self._final(item_id, stream, payload, counter, also, expect=ESCALATED)
+
+    def _final(
+        self,
+        item_id: str,
+        stream: str,
+        payload: bytes,
+        counter: str,
+        also: tuple[str, bytes] | None,
+        expect: str,
+    ) -> None:
         also_stream, also_payload = also or ("", b"")
-        settlement = Settlement(stream, counter, ESCALATED, DONE, also=also_stream)
+        settlement = Settlement(stream, counter, expect, DONE, also=also_stream)
         self._settle(settlement, item_id, payload, also_payload)
 
     def _settle(
