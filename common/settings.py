@@ -268,11 +268,8 @@ class Settings(BaseSettings):
         for p in self.assigned_partitions or []:
             if not 0 <= p < self.partitions:
                 raise ValueError(f"assigned partition {p} is not in 0..{self.partitions - 1}")
-        if self.agreement == "posterior" and self.audit_fraction <= 0:
-            raise ValueError(
-                'agreement = "posterior" needs audit_fraction > 0 (e.g. 0.1): its bound holds '
-                "only if the judge also sees a sample of the labels it accepts"
-            )
+        if self.agreement == "posterior" and self.audit_fraction <= 0:  # its bound needs them
+            raise ValueError('agreement = "posterior" needs audit_fraction > 0 (e.g. 0.1)')
         if self.tiers is not None:
             listed = [name for tier in self.tiers for name in tier]
             if sorted(listed) != sorted(self.workers) or not all(self.tiers):

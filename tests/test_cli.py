@@ -541,6 +541,7 @@ ANSWERING = [
     ("status",),
     ("health",),
     ("calibrate",),
+    ("teach", "one.jsonl"),
     ("demo", "--offline", "--limit", "2"),
     pytest.param(("--fleet", OFFLINE_FLEET, "evaluate", SAMPLE), id="evaluate"),
 ]

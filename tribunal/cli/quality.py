@@ -202,6 +202,9 @@ def teach(
     from consumers.lessons import teach as add_lessons
 
     s = needs_redis(settings(ctx))
+    with clear_errors(s):  # Redis gone: one line now, not after reading the whole file
+        client = connect(s)
+        client.ping()
     if not s.has_students:
         say("", 'note: no worker of this fleet is a student (backend "student"); storing anyway')
     lessons: list[Lesson] = []
@@ -219,7 +222,7 @@ def teach(
             continue
         lessons.append(Lesson.of(item, item.gold, "gold"))
     with clear_errors(s):
-        taught = add_lessons(connect(s), s.namespace, s.partitions, lessons)
+        taught = add_lessons(client, s.namespace, s.partitions, lessons)
     say("", f"taught {taught} lessons" + (f", skipped {skipped}" if skipped else ""))
     raise typer.Exit(0 if taught or not skipped else 2)
 
