@@ -38,8 +38,7 @@ class Learning:
 
     def __init__(self, rt: Runtime) -> None:
         settings = rt.settings
-        labels = {name: task.labels for name, task in settings.all_tasks.items()}
-        self.reliability = Reliability(labels, window=settings.reliability_window)
+        self.reliability = Reliability.of(settings)
         self.feed = LessonFeed(rt.redis, settings.namespace, settings.partitions, "aggregator")
         self.every_s = settings.reliability_every_s
         self.policy = fit_policy(settings)

@@ -58,8 +58,7 @@ class Rule:
             "min_weight": settings.min_weight,
         }
         if settings.agreement == Posterior.scheme:
-            labels = {name: task.labels for name, task in settings.all_tasks.items()}
-            table = reliability if reliability is not None else Reliability(labels)
+            table = reliability if reliability is not None else Reliability.of(settings)
             tiers = tuple(tuple(tier) for tier in settings.worker_tiers)
             return Posterior(
                 **params,  # type: ignore[arg-type]
@@ -102,8 +101,12 @@ class Rule:
 
     def describe(self) -> str:
         """``majority 2/3``, ``weighted >= 1.5``, ``unanimous 3/3``, plus the threshold."""
-        text = f"{self.scheme} {self.needed:g}/{self.n_workers}"
+        text = self.headline()
         return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+
+    def headline(self) -> str:
+        """What a label needs, in a few words (``describe`` adds the threshold)."""
+        return f"{self.scheme} {self.needed:g}/{self.n_workers}"
 
     def fleet_lines(self) -> str:
         """What to put at the top of a fleet file (before the first [table]) to run this."""
@@ -171,9 +174,8 @@ class Weighted(Rule):
     def needed(self) -> float:
         return self.min_weight if self.min_weight is not None else self.n_workers / 2
 
-    def describe(self) -> str:
-        text = f"weighted >= {self.needed:g}"
-        return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+    def headline(self) -> str:
+        return f"weighted >= {self.needed:g}"
 
     def _own_lines(self) -> list[str]:
         return [f"min_weight = {self.needed:g}"]
@@ -237,9 +239,8 @@ class Posterior(Rule):
     def reachable(self, top: float, missing: int) -> bool:
         return missing > 0  # any vote still to come may raise the posterior
 
-    def describe(self) -> str:
-        text = f"agreement with the judge >= {self.target:g}"
-        return text if self.threshold is None else f"{text}, conf >= {self.threshold:g}"
+    def headline(self) -> str:
+        return f"agreement with the judge >= {self.target:g}"
 
     def _own_lines(self) -> list[str]:
         return [f"target_agreement = {self.target:g}"]

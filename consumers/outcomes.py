@@ -61,10 +61,9 @@ def publish(
     counter = DECISIONS_BY[decision.source]
     if escalated:
         also = (writes.keys.lessons, lesson) if lesson else None
-        writes.settle_escalated(decision.id, writes.keys.output, decision.dump(), counter, also)
     else:
         also = (writes.keys.judge, audit) if audit else None
-        writes.settle(decision.id, writes.keys.output, decision.dump(), counter, also)
+    writes.settle(decision.id, writes.keys.output, decision.dump(), counter, also, escalated)
     if decision.produced_at is not None:
         latency = max(decision.decided_at - decision.produced_at, 0.0)
         writes.observe(metrics.ITEM_LATENCY, latency, {"source": decision.source})
@@ -94,8 +93,7 @@ def dead_letter(
         dead_at=now(),
     )
     counter = metrics.field(metrics.DEAD_LETTERS, {"group": group})
-    settle = writes.settle_escalated if escalated else writes.settle
-    settle(item_id, writes.keys.dead, record.dump(), counter)
+    writes.settle(item_id, writes.keys.dead, record.dump(), counter, escalated=escalated)
 
 
 def entry_item_id(entry: Entry) -> str:

@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from common.schemas import Vote
+from common.settings import Settings
 from consumers.lessons import Lesson
 
 # Confidence bands (lower edges): an answer is "label@k" with k the band's index. A vote
@@ -78,6 +79,12 @@ class Reliability:
         self.lessons: Counter[str] = Counter()  # task -> lessons counted
         self._recent: dict[str, deque[tuple[list[Key], Lesson]]] = {}
         self.thresholds: dict[str, Threshold] = {}  # task -> the posterior it needs now
+
+    @classmethod
+    def of(cls, settings: Settings) -> Reliability:
+        """An empty table for the fleet's tasks and its ``reliability_window``."""
+        labels = {name: task.labels for name, task in settings.all_tasks.items()}
+        return cls(labels, window=settings.reliability_window)
 
     def learn(self, lessons: Iterable[Lesson]) -> None:
         """Count each lesson's votes against its label, oldest first; lessons of other

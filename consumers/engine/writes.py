@@ -57,41 +57,21 @@ class Writes:
         payload: bytes,
         counter: str,
         also: tuple[str, bytes] | None = None,
+        escalated: bool = False,
     ) -> None:
         """Make the item final: one entry in ``stream`` (output, rejects or dead), once; and,
-        only if this call is the one that settles it, ``also`` (stream, payload)."""
-        self._final(item_id, stream, payload, counter, also, expect="")
+        only if this call is the one that settles it, ``also`` (stream, payload).
+        ``escalated``: the judge's (or a dead letter's) final word on an item it holds."""
+        also_stream, also_payload = also or ("", b"")
+        expect = ESCALATED if escalated else ""
+        settlement = Settlement(stream, counter, expect, DONE, also=also_stream)
+        self._settle(settlement, item_id, payload, also_payload)
 
     def escalate(self, item_id: str, payload: bytes) -> None:
         """Hand the item to the judge, once; its votes travel in the payload."""
         self._settle(
             Settlement(self.keys.judge, metrics.ESCALATIONS, new=ESCALATED), item_id, payload
         )
-
-    def settle_escalated(
-        self,
-        item_id: str,
-        stream: str,
-        payload: bytes,
-        counter: str,
-        also: tuple[str, bytes] | None = None,
-    ) -> None:
-        """The judge's (or a dead letter's) final word on an escalated item, once; ``also``
-        as for ``settle``."""
-        self._final(item_id, stream, payload, counter, also, expect=ESCALATED)
-
-    def _final(
-        self,
-        item_id: str,
-        stream: str,
-        payload: bytes,
-        counter: str,
-        also: tuple[str, bytes] | None,
-        expect: str,
-    ) -> None:
-        also_stream, also_payload = also or ("", b"")
-        settlement = Settlement(stream, counter, expect, DONE, also=also_stream)
-        self._settle(settlement, item_id, payload, also_payload)
 
     def _settle(
         self, settlement: Settlement, item_id: str, payload: bytes, also: bytes = b""

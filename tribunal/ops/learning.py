@@ -31,8 +31,7 @@ def read_learning(
     """Every voter's agreement with the judge, by task, over the newest lessons (the
     posterior rule's window: ``reliability_window`` per partition), and, for the posterior
     rule, each task's threshold as the aggregator chooses it from the same lessons."""
-    labels = {name: task.labels for name, task in settings.all_tasks.items()}
-    table = Reliability(labels, window=settings.reliability_window)
+    table = Reliability.of(settings)
     feed = LessonFeed(redis, settings.namespace, settings.partitions, "status")
     table.learn(feed.latest(settings.reliability_window))
     voters = tuple(
