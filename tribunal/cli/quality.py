@@ -223,7 +223,8 @@ def teach(
         lessons.append(Lesson.of(item, item.gold, "gold"))
     with clear_errors(s):
         taught = add_lessons(client, s.namespace, s.partitions, lessons)
-    say("", f"taught {taught} lessons" + (f", skipped {skipped}" if skipped else ""))
+    noun = "lesson" if taught == 1 else "lessons"
+    say("", f"taught {taught} {noun}" + (f", skipped {skipped}" if skipped else ""))
     raise typer.Exit(0 if taught or not skipped else 2)
 
 
