@@ -34,6 +34,7 @@ from common.schemas import Item, RawRecord, now
 from common.scripts import Scripts
 from common.settings import Settings
 from common.validation import InvalidItem, validate_item
+from producers.follow import Idle
 
 log = logging.getLogger(__name__)
 # Chunks that wait within this many seconds of each other make one wait, logged once.
@@ -106,13 +107,15 @@ class Producer:
 
     def send(
         self,
-        records: Iterable[RawRecord] | Iterable[SourceRecord],
+        records: Iterable[RawRecord] | Iterable[SourceRecord | Idle],
         on_progress: Callable[[int], None] | None = None,
         rate: float | None = None,
         report: ProduceReport | None = None,
     ) -> ProduceReport:
-        """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs. With
-        ``rate``, at most that many items per second (a chunk at a time), for steady load.
+        """Produce every valid record; ``records`` are dicts or ``(where, dict)`` pairs. They
+        are sent a chunk at a time, and at each ``IDLE`` among them: a record read from a
+        trickle is stored as soon as its reader has nothing more ready. With ``rate``, at
+        most that many items per second (a chunk at a time), for steady load.
         Counts go into ``report`` when given, so a caller interrupted mid-way still knows
         what was stored."""
         report = report if report is not None else ProduceReport()
@@ -124,7 +127,11 @@ class Producer:
             if rate:
                 time.sleep(max(0.0, started + report.produced / rate - time.monotonic()))
 
-        for where, record in _numbered(records):
+        for numbered in _numbered(records):
+            if isinstance(numbered, Idle):  # nothing more for now: what is held goes at once
+                flush()
+                continue
+            where, record = numbered
             try:
                 if isinstance(record, InvalidItem):
                     raise record
@@ -254,9 +261,9 @@ class Producer:
         return time.monotonic() - started if announced else 0.0
 
 
-def _numbered(records: Iterable[Any]) -> Iterator[SourceRecord]:
+def _numbered(records: Iterable[Any]) -> Iterator[SourceRecord | Idle]:
     for n, record in enumerate(records, 1):
-        if isinstance(record, tuple):
+        if isinstance(record, tuple | Idle):
             yield record
         else:
             yield f"record {n}", record

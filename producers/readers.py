@@ -8,26 +8,30 @@ the id, the task and the gold label is mapped (``CsvColumns``); every other one 
 ``Reading.task``, resolved by ``default_task``.
 
 Each reader yields ``(where, record)`` where ``where`` names the line, so a bad
-line is reported precisely while the rest still go. A line that cannot even be
-parsed is yielded as an ``InvalidItem`` in place of the record. What makes a whole
-file unusable (a CSV without its text column) raises ``UnusableSource`` before any
-record, so it is said once instead of once per line.
+line is reported precisely while the rest still go, and passes on ``IDLE`` when its input
+has nothing more ready (``producers.follow``: a producer then sends what it holds). A line
+that cannot even be parsed is yielded as an ``InvalidItem`` in place of the record. What
+makes a whole file unusable (a CSV without its text column) raises ``UnusableSource``
+before any record, so it is said once instead of once per line.
 """
 
 from __future__ import annotations
 
 import csv
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
-from typing import IO, Any
+from itertools import zip_longest
+from typing import Any
 
 from common.errors import InputError
 from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
 from producers.api import SourceRecord
+from producers.follow import Idle, Lines, Marker, Position, Restart
+
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
+MAX_ROW_CHARS = 16 << 20  # a CSV record longer than this is skipped, not held in memory
 
 PASSED_AS_IS = ("metadata", "produced_at")  # item fields no option maps
 # Each mapped item field: what it holds, as the command-line help and the errors say it.
@@ -89,8 +93,6 @@ class Reading:
         record: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for name, value in row.items():
-            if name is None:  # a CSV row with more cells than the header
-                raise InvalidItem(f"row has {len(value)} more cells than the header")
             target = mapping.get(name)
             if target is None and name in PASSED_AS_IS:
                 if value is not None:
@@ -140,10 +142,23 @@ def default_task(settings: Settings, given: str | None = None) -> str | None:
 
 
 def jsonl_records(
-    lines: Iterator[bytes], name: str, reading: Reading | None = None
-) -> Iterator[SourceRecord]:
+    lines: Iterable[bytes | Marker], name: str, reading: Reading | None = None
+) -> Iterator[SourceRecord | Idle]:
+    """Records of JSON lines; markers of the input pass through (``IDLE``) or renumber the
+    lines (``Restart``). A byte order mark before a file's first record is dropped (Notepad,
+    Excel and PowerShell write one)."""
     how = reading or Reading()
-    for n, line in enumerate(lines, 1):
+    n = 0
+    for line in lines:
+        if isinstance(line, Restart):
+            n = line.after
+            continue
+        if isinstance(line, Idle):
+            yield line
+            continue
+        n += 1
+        if n == 1:
+            line = line.removeprefix(BOM)
         if not line.strip():
             continue
         where = f"{name}:{n}"
@@ -154,44 +169,123 @@ def jsonl_records(
 
 
 def csv_records(
-    lines: Iterator[bytes], name: str, reading: Reading | CsvColumns | None = None
-) -> Iterator[SourceRecord]:
+    lines: Iterable[bytes | Marker], name: str, reading: Reading | CsvColumns | None = None
+) -> Iterator[SourceRecord | Idle]:
     """Records of CSV rows. Reads the header at once: raises ``UnusableSource`` when it lacks
     the text column, a column named by a flag, or the task column with no task to default
     to, or (``strict``) has columns no item field takes."""
     how = Reading(columns=reading) if isinstance(reading, CsvColumns) else reading or Reading()
-    # utf-8-sig: spreadsheets often start a CSV with a byte order mark.
-    # strict: bad quoting (an unterminated quote, text after a closing one) is an error naming
-    # the lines it spans, where it would be glued silently into one ticket's text.
-    rows = (line.decode("utf-8-sig", errors="replace") for line in lines)
-    reader = csv.DictReader(rows, strict=True)
+    csv.field_size_limit(MAX_ROW_CHARS)  # Python's default, 131,072, is one pasted log
+    rows = csv_framed(lines)
+    first = next((row for row in rows if isinstance(row, Row)), None)
+    if first is None:
+        return iter(())
     try:
-        header = reader.fieldnames
-    except csv.Error as exc:
+        header = parse_row(first)
+    except InvalidItem as exc:
         raise UnusableSource(f"{name}: malformed CSV header: {exc}") from None
     if header:
-        check_header(list(header), name, how)
-    return csv_rows(reader, name, how)
+        check_header(header, name, how)
+    return csv_rows(rows, header, first.text, name, how)
 
 
-def csv_rows(reader: csv.DictReader[str], name: str, how: Reading) -> Iterator[SourceRecord]:
-    while True:
-        first = reader.reader.line_num + 1  # the row's first line (a quoted field may span more)
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:  # the reader goes on after the lines it has read
-            last = reader.reader.line_num
-            lines = f"{first}-{last}" if last > first else str(first)
-            skipped = f" (lines {lines} skipped)" if last > first else ""
-            yield f"{name}:{lines}", InvalidItem(f"malformed CSV row: {exc}{skipped}")
+@dataclass(frozen=True)
+class Row:
+    """The text of one CSV record and the lines it spans (a quoted field may hold newlines)."""
+
+    first: int
+    last: int
+    text: str
+    too_long: bool = False
+
+    @property
+    def lines(self) -> str:
+        return f"{self.first}-{self.last}" if self.last > self.first else str(self.first)
+
+
+def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Marker]:
+    """The lines of a CSV file grouped into records: a record ends at a newline outside
+    quotes (RFC 4180, 2.6). Framing before parsing lets a bad or oversized row be skipped
+    whole: the csv module, after an error, goes on from inside the field it gave up on.
+    ``IDLE`` is passed on between records only, so a half-written record is not flushed."""
+    held: list[str] = []
+    quoted, n, first, size = False, 0, 1, 0
+    for line in lines:
+        if isinstance(line, Restart):
+            if held:  # the file rotated under a record: what was read of it is all there is
+                yield Row(first, n, "".join(held), size > MAX_ROW_CHARS)
+                held, quoted, size = [], False, 0
+            n = line.after
+            yield line
             continue
-        where = f"{name}:{reader.line_num}"
+        if isinstance(line, Idle):
+            if not held:
+                yield line
+            continue
+        n += 1
+        text = line.decode("utf-8-sig", errors="replace")
+        if not held:
+            first = n
+        quoted = still_quoted(text, quoted)
+        size += len(text)
+        if size <= MAX_ROW_CHARS:  # past it, only the framing goes on: nothing is kept
+            held.append(text)
+        if not quoted:
+            yield Row(first, n, "".join(held), size > MAX_ROW_CHARS)
+            held, size = [], 0
+    if held:
+        yield Row(first, n, "".join(held), size > MAX_ROW_CHARS)
+
+
+def still_quoted(text: str, quoted: bool) -> bool:
+    """Whether a record is inside a quoted field after the line ``text``, given whether it was
+    before it. As the csv module's excel dialect reads: a quote opens a field only at its
+    start (a line's start outside quotes, or after a comma); inside, a doubled quote is a
+    quote and a single one closes the field (RFC 4180, 2.5-2.7)."""
+    at = text.find('"')
+    while at >= 0:
+        if quoted and text.startswith('""', at):
+            at = text.find('"', at + 2)
+            continue
+        if quoted:
+            quoted = False
+        elif at == 0 or text[at - 1] == ",":
+            quoted = True
+        at = text.find('"', at + 1)
+    return quoted
+
+
+def parse_row(row: Row) -> list[str]:
+    """The cells of a framed record; raises ``InvalidItem`` for one that is not CSV."""
+    if row.too_long:
+        raise InvalidItem(f"CSV row of over {MAX_ROW_CHARS:,} characters")
+    try:
+        cells = list(csv.reader([row.text], strict=True))
+    except csv.Error as exc:
+        raise InvalidItem(f"malformed CSV row: {exc}") from None
+    return cells[0] if cells else []
+
+
+def csv_rows(
+    rows: Iterator[Row | Marker], header: list[str], header_text: str, name: str, how: Reading
+) -> Iterator[SourceRecord | Idle]:
+    for row in rows:
+        if isinstance(row, Idle):
+            yield row
+            continue
+        if isinstance(row, Restart) or row.text == header_text:
+            continue  # a rotated file starts with its header again
         try:
-            yield where, how.record(row)
+            cells = parse_row(row)
+            if not cells:  # a blank line
+                continue
+            if len(cells) > len(header):
+                raise InvalidItem(f"row has {len(cells) - len(header)} more cells than the header")
+            # a row with fewer cells than the header: the missing ones are None (DictReader's)
+            yield f"{name}:{row.lines}", how.record(dict(zip_longest(header, cells)))
         except InvalidItem as exc:
-            yield where, exc
+            skipped = f" (lines {row.lines} skipped)" if row.last > row.first else ""
+            yield f"{name}:{row.lines}", InvalidItem(f"{exc}{skipped}")
 
 
 def check_header(header: list[str], name: str, how: Reading) -> None:
@@ -218,32 +312,12 @@ def check_header(header: list[str], name: str, how: Reading) -> None:
         )
 
 
-def lines_of(
-    stream: IO[bytes], follow: bool, stop: Callable[[], bool], poll_s: float = 0.5
-) -> Iterator[bytes]:
-    """Lines of a text stream; with ``follow``, keep waiting for more at EOF (like ``tail -f``)
-    and never yield a half-written last line."""
-    pending = b""
-    while not stop():
-        chunk = stream.readline()
-        if chunk:
-            pending += chunk
-            if pending.endswith(b"\n"):
-                yield pending
-                pending = b""
-            continue
-        if not follow:
-            break
-        time.sleep(poll_s)
-    if pending and not follow:
-        yield pending
-
-
 # The input formats: name -> reader of a file's lines (its name, how to read it). The one
 # place a format is added: ``--format`` offers these names and a file whose extension is one
 # of them is read with it (else as JSONL).
-Reader = Callable[[Iterator[bytes], str, Reading], Iterator[SourceRecord]]
+Reader = Callable[[Iterable[bytes | Marker], str, Reading], Iterator[SourceRecord | Idle]]
 FORMATS: dict[str, Reader] = {"jsonl": jsonl_records, "csv": csv_records}
+HEADED = {"csv"}  # formats whose line 1 names the columns: kept when resuming further on
 
 
 def detect_format(path: str, explicit: str | None) -> str:
@@ -257,21 +331,25 @@ def detect_format(path: str, explicit: str | None) -> str:
     return extension if extension in FORMATS else "jsonl"
 
 
-def open_binary(path: str) -> IO[bytes]:
-    return sys.stdin.buffer if path == "-" else open(path, "rb")
+def records_of(source: str, reading: Reading | None = None) -> Iterator[SourceRecord]:
+    """The records of a JSONL or CSV file (``-``: stdin), each with where it came from. Raises
+    ``OSError`` when the file cannot be opened, ``UnusableSource`` when no line of it can
+    be used (a CSV header is read at once for that)."""
+    records, _ = followed(source, reading)
+    return (record for record in records if not isinstance(record, Idle))
 
 
-def records_of(
+def followed(
     source: str,
     reading: Reading | None = None,
     follow: bool = False,
     stop: Callable[[], bool] = lambda: False,
-) -> Iterator[SourceRecord]:
-    """The records of a JSONL or CSV file (``-``: stdin), each with where it came from. Raises
-    ``OSError`` when the file cannot be opened, ``UnusableSource`` when no line of it can
-    be used (a CSV header is read at once for that)."""
+    resume: Position | None = None,
+) -> tuple[Iterator[SourceRecord | Idle], Lines]:
+    """``records_of`` for a producer: with ``IDLE`` whenever no more input is ready (send
+    what is held), following the file as it grows and rotates until ``stop()``, from
+    ``resume`` where that is still the file's. The ``Lines`` give the position read up to."""
     how = reading or Reading()
-    reader = FORMATS[detect_format(source, how.fmt)]  # before opening: a bad --format
-    stream = open_binary(source)
-    name = "stdin" if source == "-" else source
-    return reader(lines_of(stream, follow, stop), name, how)
+    fmt = detect_format(source, how.fmt)  # before opening: a bad --format
+    lines = Lines(source, follow, stop, resume=resume, header=fmt in HEADED)
+    return FORMATS[fmt](lines, "stdin" if source == "-" else source, how), lines

@@ -193,3 +193,15 @@ def test_stream_bench_prints_windows_and_the_second_half(tmp_path: Path) -> None
     half = report["second_half"]
     assert half["items"] == 40 and set(half) >= {"judge_share", "accuracy", "cost_ratio"}
     assert plot.read_text().startswith("<html>")
+
+
+def test_trickle_bench_reports_latency_per_source_and_bulk_ratios() -> None:
+    """bench/trickle.py (issue 29) at tiny size: a real produce --follow and produce -."""
+    report = run_bench("trickle.py", "--items", "2000", "--trickle", "3")
+    latency = report["trickle_latency"]
+    assert set(latency) == {"followed file", "open pipe"}
+    assert all(
+        row["tickets"] == 3 and 0 < row["p50_ms"] <= row["max_ms"] for row in latency.values()
+    )
+    assert set(report["bulk_items_per_s"]) == {"memory", "jsonl", "csv"}
+    assert all(ratio > 0 for ratio in report["bulk_vs_memory"].values())

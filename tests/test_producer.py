@@ -15,7 +15,8 @@ from common.keys import Keys
 from common.settings import Settings
 from common.validation import InvalidItem
 from producers.api import Producer
-from producers.readers import CsvColumns, UnusableSource, csv_records, jsonl_records, lines_of
+from producers.follow import IDLE, Lines
+from producers.readers import CsvColumns, UnusableSource, csv_records, jsonl_records
 
 GOOD_A = {"id": "good-a", "task": "sentiment", "text": "Thanks, all fixed now."}
 GOOD_B = {"id": "good-b", "task": "sentiment", "text": "Where is my invoice?"}
@@ -336,7 +337,7 @@ def test_csv_reader_refuses_bad_quoting_row_by_row_instead_of_gluing_rows() -> N
         b"swallowed before,5\n",
     ]
     records = list(csv_records(iter(lines), "q.csv", CsvColumns()))
-    assert [where for where, _ in records] == ["q.csv:2", "q.csv:3", "q.csv:5", "q.csv:6-7"]
+    assert [where for where, _ in records] == ["q.csv:2", "q.csv:3", "q.csv:4-5", "q.csv:6-7"]
     assert records[0][1] == {"text": "fine", "id": "1"}
     assert str(records[1][1]) == "malformed CSV row: ',' expected after '\"'"
     assert records[2][1] == {"text": "a quoted\ntwo-line text", "id": "3"}
@@ -387,7 +388,7 @@ def test_chunk_boundaries_ignore_invalid_records(
 # --- following a growing file -----------------------------------------------------------
 
 
-def test_lines_of_follows_a_growing_file_and_never_yields_half_lines(tmp_path: Path) -> None:
+def test_lines_follow_a_growing_file_and_never_yield_half_lines(tmp_path: Path) -> None:
     path = tmp_path / "growing.jsonl"
     path.write_bytes(b"one\n")
     half_written = threading.Event()  # "tw" is in the file
@@ -408,57 +409,56 @@ def test_lines_of_follows_a_growing_file_and_never_yields_half_lines(tmp_path: P
 
     thread = threading.Thread(target=writer, daemon=True)
     got: list[tuple[bytes, bool]] = []
-    with path.open("rb") as stream:
-        lines = lines_of(
-            stream,
-            follow=True,
-            stop=lambda: stop.is_set() or time.monotonic() > deadline,
-            poll_s=0.02,
-        )
-        thread.start()
-        for line in lines:
-            got.append((line, completed.is_set()))
-            if len(got) == 3:
-                break
-        thread.join(timeout=5)
-        assert half_written.is_set()
+    lines = Lines(
+        str(path),
+        follow=True,
+        stop=lambda: stop.is_set() or time.monotonic() > deadline,
+        poll_s=0.02,
+    )
+    read = (line for line in lines if isinstance(line, bytes))
+    thread.start()
+    for line in read:
+        got.append((line, completed.is_set()))
+        if len(got) == 3:
+            break
+    thread.join(timeout=5)
+    assert half_written.is_set()
 
-        # An unterminated last line is read but never yielded while following, up to the
-        # stop request, which ends the generator.
-        with path.open("ab") as f:
-            f.write(b"four-without-newline")
-        timer = threading.Timer(0.3, stop.set)
-        timer.start()
-        rest = list(lines)
-        timer.join()
-        read_up_to = stream.tell()
+    # An unterminated last line is read but never yielded while following, up to the
+    # stop request, which ends the generator.
+    with path.open("ab") as f:
+        f.write(b"four-without-newline")
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    rest = list(read)
+    timer.join()
 
     assert [line for line, _ in got] == [b"one\n", b"two\n", b"three\n"]
     assert got[1][1], "b'two\\n' was yielded before its second half was written"
     assert rest == []
-    assert read_up_to == path.stat().st_size  # the partial line was seen, just not yielded
+    assert lines.position.offset == len(b"one\ntwo\nthree\n")  # stored up to there, no further
+    assert lines.position.line == 3
     assert time.monotonic() < deadline
 
 
-def test_lines_of_without_follow_yields_the_last_line_even_without_newline(
+def test_lines_without_follow_yields_the_last_line_even_without_newline(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "f.jsonl"
     path.write_bytes(b"a\nb\nc")
-    with path.open("rb") as stream:
-        assert list(lines_of(stream, follow=False, stop=lambda: False)) == [b"a\n", b"b\n", b"c"]
+    assert list(Lines(str(path))) == [b"a\n", b"b\n", b"c"]
 
 
-def test_lines_of_stops_when_asked_even_at_eof_while_following(tmp_path: Path) -> None:
+def test_lines_stop_when_asked_even_at_eof_while_following(tmp_path: Path) -> None:
     path = tmp_path / "quiet.jsonl"
     path.write_bytes(b"x\n")
     stop = threading.Event()
     timer = threading.Timer(0.3, stop.set)
     started = time.monotonic()
-    with path.open("rb") as stream:
-        timer.start()
-        got = list(lines_of(stream, follow=True, stop=stop.is_set, poll_s=0.02))
-    assert got == [b"x\n"]
+    timer.start()
+    got = list(Lines(str(path), follow=True, stop=stop.is_set, poll_s=0.02))
+    assert got[0] == b"x\n"
+    assert set(got[1:]) == {IDLE}  # said at each look at the end of the file
     assert time.monotonic() - started < 3
 
 

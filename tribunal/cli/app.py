@@ -8,32 +8,22 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from common.connection import connect
 from common.lifecycle import StopFlag, setup_logging
 from common.settings import Settings
-from producers.readers import Reading
 from tribunal.cli.base import (
     CliConfig,
-    Interrupt,
     clear_errors,
-    err,
-    needs_redis,
     runtime,
     say,
     settings,
-    summarize,
 )
 from tribunal.cli.models import models_app
 from tribunal.cli.ops import acl, dlq_app, exporter, health, labels, status
+from tribunal.cli.produce import produce
 from tribunal.cli.quality import (
     calibrate,
     evaluate,
-    logs_above_the_bar,
-    open_records,
-    reads_records,
     teach,
 )
 from tribunal.processes.embedded import EmbeddedRedis
@@ -147,81 +137,7 @@ def demo(
     raise typer.Exit(0 if ok else 1)
 
 
-@app.command()
-@reads_records
-def produce(
-    ctx: typer.Context,
-    source: Annotated[str, typer.Argument(help="JSONL or CSV file, or - for stdin.")],
-    follow: Annotated[bool, typer.Option(help="Keep reading as the file grows.")] = False,
-    chunk_size: Annotated[int, typer.Option(help="Items per pipelined XADD round trip.")] = 500,
-    wait_for_redis: Annotated[
-        bool, typer.Option(help="While Redis is unreachable, wait and retry instead of failing.")
-    ] = False,
-    *,
-    reading: Reading,
-) -> None:
-    """Validate records and add them to the items stream.
-
-    Each bad record is reported with its line and skipped; the rest still go. When the
-    slowest worker falls more than max_backlog items behind, producing waits.
-    Records: {"id": optional, "task": "sentiment", "text": "...", "text_b": for pair
-    tasks, "metadata": {...}}. Fields and columns other than the mapped ones become
-    metadata (--strict refuses them).
-    """
-    from producers.api import Producer, ProduceReport
-
-    s = needs_redis(settings(ctx))
-    stop = Interrupt().install()
-    name = "stdin" if source == "-" else source
-    records = open_records(source, reading, s, follow, stop.is_set)
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TextColumn("{task.completed} produced"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[wait]}"),
-        console=err,
-        transient=False,
-        disable=not err.is_terminal,  # in a pipe or a log file the summary line says it all
-    )
-    with clear_errors(s), progress, logs_above_the_bar():
-        job = progress.add_task(
-            f"producing from {escape(name)}" + (" (following; Ctrl-C to stop)" if follow else ""),
-            total=None,  # a count, not a share: with a total, rich stops the clock when it is met
-            wait="",
-        )
-
-        def show_wait(backlog: int) -> None:
-            wait = f"waiting for the workers (backlog {backlog} > {s.max_backlog})"
-            progress.update(job, wait=wait if backlog else "")
-
-        producer = Producer(
-            connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis, on_wait=show_wait
-        )
-        report = ProduceReport()  # kept when sending stops part-way
-        try:
-            with clear_errors(s):
-                producer.send(
-                    stop.reading(records),
-                    on_progress=lambda n: progress.advance(job, n),
-                    report=report,
-                )
-        except typer.Exit:  # Redis failed: what went before it is stored
-            summarize(report, s, stop, " before the error")
-            raise
-        except KeyboardInterrupt:  # a second Ctrl-C
-            summarize(
-                report,
-                s,
-                stop,
-                "; stopped at once: the chunk being sent may be stored or "
-                "not (produce again to be sure: known ids are not added twice)",
-            )
-            raise typer.Exit(stop.code) from None
-    summarize(report, s, stop)
-    if stop.is_set():
-        raise typer.Exit(stop.code)
-    raise typer.Exit(1 if report.invalid and not report.produced else 0)
+app.command()(produce)
 
 
 PartitionOption = Annotated[

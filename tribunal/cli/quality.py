@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import redis
 import typer
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from common.connection import connect
 from common.settings import Settings
 from producers.api import SourceRecord
+from producers.follow import Idle, Lines, Position
 from producers.readers import (
     FORMATS,
     HOLDS,
@@ -25,9 +26,12 @@ from producers.readers import (
     Reading,
     UnusableSource,
     flag_of,
+    followed,
     records_of,
 )
 from tribunal.cli.base import CliConfig, clear_errors, needs_redis, say, settings
+
+T = TypeVar("T")
 
 
 def _column(item_field: str, what: str) -> tuple[Any, str]:
@@ -98,16 +102,26 @@ def reads_records(command: Callable[..., None]) -> Callable[..., None]:
     return with_reading
 
 
-def open_records(
+def open_records(source: str, reading: Reading, s: Settings) -> Iterator[SourceRecord]:
+    """The records of ``source`` read for this fleet, or one line saying why not, exit 2."""
+    return opened(source, lambda: records_of(source, reading.for_fleet(s)))
+
+
+def open_followed(
     source: str,
     reading: Reading,
     s: Settings,
-    follow: bool = False,
-    stop: Callable[[], bool] = lambda: False,
-) -> Iterator[SourceRecord]:
-    """The records of ``source`` read for this fleet, or one line saying why not, exit 2."""
+    follow: bool,
+    stop: Callable[[], bool],
+    resume: Position | None,
+) -> tuple[Iterator[SourceRecord | Idle], Lines]:
+    """``open_records`` for ``produce`` (``producers.readers.followed``)."""
+    return opened(source, lambda: followed(source, reading.for_fleet(s), follow, stop, resume))
+
+
+def opened(source: str, open_source: Callable[[], T]) -> T:
     try:
-        return records_of(source, reading.for_fleet(s), follow, stop)
+        return open_source()
     except OSError as exc:
         say("[red]error:[/]", f"cannot read {source}: {exc.strerror}")
     except UnusableSource as exc:

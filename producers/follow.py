@@ -1,0 +1,282 @@
+"""Lines of a file or a pipe as they become readable, like ``tail -F``, with a checkpoint.
+
+    lines = Lines("tickets.jsonl", follow=True, stop=stopped)
+    for line in lines:            # bytes, or a marker:
+        ...                       # IDLE: nothing more to read for now (send what you hold)
+                                  # Restart: the file was rotated; lines number from .after + 1
+
+A producer that holds records until it has a chunk's worth must know when no more are
+coming soon, or a trickle waits for 500 records (Kafka's producers flush on ``linger.ms``
+for the same reason). ``Lines`` says so with ``IDLE`` the moment its input has nothing
+ready: at the end of a file, or when a pipe has no bytes waiting. Reading is ``os.read``
+on the descriptor behind ``select``, because a buffered ``readline`` on a pipe blocks
+without saying it waits.
+
+Following survives log rotation as GNU ``tail -F`` does: a file renamed away (logrotate's
+``create``) is read to its end, then the new file at the path is followed from its start;
+a file truncated in place (``copytruncate``) is read again from its start. Lines written
+between logrotate's copy and its truncation are lost to every reader: that is
+copytruncate's own gap (logrotate(8)). ``position`` is where the lines given so far end,
+which a ``Checkpoint`` saves, so a producer restarted on the same file resumes there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import select
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+log = logging.getLogger(__name__)
+READ_BYTES = 1 << 16
+HEAD_BYTES = 1024  # the bytes a Position's fingerprint covers (Filebeat's default length)
+
+
+class Idle:
+    """The input has nothing more ready now: what was read is all there is for the moment."""
+
+    def __repr__(self) -> str:
+        return "IDLE"
+
+
+IDLE = Idle()
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The followed file was rotated, or reading resumed from a checkpoint: the next line is
+    line ``after + 1`` (a header line met again after a rotation is the file's new header)."""
+
+    after: int
+
+
+Marker = Idle | Restart
+
+
+@dataclass(frozen=True)
+class Position:
+    """How far a file has been read: the end of the last complete line given, in bytes from
+    the start of the file ``(device, inode)``, and that line's number. ``generation`` counts
+    the rotations seen, so two readings of the same bytes after a truncation differ.
+    ``head`` fingerprints the file's first bytes, as Filebeat does, because a file deleted
+    and made again often gets the same inode back."""
+
+    path: str
+    device: int
+    inode: int
+    offset: int = 0
+    line: int = 0
+    generation: int = 0
+    head: str = ""
+
+
+class Checkpoint:
+    """A ``Position`` kept in a small JSON file, replaced atomically on each ``save`` (a crash
+    leaves the old one or the new one, never half of one)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._saved: Position | None = None
+
+    def load(self) -> Position | None:
+        """The position saved, or None when there is none yet. Raises ``ValueError`` for a
+        file that is not a checkpoint."""
+        try:
+            data = orjson.loads(self.path.read_bytes())
+            self._saved = Position(**data)
+        except FileNotFoundError:
+            return None
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"{self.path} is not a tribunal checkpoint: {exc}") from None
+        return self._saved
+
+    def save(self, position: Position) -> None:
+        if position == self._saved:
+            return
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_bytes(orjson.dumps(position.__dict__))
+        os.replace(temporary, self.path)
+        self._saved = position
+
+
+def fingerprint(head: bytes) -> str:
+    return hashlib.sha256(head).hexdigest()
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class Lines:
+    """The lines of ``path`` (``-``: stdin), each ending in a newline but the last one of a
+    file not followed, with ``IDLE`` whenever nothing more is ready and, when a followed file
+    rotates, a ``Restart``. While following, a half-written last line is never given. With
+    ``resume`` (a saved ``Position`` of this path), reading starts where it ended when that
+    is still the same file, no shorter; else from the start, said in a warning. ``header``:
+    line 1 is given first even when resuming later in the file (a CSV's column names).
+    ``stream``: read this open stream, named ``path`` (``-``: a pipe, not followed).
+
+    Raises ``OSError`` when the file cannot be opened."""
+
+    def __init__(
+        self,
+        path: str,
+        follow: bool = False,
+        stop: Callable[[], bool] = lambda: False,
+        poll_s: float = 0.2,
+        resume: Position | None = None,
+        header: bool = False,
+        stream: BinaryIO | None = None,
+    ) -> None:
+        self.path = path
+        self.follow = follow and path != "-"  # a pipe ends when its writer closes it
+        self.stop = stop
+        self.poll_s = poll_s
+        self.header = header
+        if stream is None:
+            stream = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+        self.stream = stream
+        self.position = self._position_of(self.stream)
+        self._first = b""  # the file's first HEAD_BYTES bytes, as far as they were given
+        self._resume = self._resumable(resume)
+        self._pending = b""  # the bytes read after the last newline
+
+    def _position_of(self, stream: BinaryIO) -> Position:
+        info = os.fstat(stream.fileno())
+        return Position(self.path, info.st_dev, info.st_ino)
+
+    def _resumable(self, saved: Position | None) -> Position | None:
+        if saved is None or self.path == "-":
+            return None
+        here = self.position
+        if os.fstat(self.stream.fileno()).st_size < saved.offset:
+            log.warning(
+                "%s is shorter than at the checkpoint: reading it from the start", here.path
+            )
+            return None
+        self._first = os.pread(self.stream.fileno(), min(saved.offset, HEAD_BYTES), 0)
+        if (saved.device, saved.inode, saved.head) != (
+            here.device,
+            here.inode,
+            fingerprint(self._first),
+        ):
+            log.warning(
+                "%s is not the file of the checkpoint: reading it from the start", here.path
+            )
+            return None
+        return saved
+
+    def checkpoint(self) -> Position:
+        """The position read up to, fingerprinted, for a ``Checkpoint``."""
+        head = self._first[: min(self.position.offset, HEAD_BYTES)]
+        return replace(self.position, head=fingerprint(head))
+
+    def _advance(self, line: bytes) -> None:
+        """``line`` was given: the position moves past it."""
+        if len(self._first) < HEAD_BYTES:
+            self._first += line[: HEAD_BYTES - len(self._first)]
+        at = self.position
+        self.position = replace(at, offset=at.offset + len(line), line=at.line + 1)
+
+    def __iter__(self) -> Iterator[bytes | Marker]:
+        try:
+            yield from self._read()
+        finally:
+            if self.stream is not sys.stdin.buffer:
+                self.stream.close()
+
+    def _read(self) -> Iterator[bytes | Marker]:
+        if self._resume is not None:
+            yield from self._skip_to(self._resume)
+        rotated = False
+        while not self.stop():
+            if not self._ready(0.0):
+                yield IDLE
+                while not self._ready(self.poll_s):
+                    if self.stop():
+                        return
+                    yield IDLE  # each wait of a pipe: lets the reader give up on a stop
+            data = os.read(self.stream.fileno(), READ_BYTES)
+            if data:
+                yield from self._split(data)
+                continue
+            if not self.follow:
+                break
+            if rotated:  # the renamed file was read to its end once more: now the new one
+                yield from self._reopen()
+                rotated = False
+                continue
+            yield IDLE
+            rotated = self._renamed()
+            if not rotated and self._truncated():
+                yield from self._restart(self.stream, "was truncated (copytruncate?)")
+            elif not rotated:
+                time.sleep(self.poll_s)
+        if self._pending and not self.follow:
+            self._advance(self._pending)
+            yield self._pending
+
+    def _ready(self, timeout: float) -> bool:
+        """Bytes (or the end of the input) can be read without waiting; always, for a file."""
+        readable, _, _ = select.select([self.stream.fileno()], [], [], timeout)
+        return bool(readable)
+
+    def _split(self, data: bytes) -> Iterator[bytes]:
+        self._pending += data
+        start = 0
+        while (end := self._pending.find(b"\n", start)) >= 0:
+            line = self._pending[start : end + 1]
+            start = end + 1
+            self._advance(line)
+            yield line
+        self._pending = self._pending[start:]
+
+    def _skip_to(self, saved: Position) -> Iterator[bytes | Marker]:
+        if self.header and saved.line > 0:
+            first = self.stream.readline()  # read before any os.read: nothing else buffered
+            self.position = replace(self.position, offset=len(first), line=1)
+            yield first
+        os.lseek(self.stream.fileno(), saved.offset, os.SEEK_SET)
+        self.position = replace(saved, path=self.path)
+        log.info("%s: resuming after line %d (byte %d)", self.path, saved.line, saved.offset)
+        yield Restart(saved.line)
+
+    def _renamed(self) -> bool:
+        """The path names another file now: renamed away and created again (``create``)."""
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:  # renamed, the new one not there yet: keep the old one
+            return False
+        return not same_file(now, os.fstat(self.stream.fileno()))
+
+    def _truncated(self) -> bool:
+        size = os.fstat(self.stream.fileno()).st_size
+        return size < self.position.offset + len(self._pending)
+
+    def _reopen(self) -> Iterator[bytes | Marker]:
+        if self._pending:  # the old file's last line, never finished: given as it is
+            yield from self._split(b"\n")
+        try:
+            stream = open(self.path, "rb")  # noqa: SIM115 - kept open while followed
+        except FileNotFoundError:
+            return  # gone again: the next end of file looks once more
+        self.stream.close()
+        yield from self._restart(stream, "was rotated (renamed): following the new file")
+
+    def _restart(self, stream: BinaryIO, what: str) -> Iterator[bytes | Marker]:
+        log.warning("%s %s from its start", self.path, what)
+        with contextlib.suppress(OSError):
+            os.lseek(stream.fileno(), 0, os.SEEK_SET)
+        generation = self.position.generation + 1
+        self.stream, self._pending, self._first = stream, b"", b""
+        self.position = replace(self._position_of(stream), generation=generation)
+        yield Restart(0)
