@@ -94,6 +94,22 @@ ROWS = {
     "label_then_explanation": Row(
         Reply("negative\n\nExplanation: the customer is not happy"), "negative", P / (1 - JUNK_P)
     ),
+    # Issue 28: a stated label line wins over the words of its reason; two disagree: abstain.
+    "label_line_then_reason": Row(
+        # the test server spreads its alternatives over "positive", the reason's word: at
+        # "negative" it lists none: renormalised over the labels considered, that is 1
+        Reply("Label: negative\nReason: nothing positive is said."),
+        "negative",
+        1.0,
+    ),
+    "reason_then_final_answer": Row(
+        Reply("Reason: the customer is happy, nothing negative.\n**Final answer:** positive"),
+        "positive",
+        P / (1 - JUNK_P),
+    ),
+    "two_label_lines": Row(
+        Reply("Label: positive\nAnswer: negative"), None, error="ambiguous answer: stated"
+    ),
     "quotes_the_ticket": Row(
         Reply(f'The sentiment of the statement "{TICKET}" is positive.'),
         "positive",

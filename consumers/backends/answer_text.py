@@ -47,6 +47,14 @@ _LOOKALIKES = str.maketrans(
 _LETTERS = re.compile(r"[^\W\d_]+")
 # Keys a model tends to put its answer under when asked for JSON.
 _JSON_KEYS = ("label", "answer", "sentiment", "class", "category", "prediction", "result")
+# A line stating the answer under an answer-like key: "Label: negative", "**Final answer:**
+# Negative." Its value is read before the rest, so an explanation's words do not drown it.
+_STATED = re.compile(
+    r"^[^\S\n]*[*_#>-]*[^\S\n]*(?:final[^\S\n]+)?(?:"
+    + "|".join((*_JSON_KEYS, "classification", "verdict"))
+    + r")[^\S\n]*[*_]*[^\S\n]*[:=][*_]*[^\S\n]*(?P<value>[^\n]*)",
+    re.IGNORECASE | re.MULTILINE,
+)
 # A negation earlier in the same clause as a mention ("do not describe the same problem").
 _NEGATED = re.compile(
     rf"(?:(?<!{_WORD_CHAR})(?:not|no|never|nor|neither|cannot|dont|doesnt|isnt|arent|wasnt)"
@@ -239,6 +247,16 @@ def json_value(text: str) -> Any:
         if isinstance(value, str | dict):
             return value
     return None
+
+
+def stated_values(text: str, complete: bool) -> list[tuple[int, int]]:
+    """The spans of the values of lines that state an answer (``_STATED``); with
+    ``complete``, only lines a newline ended (a cut text's last line may be unfinished)."""
+    return [
+        m.span("value")
+        for m in _STATED.finditer(text)
+        if not complete or text.startswith("\n", m.end())
+    ]
 
 
 def keyed_answer(obj: dict[Any, Any]) -> str | None:

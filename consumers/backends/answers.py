@@ -25,6 +25,11 @@ with spans mapped back to the original text; ``answer_text`` holds those text-le
         explanation, read only for a change of mind (another label's name, or this one
         negated → abstain). Synonyms there are everyday words ("not satisfied", "happy
         with the agent"), and so is a synonym as the opening word ("No, I cannot tell").
+     s. Before both: a line that states the label under an answer-like key ("Label:
+        negative", "**Final answer:** Positive.", the keys of rule 2) gives it, whatever
+        the other lines explain ("Reason: nothing positive is said."); lines stating two
+        labels → abstain. Its value must be a label's name alone ("Label: not positive"
+        states nothing).
      b. Otherwise the whole answer: its affirmed mentions must name exactly one label, its
         negated ones only other labels ("not bad: positive" → positive). No mention, two
         labels, or only negated ones ("not bad") → abstain.
@@ -78,6 +83,7 @@ from consumers.backends.answer_text import (
     phrase_pattern,
     plain_token,
     skip_reasoning,
+    stated_values,
     without_lead_in,
 )
 
@@ -180,7 +186,22 @@ class AnswerParser:
         # Rule 3, checked against the item rather than skipping every quotation, so that
         # ``The answer is "negative"`` still answers: a quoted label form is the model's word.
         text = blank_quotations(text, inputs, keep=lambda quoted: norm(quoted) in self._forms)
-        return self._read(text, 0, len(text), strict, closed)
+        return self._stated(text, closed) or self._read(text, 0, len(text), strict, closed)
+
+    def _stated(self, text: str, closed: bool) -> Answer | None:
+        """Rule 4s; None when no line states a label."""
+        stated: list[_Mention] = []
+        for a, b in stated_values(text, complete=closed):
+            mentions = self._mentions(text, a, b)
+            if len(mentions) != 1 or not mentions[0].named:
+                continue
+            m = mentions[0]
+            if not (ALNUM.search(text, a, m.start) or ALNUM.search(text, m.end, b)):
+                stated.append(m)  # the value is the label's name alone: "**Negative**."
+        labels = sorted({m.label for m in stated})
+        if len(labels) > 1:
+            return Answer(None, error=f"ambiguous answer: stated {labels}")
+        return Answer(labels[0], span=(stated[0].start, stated[0].end)) if labels else None
 
     def _read(
         self, text: str, start: int, end: int, strict: str | None = None, cut: bool = False
