@@ -2,7 +2,9 @@
 
 Its own group means several readers (an exporter, an archiver) each get every
 label, and a restarted reader continues where it stopped: a line is written and
-flushed before its entry is acked.
+flushed before its entry is acked. A pipe closed by its reader ends it (``OutputClosed``)
+with the batch being written left unacked; lines a pipe had taken into its buffer before
+its reader left are gone for that group, as with any pipe.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from typing import IO, Any
 from common.connection import text
 from common.errors import Busy
 from common.keys import LABELS_ROLE, RECORD_FIELD, all_partitions, claim_partitions
-from consumers.engine.handler import Entry, Handler
+from consumers.engine.handler import Entry, Handler, StopConsuming
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
+
+
+class OutputClosed(StopConsuming):
+    """The labels' reader closed its end (``tribunal labels | head``)."""
 
 
 class LabelsHandler(Handler):
@@ -26,14 +32,19 @@ class LabelsHandler(Handler):
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         lines = [e.fields[RECORD_FIELD] + b"\n" for e in entries if RECORD_FIELD in e.fields]
-        self.out.write(b"".join(lines))
-        self.out.flush()
+        try:
+            self.out.write(b"".join(lines))
+            self.out.flush()
+        except BrokenPipeError:  # nothing of this batch is acked: its labels stay for the group
+            raise OutputClosed from None
         self.written += len(lines)
         return {}
 
 
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
-    """Write decisions as JSONL until the stream is drained (or until stopped, with ``follow``)."""
+    """Write decisions as JSONL until the stream is drained (or until stopped, with
+    ``follow``); returns how many were written and acked. Raises ``OutputClosed`` when
+    ``out`` is a pipe its reader closed: the batch being written is not acked."""
     handler = LabelsHandler(out)
     consume(
         rt, lambda keys: keys.output, group, lambda _: handler, role=LABELS_ROLE, drain=not follow

@@ -28,7 +28,7 @@ from common import metrics
 from common.connection import OUTAGE_BACKOFF, is_transient, text
 from common.keys import claim_partitions
 from common.scripts import forget_consumer, renew_claims
-from consumers.engine.handler import Entry, Handler
+from consumers.engine.handler import Entry, Handler, StopConsuming
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
 
@@ -301,6 +301,8 @@ class StreamConsumer:
         if fresh:
             try:
                 failures = self.handler.handle(fresh, writes)
+            except StopConsuming:
+                raise
             except Exception as exc:  # a handler bug or a backend failure: retry later
                 if is_transient(exc, self.redis):
                     raise  # Redis, not the entries: the loop backs off

@@ -20,12 +20,19 @@ class Entry:
     deliveries: int = 1
 
 
+class StopConsuming(Exception):
+    """Raised by a handler whose output is gone for good (the labels reader's pipe closed):
+    the consumer stops at once, acking nothing of the batch, which stays pending for the
+    group's next reader. Not an error to retry, so not caught as one."""
+
+
 class Handler:
     """What a consumer does with a batch. Subclasses implement ``handle``."""
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
         """Queue the batch's results on ``writes``; return ``{entry_id: error}`` for entries
-        to leave pending (they are retried after ``reclaim_idle_s``)."""
+        to leave pending (they are retried after ``reclaim_idle_s``). Raises
+        ``StopConsuming`` to end the consumer instead."""
         raise NotImplementedError
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:

@@ -3,6 +3,8 @@ running fleet."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -174,7 +176,7 @@ def labels(
     """Write final labels as JSONL, continuing where this reader's group left off. The final
     streams keep a label until every reader's group has it (and retention_s has passed):
     a reader that will not come back holds them until --forget."""
-    from consumers.labels import forget_reader, read_labels
+    from consumers.labels import OutputClosed, forget_reader, read_labels
 
     rt = runtime(settings(ctx))
     if forget:
@@ -190,6 +192,10 @@ def labels(
     except OSError as exc:
         say("[red]error:[/]", f"cannot write {output}: {exc.strerror}")
         raise typer.Exit(2) from None
-    with clear_errors(rt.settings), sink as out:
-        written = read_labels(rt, out, group, follow)
+    try:
+        with clear_errors(rt.settings), sink as out:
+            written = read_labels(rt, out, group, follow)
+    except (OutputClosed, BrokenPipeError):  # `labels | head`: quietly, as `seq 9 | head -1`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout's last flush at exit: no error
+        raise typer.Exit(128 + signal.SIGPIPE) from None
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
