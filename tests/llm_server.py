@@ -38,6 +38,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import urlsplit
 
 MODEL = "test-model"
 JUNK_TOKEN, JUNK_P = "The", 0.01
@@ -93,6 +94,7 @@ class LLMServer:
     def __init__(self, retry_after: str = "0") -> None:
         self.retry_after = retry_after
         self.requests: list[dict[str, Any]] = []
+        self.proxied: list[str] = []  # absolute URLs of requests sent to it as a proxy
         self.headers: list[dict[str, str]] = []
         self.attempts: Counter[str] = Counter()
         self.in_flight = 0
@@ -230,6 +232,9 @@ def _handler(server: LLMServer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path.startswith("http://"):  # sent to it as to a proxy: answered all the same
+                server.proxied.append(self.path)
+                self.path = urlsplit(self.path).path
             if self.path != "/v1/chat/completions":
                 self.send(404, b'{"error": "not found"}')
                 return

@@ -15,11 +15,15 @@ from typing import Any
 
 import orjson
 import pytest
+from llm_server import MODEL, llm_server
 from redis import Redis
 from test_cli import cli, flat  # noqa: F401  (cli: the fixture)
 
 from common.keys import Keys
+from common.schemas import Item
 from common.settings import Settings
+from common.tasks import BUILTIN_TASKS
+from consumers.backends.openai_compat import OpenAICompatible
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -91,3 +95,65 @@ def test_labels_to_a_file_still_says_what_it_wrote(
     assert done.returncode == 0, done.stderr
     assert f"wrote {LABELS} labels to" in flat(done.stderr)
     assert len((tmp_path / "out.jsonl").read_bytes().splitlines()) == LABELS
+
+
+# --- a proxy in the environment ---------------------------------------------------------
+
+DEAD_PROXY = "http://127.0.0.1:9"  # nothing listens there: a proxy that swallows every call
+
+
+def backend(base_url: str) -> OpenAICompatible:
+    options = {"base_url": base_url, "model": MODEL, "backoff_s": 0.01, "timeout_s": 5}
+    return OpenAICompatible({**options, "max_retries": 0}, BUILTIN_TASKS)
+
+
+def sentiment(*texts: str) -> list[Item]:
+    return [Item(id=f"i{n}", task="sentiment", text=t) for n, t in enumerate(texts)]
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_proxy_in_the_environment_is_not_used_for_this_machines_model_servers(
+    monkeypatch: pytest.MonkeyPatch, host: str
+) -> None:
+    """Was: with http_proxy/HTTPS_PROXY set and no no_proxy, every loopback model call went
+    to the proxy: every item dead-lettered with "All connection attempts failed"."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.setenv(name, DEAD_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with llm_server() as server:
+        model = backend(server.url.replace("127.0.0.1", host))
+        try:
+            out = model.classify(sentiment("expect=negative", "expect=positive"))
+        finally:
+            model.close()
+        assert [p.label for p in out] == ["negative", "positive"], [p.error for p in out]
+        assert len(server.requests) == 2 and server.proxied == []
+
+
+def test_a_remote_model_server_goes_through_the_proxy_and_an_error_names_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The user's proxy is honoured where it is meant for: a remote endpoint. The test
+    server plays the proxy (it answers requests sent to it in absolute form)."""
+    for name in ("no_proxy", "NO_PROXY", "ALL_PROXY", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    remote = "http://models.example.invalid:8000/v1"
+    with llm_server() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.root)
+        model = backend(remote)
+        try:
+            [p] = model.classify(sentiment("expect=neutral"))
+        finally:
+            model.close()
+        assert p.label == "neutral", p.error
+        assert proxy.proxied == [f"{remote}/chat/completions"]
+
+    monkeypatch.setenv("HTTP_PROXY", DEAD_PROXY)
+    model = backend(remote)
+    try:
+        [p] = model.classify(sentiment("expect=neutral"))
+    finally:
+        model.close()
+    assert p.label is None
+    assert f"(through the proxy {DEAD_PROXY} set in the environment)" in (p.error or "")

@@ -42,6 +42,8 @@ from collections import Counter
 from collections.abc import Coroutine, Mapping, Sequence
 from email.utils import parsedate_to_datetime
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import httpx
 import orjson
@@ -63,6 +65,18 @@ from consumers.backends.openai_wire import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+LOOPBACK = ("all://127.0.0.1", "all://localhost", "all://[::1]")  # httpx mount patterns
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``*_PROXY`` less ``NO_PROXY``, read as
+    urllib and httpx read them), None for this machine's own addresses."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if f"all://{host}" in LOOPBACK or f"all://[{host}]" in LOOPBACK or proxy_bypass(host):
+        return None
+    proxies = getproxies()
+    return proxies.get(parts.scheme) or proxies.get("all")
 
 
 class RequestFailed(TribunalError):
@@ -112,7 +126,17 @@ class OpenAICompatible:
             headers=headers,
             timeout=httpx.Timeout(self.opts.timeout_s),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
+            # A proxy from the environment (HTTPS_PROXY, ALL_PROXY: common on corporate
+            # machines) is used for a remote server, never for this machine's own: without
+            # NO_PROXY, httpx would send loopback requests to the proxy too.
+            mounts=dict.fromkeys(LOOPBACK),
         )
+
+    @property
+    def _proxy_note(self) -> str:
+        """What a connection error should add when it went through a proxy."""
+        proxy = proxy_for(self.opts.base_url)
+        return f" (through the proxy {proxy} set in the environment)" if proxy else ""
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -205,7 +229,7 @@ class OpenAICompatible:
             except httpx.TimeoutException:
                 error = f"timed out after {self.opts.timeout_s}s"
             except httpx.TransportError as exc:
-                error = f"connection error: {type(exc).__name__}: {exc}"
+                error = f"connection error: {type(exc).__name__}: {exc}{self._proxy_note}"
             else:
                 if response.status_code == 200:
                     try:
