@@ -120,12 +120,23 @@ PASSING_ERRORS = (
 )
 # Replies redis-py has no class for (NOREPLICAS), or that reach us as text: the cause inside
 # an aborted transaction ("Transaction discarded because of: OOM ...").
-PASSING_REPLIES = ("TRYAGAIN", "NOREPLICAS", "CLUSTERDOWN", "MASTERDOWN", "LOADING", "OOM")
+# MISCONF: writes refused after a failed background save (a full disk, a failed fork), until a
+# save succeeds again.
+PASSING_REPLIES = (
+    "TRYAGAIN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "MASTERDOWN",
+    "LOADING",
+    "OOM",
+    "MISCONF",
+)
 
 # The one backoff of every wait on an unavailable Redis (a consumer's partition, a
 # producer's send, a cluster client's first connection): redis-py's own, 0.2 s doubling
-# to 10 s: quick after a blip, a few calls a minute through a long outage.
-OUTAGE_BACKOFF = ExponentialBackoff(cap=10.0, base=0.2)
+# to 2 s: quick after a blip, and back within 2 s of the end of a long outage (its cost,
+# one command per process every 2 s, is nothing to a Redis that answers errors).
+OUTAGE_BACKOFF = ExponentialBackoff(cap=2.0, base=0.2)
 
 
 def is_transient(exc: BaseException, client: object) -> bool:

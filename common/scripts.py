@@ -48,7 +48,7 @@ ADVANCE = _lua("advance")  # send open items on to a later tier of workers, once
 ESCALATED = "judge"
 DONE = "done"
 # How long a chunk's marker is kept: a producer sends a chunk again within seconds of losing
-# its reply (its retries back off to 10 s); one per chunk per partition, so not a day's worth.
+# its reply (its retries back off to 2 s); one per chunk per partition, so not a day's worth.
 CHUNK_TTL_S = 600
 
 

@@ -17,13 +17,18 @@ import orjson
 import pytest
 from llm_server import MODEL, llm_server
 from redis import Redis
+from redis.exceptions import ResponseError
 from test_cli import cli, flat  # noqa: F401  (cli: the fixture)
+from test_run_command import Procs, ctrl_c, procs, wait_for  # noqa: F401  (procs: the fixture)
 
 from common.keys import Keys
 from common.schemas import Item
-from common.settings import Settings
+from common.settings import Settings, load_settings
 from common.tasks import BUILTIN_TASKS
 from consumers.backends.openai_compat import OpenAICompatible
+from producers.api import Producer
+from tribunal.processes.children import RESTART_BACKOFF, STABLE_S, Restarts
+from tribunal.processes.embedded import EmbeddedRedis
 
 pytestmark = pytest.mark.slow  # real processes
 
@@ -157,3 +162,88 @@ def test_a_remote_model_server_goes_through_the_proxy_and_an_error_names_it(
         model.close()
     assert p.label is None
     assert f"(through the proxy {DEAD_PROXY} set in the environment)" in (p.error or "")
+
+
+# --- writes refused: MISCONF ------------------------------------------------------------
+
+
+def refuse_writes(redis: Redis, pid: int) -> None:
+    """Make the server refuse writes as it does after a failed background save: a save point,
+    a slow save, its child killed (Redis's own tests fail a save this way)."""
+    redis.config_set("save", "3600 1")
+    redis.config_set("rdb-key-save-delay", 1_000_000)  # µs per key: the child is still saving
+    redis.set("misconf-test", "1")
+    redis.bgsave()
+    wait_for("the save's child", lambda: children_of(pid), 10)
+    for child in children_of(pid):
+        os.kill(child, signal.SIGKILL)
+    wait_for("MISCONF", lambda: refused(redis), 10)
+
+
+def allow_writes(redis: Redis) -> None:
+    redis.config_set("rdb-key-save-delay", 0)
+    redis.bgsave()
+    wait_for("a good save", lambda: not refused(redis), 10)
+
+
+def children_of(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+
+
+def refused(redis: Redis) -> bool:
+    try:
+        redis.set("misconf-probe", "1")
+    except ResponseError as exc:
+        return str(exc).startswith("MISCONF")
+    return False
+
+
+def test_refused_writes_are_waited_out_by_every_member_and_said_once(
+    procs: Procs,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Was: MISCONF (a failed background save) ended every fleet member, idle ones too, and
+    `run` restarted them in a loop with a backoff that never reset (23 exits in 25 s). Now
+    members wait as for OOM or READONLY: no member exits, each says it once, and labeling
+    goes on after the fix."""
+    with EmbeddedRedis(tmp_path / "valkey") as server:
+        redis = Redis.from_url(server.url)
+        procs.env["TRIBUNAL_NAMESPACE"] = "misconf"
+        run = procs.start("run", log="run.log", url=server.url)
+        keys = Keys("misconf")
+        producer_settings = load_settings(redis_url=server.url, namespace="misconf")
+        Producer(redis, producer_settings).send(tickets("before", 3))
+        wait_for("the first labels", lambda: redis.xlen(keys.output) == 3, 60, run)
+
+        refuse_writes(redis, server.pid or 0)
+        time.sleep(6)  # several retries of every member
+        allow_writes(redis)
+        Producer(redis, producer_settings).send(tickets("after", 3))
+        wait_for("labels after the fix", lambda: redis.xlen(keys.output) == 6, 60, run)
+        assert ctrl_c(run) == 0
+    said = procs.output("run.log").decode(errors="replace")
+    assert "restarting in" not in said and "Traceback" not in said, said[-3000:]
+    unavailable = [line for line in said.splitlines() if "Redis unavailable" in line]
+    members = {line.split(": Redis unavailable")[0].split()[-1] for line in unavailable}
+    assert unavailable and len(unavailable) == len(members), unavailable  # once per member
+    assert all("MISCONF" in line for line in unavailable)
+    assert 0 < said.count("Redis is back after") <= len(members)  # said by those it came back to
+
+
+def tickets(prefix: str, n: int) -> list[dict[str, str]]:
+    return [{"id": f"{prefix}{i}", "task": "sentiment", "text": f"ticket {i}"} for i in range(n)]
+
+
+def test_a_child_that_ran_a_while_is_restarted_at_once_after_its_next_crash() -> None:
+    """Was: a fleet child's restart backoff was never reset, so after a few crashes every
+    later one waited 16-30 s. Now a child up for STABLE_S starts over at 1 s, as the model
+    servers always did (they share ``Restarts`` now)."""
+    restarts = Restarts(count=5)
+    restarts.started()
+    restarts.running()
+    assert restarts.count == 5  # just started: the crashes still count
+    restarts.started_at -= STABLE_S + 1
+    restarts.running()
+    assert restarts.count == 0
+    assert restarts.plan() == pytest.approx(RESTART_BACKOFF.compute(0))

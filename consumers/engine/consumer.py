@@ -75,6 +75,7 @@ class StreamConsumer:
         self._group_ready = False
         self._resume_at = 0.0  # monotonic time before which this partition waits out an outage
         self._failures = 0  # outages in a row (the backoff's exponent)
+        self._outage_since = 0.0  # monotonic: when the current outage began
 
     # --- what the loop asks ---------------------------------------------------------------
     @property
@@ -102,8 +103,17 @@ class StreamConsumer:
         if self._cursor is not None:
             self._cursor = self.read_pending(self._cursor)
 
-    def succeeded(self) -> None:
+    def succeeded(self) -> float | None:
+        """A Redis call went through: returns how long the outage it ends lasted (seconds;
+        None when there was none)."""
+        lasted = time.monotonic() - self._outage_since if self._failures else None
         self._failures = 0
+        return lasted
+
+    @property
+    def outage_began(self) -> bool:
+        """The last ``outage`` was the first of this outage: the one to say."""
+        return self._failures == 1
 
     def group_lost(self) -> None:
         """The stream or group is gone (a Redis restarted without persistence, or deleted by
@@ -113,6 +123,8 @@ class StreamConsumer:
     def outage(self) -> float:
         """Redis is unavailable for this partition: wait (returns how long), then re-read our
         own pending entries first."""
+        if not self._failures:
+            self._outage_since = time.monotonic()
         delay = OUTAGE_BACKOFF.compute(self._failures)
         self._failures += 1
         self._resume_at = time.monotonic() + delay

@@ -134,16 +134,18 @@ def _guarded(group: Sequence[StreamConsumer], drain: bool, step: Callable[[], An
         if drain or not is_transient(exc, group[0].redis):
             raise  # a one-off read says so now; a bug is not waited out
         delays = [c.outage() for c in group]
-        log.warning(
-            "%s: Redis unavailable for %s (%s); retrying in %.1fs",
+        log.log(  # once per outage: it tries every 2 s at most, many times in a long one
+            logging.WARNING if group[0].outage_began else logging.DEBUG,
+            "%s: Redis unavailable for %s (%s); retrying from %.1fs on, until it is back",
             group[0].name,
             ", ".join(c.stream for c in group),
             exc,
             delays[0],
         )
         return None
-    for c in group:
-        c.succeeded()
+    lasted = [c.succeeded() for c in group]
+    if lasted[0] is not None:
+        log.warning("%s: Redis is back after %.1fs", group[0].name, lasted[0])
     return result
 
 

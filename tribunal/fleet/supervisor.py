@@ -152,6 +152,7 @@ class Fleet:
             stdout=self.log_to,
             stderr=subprocess.STDOUT if self.log_to else None,
         )
+        child.restart.started()
         log.info("started %s (pid %d)", child.role, child.process.pid)
 
     def supervise(self) -> None:
@@ -161,6 +162,8 @@ class Fleet:
             return
         self.servers.supervise()
         for child in self.children:
+            if child.process is not None and child.process.poll() is None:
+                child.restart.running()
             if child.process is None or child.process.poll() is None:
                 continue
             if child.process.returncode == CONFIG_ERROR:

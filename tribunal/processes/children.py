@@ -28,6 +28,7 @@ _children: list[tuple[subprocess.Popen[bytes], signal.Signals]] = []
 
 # The supervisors' backoff (redis-py's, as for Redis outages): 1, 2, 4 … 30 s.
 RESTART_BACKOFF = ExponentialBackoff(cap=30.0, base=1.0)
+STABLE_S = 60.0  # a process up this long is well again: its restart backoff starts over
 
 
 @dataclass
@@ -36,6 +37,17 @@ class Restarts:
 
     count: int = 0
     at: float = 0.0  # when the planned restart is due; 0.0: none planned
+    started_at: float = 0.0  # monotonic: when the process was last started
+
+    def started(self) -> None:
+        """The process was (re)started now."""
+        self.started_at = time.monotonic()
+
+    def running(self) -> None:
+        """Called each supervision round while the process is alive: once it has run for
+        ``STABLE_S``, its crashes are forgotten and the next one restarts it at once."""
+        if self.count and time.monotonic() - self.started_at > STABLE_S:
+            self.count = 0
 
     def plan(self) -> float:
         """Plan the next restart; returns its delay in seconds."""

@@ -78,7 +78,6 @@ class ModelServer:
     port: int = 0
     process: subprocess.Popen[bytes] | None = None
     restart: Restarts = field(default_factory=Restarts)
-    started_at: float = 0.0  # monotonic
 
     @property
     def restarts(self) -> int:
@@ -131,7 +130,7 @@ class ModelServer:
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **PASSIVE_WAIT},
             )
-        self.started_at = time.monotonic()
+        self.restart.started()
         log.info("started llama-server %s (pid %d) at %s", self.name, self.process.pid, self.url)
 
     def wait_healthy(self, timeout_s: float) -> None:
@@ -233,8 +232,8 @@ class ModelServers:
         if self.stopping:
             return
         for server in self.servers:
-            if server.alive() and server.restarts and time.monotonic() - server.started_at > 60:
-                server.restart.count = 0  # up for a minute: the next crash restarts at once
+            if server.alive():
+                server.restart.running()
             if server.process is None or server.alive():
                 continue
             if server.restart.after_exit(server.exit_note):
