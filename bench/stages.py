@@ -92,11 +92,10 @@ def cast_votes(client: Redis, scripts: Scripts, entries: Any) -> None:
     for worker in WORKERS:
         for offset in range(0, len(entries), BATCH):
             writes = Writes.transaction(client, scripts)
-            deadline = time.time() + 60
             for _, fields in entries[offset : offset + BATCH]:
                 item = orjson.loads(fields[RECORD_FIELD])
                 vote = Vote(worker=worker, label=item["gold"], confidence=0.9)
-                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, deadline)
+                writes.cast_vote(item["id"], vote, fields[RECORD_FIELD], 2, 60.0)
             writes.flush().execute()
 
 

@@ -44,6 +44,7 @@ RENEW = _lua("renew")  # reset the idle time of entries a consumer still holds
 FORGET = _lua("forget")  # remove a consumer that holds nothing from its group
 GATHER = _lua("gather")  # read many vote hashes in one round trip
 ADVANCE = _lua("advance")  # send open items on to a later tier of workers, once
+HEARTBEAT = _lua("heartbeat")  # say a consumer is alive, on the server's clock
 
 ESCALATED = "judge"
 DONE = "done"
@@ -57,7 +58,7 @@ class Ballot(NamedTuple):  # a tuple: built and hashed per vote, as the key of i
 
     worker: str
     notify_at: int  # votes an item needs before the aggregator is notified
-    deadline: float  # epoch seconds: the vote timeout of an item this call votes on first
+    timeout_s: float  # the vote timeout of an item this call votes on first, from Redis's TIME
     counter: str
 
 
@@ -89,7 +90,7 @@ class Scripts:
         """Cast ``(item id, vote json, item json)`` triples that share ``ballot``."""
         k = self.keys
         keys: list[Any] = [k.ready, k.deadlines, k.stats]
-        args: list[Any] = [ballot.worker, ballot.notify_at, f"{ballot.deadline:.3f}"]
+        args: list[Any] = [ballot.worker, ballot.notify_at, f"{ballot.timeout_s:.3f}"]
         args.append(ballot.counter)
         for item_id, vote, item in votes:
             keys += [k.votes(item_id), k.state(item_id)]
@@ -124,17 +125,28 @@ class Scripts:
         return _eval(client, PRODUCE, keys, args)
 
     def advance(
-        self, pipe: Pipeline, tier: int, counter: str, items: Sequence[tuple[str, float, bytes]]
+        self,
+        pipe: Pipeline,
+        tier: int,
+        counter: str,
+        timeout_s: float,
+        items: Sequence[tuple[str, bytes]],
     ) -> None:
-        """Send ``(item id, vote deadline in epoch seconds, item json)`` on to tier
-        ``tier``'s stream, each once however often it is asked."""
+        """Send ``(item id, item json)`` pairs on to tier ``tier``'s stream, each once however
+        often it is asked; each item's vote timeout starts again (``timeout_s`` from now, by
+        Redis's clock)."""
         k = self.keys
         keys: list[Any] = [k.tier(tier), k.deadlines, k.stats]
-        args: list[Any] = [tier, counter, self.done_ttl_s]
-        for item_id, deadline, item in items:
+        args: list[Any] = [tier, counter, self.done_ttl_s, f"{timeout_s:.3f}"]
+        for item_id, item in items:
             keys += [k.state(item_id), k.queued(item_id)]
-            args += [item_id, f"{deadline:.3f}", item]
+            args += [item_id, item]
         _eval(pipe, ADVANCE, keys, args)
+
+    def heartbeat(self, redis: Redis, consumer: str, forget_after_s: float) -> None:
+        """Stamp ``consumer`` alive now by Redis's clock; forget those silent longer than
+        ``forget_after_s``."""
+        _eval(redis, HEARTBEAT, [self.keys.heartbeats], [consumer, forget_after_s])
 
     def gather_votes(self, redis: Redis, item_ids: Sequence[str]) -> list[dict[bytes, bytes]]:
         """The vote hash of each item (empty once settled), in one round trip."""

@@ -96,8 +96,13 @@ class AggregatorHandler(Handler):
         if time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + min(1.0, self.rt.settings.vote_timeout_s / 4)
+        seconds, micros = self.rt.redis.time()  # deadlines are on Redis's clock, not ours
         due: Any = self.rt.redis.zrangebyscore(
-            self.rt.keys.deadlines, "-inf", now(), start=0, num=self.rt.settings.batch_size
+            self.rt.keys.deadlines,
+            "-inf",
+            seconds + micros / 1e6,
+            start=0,
+            num=self.rt.settings.batch_size,
         )
         if due:
             log.info("vote timeout: deciding %d items with the votes present", len(due))
@@ -136,8 +141,7 @@ class AggregatorHandler(Handler):
                 writes.escalate(item.id, escalation.dump())
             elif (tier := self.next_tier(votes)) is not None:
                 # The vote timeout starts again for the votes the next tier owes.
-                deadline = now() + self.rt.settings.vote_timeout_s
-                writes.advance(item.id, tier, raw_item, deadline)
+                writes.advance(item.id, tier, raw_item, self.rt.settings.vote_timeout_s)
 
     def next_tier(self, votes: list[Vote]) -> int | None:
         """The tier to ask next, when every worker of the tiers asked so far has voted (an

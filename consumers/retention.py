@@ -10,7 +10,6 @@ retention period, and even then only once every group reading them has acked.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,8 +67,9 @@ def trim(
     floor = needed_floor(redis, stream, groups)
     if floor is None:
         return 0
-    if max_age_s is not None:
-        floor = min(floor, (int((time.time() - max_age_s) * 1000), 0))
+    if max_age_s is not None:  # entry ids are Redis's clock in ms: its clock, not ours
+        seconds, micros = redis.time()
+        floor = min(floor, (int((seconds + micros / 1e6 - max_age_s) * 1000), 0))
     minid = f"{floor[0]}-{floor[1]}"
     # An approximate XTRIM removes at most LIMIT entries per call (default 100 macro nodes,
     # 10,000 entries): keep going, or a fast stream would outgrow the janitor.

@@ -16,7 +16,7 @@ import redis
 
 from common import metrics
 from common.keys import RECORD_FIELD, worker_group
-from common.schemas import Item, Vote, now
+from common.schemas import Item, Vote
 from common.validation import InvalidItem, item_from_entry
 from consumers import outcomes
 from consumers.backends import Backend, BackendError, ask, backend_for
@@ -78,9 +78,9 @@ class WorkerHandler(Handler):
         outcomes.model_call(
             writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
         )
-        deadline = self.deadline()
+        timeout_s = self.rt.settings.vote_timeout_s
         for (entry, item), vote in zip(valid, call.votes, strict=True):
-            writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, deadline)
+            writes.cast_vote(item.id, vote, entry.fields[RECORD_FIELD], self.notify_at, timeout_s)
         return {}
 
     def unsettled(
@@ -92,10 +92,6 @@ class WorkerHandler(Handler):
         kept = [pair for pair, state in zip(valid, states, strict=True) if state is None]
         writes.incr(metrics.SKIPPED, {"worker": self.worker}, len(valid) - len(kept))
         return kept
-
-    def deadline(self) -> float:
-        """When the vote timeout of an item voted on now ends (epoch seconds)."""
-        return now() + self.rt.settings.vote_timeout_s
 
     def give_up(self, entry: Entry, error: str, writes: Writes) -> bool:
         """This model keeps failing on the item: abstain with the error, so the other
@@ -111,7 +107,7 @@ class WorkerHandler(Handler):
             error=f"gave up after {entry.deliveries} deliveries: {error}",
         )
         payload = entry.fields[RECORD_FIELD]
-        writes.cast_vote(item.id, abstain, payload, self.notify_at, self.deadline())
+        writes.cast_vote(item.id, abstain, payload, self.notify_at, self.rt.settings.vote_timeout_s)
         return True
 
 

@@ -247,3 +247,50 @@ def test_a_child_that_ran_a_while_is_restarted_at_once_after_its_next_crash() ->
     restarts.running()
     assert restarts.count == 0
     assert restarts.plan() == pytest.approx(RESTART_BACKOFF.compute(0))
+
+
+# --- a skewed clock ---------------------------------------------------------------------
+
+SKEW_S = 75.0
+
+
+def test_a_worker_host_minutes_behind_changes_nothing(procs: Procs, tmp_path: Path) -> None:  # noqa: F811
+    """Was: deadlines and heartbeats were stamped with each host's clock and judged on
+    another's: a worker 75 s behind made every item it voted on first a "vote timeout"
+    (judge), and `health` called it dead. Now both are on Redis's clock (``TIME``). The
+    skew is real to the process: its ``time.time()`` runs 75 s behind (a sitecustomize)."""
+    behind = tmp_path / "behind"
+    behind.mkdir()
+    (behind / "sitecustomize.py").write_text(
+        f"import time\n_real = time.time\ntime.time = lambda: _real() - {SKEW_S}\n"
+    )
+    with EmbeddedRedis(tmp_path / "valkey") as server:
+        redis = Redis.from_url(server.url)
+        procs.env |= {"TRIBUNAL_NAMESPACE": "skew", "TRIBUNAL_VOTE_TIMEOUT_S": "30"}
+        skewed = dict(procs.env)
+        procs.env["PYTHONPATH"] = str(behind)  # only the first worker's host is behind
+        members = [procs.start("worker", "vader", log="vader.log", url=server.url)]
+        procs.env = skewed
+        members += [
+            procs.start(*role, log=f"{role[-1]}.log", url=server.url)
+            for role in (("worker", "textblob"), ("worker", "afinn"), ("aggregator",), ("judge",))
+        ]
+        keys = Keys("skew")
+        wait_for("every member", lambda: redis.zcard(keys.heartbeats) == 5, 60)
+        settings = load_settings(redis_url=server.url, namespace="skew")
+        Producer(redis, settings).send(tickets("t", 20))
+        wait_for("every label", lambda: redis.xlen(keys.output) == 20, 60)
+        health = subprocess.run(
+            [sys.executable, "-m", "tribunal", "health"],
+            env={**skewed, "TRIBUNAL_REDIS_URL": server.url},
+            cwd=procs.cwd,
+            capture_output=True,
+            timeout=60,
+        )
+        labels = [orjson.loads(f[b"d"]) for _, f in redis.xrange(keys.output)]
+        for member in members:
+            assert ctrl_c(member) == 0
+    assert health.returncode == 0, health.stdout + health.stderr
+    timed_out = [d["id"] for d in labels if "vote timeout" in str(d.get("reason", ""))]
+    assert timed_out == []
+    assert "worker:vader" in procs.output("vader.log").decode()  # it ran, behind

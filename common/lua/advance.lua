@@ -1,15 +1,17 @@
 -- KEYS: the tier's stream, deadlines zset, stats hash, then per item: state, queued marker
--- ARGV: tier, counter field, queued ttl s, then per item: item id, deadline, item json
+-- ARGV: tier, counter field, queued ttl s, vote timeout s, then per item: item id, item json
 -- Sends each open item on to a later tier of workers, once: its queued marker holds 1 + the
 -- tier it was last sent to (1: the items stream, as produce.lua sets it), so a second
 -- decision to send it there (another notice of the same votes, a replica, a re-delivery)
 -- finds it sent and adds nothing. The item's vote timeout starts again (its state says it is
 -- open, so it is awaited); the counter counts the items sent.
 local tier = tonumber(ARGV[1])
+local time = redis.call('TIME')  -- the server's clock: hosts' clocks disagree
+local deadline = tonumber(time[1]) + tonumber(time[2]) / 1e6 + tonumber(ARGV[4])
 local sent = 0
 for i = 0, (#KEYS - 3) / 2 - 1 do
   local state, queued = KEYS[4 + 2 * i], KEYS[5 + 2 * i]
-  local a = 4 + 3 * i
+  local a = 5 + 2 * i
   local marker = redis.call('GET', queued)
   if redis.call('EXISTS', state) == 0 and (tonumber(marker) or 1) < tier + 1 then
     if marker then
@@ -17,8 +19,8 @@ for i = 0, (#KEYS - 3) / 2 - 1 do
     else  -- expired, or never set (an item added by hand): it expires like produce's
       redis.call('SET', queued, tier + 1, 'EX', ARGV[3])
     end
-    redis.call('XADD', KEYS[1], '*', '${RECORD}', ARGV[a + 2])
-    redis.call('ZADD', KEYS[2], ARGV[a + 1], ARGV[a])
+    redis.call('XADD', KEYS[1], '*', '${RECORD}', ARGV[a + 1])
+    redis.call('ZADD', KEYS[2], deadline, ARGV[a])
     sent = sent + 1
   end
 end

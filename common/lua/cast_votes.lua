@@ -1,5 +1,5 @@
 -- KEYS: ready stream, deadlines zset, stats hash, then per item: votes hash, state
--- ARGV: worker, notify_at, deadline, counter field, then per item: item id, vote json,
+-- ARGV: worker, notify_at, vote timeout s, counter field, then per item: item id, vote json,
 --       item json
 -- One worker's votes that share a counter (its label): per item, store the vote with the
 -- item unless the item is settled (late or re-delivered votes are dropped, and no per-item
@@ -8,7 +8,10 @@
 -- once per call, and a vote runs three commands (four for an item's first vote, or when more
 -- than two votes are needed to notify) where it ran four or five: per argument and per
 -- command costs are most of what Redis spends on a vote (INFO commandstats, perf).
-local worker, notify_at, deadline = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local worker, notify_at = ARGV[1], tonumber(ARGV[2])
+-- The deadline on the server's clock, not the worker's: hosts' clocks disagree.
+local time = redis.call('TIME')
+local deadline = tonumber(time[1]) + tonumber(time[2]) / 1e6 + tonumber(ARGV[3])
 local ready, counted = {}, 0
 for i = 0, (#KEYS - 3) / 2 - 1 do
   local votes, state = KEYS[4 + 2 * i], KEYS[5 + 2 * i]

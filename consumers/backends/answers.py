@@ -60,7 +60,6 @@ Confidence (``label_confidence``), from the per-token logprobs of the answer:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -81,24 +80,14 @@ from consumers.backends.answer_text import (
     no_answer,
     norm,
     phrase_pattern,
-    plain_token,
     skip_reasoning,
     stated_values,
     without_lead_in,
 )
+from consumers.backends.logprobs import TokenLogprob, plain, probability
 
 MAX_RAW_CHARS = 500  # what an abstention keeps of the model's text
 NO_LABEL = "no label in the answer"
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token, its logprob, and the alternatives the server listed there.
-    A logprob is None where the server gave none (null, or a field left out)."""
-
-    token: str
-    logprob: float | None
-    top: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -338,7 +327,7 @@ class AnswerParser:
         if not tokens or answer.label is None:
             return None
         label = answer.label
-        tokens = [_clean(t) for t in tokens]
+        tokens = [plain(t) for t in tokens]
         text = "".join(t.token for t in tokens)
         # Offsets must refer to the tokens' own text (servers detokenize one token at a
         # time, which may differ from the message text): read the label there again.
@@ -361,10 +350,10 @@ class AnswerParser:
                 # A token straddling the label's start carries a lead-in (' "', ' '): drop it.
                 owners = self.labels_for(prefix + alt if start >= a else without_lead_in(alt))
                 if owners == {label}:
-                    mine += path * _probability(logprob)
+                    mine += path * probability(logprob)
                 elif owners and label not in owners:
-                    others += path * _probability(logprob)
-            p = _probability(tok.logprob)
+                    others += path * probability(logprob)
+            p = probability(tok.logprob)
             if p == 0:
                 return None  # no usable number for the token the model chose
             chosen = prefix + tok.token if start >= a else without_lead_in(tok.token)
@@ -396,23 +385,3 @@ class AnswerParser:
 
 def parsers(tasks: Mapping[str, TaskSpec]) -> dict[str, AnswerParser]:
     return {name: AnswerParser(spec) for name, spec in tasks.items()}
-
-
-def logprob_of(value: object) -> float | None:
-    """A logprob from a JSON body: a number, else None (servers write null for -inf)."""
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _probability(logprob: float | None) -> float:
-    """exp(logprob), 0 for no usable number: None, NaN, ±inf, a sentinel that underflows."""
-    if logprob is None or not -math.inf < logprob < 1.0:  # NaN fails every comparison
-        return 0.0
-    return min(1.0, math.exp(logprob))
-
-
-def _clean(tok: TokenLogprob) -> TokenLogprob:
-    return TokenLogprob(
-        plain_token(tok.token),
-        tok.logprob,
-        tuple((plain_token(t), lp) for t, lp in tok.top),
-    )

@@ -16,7 +16,8 @@ from typing import Any, Literal, Required, TypeAlias, TypedDict
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from consumers.backends.answers import ModelOutput, TokenLogprob, logprob_of
+from consumers.backends.answers import ModelOutput
+from consumers.backends.logprobs import TokenLogprob, logprob_of
 
 Constraint = Literal["structured_outputs", "guided_choice", "response_format", "grammar", "none"]
 Endpoint = Literal["chat", "completion"]

@@ -23,8 +23,9 @@ from pydantic import Field
 
 from common.schemas import Item, Prediction
 from common.tasks import TaskSpec
-from consumers.backends.answers import AnswerParser, TokenLogprob, parsers
+from consumers.backends.answers import AnswerParser, parsers
 from consumers.backends.base import BackendOptions, RawOptions, parse_options, unsupported
+from consumers.backends.logprobs import TokenLogprob
 
 log = logging.getLogger(__name__)
 

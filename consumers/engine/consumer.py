@@ -167,14 +167,11 @@ class StreamConsumer:
     def heartbeat(self) -> None:
         """Say this consumer's loop is alive (``tribunal health`` reads it); forget consumers
         silent for an hour."""
-        now = time.time()
+        now = time.monotonic()
         if now < self._next_heartbeat:
             return
         self._next_heartbeat = now + self.loop.heartbeat_every_s
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.zadd(self.keys.heartbeats, {self.name: now})
-        pipe.zremrangebyscore(self.keys.heartbeats, "-inf", now - 3600)
-        pipe.execute()
+        self.scripts.heartbeat(self.redis, self.name, forget_after_s=3600)
 
     def ensure_group(self) -> None:
         ensure_group(self.redis, self.stream, self.group)

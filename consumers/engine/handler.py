@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from common.errors import TribunalError
 from consumers.engine.writes import Writes
 
 
@@ -20,7 +21,7 @@ class Entry:
     deliveries: int = 1
 
 
-class StopConsuming(Exception):
+class StopConsuming(TribunalError):
     """Raised by a handler whose output is gone for good (the labels reader's pipe closed):
     the consumer stops at once, acking nothing of the batch, which stays pending for the
     group's next reader. Not an error to retry, so not caught as one."""

@@ -37,17 +37,18 @@ class Writes:
         # would apply in group order; no handler does: each settles an item once a batch.)
         self._votes: dict[Ballot, list[tuple[str, bytes, bytes]]] = {}
         self._settles: dict[Settlement, list[tuple[str, bytes, bytes]]] = {}
-        self._advances: dict[int, list[tuple[str, float, bytes]]] = {}
+        self._advances: dict[tuple[int, float], list[tuple[str, bytes]]] = {}
         self._counts: Counter[str] = Counter()
         self._observed: dict[tuple[str, Labels, tuple[float, ...]], list[float]] = {}
 
     def cast_vote(
-        self, item_id: str, vote: Vote, item: bytes, notify_at: int, deadline: float
+        self, item_id: str, vote: Vote, item: bytes, notify_at: int, timeout_s: float
     ) -> None:
         """Store ``vote`` with the item (its JSON, as read), once per worker and item; the
-        item's vote timeout ends at ``deadline`` (epoch seconds) if this is its first vote."""
+        item's vote timeout ends ``timeout_s`` from now, by Redis's clock (one clock for
+        every host), if this is its first vote."""
         labels = (("label", vote.label or "abstain"), ("worker", vote.worker))
-        ballot = Ballot(vote.worker, notify_at, deadline, _field(metrics.VOTES, labels))
+        ballot = Ballot(vote.worker, notify_at, timeout_s, _field(metrics.VOTES, labels))
         self._votes.setdefault(ballot, []).append((item_id, vote.dump(), item))
 
     def settle(
@@ -90,10 +91,10 @@ class Writes:
         """An entry for another consumer group (a backup worker, the judge's audits)."""
         self._pipe.xadd(stream, dict(fields))
 
-    def advance(self, item_id: str, tier: int, item: bytes, deadline: float) -> None:
+    def advance(self, item_id: str, tier: int, item: bytes, timeout_s: float) -> None:
         """Send the item (its JSON, as read) on to tier ``tier``'s workers, once however often
-        this is asked; its vote timeout then ends at ``deadline`` (epoch seconds)."""
-        self._advances.setdefault(tier, []).append((item_id, deadline, item))
+        this is asked; its vote timeout then ends ``timeout_s`` from now, by Redis's clock."""
+        self._advances.setdefault((tier, timeout_s), []).append((item_id, item))
 
     def forget_deadline(self, item_id: str) -> None:
         """The item settled before its vote timeout: no sweep needs to decide it."""
@@ -120,8 +121,8 @@ class Writes:
             self.scripts.cast_votes(self._pipe, ballot, votes)
         for settlement, items in self._settles.items():
             self.scripts.settle(self._pipe, settlement, items)
-        for tier, advances in self._advances.items():
-            self.scripts.advance(self._pipe, tier, metrics.TIEBREAKS, advances)
+        for (tier, timeout_s), advances in self._advances.items():
+            self.scripts.advance(self._pipe, tier, metrics.TIEBREAKS, timeout_s, advances)
         sums: dict[str, float] = {}
         for (name, labels, buckets), values in self._observed.items():
             # Each observation counts in its bucket (not cumulative: the exporter sums them),

@@ -13,7 +13,7 @@ import hashlib
 ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
 
 # CLUSTER SLOTS/SHARDS and COMMAND: what redis-py's cluster client needs to find slots and keys.
-_CONNECT = "+ping +client|setname +cluster|slots +cluster|shards +command"
+_CONNECT = "+ping +client|setname +cluster|slots +cluster|shards +command +time"
 # XINFO CONSUMERS and XCLAIM: take over what a silent consumer holds; EVAL of the scripts that
 # renew the claim on a running batch and remove a silent consumer holding nothing.
 _CONSUMER = (

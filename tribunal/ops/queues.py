@@ -23,7 +23,6 @@ shows as stalled, not as nothing.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -85,9 +84,11 @@ def role_of(consumer: str) -> str:
 
 
 def read_heartbeats(redis: Redis, keys: Keys) -> dict[str, float]:
-    """Consumer name -> seconds since its loop last came round (the set forgets after 1 h)."""
-    now = time.time()
+    """Consumer name -> seconds since its loop last came round (the set forgets after 1 h),
+    by Redis's clock, which stamped them: this host's may be minutes off."""
     rows: Any = redis.zrange(keys.heartbeats, 0, -1, withscores=True)
+    seconds, micros = redis.time()  # alone: a cluster pipeline cannot route a keyless command
+    now = seconds + micros / 1e6
     return {text(name): max(now - float(score), 0.0) for name, score in rows}
 
 
