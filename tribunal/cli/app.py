@@ -36,6 +36,7 @@ from tribunal.cli.quality import (
     reads_records,
     teach,
 )
+from tribunal.cli.serve import serve
 from tribunal.processes.embedded import EmbeddedRedis
 
 app = typer.Typer(
@@ -368,6 +369,7 @@ def run(
 app.command()(evaluate)
 app.command()(calibrate)
 app.command()(teach)
+app.command()(serve)
 
 
 app.command()(status)
