@@ -193,3 +193,12 @@ def test_stream_bench_prints_windows_and_the_second_half(tmp_path: Path) -> None
     half = report["second_half"]
     assert half["items"] == 40 and set(half) >= {"judge_share", "accuracy", "cost_ratio"}
     assert plot.read_text().startswith("<html>")
+
+
+def test_endpoint_bench_tiny_reports_items_per_s_beside_the_file() -> None:
+    report = run_bench("endpoint.py", "--items", "300", "--batch", "50", "--single-items", "40")
+    assert (report["items"], report["batch"], report["single_items"]) == (300, 50, 40)
+    for rate in ("file_items_per_s", "batch_items_per_s", "single_items_per_s"):
+        assert report[rate] > 0, rate
+    assert report["batch_vs_file"] == report["batch_items_per_s"] / report["file_items_per_s"]
+    assert report["single_vs_file"] == report["single_items_per_s"] / report["file_items_per_s"]

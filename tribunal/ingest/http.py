@@ -23,6 +23,7 @@ import hmac
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -39,7 +40,7 @@ from common.errors import TribunalError
 from common.schemas import Item, is_item_id
 from common.settings import Settings
 from common.validation import InvalidItem
-from producers.api import Producer, ProduceReport
+from producers.api import Producer
 from tribunal.ingest.replies import (
     Health,
     IngestReply,
@@ -63,6 +64,7 @@ from tribunal.ops.lookup import item_status
 
 log = logging.getLogger(__name__)
 REDIS_ERRORS = (RedisError, RedisClusterException)
+FRESH_S = 0.25  # how long a backlog read stands (Depth)
 
 
 class NoWaitProducer(Producer):
@@ -108,6 +110,34 @@ class Episode:
                 self.since, self.refused = None, 0
 
 
+@dataclass
+class Depth:
+    """The backlog as a request needs it, read from Redis (``read``) at most every
+    ``FRESH_S`` while it stays under ``limit`` counting what this process added since:
+    a single-ticket webhook then costs one round trip, not four. What other producers add
+    is seen within ``FRESH_S``; a backlog that may be over the limit is always read."""
+
+    read: Callable[[], int]
+    limit: int
+    value: int = 0
+    at: float = float("-inf")
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def now(self) -> int:
+        with self.lock:
+            fresh = time.monotonic() - self.at < FRESH_S
+            if fresh and self.value <= self.limit:
+                return self.value
+        value = self.read()
+        with self.lock:
+            self.value, self.at = value, time.monotonic()
+        return value
+
+    def added(self, count: int) -> None:
+        with self.lock:
+            self.value += count
+
+
 class Metrics:
     """The endpoint's own counters, served at its ``/metrics`` (a registry of its own)."""
 
@@ -144,9 +174,9 @@ class Ingest:
 
     def __init__(self, settings: Settings, mapping: WebhookMapping, redis: Redis) -> None:
         self.settings, self.mapping, self.redis = settings, mapping, redis
-        # One record per chunk: the producer's count of known ids then says which record
-        # was known (a batch's records are sent one round trip each).
-        self.producer = NoWaitProducer(redis, settings, chunk_size=1)
+        # A request is one chunk, however long: one round trip, and one count of known ids.
+        self.producer = NoWaitProducer(redis, settings, chunk_size=10**9)
+        self.depth = Depth(self.producer.backlog, settings.max_backlog)
         token = settings.serve_token
         self.token = token.get_secret_value().encode() if token else None
         self.signature = Signature.of(settings)
@@ -196,8 +226,7 @@ class Ingest:
     def store(self, records: list[IndexedRecord]) -> Response:
         """Check the backlog, then send the valid records; every Redis failure is a 503."""
         try:
-            backlog = self.producer.backlog()
-            self.outage.end()
+            backlog = self.depth.now()
             if backlog > self.settings.max_backlog:
                 self.backlog.begin(f"{backlog} entries", self.settings.serve_retry_after_s)
                 return problem(
@@ -208,6 +237,8 @@ class Ingest:
                 )
             self.backlog.end()
             reply = self.send(records)
+            if reply.invalid < len(reply.records):  # Redis answered the send
+                self.outage.end()
         except REDIS_ERRORS as exc:
             return self.redis_failed(exc)
         except TribunalError as exc:  # a partition count other than the namespace's
@@ -219,6 +250,10 @@ class Ingest:
         return JSONResponse(reply.model_dump(), code)
 
     def send(self, records: list[IndexedRecord]) -> IngestReply:
+        """Validate every record, then send the valid ones as one chunk (one round trip per
+        server). The producer counts how many ids were known: all or none, each record's
+        status follows (a repeat of an id within the body is known); a batch that mixes
+        new and known ids gets "accepted" (the counts stay exact)."""
         results: dict[int, RecordResult] = {}
         valid: list[tuple[int, Item]] = []
         for index, record in records:
@@ -231,23 +266,28 @@ class Ingest:
                 results[index] = RecordResult(
                     index=index, id=name, status="invalid", reason=str(exc)
                 )
-        report, sent = ProduceReport(), iter(valid)
-        before = [0, 0]  # the report's known and unreplicated counts before this record
-
-        def one_stored(count: int) -> None:
-            index, item = next(sent)
-            status: Outcome = "known" if report.known > before[0] else "stored"
-            replicated = report.unreplicated == before[1]
+        report = self.producer.send((str(index), item.model_dump()) for index, item in valid)
+        self.depth.added(report.new)
+        firsts = {item.id: index for index, item in reversed(valid)}  # an id's first record
+        known = report.known - (len(valid) - len(firsts))  # the producer counts repeats known
+        first: Outcome = "stored" if not known else "known"
+        if 0 < known < len(firsts):
+            first = "accepted"
+        for index, item in valid:
             results[index] = RecordResult(
-                index=index, id=item.id, status=status, replicated=replicated
+                index=index,
+                id=item.id,
+                status=first if firsts[item.id] == index else "known",
+                replicated=not report.unreplicated,
             )
-            before[:] = [report.known, report.unreplicated]
-
-        rows = ((str(index), item.model_dump()) for index, item in valid)
-        self.producer.send(rows, on_progress=one_stored, report=report)
         ordered = [results[index] for index in sorted(results)]
-        counts = {o: sum(r.status == o for r in ordered) for o in ("stored", "known", "invalid")}
-        return IngestReply(**counts, unreplicated=report.unreplicated, records=ordered)
+        return IngestReply(
+            stored=report.new,
+            known=report.known,
+            invalid=len(ordered) - len(valid),
+            unreplicated=report.unreplicated,
+            records=ordered,
+        )
 
     def redis_failed(self, exc: RedisError | RedisClusterException) -> Response:
         if not is_transient(exc, self.redis):  # refused for good (ACL, a script error): said

@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field
 from common.schemas import DeadLetter, Decision, Reject
 from tribunal.ops.lookup import ItemStatus, Stage
 
-Outcome = Literal["stored", "known", "invalid"]
+Outcome = Literal["stored", "known", "accepted", "invalid"]
 
 
 class RecordResult(BaseModel):
@@ -23,7 +23,9 @@ class RecordResult(BaseModel):
     )
     status: Outcome = Field(
         description="stored: added now. known: the fleet already has this id (waiting, "
-        "being labeled, or labeled within decided_ttl_s): not added again. invalid: refused."
+        "being labeled, or labeled within decided_ttl_s): not added again. accepted: in a "
+        "batch that mixed new and known ids, one or the other (`stored` and `known` count "
+        "them). invalid: refused."
     )
     reason: str | None = Field(default=None, description="Why an invalid record was refused.")
     replicated: bool = Field(
