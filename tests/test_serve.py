@@ -296,6 +296,29 @@ def test_a_signed_nested_webhook_is_checked_and_mapped(
     assert item["metadata"] == {"ticket": {"priority": "high"}}  # mapped fields not twice
 
 
+def test_metadata_col_keeps_only_the_fields_named(
+    start: Any, redis: Redis, settings: Settings
+) -> None:
+    endpoint = start(
+        "--task",
+        "sentiment",
+        "--text-col",
+        "ticket.description",
+        "--metadata-col",
+        "ticket.priority",
+        "--metadata-col",
+        "requester.email",
+    )
+    webhook = {
+        "ticket": {"description": "Locked out", "priority": "urgent", "tags": ["x"] * 2000},
+        "requester": {"email": "a@example.com", "name": "A"},
+    }
+    assert endpoint.post(webhook).status_code == 200
+    (item,) = stream(redis, settings)
+    assert item["text"] == "Locked out"
+    assert item["metadata"] == {"ticket.priority": "urgent", "requester.email": "a@example.com"}
+
+
 def test_a_backlog_over_max_backlog_is_a_429_with_retry_after(
     start: Any, redis: Redis, settings: Settings
 ) -> None:
