@@ -31,6 +31,8 @@ TOKEN = "s3cret-token"
 SECRET = "whsec-shared"
 JSON = {"Content-Type": "application/json"}
 JSONL = {"Content-Type": "application/x-ndjson"}
+# A Zendesk ticket's text, nested in its webhook's JSON, labeled for sentiment.
+ZENDESK_TEXT = ("--task", "sentiment", "--text-col", "ticket.description")
 
 
 class Endpoint:
@@ -253,10 +255,7 @@ def test_a_signed_nested_webhook_is_checked_and_mapped(
     start: Any, redis: Redis, settings: Settings, scheme: dict[str, str]
 ) -> None:
     endpoint = start(
-        "--task",
-        "sentiment",
-        "--text-col",
-        "ticket.description",
+        *ZENDESK_TEXT,
         "--id-col",
         "ticket.id",
         TRIBUNAL_SERVE_SIGNATURE_SECRET=SECRET,
@@ -300,10 +299,7 @@ def test_metadata_col_keeps_only_the_fields_named(
     start: Any, redis: Redis, settings: Settings
 ) -> None:
     endpoint = start(
-        "--task",
-        "sentiment",
-        "--text-col",
-        "ticket.description",
+        *ZENDESK_TEXT,
         "--metadata-col",
         "ticket.priority",
         "--metadata-col",
