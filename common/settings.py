@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from common.serve_settings import ServeSettings
 from common.tasks import BUILTIN_TASKS, TaskSpec
 
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
@@ -119,7 +120,7 @@ def _default_workers() -> dict[str, ModelSpec]:
     return {name: ModelSpec(backend=name) for name in ("vader", "textblob", "afinn")}
 
 
-class Settings(BaseSettings):
+class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     model_config = SettingsConfigDict(
         env_prefix="TRIBUNAL_",
         env_file=".env",

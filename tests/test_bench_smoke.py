@@ -205,3 +205,12 @@ def test_trickle_bench_reports_latency_per_source_and_bulk_ratios() -> None:
     )
     assert set(report["bulk_items_per_s"]) == {"memory", "jsonl", "csv"}
     assert all(ratio > 0 for ratio in report["bulk_vs_memory"].values())
+
+
+def test_endpoint_bench_tiny_reports_items_per_s_beside_the_file() -> None:
+    report = run_bench("endpoint.py", "--items", "300", "--batch", "50", "--single-items", "40")
+    assert (report["items"], report["batch"], report["single_items"]) == (300, 50, 40)
+    for rate in ("file_items_per_s", "batch_items_per_s", "single_items_per_s"):
+        assert report[rate] > 0, rate
+    assert report["batch_vs_file"] == report["batch_items_per_s"] / report["file_items_per_s"]
+    assert report["single_vs_file"] == report["single_items_per_s"] / report["file_items_per_s"]

@@ -268,3 +268,22 @@ def test_image_base_and_wheelhouse_are_build_arguments(services: dict[str, Any])
     assert (ROOT / "deploy/wheelhouse/.gitignore").is_file()
     for role in ("python", "redis", "prometheus"):
         assert (ROOT / f"deploy/images/{role}.Dockerfile").is_file(), role
+
+
+def test_the_serve_profile_runs_the_endpoint_checked_and_scraped(services: dict[str, Any]) -> None:
+    serve = services["serve"]
+    assert serve["profiles"] == ["serve"] and serve["command"][0] == "serve"
+    port = serve["command"][serve["command"].index("--port") + 1]
+    assert serve["ports"] == [f"127.0.0.1:8080:{port}"]
+    assert f"http://127.0.0.1:{port}/health" in " ".join(serve["healthcheck"]["test"])
+    env = serve["environment"]
+    assert env["TRIBUNAL_SERVE_TOKEN"] == ""  # unset SERVE_TOKEN: empty, read as no token
+    assert load_settings(None, serve_token=env["TRIBUNAL_SERVE_TOKEN"]).serve_token is None
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in prometheus["scrape_configs"]}
+    assert jobs["serve"]["dns_sd_configs"][0] == {
+        "names": ["serve"],
+        "type": "A",
+        "port": int(port),
+        "refresh_interval": "30s",
+    }

@@ -26,6 +26,7 @@ from tribunal.cli.quality import (
     evaluate,
     teach,
 )
+from tribunal.cli.serve import serve
 from tribunal.processes.embedded import EmbeddedRedis
 
 app = typer.Typer(
@@ -284,6 +285,7 @@ def run(
 app.command()(evaluate)
 app.command()(calibrate)
 app.command()(teach)
+app.command()(serve)
 
 
 app.command()(status)

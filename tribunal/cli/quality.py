@@ -34,8 +34,11 @@ from tribunal.cli.base import CliConfig, clear_errors, needs_redis, say, setting
 T = TypeVar("T")
 
 
-def _column(item_field: str, what: str) -> tuple[Any, str]:
-    option = typer.Option(flag_of(item_field), help=f"CSV column with {what} (or JSONL field).")
+def column_option(
+    item_field: str, what: str, where: str = "CSV column with {what} (or JSONL field)."
+) -> tuple[Any, str]:
+    """The option naming where ``item_field`` is read from, ``where`` its help."""
+    option = typer.Option(flag_of(item_field), help=where.format(what=what))
     return Annotated[str, option], getattr(CsvColumns(), item_field)
 
 
@@ -71,24 +74,27 @@ READ_OPTIONS: dict[str, tuple[Any, Any]] = {
         ],
         False,
     ),
-    **{f"{field}_col": _column(field, what) for field, what in HOLDS.items()},
+    **{f"{field}_col": column_option(field, what) for field, what in HOLDS.items()},
 }
 
 
-def reads_records(command: Callable[..., None]) -> Callable[..., None]:
+def reads_records(
+    command: Callable[..., None], options: dict[str, tuple[Any, Any]] = READ_OPTIONS
+) -> Callable[..., None]:
     """Give ``command`` the reader's options (``READ_OPTIONS``, after its own); it receives
     them as one ``reading: Reading``. So produce and evaluate read a file the same way
-    and cannot drift apart option by option."""
+    and cannot drift apart option by option. ``options``: those to offer (``serve`` reads
+    no file: no --format)."""
     own = inspect.signature(command, eval_str=True)
     kept = [p for p in own.parameters.values() if p.name != "reading"]
     added = [
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=kind)
-        for name, (kind, default) in READ_OPTIONS.items()
+        for name, (kind, default) in options.items()
     ]
 
     @functools.wraps(command)
     def with_reading(*args: Any, **kwargs: Any) -> None:
-        given = {name: kwargs.pop(name) for name in READ_OPTIONS}
+        given = {"fmt": None} | {name: kwargs.pop(name) for name in options}
         if given["fmt"] not in (None, *FORMATS):
             say("[red]error:[/]", f"--format {given['fmt']}: one of {', '.join(FORMATS)}")
             raise typer.Exit(2)

@@ -1,0 +1,1 @@
+"""Taking items in over HTTP: ``tribunal serve``, the endpoint help desks push tickets to."""
