@@ -192,10 +192,11 @@ def labels(
     except OSError as exc:
         say("[red]error:[/]", f"cannot write {output}: {exc.strerror}")
         raise typer.Exit(2) from None
-    try:
-        with clear_errors(rt.settings), sink as out:
-            written = read_labels(rt, out, group, follow)
-    except (OutputClosed, BrokenPipeError):  # `labels | head`: quietly, as `seq 9 | head -1`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout's last flush at exit: no error
-        raise typer.Exit(128 + signal.SIGPIPE) from None
+    with clear_errors(rt.settings):
+        try:
+            with sink as out:
+                written = read_labels(rt, out, group, follow)
+        except (OutputClosed, BrokenPipeError):  # `labels | head`: quietly, as `seq 9 | head -1`
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout's last flush at exit: no error
+            raise typer.Exit(128 + signal.SIGPIPE) from None
     say("", f"wrote {written} labels" + (f" to {output}" if output else ""))
