@@ -164,6 +164,7 @@ def worker_group(worker: str) -> str:
 AGGREGATOR_GROUP = "aggregator"
 JUDGE_GROUP = "judge"
 LABELS_ROLE = "labels"  # a label reader's heartbeat role, whatever its group's name
+SERVE_ROLE = "serve"  # the HTTP endpoint's heartbeat role (``tribunal serve``)
 
 # Fields on the wire, as Redis returns them (bytes). The Lua scripts (``common/lua/``) are
 # filled in with the same names when loaded (``common.scripts``).

@@ -30,6 +30,8 @@ TIEBREAKS = "tiebreaks_total"  # items sent on to a later tier of workers (stage
 PROMPT_TOKENS = "prompt_tokens_total"  # worker: prompt tokens of its model calls
 CACHED_TOKENS = "prompt_tokens_cached_total"  # worker: of those, taken from the prompt cache
 AUDITS = "audits_total"  # task, outcome: agree | disagree | failed (the judge gave no label)
+SERVE_REQUESTS = "serve_requests_total"  # route, code: HTTP answers of `tribunal serve`
+SERVE_RECORDS = "serve_records_total"  # outcome: stored | known | invalid, of `tribunal serve`
 # Histograms
 MODEL_CALL = "model_call_seconds"  # worker (the judge is worker="judge"), backend
 BATCH_SIZE = "batch_size"  # role

@@ -405,6 +405,37 @@ def test_docs_and_metrics_are_served(endpoint: Endpoint) -> None:
     assert 'tribunal_serve_records_total{outcome="invalid"} 0.0' in metrics
 
 
+def test_health_and_the_exporter_see_the_endpoint_and_its_counts(
+    endpoint: Endpoint,
+    cli: Any,  # noqa: F811
+    redis: Redis,
+    settings: Settings,
+) -> None:
+    """The endpoint has a heartbeat (``serve@host:pid``) and adds its counters to the fleet's
+    stats hash, so `tribunal health --role serve` and `tribunal exporter` see it; a clean
+    stop removes the heartbeat at once."""
+    assert endpoint.post([{"text": "one"}, {"text": "two"}, {"text": ""}]).status_code == 200
+    stats = Keys(settings.namespace).stats
+    field = "serve_records_total|outcome=stored"
+    wait_for("the counters in Redis", lambda: redis.hget(stats, field) == b"2", 30)
+    assert redis.hget(stats, "serve_records_total|outcome=invalid") == b"1"
+    assert redis.hget(stats, "serve_requests_total|code=200|route=/items") == b"1"
+    live = cli("health", "--role", "serve")
+    assert live.returncode == 0, live.stderr
+
+    from tribunal.ops.exporter import registry_for
+
+    families = {m.name: m for m in registry_for(settings).collect()}
+    stored = [
+        s for s in families["tribunal_serve_records"].samples if s.labels == {"outcome": "stored"}
+    ]
+    assert stored[0].value == 2
+
+    assert endpoint.stop() == 0
+    gone = cli("health", "--role", "serve")
+    assert gone.returncode == 1 and "serve: never seen" in gone.stderr.decode()
+
+
 def test_an_unknown_task_or_no_redis_is_one_line_at_start(cli: Any) -> None:  # noqa: F811
     proc = cli("serve", "--task", "nosuch")
     assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1, proc.stderr

@@ -140,7 +140,8 @@ def health(
     role: Annotated[
         list[str] | None,
         typer.Option(
-            "--role", help="Role to check (repeatable): worker:NAME, aggregator, judge, labels."
+            "--role",
+            help="Role to check (repeatable): worker:NAME, aggregator, judge, labels, serve.",
         ),
     ] = None,
     local: Annotated[

@@ -8,7 +8,8 @@
   ``wait_replicas``), with a result per record (``replies.IngestReply``).
 - ``GET /items/{id}``: where the item stands, its label once labeled (404: unknown).
 - ``GET /health`` (200, or 503 while Redis is away), ``GET /metrics`` (Prometheus),
-  ``GET /docs`` and ``/openapi.json``.
+  ``GET /docs`` and ``/openapi.json``. Its heartbeat and counters also go to Redis
+  (``liveness``): ``tribunal health --role serve`` and ``tribunal exporter`` see it.
 
 A POST is checked in this order, each refusal one line of JSON (``{"error": ...}``): the
 bearer token (401), the Content-Type (415), the size (413, before and while reading), the
@@ -23,14 +24,15 @@ import hmac
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.concurrency import run_in_threadpool
@@ -41,6 +43,7 @@ from common.schemas import Item, is_item_id
 from common.settings import Settings
 from common.validation import InvalidItem
 from producers.api import Producer
+from tribunal.ingest.liveness import OUTCOMES, Heartbeat, Metrics
 from tribunal.ingest.replies import (
     Health,
     IngestReply,
@@ -138,32 +141,6 @@ class Depth:
             self.value += count
 
 
-class Metrics:
-    """The endpoint's own counters, served at its ``/metrics`` (a registry of its own)."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "tribunal_serve_requests",
-            "HTTP requests answered, by route and status code (429: backlog, 503: Redis away).",
-            ["route", "code"],
-            registry=self.registry,
-        )
-        self.records = Counter(
-            "tribunal_serve_records",
-            "Records received, by outcome: stored (added), known (the fleet had the id: not "
-            "added again), invalid (refused).",
-            ["outcome"],
-            registry=self.registry,
-        )
-        for outcome in ("stored", "known", "invalid"):  # served before the first one
-            self.records.labels(outcome)
-
-    def answered(self, route: str, response: Response) -> Response:
-        self.requests.labels(route, str(response.status_code)).inc()
-        return response
-
-
 def problem(code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(Problem(error=message).model_dump(), code, headers=headers)
 
@@ -244,8 +221,8 @@ class Ingest:
         except TribunalError as exc:  # a partition count other than the namespace's
             log.error("cannot store: %s", exc)
             return problem(500, str(exc))
-        for outcome in ("stored", "known", "invalid"):
-            self.metrics.records.labels(outcome).inc(getattr(reply, outcome))
+        for outcome in OUTCOMES:
+            self.metrics.received(outcome, getattr(reply, outcome))
         code = 422 if reply.invalid == len(reply.records) else 200
         return JSONResponse(reply.model_dump(), code)
 
@@ -356,10 +333,19 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
 def create_app(settings: Settings, mapping: WebhookMapping, redis: Redis) -> FastAPI:
     """The endpoint's ASGI app; ``redis`` is used from the threads requests run in."""
     ingest = Ingest(settings, mapping, redis)
+    heartbeat = Heartbeat(redis, settings, ingest.metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        heartbeat.start()
+        yield
+        await run_in_threadpool(heartbeat.stop)
+
     app = FastAPI(
         title="tribunal",
         summary="Push tickets to label; read their labels.",
         description=__doc__,
+        lifespan=lifespan,
     )
 
     @app.post("/items", response_model=IngestReply, openapi_extra=BODY_DOC, responses=REFUSALS)

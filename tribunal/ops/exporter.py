@@ -82,6 +82,11 @@ KNOWN: dict[str, tuple[str, str]] = {
     ),
     metrics.BATCH_SIZE: ("histogram", "Entries per batch handed to a handler, by group."),
     metrics.ITEM_LATENCY: ("histogram", "From produce to final label, by source."),
+    metrics.SERVE_REQUESTS: ("counter", "HTTP answers of tribunal serve, by route and code."),
+    metrics.SERVE_RECORDS: (
+        "counter",
+        "Records pushed to tribunal serve, by outcome: stored, known (not added again), invalid.",
+    ),
 }
 KNOWN_BUCKETS: dict[str, tuple[float, ...]] = {
     metrics.MODEL_CALL: metrics.SECONDS_BUCKETS,

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 
 from redis.exceptions import RedisClusterException, RedisError
 
-from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE, Keys
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE, SERVE_ROLE, Keys
 from common.settings import Settings
 from tribunal.ops.queues import expected_roles, quick_client, read_heartbeats, role_of
 
 # Roles of a consumer besides worker:NAME (``consume(role=…)``).
-ROLES = (AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE)
+ROLES = (AGGREGATOR_GROUP, JUDGE_GROUP, LABELS_ROLE, SERVE_ROLE)
 
 
 def missing_roles(
@@ -54,7 +54,7 @@ def run_health(settings: Settings, roles: Sequence[str] = (), local: bool = Fals
     asked = list(roles) or expected_roles(settings)
     unknown = [r for r in asked if r not in ROLES and not (r.startswith("worker:") and r[7:])]
     if unknown:
-        known = ", ".join([*expected_roles(settings), LABELS_ROLE])
+        known = ", ".join([*expected_roles(settings), LABELS_ROLE, SERVE_ROLE])
         print(f"error: no such role {unknown[0]!r} (this fleet's: {known})", file=sys.stderr)
         return 2
     try:
