@@ -65,6 +65,8 @@ class Vote(Record):
     latency_ms: float = 0.0
     error: str | None = None
     raw: str | None = None  # what the model said, kept when it could not be parsed
+    refused: bool = False  # the model's server refused the item: asking again gets the same
+    truncated_chars: int = 0  # cut from the item's texts to fit the model's context
 
 
 class Prediction(Record):
@@ -74,6 +76,8 @@ class Prediction(Record):
     confidence: float | None = None
     error: str | None = None
     raw: str | None = None
+    refused: bool = False  # as Vote's
+    truncated_chars: int = 0  # as Vote's
     # Where the server says (never on the wire): the request's prompt tokens, and how many
     # of them its prompt cache held (consumers.backends.openai_wire.prompt_usage).
     prompt_tokens: int | None = None

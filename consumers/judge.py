@@ -72,7 +72,11 @@ class JudgeHandler(Handler):
             writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
         )
         for (entry, case), verdict in zip(cases, call.votes, strict=True):
-            if verdict.label is None:
+            if verdict.label is None and verdict.refused:  # asking again gets the same
+                error = f"the judge's model refused it: {verdict.error}"
+                log.warning("%s: %s; giving up on it now", case.item.id, error)
+                self._abandon(entry, case, error, writes)
+            elif verdict.label is None:
                 labels = self.tasks[case.item.task].labels
                 failures[entry.id] = (
                     f"judge gave no label in {labels}: {verdict.error or verdict.raw!r}"

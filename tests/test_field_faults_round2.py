@@ -15,23 +15,30 @@ from typing import Any
 
 import orjson
 import pytest
-from llm_server import MODEL, llm_server
+from llm_server import MODEL, LLMServer, Reply, llm_server
 from redis import Redis
 from redis.exceptions import ResponseError
 from test_cli import cli, flat  # noqa: F401  (cli: the fixture)
+from test_consumers import Fleet, drain
+from test_llm_pipeline import fleet, servers  # noqa: F401  (fixtures)
+from test_local_models import local_settings, model_dir, smol_url  # noqa: F401  (fixtures)
 from test_run_command import Procs, ctrl_c, procs, wait_for  # noqa: F401  (procs: the fixture)
 
 from common.keys import Keys
 from common.schemas import Item
 from common.settings import Settings, load_settings
 from common.tasks import BUILTIN_TASKS
+from consumers.backends import backend_for
+from consumers.backends.context import overflow_of
 from consumers.backends.openai_compat import OpenAICompatible
 from producers.api import Producer
 from tribunal.processes.children import RESTART_BACKOFF, STABLE_S, Restarts
 from tribunal.processes.embedded import EmbeddedRedis
+from tribunal.serving.llama import short_contexts
 
 pytestmark = pytest.mark.slow  # real processes
 
+ROOT = Path(__file__).resolve().parent.parent
 LABELS = 3_000  # ~600 KB of JSON lines: far more than a pipe's 64 KB buffer
 
 
@@ -294,3 +301,107 @@ def test_a_worker_host_minutes_behind_changes_nothing(procs: Procs, tmp_path: Pa
     timed_out = [d["id"] for d in labels if "vote timeout" in str(d.get("reason", ""))]
     assert timed_out == []
     assert "worker:vader" in procs.output("vader.log").decode()  # it ran, behind
+
+
+# --- a ticket longer than the model's context -------------------------------------------
+
+
+def stack_trace(chars: int) -> str:
+    frames = "".join(
+        f'  File "/srv/billing/export/step_{n}.py", line {40 + n}, in run_step_{n}\n'
+        f"    result = handlers[{n}].process(batch, retries={n % 3})\n"
+        for n in range(400)
+    )
+    text = "The nightly invoice export fails again, full log below:\n" + frames
+    return (text + "ValueError: invoice total is negative\n")[-chars:]
+
+
+def test_a_ticket_longer_than_the_context_is_labeled_from_the_part_that_fits(
+    smol_url: str,  # noqa: F811
+) -> None:
+    """Was: a valid 7,900-character ticket (a pasted stack trace, ~3,800 tokens) was refused
+    by every model (HTTP 400 exceed_context_size_error at 2,048 tokens a slot): workers
+    abstained and the judge asked again max_deliveries times, a delivery per
+    reclaim_idle_s. Now the refusal's own sizes say how much fits: the head and the tail of
+    the text are asked, and the vote says how much was cut. A real llama-server."""
+    long = stack_trace(7_900)
+    items = [
+        Item(id="long", task="sentiment", text=long),
+        Item(id="pair", task="similar_ticket", text=long, text_b=long[:4_000]),
+        Item(id="short", task="sentiment", text="Thanks, the export works again!"),
+    ]
+    settings, spec = local_settings(smol_url)
+    model = backend_for(spec, settings)
+    try:
+        predictions = model.classify(items)
+    finally:
+        model.close()
+    for item, p in zip(items, predictions, strict=True):
+        assert p.label in BUILTIN_TASKS[item.task].labels, (item.id, p)
+    assert predictions[0].truncated_chars > 1_000
+    assert predictions[1].truncated_chars > predictions[0].truncated_chars
+    assert predictions[2].truncated_chars == 0
+
+
+def test_a_refusal_is_never_asked_again_and_ends_at_once(
+    fleet: Fleet,  # noqa: F811
+    servers: dict[str, LLMServer],  # noqa: F811
+) -> None:
+    """A refusal other than the context's (HTTP 400 for this prompt, whatever its length)
+    gets the same answer every time: the judge dead-letters the item at its first
+    delivery, with the server's reason, instead of asking max_deliveries times."""
+    servers["judge"].respond = lambda body, attempt: Reply(status=400)
+    report = Producer(fleet.rt.redis, fleet.rt.settings).send(
+        [{"id": "x", "task": "sentiment", "text": "w1=positive w2=negative w3=neutral"}]
+    )
+    assert report.produced == 1
+    fleet.step()
+    drain(fleet.aggregator)
+    drain(fleet.judge)
+    assert len(servers["judge"].requests) == 1  # not retried by the client
+    [letter] = fleet.final(fleet.rt.keys.dead)
+    assert "the judge's model refused it: HTTP 400" in letter["error"]
+    assert fleet.rt.redis.xpending(fleet.rt.keys.judge, "judge")["pending"] == 0
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "sizes"),
+    [
+        (
+            400,
+            '{"error":{"code":400,"message":"request (631 tokens) exceeds the available '
+            'context size (256 tokens), try increasing it","type":"exceed_context_size_error",'
+            '"n_prompt_tokens":631,"n_ctx":256}}',
+            (631, 256),
+        ),
+        (
+            400,
+            '{"object":"error","message":"This model\'s maximum context length is 4096 tokens. '
+            "However, you requested 5000 tokens (4952 in the messages, 48 in the completion). "
+            'Please reduce the length of the messages or completion.","type":"BadRequestError"}',
+            (4952, 4096),
+        ),
+        (400, '{"error": "context length exceeded"}', (None, None)),
+        (400, '{"error": "prompt contains a forbidden token"}', None),
+        (500, '{"error": "context length exceeded"}', None),
+    ],
+)
+def test_context_refusals_are_read_from_each_servers_wording(
+    status: int, body: str, sizes: tuple[int | None, int | None] | None
+) -> None:
+    overflow = overflow_of(status, body)
+    if sizes is None:
+        assert overflow is None
+    else:
+        assert overflow is not None
+        assert (overflow.prompt_tokens, overflow.context_tokens) == sizes
+
+
+def test_run_notes_once_which_models_read_less_than_max_text_chars() -> None:
+    local = load_settings(ROOT / "examples" / "local.toml")
+    [note] = short_contexts(local)
+    assert note.startswith("qwen-05b, gemma-270m, smollm2-135m, qwen-15b read 2048 tokens")
+    assert "about 4,944 characters (max_text_chars: 8,000)" in note
+    assert (
+        short_contexts(load_settings(ROOT / "examples" / "local.toml", max_text_chars=4_000)) == []
+    )

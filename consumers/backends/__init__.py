@@ -226,4 +226,6 @@ def _vote(
         latency_ms=latency_ms,
         error=error,
         raw=p.raw if label is None else None,
+        refused=p.refused,
+        truncated_chars=p.truncated_chars,
     )

@@ -53,6 +53,7 @@ from common.schemas import Item, Prediction, now
 from common.tasks import TaskSpec
 from consumers.backends.answers import parsers
 from consumers.backends.base import RawOptions, parse_options, unsupported
+from consumers.backends.context import Overflow, overflow_of, shortened
 from consumers.backends.openai_wire import (
     DEFAULT_MAX_TOKENS,
     OpenAIOptions,
@@ -65,6 +66,7 @@ from consumers.backends.openai_wire import (
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CONTEXT_TRIES = 4  # asks of an item over the context: each keeps less (backends/context.py)
 LOOPBACK = ("all://127.0.0.1", "all://localhost", "all://[::1]")  # httpx mount patterns
 
 
@@ -80,7 +82,13 @@ def proxy_for(url: str) -> str | None:
 
 
 class RequestFailed(TribunalError):
-    """An item's request failed for good (retries exhausted or not worth retrying)."""
+    """An item's request failed for good (retries exhausted or not worth retrying).
+    ``refused``: the server refused it (a 4xx other than 408 and 429), so asking again gets
+    the same answer; ``overflow``: the refusal is for a prompt over the model's context."""
+
+    def __init__(self, message: str, refused: bool = False, overflow: Overflow | None = None):
+        super().__init__(message)
+        self.refused, self.overflow = refused, overflow
 
 
 def retry_after_s(value: str | None) -> float | None:
@@ -189,12 +197,19 @@ class OpenAICompatible:
         task = self.tasks.get(item.task)
         if task is None:
             return unsupported(self.name, item)
+        asked, keep, cut = item, 1.0, 0
         async with self._limit:
-            try:
-                data = await self._post(self.request(item, task))
-            except RequestFailed as exc:
-                self.stats["failures"] += 1
-                return Prediction(label=None, error=str(exc))
+            for attempt in range(CONTEXT_TRIES):
+                try:
+                    data = await self._post(self.request(asked, task))
+                    break
+                except RequestFailed as exc:
+                    if exc.overflow is None or attempt + 1 == CONTEXT_TRIES:
+                        self.stats["failures"] += 1
+                        return Prediction(label=None, error=str(exc), refused=exc.refused)
+                    # Over the model's context: the part of the ticket that fits, once more.
+                    keep *= exc.overflow.keep(self.max_tokens)
+                    asked, cut = shortened(item, keep)
         try:
             out = parse_completion(data)
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
@@ -211,12 +226,12 @@ class OpenAICompatible:
             out.tokens,
             finish_reason=out.finish_reason,
             reasoning=out.reasoning,
-            inputs=(item.text, item.text_b),  # a quotation of the ticket is not its answer
+            inputs=(asked.text, asked.text_b),  # a quotation of the ticket is not its answer
         )
-        usage = prompt_usage(data)
-        if usage is None:
-            return prediction
-        return prediction.model_copy(update={"prompt_tokens": usage[0], "cached_tokens": usage[1]})
+        usage = prompt_usage(data) or (None, None)
+        return prediction.model_copy(
+            update={"prompt_tokens": usage[0], "cached_tokens": usage[1], "truncated_chars": cut}
+        )
 
     async def _post(self, body: RequestBody) -> Any:
         """POST with retries; returns the decoded JSON body of a 200 answer."""
@@ -243,7 +258,8 @@ class OpenAICompatible:
                         raise RequestFailed(f"malformed JSON in the response: {exc}") from None
                 error = f"HTTP {response.status_code}: {response.text[:200]}"
                 if not (response.status_code in (408, 429) or response.status_code >= 500):
-                    raise RequestFailed(error)
+                    overflow = overflow_of(response.status_code, response.text)
+                    raise RequestFailed(error, refused=True, overflow=overflow)
                 wait = retry_after_s(response.headers.get("retry-after"))
             if attempt + 1 < attempts:
                 self.stats["retries"] += 1

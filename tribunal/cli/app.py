@@ -276,6 +276,10 @@ def run(
     ):
         for server in fleet.servers.servers:
             say("", f"model {server.name} served at {server.url} (log: {server.log_path})")
+        from tribunal.serving.llama import short_contexts
+
+        for note in short_contexts(s):
+            say("note:", note)
         while not stop.wait(0.5):
             fleet.supervise()
         say("", STOPPING)

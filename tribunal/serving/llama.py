@@ -290,3 +290,30 @@ def serving(
         yield settings.model_copy(update={"model_urls": servers.urls()})
     finally:
         servers.stop()
+
+
+# What a prompt spends besides the ticket (instructions, few-shot examples, the chat
+# template: ~300-400 tokens for the built-in tasks) and how many characters a token holds
+# at least (~4 in English prose, ~3 in logs and code): a ticket longer than
+# (ctx_size - PROMPT_TOKENS) * CHARS_PER_TOKEN may not fit.
+PROMPT_TOKENS = 400
+CHARS_PER_TOKEN = 3
+
+
+def short_contexts(settings: Settings) -> list[str]:
+    """A note per context size of the served models too short for a ticket of
+    ``max_text_chars``: such a ticket is labeled from its head and tail (the model's
+    refusal says how much fits: ``consumers.backends.context``)."""
+    by_size: dict[int, list[str]] = {}
+    for name in settings.served_models:
+        by_size.setdefault(settings.models[name].ctx_size, []).append(name)
+    notes = []
+    for size, names in sorted(by_size.items()):
+        fits = (size - PROMPT_TOKENS) * CHARS_PER_TOKEN
+        if fits < settings.max_text_chars:
+            notes.append(
+                f"{', '.join(names)} read {size} tokens a request (ctx_size): a ticket over "
+                f"about {fits:,} characters (max_text_chars: {settings.max_text_chars:,}) is "
+                "labeled from its head and tail, and its votes say how much was cut"
+            )
+    return notes
