@@ -13,7 +13,8 @@ on the descriptor behind ``select``, because a buffered ``readline`` on a pipe b
 without saying it waits.
 
 Following survives log rotation as GNU ``tail -F`` does: a file renamed away (logrotate's
-``create``) is read to its end, then the new file at the path is followed from its start;
+``create``) is read to its end for ``RENAMED_GRACE_S`` more (its writer reopens the path
+only when told), then the new file at the path is followed from its start;
 a file truncated in place (``copytruncate``) is read again from its start. Lines written
 between logrotate's copy and its truncation are lost to every reader: that is
 copytruncate's own gap (logrotate(8)). ``position`` is where the lines given so far end,
@@ -38,6 +39,7 @@ import orjson
 
 log = logging.getLogger(__name__)
 READ_BYTES = 1 << 16
+RENAMED_GRACE_S = 2.0  # a file renamed away is still read this long: its writer reopens late
 HEAD_BYTES = 1024  # the bytes a Position's fingerprint covers (Filebeat's default length)
 
 
@@ -59,7 +61,17 @@ class Restart:
     after: int
 
 
-Marker = Idle | Restart
+@dataclass(frozen=True)
+class Ended:
+    """The input ended. ``final``: at the end of a file not followed, all there will be (a
+    record left open there is an error); else reading stopped on request, or stops short of
+    a line no newline ended (``complete_only``): what is left open is unfinished, not wrong,
+    and must not be handed on (a checkpoint would then point past it)."""
+
+    final: bool
+
+
+Marker = Idle | Restart | Ended
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ class Lines:
     is still the same file, no shorter; else from the start, said in a warning. ``header``:
     line 1 is given first even when resuming later in the file (a CSV's column names).
     ``stream``: read this open stream, named ``path`` (``-``: a pipe, not followed).
+    ``complete_only``: a last line no newline ended is never given, following or not (a
+    file read with a checkpoint may still be being written). The last item is ``Ended``.
 
     Raises ``OSError`` when the file cannot be opened."""
 
@@ -136,9 +150,11 @@ class Lines:
         resume: Position | None = None,
         header: bool = False,
         stream: BinaryIO | None = None,
+        complete_only: bool = False,
     ) -> None:
         self.path = path
         self.follow = follow and path != "-"  # a pipe ends when its writer closes it
+        self.complete_only = complete_only
         self.stop = stop
         self.poll_s = poll_s
         self.header = header
@@ -148,7 +164,7 @@ class Lines:
         self.position = self._position_of(self.stream)
         self._first = b""  # the file's first HEAD_BYTES bytes, as far as they were given
         self._resume = self._resumable(resume)
-        self._pending = b""  # the bytes read after the last newline
+        self._pending: list[bytes] = []  # the bytes read after the last newline, in chunks
 
     def _position_of(self, stream: BinaryIO) -> Position:
         info = os.fstat(stream.fileno())
@@ -197,12 +213,13 @@ class Lines:
     def _read(self) -> Iterator[bytes | Marker]:
         if self._resume is not None:
             yield from self._skip_to(self._resume)
-        rotated = False
+        renamed_at = 0.0  # when the file was seen renamed away (0: it was not)
         while not self.stop():
             if not self._ready(0.0):
                 yield IDLE
                 while not self._ready(self.poll_s):
                     if self.stop():
+                        yield Ended(final=False)
                         return
                     yield IDLE  # each wait of a pipe: lets the reader give up on a stop
             data = os.read(self.stream.fileno(), READ_BYTES)
@@ -211,19 +228,23 @@ class Lines:
                 continue
             if not self.follow:
                 break
-            if rotated:  # the renamed file was read to its end once more: now the new one
-                yield from self._reopen()
-                rotated = False
-                continue
             yield IDLE
-            rotated = self._renamed()
-            if not rotated and self._truncated():
+            if renamed_at and time.monotonic() - renamed_at > RENAMED_GRACE_S:
+                yield from self._reopen()  # the renamed file was read to its end: the new one
+                renamed_at = 0.0
+                continue
+            if not renamed_at and self._renamed():
+                renamed_at = time.monotonic()
+            elif not renamed_at and self._truncated():
                 yield from self._restart(self.stream, "was truncated (copytruncate?)")
-            elif not rotated:
-                time.sleep(self.poll_s)
-        if self._pending and not self.follow:
-            self._advance(self._pending)
-            yield self._pending
+                continue
+            time.sleep(self.poll_s)
+        final = not self.follow and not self.complete_only and not self.stop()
+        if self._pending and final:  # the file's last line, without its newline
+            last, self._pending = b"".join(self._pending), []
+            self._advance(last)
+            yield last
+        yield Ended(final=final)
 
     def _ready(self, timeout: float) -> bool:
         """Bytes (or the end of the input) can be read without waiting; always, for a file."""
@@ -231,14 +252,16 @@ class Lines:
         return bool(readable)
 
     def _split(self, data: bytes) -> Iterator[bytes]:
-        self._pending += data
+        """The lines ``data`` completes. Only the new bytes are searched, and the bytes held
+        are joined once per line: a long line costs its length, not its length squared."""
         start = 0
-        while (end := self._pending.find(b"\n", start)) >= 0:
-            line = self._pending[start : end + 1]
-            start = end + 1
+        while (end := data.find(b"\n", start)) >= 0:
+            line = b"".join([*self._pending, data[start : end + 1]])
+            self._pending, start = [], end + 1
             self._advance(line)
             yield line
-        self._pending = self._pending[start:]
+        if start < len(data):
+            self._pending.append(data[start:])
 
     def _skip_to(self, saved: Position) -> Iterator[bytes | Marker]:
         if self.header and saved.line > 0:
@@ -260,15 +283,17 @@ class Lines:
 
     def _truncated(self) -> bool:
         size = os.fstat(self.stream.fileno()).st_size
-        return size < self.position.offset + len(self._pending)
+        return size < self.position.offset + sum(map(len, self._pending))
 
     def _reopen(self) -> Iterator[bytes | Marker]:
-        if self._pending:  # the old file's last line, never finished: given as it is
-            yield from self._split(b"\n")
         try:
             stream = open(self.path, "rb")  # noqa: SIM115 - kept open while followed
         except FileNotFoundError:
             return  # gone again: the next end of file looks once more
+        if self._pending:  # the old file's last line, never finished: given as it is
+            last, self._pending = b"".join(self._pending), []
+            self._advance(last)
+            yield last
         self.stream.close()
         yield from self._restart(stream, "was rotated (renamed): following the new file")
 
@@ -277,6 +302,6 @@ class Lines:
         with contextlib.suppress(OSError):
             os.lseek(stream.fileno(), 0, os.SEEK_SET)
         generation = self.position.generation + 1
-        self.stream, self._pending, self._first = stream, b"", b""
+        self.stream, self._pending, self._first = stream, [], b""
         self.position = replace(self._position_of(stream), generation=generation)
         yield Restart(0)

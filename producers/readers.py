@@ -28,7 +28,7 @@ from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
 from producers.api import SourceRecord
-from producers.follow import Idle, Lines, Marker, Position, Restart
+from producers.follow import Ended, Idle, Lines, Marker, Position, Restart
 
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 MAX_ROW_CHARS = 16 << 20  # a CSV record longer than this is skipped, not held in memory
@@ -153,6 +153,8 @@ def jsonl_records(
         if isinstance(line, Restart):
             n = line.after
             continue
+        if isinstance(line, Ended):
+            continue
         if isinstance(line, Idle):
             yield line
             continue
@@ -203,11 +205,12 @@ class Row:
         return f"{self.first}-{self.last}" if self.last > self.first else str(self.first)
 
 
-def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Marker]:
+def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Idle | Restart]:
     """The lines of a CSV file grouped into records: a record ends at a newline outside
     quotes (RFC 4180, 2.6). Framing before parsing lets a bad or oversized row be skipped
     whole: the csv module, after an error, goes on from inside the field it gave up on.
-    ``IDLE`` is passed on between records only, so a half-written record is not flushed."""
+    A record still open when reading stops short (``Ended(final=False)``) is not given at
+    all: it is unfinished, not wrong."""
     held: list[str] = []
     quoted, n, first, size = False, 0, 1, 0
     for line in lines:
@@ -218,9 +221,12 @@ def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Marker]:
             n = line.after
             yield line
             continue
+        if isinstance(line, Ended):
+            if held and line.final:
+                yield Row(first, n, "".join(held), size > MAX_ROW_CHARS)
+            return
         if isinstance(line, Idle):
-            if not held:
-                yield line
+            yield line
             continue
         n += 1
         text = line.decode("utf-8-sig", errors="replace")
@@ -241,7 +247,9 @@ def still_quoted(text: str, quoted: bool) -> bool:
     """Whether a record is inside a quoted field after the line ``text``, given whether it was
     before it. As the csv module's excel dialect reads: a quote opens a field only at its
     start (a line's start outside quotes, or after a comma); inside, a doubled quote is a
-    quote and a single one closes the field (RFC 4180, 2.5-2.7)."""
+    quote and a single one closes the field (RFC 4180, 2.5-2.7). A closing quote followed by
+    more than a comma or the line's end ends the record at this line: ``csv`` in strict mode
+    refuses it there, and the next line starts a record of its own, as it does."""
     at = text.find('"')
     while at >= 0:
         if quoted and text.startswith('""', at):
@@ -249,6 +257,8 @@ def still_quoted(text: str, quoted: bool) -> bool:
             continue
         if quoted:
             quoted = False
+            if text[at + 1 : at + 2] not in ("", ",", "\r", "\n"):
+                return False  # text after a closing quote: strict csv refuses this line
         elif at == 0 or text[at - 1] == ",":
             quoted = True
         at = text.find('"', at + 1)
@@ -267,7 +277,11 @@ def parse_row(row: Row) -> list[str]:
 
 
 def csv_rows(
-    rows: Iterator[Row | Marker], header: list[str], header_text: str, name: str, how: Reading
+    rows: Iterator[Row | Idle | Restart],
+    header: list[str],
+    header_text: str,
+    name: str,
+    how: Reading,
 ) -> Iterator[SourceRecord | Idle]:
     for row in rows:
         if isinstance(row, Idle):
@@ -345,11 +359,15 @@ def followed(
     follow: bool = False,
     stop: Callable[[], bool] = lambda: False,
     resume: Position | None = None,
+    complete_only: bool = False,
 ) -> tuple[Iterator[SourceRecord | Idle], Lines]:
     """``records_of`` for a producer: with ``IDLE`` whenever no more input is ready (send
     what is held), following the file as it grows and rotates until ``stop()``, from
-    ``resume`` where that is still the file's. The ``Lines`` give the position read up to."""
+    ``resume`` where that is still the file's; ``complete_only``: see ``Lines``. The
+    ``Lines`` give the position read up to, the end of the last record handed on while
+    the records are taken one at a time."""
     how = reading or Reading()
     fmt = detect_format(source, how.fmt)  # before opening: a bad --format
-    lines = Lines(source, follow, stop, resume=resume, header=fmt in HEADED)
+    header = fmt in HEADED
+    lines = Lines(source, follow, stop, resume=resume, header=header, complete_only=complete_only)
     return FORMATS[fmt](lines, "stdin" if source == "-" else source, how), lines

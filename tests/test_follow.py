@@ -291,3 +291,42 @@ def test_lines_say_idle_when_a_pipe_has_nothing_ready(tmp_path: Path) -> None:
         writer.write(b"o\n")
         writer.flush()
         assert next(x for x in got if x is not IDLE) == b"two\n"
+
+
+def test_a_csv_row_cut_by_a_stop_is_not_checkpointed_past_and_is_stored_whole_after(
+    tmp_path: Path, settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    """A row with a quoted newline half written when the producer stops: nothing is made of
+    its half, the checkpoint stays before it, and the restarted producer stores it whole."""
+    path, saved = tmp_path / "desk.csv", tmp_path / "desk.checkpoint"
+    path.write_bytes(b'id,task,text\n0,sentiment,before\n1,sentiment,"first line\n')
+    args = ("produce", str(path), "--follow", "--checkpoint", str(saved))
+    proc = started(tmp_path, on(settings), *args)
+    wait_for(lambda: len(texts(redis, keys)) == 1, 15, "the complete row stored")
+    said = " ".join(stop(proc).split())
+    assert "skipped 0 invalid" in said, said
+    append(path, b'second line"\n2,sentiment,after\n')
+    again = started(tmp_path, on(settings), *args)
+    try:
+        wait_for(lambda: len(texts(redis, keys)) == 3, 15, "the rest")
+    finally:
+        stop(again)
+    assert texts(redis, keys) == ["before", "first line\nsecond line", "after"]
+
+
+def test_with_a_checkpoint_an_unfinished_last_line_waits_for_its_end(
+    tmp_path: Path,
+    cli: Any,  # noqa: F811
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    """Without --follow a file's last line is read even without its newline, unless a
+    checkpoint is kept: the file may still be being written, and "hello wor" is not a ticket."""
+    path, saved = tmp_path / "desk.csv", tmp_path / "desk.checkpoint"
+    path.write_bytes(b"id,task,text\n1,sentiment,hello wor")
+    first = cli("produce", str(path), "--checkpoint", str(saved))
+    assert first.returncode == 0 and "produced 0, skipped 0 invalid" in first.stderr.decode()
+    append(path, b"ld\n2,sentiment,next\n")
+    second = cli("produce", str(path), "--checkpoint", str(saved))
+    assert second.returncode == 0, second.stderr
+    assert texts(redis, keys) == ["hello world", "next"]

@@ -49,12 +49,15 @@ _LETTERS = re.compile(r"[^\W\d_]+")
 _JSON_KEYS = ("label", "answer", "sentiment", "class", "category", "prediction", "result")
 # A line stating the answer under an answer-like key: "Label: negative", "**Final answer:**
 # Negative." Its value is read before the rest, so an explanation's words do not drown it.
+# Not a quotation ("> Label: x") nor a code block: those are the ticket's words, echoed.
+# Each run of blanks is matched once (no two adjacent runs): linear on a line of spaces.
 _STATED = re.compile(
-    r"^[^\S\n]*[*_#>-]*[^\S\n]*(?:final[^\S\n]+)?(?:"
+    r"^[ \t]*(?:[*_#-]+[ \t]*)?(?:final[ \t]+)?(?:"
     + "|".join((*_JSON_KEYS, "classification", "verdict"))
-    + r")[^\S\n]*[*_]*[^\S\n]*[:=][*_]*[^\S\n]*(?P<value>[^\n]*)",
+    + r")[ \t]*(?:[*_]+[ \t]*)?[:=][*_]*(?P<value>[^\n]*)",
     re.IGNORECASE | re.MULTILINE,
 )
+_FENCED = re.compile(r"^[ \t]*```.*?(?:^[ \t]*```|\Z)", re.MULTILINE | re.DOTALL)
 # A negation earlier in the same clause as a mention ("do not describe the same problem").
 _NEGATED = re.compile(
     rf"(?:(?<!{_WORD_CHAR})(?:not|no|never|nor|neither|cannot|dont|doesnt|isnt|arent|wasnt)"
@@ -249,14 +252,25 @@ def json_value(text: str) -> Any:
     return None
 
 
-def stated_values(text: str, complete: bool) -> list[tuple[int, int]]:
-    """The spans of the values of lines that state an answer (``_STATED``); with
-    ``complete``, only lines a newline ended (a cut text's last line may be unfinished)."""
-    return [
-        m.span("value")
-        for m in _STATED.finditer(text)
-        if not complete or text.startswith("\n", m.end())
-    ]
+def stated_values(
+    text: str, complete: bool, inputs: Sequence[str | None] = ()
+) -> list[tuple[int, int]]:
+    """The spans of the values of lines that state an answer (``_STATED``), outside code
+    blocks and not found as they are in ``inputs`` (the item's texts: a ticket's own
+    "Label: x" line, echoed, is not the model's word); with ``complete``, only lines a
+    newline ended (a cut text's last line may be unfinished)."""
+    fenced = [m.span() for m in _FENCED.finditer(text)]
+    found = []
+    for m in _STATED.finditer(text):
+        if complete and not text.startswith("\n", m.end()):
+            continue
+        if any(a <= m.start() < b for a, b in fenced):
+            continue
+        line = m.group().strip()
+        if any(given and line in given for given in inputs):
+            continue
+        found.append(m.span("value"))
+    return found
 
 
 def keyed_answer(obj: dict[Any, Any]) -> str | None:

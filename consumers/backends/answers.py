@@ -175,21 +175,29 @@ class AnswerParser:
         # Rule 3, checked against the item rather than skipping every quotation, so that
         # ``The answer is "negative"`` still answers: a quoted label form is the model's word.
         text = blank_quotations(text, inputs, keep=lambda quoted: norm(quoted) in self._forms)
-        return self._stated(text, closed) or self._read(text, 0, len(text), strict, closed)
+        stated = self._stated(text, closed, inputs)
+        return stated or self._read(text, 0, len(text), strict, closed)
 
-    def _stated(self, text: str, closed: bool) -> Answer | None:
+    def _stated(self, text: str, closed: bool, inputs: Sequence[str | None]) -> Answer | None:
         """Rule 4s; None when no line states a label."""
         stated: list[_Mention] = []
-        for a, b in stated_values(text, complete=closed):
+        values = stated_values(text, closed, inputs)
+        for a, b in values:
             mentions = self._mentions(text, a, b)
-            if len(mentions) != 1 or not mentions[0].named:
+            if len(mentions) != 1 or not mentions[0].named or "?" in text[a:b]:
                 continue
             m = mentions[0]
             if not (ALNUM.search(text, a, m.start) or ALNUM.search(text, m.end, b)):
                 stated.append(m)  # the value is the label's name alone: "**Negative**."
         labels = sorted({m.label for m in stated})
+        if labels:  # an answer opening with another label ("Positive. [...] Label: x"): two
+            before = text.rfind("\n", 0, values[0][0]) + 1
+            mentions = self._mentions(text, 0, before)
+            opener = self._label_first(text, 0, before, mentions, cut=False)
+            if opener is not None and opener.label is not None and opener.label not in labels:
+                labels.append(opener.label)
         if len(labels) > 1:
-            return Answer(None, error=f"ambiguous answer: stated {labels}")
+            return Answer(None, error=f"ambiguous answer: stated {sorted(labels)}")
         return Answer(labels[0], span=(stated[0].start, stated[0].end)) if labels else None
 
     def _read(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -153,8 +153,12 @@ class Interrupt:
     def code(self) -> int:
         return 128 + (self.signum or signal.SIGINT)
 
-    def reading(self, records: Iterable[T]) -> Iterator[T]:
-        """``records`` until the first signal, which also cuts short a read waiting for input."""
+    def reading(
+        self, records: Iterable[T], handed: Callable[[T], None] = lambda record: None
+    ) -> Iterator[T]:
+        """``records`` until the first signal, which also cuts short a read waiting for input.
+        ``handed`` is called as each one is handed on, where no signal can cut in any more
+        (a signal cuts a read short anywhere inside it: what it was reading is lost)."""
         iterator = iter(records)
         while not self.is_set():
             self._reading = True
@@ -168,6 +172,7 @@ class Interrupt:
                 break
             finally:
                 self._reading = False
+            handed(record)
             if isinstance(record, tuple) and record and isinstance(record[0], str):
                 self.last = record[0]
             yield record

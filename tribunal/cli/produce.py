@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from common.connection import connect
+from producers.api import SourceRecord
+from producers.follow import Idle
 from producers.readers import Reading
 from tribunal.cli.base import Interrupt, clear_errors, err, needs_redis, say, settings, summarize
 from tribunal.cli.quality import logs_above_the_bar, open_followed, reads_records
@@ -63,12 +65,20 @@ def produce(
     except (OSError, ValueError) as exc:
         say("[red]error:[/]", str(exc))
         raise typer.Exit(2) from None
-    records, lines = open_followed(source, reading, s, follow, stop.is_set, resume)
+    complete_only = saved is not None  # a checkpoint never points into an unfinished line
+    records, lines = open_followed(source, reading, s, follow, stop.is_set, resume, complete_only)
+    # Where the last record handed to the producer ends: when a chunk is stored, every
+    # record handed on before it is (the producer sends all it holds).
+    handed_up_to = [lines.checkpoint()]
 
-    def stored(count: int) -> None:  # after each chunk: what was read so far is stored
+    def handed(record: SourceRecord | Idle) -> None:
+        if saved is not None and not isinstance(record, Idle):  # at IDLE a CSV row may be
+            handed_up_to[0] = lines.checkpoint()  # half read: its lines are not a record yet
+
+    def stored(count: int) -> None:  # after each chunk: what was handed on is stored
         progress.advance(job, count)
         if saved is not None:
-            saved.save(lines.checkpoint())
+            saved.save(handed_up_to[0])
 
     progress = Progress(
         SpinnerColumn(),
@@ -97,11 +107,7 @@ def produce(
         report = ProduceReport()  # kept when sending stops part-way
         try:
             with clear_errors(s):
-                producer.send(
-                    stop.reading(records),
-                    on_progress=stored,
-                    report=report,
-                )
+                producer.send(stop.reading(records, handed), on_progress=stored, report=report)
             stored(0)  # the lines read after the last chunk were all invalid: read, too
         except typer.Exit:  # Redis failed: what went before it is stored
             summarize(report, s, stop, " before the error")

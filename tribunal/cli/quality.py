@@ -120,9 +120,11 @@ def open_followed(
     follow: bool,
     stop: Callable[[], bool],
     resume: Position | None,
+    complete_only: bool,
 ) -> tuple[Iterator[SourceRecord | Idle], Lines]:
     """``open_records`` for ``produce`` (``producers.readers.followed``)."""
-    return opened(source, lambda: followed(source, reading.for_fleet(s), follow, stop, resume))
+    how = reading.for_fleet(s)
+    return opened(source, lambda: followed(source, how, follow, stop, resume, complete_only))
 
 
 def opened(source: str, open_source: Callable[[], T]) -> T:
