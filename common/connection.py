@@ -153,5 +153,17 @@ def is_transient(exc: BaseException, client: object) -> bool:
     return isinstance(exc, errors.RedisError) and reply.startswith(PASSING_REPLIES)
 
 
+def server_time(redis: Redis, key: str) -> float:
+    """Seconds since the epoch by the clock of the server holding ``key`` (on a cluster, its
+    slot's primary: each node has its own clock, and the key's is the one that stamped it)."""
+    if is_cluster(redis):
+        cluster: Any = redis
+        reply: Any = cluster.time(target_nodes=cluster.get_node_from_key(key))
+    else:
+        reply = redis.time()
+    seconds, micros = reply
+    return int(seconds) + int(micros) / 1e6
+
+
 def is_cluster(client: object) -> bool:
     return isinstance(client, RedisCluster)

@@ -47,6 +47,12 @@ class ServeSettings(BaseModel):
         description="Header whose value is signed before the body (Zendesk: "
         "X-Zendesk-Webhook-Signature-Timestamp); unset: the body alone is signed.",
     )
+    serve_signature_max_age_s: int = Field(
+        default=300,
+        ge=0,
+        description="A signed timestamp older (or further ahead) than this is refused, so a "
+        "captured webhook cannot be replayed later; 0: not checked.",
+    )
     serve_max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Larger request bodies are refused (413)."
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import pydantic
 
+from common.connection import server_time
 from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
@@ -96,11 +97,11 @@ class AggregatorHandler(Handler):
         if time.monotonic() < self._next_sweep:
             return
         self._next_sweep = time.monotonic() + min(1.0, self.rt.settings.vote_timeout_s / 4)
-        seconds, micros = self.rt.redis.time()  # deadlines are on Redis's clock, not ours
+        now = server_time(self.rt.redis, self.rt.keys.deadlines)  # its clock stamped them
         due: Any = self.rt.redis.zrangebyscore(
             self.rt.keys.deadlines,
             "-inf",
-            seconds + micros / 1e6,
+            now,
             start=0,
             num=self.rt.settings.batch_size,
         )

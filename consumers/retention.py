@@ -15,7 +15,7 @@ from typing import Any
 
 from redis import Redis
 
-from common.connection import text
+from common.connection import server_time, text
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
 from common.settings import Settings
 
@@ -68,8 +68,7 @@ def trim(
     if floor is None:
         return 0
     if max_age_s is not None:  # entry ids are Redis's clock in ms: its clock, not ours
-        seconds, micros = redis.time()
-        floor = min(floor, (int((seconds + micros / 1e6 - max_age_s) * 1000), 0))
+        floor = min(floor, (int((server_time(redis, stream) - max_age_s) * 1000), 0))
     minid = f"{floor[0]}-{floor[1]}"
     # An approximate XTRIM removes at most LIMIT entries per call (default 100 macro nodes,
     # 10,000 entries): keep going, or a fast stream would outgrow the janitor.

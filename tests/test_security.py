@@ -221,6 +221,23 @@ def test_every_role_does_its_job_under_its_own_user_over_tls(tls_redis: TlsRedis
     sink = type("Sink", (), {"write": lambda self, b: out.append(b), "flush": lambda self: None})
     assert read_labels(runtime("labels"), sink(), "labels", follow=False) == 1  # type: ignore[arg-type]
 
+    # The serve role (tribunal serve): produce, its heartbeat and counters, an item's lookup.
+    from tribunal.ingest.liveness import Heartbeat, Metrics
+    from tribunal.ops.lookup import item_status
+
+    serve_settings = tls_redis.settings("serve", **common)
+    served = connect(serve_settings)
+    assert (
+        Producer(served, serve_settings)
+        .send([{"id": "s3", "task": "sentiment", "text": "ok"}])
+        .produced
+        == 1
+    )
+    counters = Metrics()
+    counters.received("stored", 1)
+    Heartbeat(served, serve_settings, counters).beat(alive=True)
+    assert item_status(served, serve_settings, "s1").stage == "labeled"
+
     # The monitor role: status, health and a Prometheus scrape, all read-only.
     from prometheus_client import generate_latest
 
@@ -251,6 +268,8 @@ REFUSED = [
     ("worker", lambda r, k: r.keys("*")),
     ("judge", lambda r, k: r.xadd(k.items, {"d": b"{}"})),
     ("labels", lambda r, k: r.xrange(k.items)),
+    ("serve", lambda r, k: r.xadd(k.output, {"d": b"forged label"})),
+    ("serve", lambda r, k: r.xreadgroup("g", "c", {k.items: ">"})),
     ("monitor", lambda r, k: r.xadd(k.items, {"d": b"{}"})),
     ("monitor", lambda r, k: r.delete(k.output)),
     ("aggregator", lambda r, k: r.config_get("*")),

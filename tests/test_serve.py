@@ -11,6 +11,7 @@ import hmac
 import re
 import signal
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -266,12 +267,17 @@ def test_a_signed_nested_webhook_is_checked_and_mapped(
     body = orjson.dumps(
         {"ticket": {"id": 4711, "description": "App crashes on login", "priority": "high"}}
     )
-    stamp = "2026-03-01T09:00:00Z"
-    digest = hmac.new(
-        SECRET.encode(), (stamp.encode() if stamp_header else b"") + body, hashlib.sha256
-    ).digest()
-    signature = base64.b64encode(digest).decode() if stamp_header else "sha256=" + digest.hex()
-    signed = {header: signature, **({stamp_header: stamp} if stamp_header else {})}
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    def signed_at(at: datetime) -> dict[str, str]:
+        stamp = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+        digest = hmac.new(
+            SECRET.encode(), (stamp.encode() if stamp_header else b"") + body, hashlib.sha256
+        ).digest()
+        signature = base64.b64encode(digest).decode() if stamp_header else "sha256=" + digest.hex()
+        return {header: signature, **({stamp_header: stamp} if stamp_header else {})}
+
+    signed = signed_at(now)
 
     missing = endpoint.post(body, {})
     assert missing.status_code == 401 and missing.json()["error"] == (
@@ -281,8 +287,12 @@ def test_a_signed_nested_webhook_is_checked_and_mapped(
     assert forged.status_code == 403, forged.text
     assert forged.json()["error"].startswith(f"signature in {header} does not match")
     if stamp_header:  # the timestamp is signed too
-        restamped = endpoint.post(body, {**signed, stamp_header: "2026-03-01T09:00:01Z"})
+        later = (now + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        restamped = endpoint.post(body, {**signed, stamp_header: later})
         assert restamped.status_code == 403
+        replayed = endpoint.post(body, signed_at(now - timedelta(minutes=10)))  # a replay
+        assert replayed.status_code == 401, replayed.text
+        assert "over 300 s from now" in replayed.json()["error"]
     assert stream(redis, settings) == []
 
     right = endpoint.post(body, signed)
@@ -293,6 +303,17 @@ def test_a_signed_nested_webhook_is_checked_and_mapped(
     (item,) = stream(redis, settings)
     assert (item["id"], item["text"]) == ("4711", "App crashes on login")
     assert item["metadata"] == {"ticket": {"priority": "high"}}  # mapped fields not twice
+
+
+def test_signed_webhooks_without_a_token_leave_items_unreadable(start: Any) -> None:
+    """A GET cannot be signed: with a signature secret and no token, an item's record (its
+    text, its metadata) is not served to anyone who can guess its id."""
+    endpoint = start(
+        "--task", "sentiment", TRIBUNAL_SERVE_TOKEN="", TRIBUNAL_SERVE_SIGNATURE_SECRET=SECRET
+    )
+    read = endpoint.client.get("/items/4711")
+    assert read.status_code == 403
+    assert read.json()["error"] == "reading items needs serve_token: only webhooks are signed"
 
 
 def test_metadata_col_keeps_only_the_fields_named(

@@ -63,10 +63,10 @@ def run_consumers(consumers: Sequence[StreamConsumer], stop: StopFlag, drain: bo
     keeper.start()
     try:
         _rounds(consumers, stop, drain)
-    finally:
+    finally:  # also when a handler ends it (StopConsuming): not live any more, said at once
         done.set()
-    for c in consumers:
-        c.leave()
+        for c in consumers:
+            c.leave()
     log.info("%s stopped", first.name)
 
 

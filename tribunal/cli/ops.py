@@ -77,7 +77,7 @@ def dlq_replay(
 def acl(
     namespace: Annotated[str, typer.Option(help="Key namespace the fleet uses.")] = "tribunal",
 ) -> None:
-    """Print a Redis ACL users file with the least each role needs (producer, worker,
+    """Print a Redis ACL users file with the least each role needs (producer, serve, worker,
     aggregator, judge, labels, monitor). Passwords come from TRIBUNAL_ACL_<ROLE>_PASSWORD
     and are written only as SHA-256. Load it with redis-server --aclfile FILE (add your own
     admin user, and consider "user default off")."""

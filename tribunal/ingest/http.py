@@ -172,6 +172,14 @@ class Ingest:
         why = "wrong bearer token" if given else "missing bearer token (Authorization: Bearer …)"
         return problem(401, why, {"WWW-Authenticate": "Bearer"})
 
+    def may_read(self, credentials: HTTPAuthorizationCredentials | None) -> JSONResponse | None:
+        """``authorized``, and where webhooks are signed but no token is set, a 403: a GET
+        cannot be signed, and an item's record (its text, its metadata) is not for anyone
+        who can guess its id."""
+        if self.token is None and self.signature is not None:
+            return problem(403, "reading items needs serve_token: only webhooks are signed")
+        return self.authorized(credentials)
+
     async def post(
         self, request: Request, credentials: HTTPAuthorizationCredentials | None
     ) -> Response:
@@ -359,7 +367,7 @@ def create_app(settings: Settings, mapping: WebhookMapping, redis: Redis) -> Fas
     )
     async def get_item(item_id: str, credentials: Credentials) -> Response:
         """Where the item stands: queued, voting, judging, or ended with its final record."""
-        if (refused := ingest.authorized(credentials)) is not None:
+        if (refused := ingest.may_read(credentials)) is not None:
             return ingest.metrics.answered("/items/{id}", refused)
         return ingest.metrics.answered(
             "/items/{id}", await run_in_threadpool(ingest.label, item_id)

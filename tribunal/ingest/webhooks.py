@@ -15,8 +15,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import orjson
@@ -180,6 +182,7 @@ class Signature:
     header: str
     encoding: Literal["hex", "base64"]
     timestamp_header: str | None = None
+    max_age_s: int = 0  # a timestamp this far from now is refused (0: not checked)
 
     @classmethod
     def of(cls, settings: Settings) -> Signature | None:
@@ -191,6 +194,7 @@ class Signature:
             settings.serve_signature_header,
             settings.serve_signature_encoding,
             settings.serve_signature_timestamp_header,
+            settings.serve_signature_max_age_s,
         )
 
     def sign(self, body: bytes, timestamp: str = "") -> str:
@@ -209,6 +213,8 @@ class Signature:
             timestamp = headers.get(self.timestamp_header, "")
             if not timestamp:
                 return 401, f"missing signature timestamp header {self.timestamp_header}"
+            if (stale := self.stale(timestamp)) is not None:
+                return 401, stale
         expected = self.sign(body, timestamp)
         given = given.strip().removeprefix("sha256=")
         if self.encoding == "hex":
@@ -218,5 +224,25 @@ class Signature:
             return 403, (
                 f"signature in {self.header} does not match: expected the HMAC-SHA256 of "
                 f"{signed} with the shared secret, {self.encoding}-encoded"
+            )
+        return None
+
+    def stale(self, timestamp: str) -> str | None:
+        """Why a signed timestamp (ISO 8601, as Zendesk sends it, or Unix seconds) is refused:
+        unreadable, or more than ``max_age_s`` from now (a replay); None when it is fine."""
+        if not self.max_age_s:
+            return None
+        try:
+            if timestamp.strip().isdigit():
+                at = float(timestamp)
+            else:
+                parsed = datetime.fromisoformat(timestamp.strip())
+                at = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        except ValueError:
+            return f"unreadable timestamp in {self.timestamp_header}: {timestamp[:40]!r}"
+        if abs(time.time() - at) > self.max_age_s:
+            return (
+                f"timestamp in {self.timestamp_header} is over {self.max_age_s} s from now: "
+                "a webhook is refused after serve_signature_max_age_s (a replay)"
             )
         return None

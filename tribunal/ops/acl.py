@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-ROLES = ("producer", "worker", "aggregator", "judge", "labels", "monitor")
+ROLES = ("producer", "serve", "worker", "aggregator", "judge", "labels", "monitor")
 
 # CLUSTER SLOTS/SHARDS and COMMAND: what redis-py's cluster client needs to find slots and keys.
 _CONNECT = "+ping +client|setname +cluster|slots +cluster|shards +command +time"
@@ -100,6 +100,17 @@ def rules(role: str, namespace: str = "tribunal") -> str:
                 "heartbeats",
                 "partitions",
             ),
+        ),
+        # tribunal serve: what a producer does, its heartbeat (a script on TIME) and
+        # counters, and an item's lookup (its keys, PTTL, the final streams around its end).
+        "serve": (
+            "+xadd +xinfo|groups +xlen +exists +wait +get +set +eval +pttl +xrange +xrevrange "
+            "+zadd +zrem +zremrangebyscore +hincrby",
+            _keys(ns, "items", "partitions", "produced:*", "state:*", "votes:*", "queued:*")
+            + " "
+            + _keys(ns, "stats", "heartbeats")
+            + " "
+            + _keys(ns, "output", "rejects", "dead").replace("~", "%R~"),  # read only
         ),
         "labels": (
             f"{_CONSUMER} +get +set",

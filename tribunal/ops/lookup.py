@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from redis import Redis
 
+from common.connection import server_time
 from common.keys import ITEM_ID_FIELD, RECORD_FIELD, Keys, partition_of
 from common.schemas import DeadLetter, Decision, Reject
 from common.scripts import DONE, ESCALATED
@@ -69,14 +70,9 @@ def item_status(redis: Redis, settings: Settings, item_id: str) -> ItemStatus:
         return ItemStatus(item_id, "voting" if voting else "queued")
     since = None
     if ttl_ms > 0:  # set at the settle, with decided_ttl_s to run: ended this long ago
-        server_ms = _server_ms(redis)
+        server_ms = int(server_time(redis, keys.state(item_id)) * 1000)
         since = server_ms - (settings.decided_ttl_s * 1000 - int(ttl_ms))
     return _final(redis, keys, item_id, since)
-
-
-def _server_ms(redis: Redis) -> int:
-    seconds, micros = redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 def _final(redis: Redis, keys: Keys, item_id: str, since_ms: int | None) -> ItemStatus:

@@ -33,7 +33,7 @@ from redis.exceptions import ResponseError
 from redis.retry import Retry
 
 from common import metrics
-from common.connection import connect, text
+from common.connection import connect, server_time, text
 from common.keys import (
     AGGREGATOR_GROUP,
     JUDGE_GROUP,
@@ -87,8 +87,7 @@ def read_heartbeats(redis: Redis, keys: Keys) -> dict[str, float]:
     """Consumer name -> seconds since its loop last came round (the set forgets after 1 h),
     by Redis's clock, which stamped them: this host's may be minutes off."""
     rows: Any = redis.zrange(keys.heartbeats, 0, -1, withscores=True)
-    seconds, micros = redis.time()  # alone: a cluster pipeline cannot route a keyless command
-    now = seconds + micros / 1e6
+    now = server_time(redis, keys.heartbeats)  # the clock that stamped them
     return {text(name): max(now - float(score), 0.0) for name, score in rows}
 
 
@@ -336,10 +335,9 @@ def read_stats(redis: Redis, settings: Settings) -> list[StatSample]:
 def recent_outputs(redis: Redis, settings: Settings) -> Throughput:
     """Final labels per second over the last minute, over every partition (see the module
     docstring)."""
-    seconds, micros = redis.time()
-    now_ms = int(seconds) * 1000 + int(micros) // 1000
     outputs, per_s, capped = 0, 0.0, False
     for keys in partitions_of(settings):
+        now_ms = int(server_time(redis, keys.output) * 1000)
         rows: Any = redis.xrevrange(
             keys.output, "+", str(now_ms - THROUGHPUT_WINDOW_S * 1000), count=THROUGHPUT_CAP
         )
