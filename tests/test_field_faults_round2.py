@@ -405,3 +405,65 @@ def test_run_notes_once_which_models_read_less_than_max_text_chars() -> None:
     assert (
         short_contexts(load_settings(ROOT / "examples" / "local.toml", max_text_chars=4_000)) == []
     )
+
+
+# --- a poison item ----------------------------------------------------------------------
+
+POISON_FLEET = """
+batch_size = 8
+max_deliveries = 3
+block_ms = 100
+heartbeat_every_s = 0.5
+[workers.a]
+backend = "simulated"
+options = { accuracy = 1.0, crash_on = "POISON" }
+[judge]
+backend = "simulated"
+options = { accuracy = 1.0, seed = "judge" }
+"""
+
+
+def test_a_poison_item_is_given_up_alone_and_its_batch_mates_are_labeled(
+    procs: Procs,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """Was: an item that kills the process handling it was retried with its whole batch, and
+    after max_deliveries deaths every item of the batch was given up with "the consumer died
+    or timed out". Now a batch delivered twice goes one entry at a time: the poison item
+    alone reaches max_deliveries, its abstention says so, the judge labels it, and its
+    seven batch-mates get the worker's own votes. The worker really dies (SIGKILL) each time
+    and `run` restarts it."""
+    fleet_file = tmp_path / "poison.toml"
+    fleet_file.write_text(POISON_FLEET)
+    with EmbeddedRedis(tmp_path / "valkey") as server:
+        redis = Redis.from_url(server.url)
+        procs.env["TRIBUNAL_NAMESPACE"] = "poison"
+        run = procs.start("--fleet", str(fleet_file), "run", log="run.log", url=server.url)
+        keys = Keys("poison")
+        wait_for("the worker", lambda: redis.zcard(keys.heartbeats) >= 3, 60, run)
+        records = [
+            {
+                "id": f"t{n}",
+                "task": "sentiment",
+                "gold": "positive",
+                "text": "POISON ticket" if n == 3 else f"ticket {n} works",
+            }
+            for n in range(8)
+        ]
+        settings = load_settings(fleet_file, redis_url=server.url, namespace="poison")
+        Producer(redis, settings).send(records)
+        wait_for("every label", lambda: redis.xlen(keys.output) == 8, 120, run)
+        decisions = {
+            d["id"]: d for d in (orjson.loads(f[b"d"]) for _, f in redis.xrange(keys.output))
+        }
+        assert ctrl_c(run) == 0
+    said = procs.output("run.log").decode(errors="replace")
+    assert said.count("worker:a exited") >= 3, said[-3000:]  # it did die, again and again
+    poison = decisions.pop("t3")
+    assert poison["source"] == "judge"
+    [vote] = poison["votes"]
+    assert vote["label"] is None and "died or timed out while handling it" in vote["error"]
+    assert "this entry alone" in vote["error"]
+    for decision in decisions.values():
+        assert decision["source"] == "workers", decision
+        assert decision["votes"][0]["label"] == "positive", decision

@@ -9,6 +9,8 @@ item id, so reruns give the same votes. Items without gold get a random label.
 from __future__ import annotations
 
 import hashlib
+import os
+import signal
 import time
 from collections.abc import Mapping, Sequence
 
@@ -37,6 +39,11 @@ class SimulatedOptions(BackendOptions):
     confidence: float = Field(
         default=0.8, ge=0, le=1, description="mean confidence of a vote (drawn around it)"
     )
+    crash_on: str | None = Field(
+        default=None,
+        description="an item whose text holds this kills the process asking (SIGKILL): a "
+        "poison item, as a model server or tokenizer that dies on one input makes it",
+    )
 
 
 class Simulated:
@@ -52,11 +59,14 @@ class Simulated:
         self.accuracy = opts.accuracy
         self.seed = opts.seed
         self.confidence = opts.confidence
+        self.crash_on = opts.crash_on
 
     def classify(self, items: Sequence[Item]) -> list[Prediction]:
         delay = self.per_call_s + self.per_item_s * len(items)
         if delay > 0:
             time.sleep(delay)
+        if self.crash_on and any(self.crash_on in item.text for item in items):
+            os.kill(os.getpid(), signal.SIGKILL)
         return [self.predict(item) for item in items]
 
     def predict(self, item: Item) -> Prediction:

@@ -7,9 +7,9 @@ slow the model, no other consumer takes them from a live one. A consumer that ha
 touched its group for ``silent_after_ms`` is gone: its entries are taken over at once
 and the consumer removed from the group once it holds nothing; entries idle longer
 than ``reclaim_idle_s`` (a failed batch left for a retry) are reclaimed with
-XAUTOCLAIM. An entry delivered more than ``max_deliveries`` times is handed to
-``Handler.give_up`` so it still ends somewhere final. Redis outages are waited out
-with capped backoff.
+XAUTOCLAIM; past a second delivery they go one at a time (``redeliver``). An entry
+delivered more than ``max_deliveries`` times goes to ``Handler.give_up``, so it still ends
+somewhere final. Redis outages are waited out with capped backoff.
 """
 
 from __future__ import annotations
@@ -214,13 +214,35 @@ class StreamConsumer:
         if not rows:
             return False
         ids = [r["message_id"] for r in rows]
-        reply: Any = self.redis.xclaim(self.stream, self.group, self.name, silent_ms, ids)
-        entries = [Entry(text(eid), fields or {}) for eid, fields in reply if eid is not None]
-        if entries:
-            log.info("%s took over %d entries of %s (silent)", self.name, len(entries), silent)
-            self._count_deliveries(entries)
-            self.process(entries, reclaimed=True)
+        claimed: Any = self.redis.xclaim(
+            self.stream, self.group, self.name, silent_ms, ids, justid=True
+        )
+        if claimed:
+            log.info("%s took over %d entries of %s (silent)", self.name, len(claimed), silent)
+            self.redeliver([text(eid) for eid in claimed])
         return True
+
+    def redeliver(self, ids: list[str]) -> None:
+        """Process entries this consumer took over without counting a delivery (JUSTID):
+        each delivery is counted as it is made. Entries delivered once before go as one batch
+        again (most deaths are not an item's doing: a deploy, the OOM killer on a big batch).
+        Delivered more often, they go one at a time: an item that kills the process handling
+        it (a poison item: a model server or tokenizer crashing on it) then takes only itself
+        down, and it alone reaches ``max_deliveries`` and is given up, saying so
+        (bee-queue#106, bullmq#631)."""
+        seen = [Entry(eid, {}) for eid in ids]
+        self._count_deliveries(seen)
+        alone = max(e.deliveries for e in seen) > 1
+        for n in range(len(ids)) if alone else [0]:
+            if self.stop.is_set():
+                return
+            taking: list[Any] = ids[n : n + 1] if alone else list(ids)
+            # min idle 0 and no JUSTID: counts this delivery and returns the entries
+            reply: Any = self.redis.xclaim(self.stream, self.group, self.name, 0, taking)
+            entries = [Entry(text(eid), fields or {}) for eid, fields in reply if eid is not None]
+            if entries:
+                self._count_deliveries(entries)
+                self.process(entries, reclaimed=True, holding=ids[n + 1 :] if alone else [])
 
     def read_new(self, block_ms: int | None = -1) -> int:
         """Read and process one batch of new entries, waiting up to ``block_ms`` for them
@@ -248,38 +270,36 @@ class StreamConsumer:
 
     def reclaim(self) -> None:
         """Take over entries idle longer than ``reclaim_idle_s`` in this group (our own failures
-        left for a retry, or any entry nobody renewed), walking the whole pending list with
-        the XAUTOCLAIM cursor."""
-        cursor = "0-0"
+        left for a retry, or any entry nobody renewed), walking the pending list a batch at a
+        time. XPENDING IDLE and XCLAIM JUSTID rather than XAUTOCLAIM, which would count a
+        delivery of every entry it claims (redeliver counts them as they are made), and whose
+        JUSTID reply redis-py reads without its cursor."""
         idle_ms = int(self.loop.reclaim_idle_s * 1000)
-        while True:
-            reply: Any = self.redis.xautoclaim(
-                self.stream,
-                self.group,
-                self.name,
-                min_idle_time=idle_ms,
-                start_id=cursor,
-                count=self.loop.batch_size,
+        start, size = "-", self.loop.batch_size
+        while not self.stop.is_set():
+            rows: Any = self.redis.xpending_range(
+                self.stream, self.group, start, "+", size, idle=idle_ms
             )
-            # Redis >= 7 replies [cursor, entries, deleted ids]; 6.2 only the first two
-            # and a nil in place of an entry that was deleted from the stream.
-            cursor = text(reply[0])
-            entries = [Entry(text(eid), fields or {}) for eid, fields in reply[1] if eid]
-            deleted = reply[2] if len(reply) > 2 else []
-            if deleted:
-                log.warning("%s: %d pending entries were trimmed away", self.name, len(deleted))
-            if entries:
-                log.info("%s reclaimed %d idle entries", self.name, len(entries))
-                self._count_deliveries(entries)
-                self.process(entries, reclaimed=True)
-            if cursor == "0-0" or self.stop.is_set():
+            ids: list[Any] = [text(r["message_id"]) for r in rows]
+            if ids:  # an entry deleted meanwhile (XDEL, XTRIM) is dropped from the list here
+                claimed: Any = self.redis.xclaim(
+                    self.stream, self.group, self.name, idle_ms, ids, justid=True
+                )
+                if claimed:
+                    log.info("%s reclaimed %d idle entries", self.name, len(claimed))
+                    self.redeliver([text(eid) for eid in claimed])
+            if len(ids) < size:
                 return
+            start = f"({ids[-1]}"
 
-    def process(self, entries: list[Entry], reclaimed: bool = False) -> None:
+    def process(
+        self, entries: list[Entry], reclaimed: bool = False, holding: list[str] | None = None
+    ) -> None:
+        """Handle one batch; the keeper also keeps ``holding`` claimed (``redeliver``'s next)."""
         entries = self._drop_deleted(entries)
         if not entries:
             return
-        self.in_flight = [e.id for e in entries]
+        self.in_flight = [e.id for e in entries] + (holding or [])
         try:
             self._process(entries, reclaimed)
         finally:
@@ -339,7 +359,12 @@ class StreamConsumer:
         pipe.execute()
 
     def _give_up(self, entry: Entry, writes: Writes) -> bool:
-        error = self._errors.pop(entry.id, "the consumer died or timed out while handling it")
+        died = entry.deliveries - 1
+        error = self._errors.pop(
+            entry.id,
+            f"the consumer died or timed out while handling it, {died} times "
+            "(the last times with this entry alone: it is the cause, not its batch)",
+        )
         if not self.handler.give_up(entry, error, writes):
             return False
         log.error(
