@@ -542,6 +542,7 @@ ANSWERING = [
     ("health",),
     ("calibrate",),
     ("teach", "one.jsonl"),
+    ("serve", "--port", "1"),  # serves until stopped, but checks Redis before it binds
     ("demo", "--offline", "--limit", "2"),
     pytest.param(("--fleet", OFFLINE_FLEET, "evaluate", SAMPLE), id="evaluate"),
 ]
