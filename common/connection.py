@@ -130,6 +130,9 @@ PASSING_REPLIES = (
     "LOADING",
     "OOM",
     "MISCONF",
+    # A failover: the server turned replica unblocks its blocked readers (XREADGROUP BLOCK)
+    # with this, before READONLY answers their next write.
+    "UNBLOCKED",
 )
 
 # The one backoff of every wait on an unavailable Redis (a consumer's partition, a

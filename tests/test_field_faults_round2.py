@@ -30,7 +30,7 @@ from common.settings import Settings, load_settings
 from common.tasks import BUILTIN_TASKS
 from consumers.backends import backend_for
 from consumers.backends.context import overflow_of
-from consumers.backends.openai_compat import OpenAICompatible
+from consumers.backends.openai_compat import OpenAICompatible, proxy_for
 from producers.api import Producer
 from tribunal.processes.children import RESTART_BACKOFF, STABLE_S, Restarts
 from tribunal.processes.embedded import EmbeddedRedis
@@ -141,6 +141,17 @@ def test_a_proxy_in_the_environment_is_not_used_for_this_machines_model_servers(
             model.close()
         assert [p.label for p in out] == ["negative", "positive"], [p.error for p in out]
         assert len(server.requests) == 2 and server.proxied == []
+
+
+def test_every_loopback_spelling_bypasses_the_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not only the three usual spellings: all of 127.0.0.0/8, ::1, and localhost with its
+    root dot are this machine (a fleet behind a proxy found 127.0.0.2 sent to it)."""
+    monkeypatch.setenv("HTTP_PROXY", DEAD_PROXY)
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    for host in ("127.0.0.1", "127.0.0.2", "127.1.2.3", "[::1]", "localhost", "LOCALHOST."):
+        assert proxy_for(f"http://{host}:8080/v1") is None, host
+    assert proxy_for("http://models.example.invalid:8000/v1") == DEAD_PROXY
 
 
 def test_a_remote_model_server_goes_through_the_proxy_and_an_error_names_it(

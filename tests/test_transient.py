@@ -32,6 +32,7 @@ CLUSTER = RedisCluster.__new__(RedisCluster)
         ExecAbortError("Transaction discarded because of: OOM command not allowed"),
         ResponseError("LOADING Redis is loading the dataset in memory"),
         ResponseError("MISCONF Valkey is configured to save RDB snapshots, but it's currently"),
+        ResponseError("UNBLOCKED force unblock from blocking operation, instance state changed"),
         ResponseError("Command # 2 (HINCRBY s f 1) of pipeline caused error: MISCONF Valkey is"),
         RedisClusterException("Redis Cluster cannot be connected. Please provide at least one"),
     ],

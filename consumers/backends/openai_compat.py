@@ -34,6 +34,7 @@ long that takes, the consumer's keeper thread renews its claim on the batch's en
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import random
@@ -67,7 +68,15 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTEXT_TRIES = 4  # asks of an item over the context: each keeps less (backends/context.py)
-LOOPBACK = ("all://127.0.0.1", "all://localhost", "all://[::1]")  # httpx mount patterns
+def is_loopback(host: str) -> bool:
+    """``host`` names this machine's loopback: localhost (also with its root dot) or an
+    address in 127.0.0.0/8 or ::1."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def proxy_for(url: str) -> str | None:
@@ -75,7 +84,7 @@ def proxy_for(url: str) -> str | None:
     urllib and httpx read them), None for this machine's own addresses."""
     parts = urlsplit(url)
     host = parts.hostname or ""
-    if f"all://{host}" in LOOPBACK or f"all://[{host}]" in LOOPBACK or proxy_bypass(host):
+    if is_loopback(host) or proxy_bypass(host):
         return None
     proxies = getproxies()
     return proxies.get(parts.scheme) or proxies.get("all")
@@ -137,7 +146,7 @@ class OpenAICompatible:
             # A proxy from the environment (HTTPS_PROXY, ALL_PROXY: common on corporate
             # machines) is used for a remote server, never for this machine's own: without
             # NO_PROXY, httpx would send loopback requests to the proxy too.
-            mounts=dict.fromkeys(LOOPBACK),
+            trust_env=not is_loopback(urlsplit(self.opts.base_url).hostname or ""),
         )
 
     @property
