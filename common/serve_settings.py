@@ -48,10 +48,11 @@ class ServeSettings(BaseModel):
         "X-Zendesk-Webhook-Signature-Timestamp); unset: the body alone is signed.",
     )
     serve_signature_max_age_s: int = Field(
-        default=300,
+        default=86_400,
         ge=0,
         description="A signed timestamp older (or further ahead) than this is refused, so a "
-        "captured webhook cannot be replayed later; 0: not checked.",
+        "captured webhook cannot be replayed once decided_ttl_s forgot its id (a desk's later "
+        "retry keeps its timestamp: too short a window refuses it); 0: not checked.",
     )
     serve_max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="Larger request bodies are refused (413)."

@@ -9,6 +9,9 @@ its reader left are gone for that group, as with any pipe.
 
 from __future__ import annotations
 
+import os
+import select
+import stat
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -39,6 +42,23 @@ class LabelsHandler(Handler):
             raise OutputClosed from None
         self.written += len(lines)
         return {}
+
+    def tick(self) -> None:
+        """Between reads: a pipe whose reader left (``labels --follow | head -1``) ends the
+        reader now, not at the next label, which may be hours away."""
+        if self._pipe_closed():
+            raise OutputClosed
+
+    def _pipe_closed(self) -> bool:
+        try:
+            fd = self.out.fileno()
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return False
+        except (AttributeError, OSError, ValueError):  # not a file (a test's sink), or closed
+            return False
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(event & select.POLLERR for _, event in poller.poll(0))
 
 
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:

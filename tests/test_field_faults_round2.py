@@ -96,6 +96,24 @@ def test_labels_into_a_pipe_closed_early_ends_quietly_and_acks_only_what_it_wrot
     assert acked(redis, keys, "labels") == LABELS
 
 
+def test_labels_follow_into_a_pipe_closed_ends_even_when_no_label_comes(
+    settings: Settings, redis: Redis, keys: Keys
+) -> None:
+    """`labels --follow | head -n 1` with one label and nothing more: the reader ends when
+    the pipe closes, not at the next label (which may be hours away)."""
+    redis.xadd(keys.output, {"id": "only", "d": b'{"id":"only"}'})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    env |= {"TRIBUNAL_REDIS_URL": str(settings.redis_url), "TRIBUNAL_NAMESPACE": settings.namespace}
+    env["TRIBUNAL_BLOCK_MS"] = "200"
+    args = [sys.executable, "-m", "tribunal", "labels", "--follow"]
+    reader = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert reader.stdout is not None and reader.stderr is not None
+    assert orjson.loads(reader.stdout.readline())["id"] == "only"
+    reader.stdout.close()
+    assert reader.wait(30) == 128 + signal.SIGPIPE
+    assert b"Traceback" not in reader.stderr.read()
+
+
 def test_labels_to_a_file_still_says_what_it_wrote(
     cli: Any,  # noqa: F811
     tmp_path: Path,

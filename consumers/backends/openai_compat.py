@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 CONTEXT_TRIES = 4  # asks of an item over the context: each keeps less (backends/context.py)
+
+
 def is_loopback(host: str) -> bool:
     """``host`` names this machine's loopback: localhost (also with its root dot) or an
     address in 127.0.0.0/8 or ::1."""

@@ -158,6 +158,8 @@ class StreamConsumer:
         """The handler's periodic work; a bug there is logged, never fatal to the consumer."""
         try:
             self.handler.tick()
+        except StopConsuming:
+            raise
         except Exception as exc:
             if is_transient(exc, self.redis):
                 raise
