@@ -157,7 +157,7 @@ class Producer:
             first.setdefault(row[1], row)  # an id twice in one chunk: the first one goes
         rows, repeated = list(first.values()), len(chunk) - len(first)
         token = uuid.uuid4().hex  # the same on every retry of this chunk
-        failures = 0
+        failures, since = 0, 0.0
         while True:
             try:
                 if not self._claimed:
@@ -176,9 +176,13 @@ class Producer:
                     raise
                 # Sent again under the same chunk id: what the server already has stays once.
                 delay = OUTAGE_BACKOFF.compute(failures)
+                if not failures:  # said once per outage: it retries every 2 s at most
+                    since = time.monotonic()
+                    log.warning("Redis unavailable (%s); retrying until it is back", exc)
                 failures += 1
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
+        if failures:
+            log.warning("Redis is back after %.1fs", time.monotonic() - since)
         report.produced += len(chunk)
         report.known += known + repeated
         report.unreplicated += unconfirmed

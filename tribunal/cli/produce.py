@@ -36,8 +36,12 @@ def produce(
         int, typer.Option(help="Most items per pipelined XADD round trip.", min=1)
     ] = 500,
     wait_for_redis: Annotated[
-        bool, typer.Option(help="While Redis is unreachable, wait and retry instead of failing.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            help="While Redis is unreachable, wait and retry instead of failing "
+            "(default: with --follow, which runs unattended)."
+        ),
+    ] = None,
     *,
     reading: Reading,
 ) -> None:
@@ -102,7 +106,11 @@ def produce(
             progress.update(job, wait=wait if backlog else "")
 
         producer = Producer(
-            connect(s), s, chunk_size=chunk_size, wait_for_redis=wait_for_redis, on_wait=show_wait
+            connect(s),
+            s,
+            chunk_size=chunk_size,
+            wait_for_redis=follow if wait_for_redis is None else wait_for_redis,
+            on_wait=show_wait,
         )
         report = ProduceReport()  # kept when sending stops part-way
         try:
