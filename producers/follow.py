@@ -15,7 +15,8 @@ without saying it waits.
 Following survives log rotation as GNU ``tail -F`` does: a file renamed away (logrotate's
 ``create``) is read to its end for ``RENAMED_GRACE_S`` more (its writer reopens the path
 only when told), then the new file at the path is followed from its start;
-a file truncated in place (``copytruncate``) is read again from its start. Lines written
+a file truncated in place (``copytruncate``), or rewritten in place (its first bytes are not
+the ones read), is read again from its start. Lines written
 between logrotate's copy and its truncation are lost to every reader: that is
 copytruncate's own gap (logrotate(8)). ``position`` is where the lines given so far end,
 which a ``Checkpoint`` saves, so a producer restarted on the same file resumes there.
@@ -191,6 +192,11 @@ class Lines:
             return None
         return saved
 
+    @property
+    def unfinished(self) -> int:
+        """Bytes read after the last newline and not given (a line still being written)."""
+        return sum(map(len, self._pending))
+
     def checkpoint(self) -> Position:
         """The position read up to, fingerprinted, for a ``Checkpoint``."""
         head = self._first[: min(self.position.offset, HEAD_BYTES)]
@@ -235,10 +241,11 @@ class Lines:
                 continue
             if not renamed_at and self._renamed():
                 renamed_at = time.monotonic()
-            elif not renamed_at and self._truncated():
-                yield from self._restart(self.stream, "was truncated (copytruncate?)")
-                continue
             time.sleep(self.poll_s)
+            # Looked at before reading on: a file rewritten meanwhile would be read from the
+            # middle of a line otherwise.
+            if not renamed_at and self._truncated():
+                yield from self._restart(self.stream, "was truncated or rewritten in place")
         final = not self.follow and not self.complete_only and not self.stop()
         if self._pending and final:  # the file's last line, without its newline
             last, self._pending = b"".join(self._pending), []
@@ -282,8 +289,12 @@ class Lines:
         return not same_file(now, os.fstat(self.stream.fileno()))
 
     def _truncated(self) -> bool:
-        size = os.fstat(self.stream.fileno()).st_size
-        return size < self.position.offset + sum(map(len, self._pending))
+        """The file is shorter than what was read of it, or its first bytes are not the ones
+        read (rewritten in place, ``>`` by an exporter, to a size past the old one)."""
+        fd = self.stream.fileno()
+        if os.fstat(fd).st_size < self.position.offset + self.unfinished:
+            return True
+        return os.pread(fd, len(self._first), 0) != self._first
 
     def _reopen(self) -> Iterator[bytes | Marker]:
         try:
@@ -298,7 +309,7 @@ class Lines:
         yield from self._restart(stream, "was rotated (renamed): following the new file")
 
     def _restart(self, stream: BinaryIO, what: str) -> Iterator[bytes | Marker]:
-        log.warning("%s %s from its start", self.path, what)
+        log.warning("%s %s: reading it from its start", self.path, what)
         with contextlib.suppress(OSError):
             os.lseek(stream.fileno(), 0, os.SEEK_SET)
         generation = self.position.generation + 1
