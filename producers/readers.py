@@ -17,6 +17,7 @@ before any record, so it is said once instead of once per line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
@@ -188,7 +189,7 @@ def csv_records(
         raise UnusableSource(f"{name}: malformed CSV header: {exc}") from None
     if header:
         check_header(header, name, how)
-    return csv_rows(rows, header, first.text, name, how)
+    return csv_rows(rows, header, name, how)
 
 
 @dataclass(frozen=True)
@@ -277,18 +278,29 @@ def parse_row(row: Row) -> list[str]:
 
 
 def csv_rows(
-    rows: Iterator[Row | Idle | Restart],
-    header: list[str],
-    header_text: str,
-    name: str,
-    how: Reading,
+    rows: Iterator[Row | Idle | Restart], header: list[str], name: str, how: Reading
 ) -> Iterator[SourceRecord | Idle]:
+    """The records of framed rows. After a rotation (``Restart(0)``) a first row naming the
+    text column is the new file's header, in its own column order; one that does not is
+    data (a logger rotated with copytruncate writes no header again)."""
+    new_file = False
     for row in rows:
         if isinstance(row, Idle):
             yield row
             continue
-        if isinstance(row, Restart) or row.text == header_text:
-            continue  # a rotated file starts with its header again
+        if isinstance(row, Restart):
+            new_file = row.after == 0
+            continue
+        if new_file:
+            new_file = False
+            with contextlib.suppress(InvalidItem):
+                if how.columns.text in (cells := parse_row(row)):
+                    try:
+                        check_header(cells, name, how)
+                        header = cells
+                    except UnusableSource as exc:  # the old header stays
+                        yield f"{name}:{row.lines}", InvalidItem(str(exc))
+                    continue
         try:
             cells = parse_row(row)
             if not cells:  # a blank line

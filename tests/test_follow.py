@@ -146,6 +146,18 @@ def test_a_rotated_csv_starts_with_its_header_again_and_it_is_not_a_ticket(
         ("d.csv:2", {"text": "first", "id": "1"}),
         ("d.csv:2", {"text": "second", "id": "2"}),
     ]
+    # The new file's columns in another order: its header is read, not the old one reused.
+    reordered = [b"text,id\n", b"first,1\n", Restart(0), b"id,text\n", b"2,second\n"]
+    assert list(csv_records(iter(reordered), "d.csv"))[1] == (
+        "d.csv:2",
+        {"text": "second", "id": "2"},
+    )
+    # A logger rotated with copytruncate writes rows only: the old header goes on.
+    rows_only = [b"text,id\n", b"first,1\n", Restart(0), b"third,3\n"]
+    assert list(csv_records(iter(rows_only), "d.csv"))[1] == (
+        "d.csv:1",
+        {"text": "third", "id": "3"},
+    )
 
 
 # --- restart and resume -----------------------------------------------------------------
