@@ -164,6 +164,7 @@ class Lines:
         self.stream = stream
         self.position = self._position_of(self.stream)
         self._first = b""  # the file's first HEAD_BYTES bytes, as far as they were given
+        self._finish_old = False  # reading a checkpointed file renamed while stopped
         self._resume = self._resumable(resume)
         self._pending: list[bytes] = []  # the bytes read after the last newline, in chunks
 
@@ -172,25 +173,57 @@ class Lines:
         return Position(self.path, info.st_dev, info.st_ino)
 
     def _resumable(self, saved: Position | None) -> Position | None:
+        """``saved`` where reading can go on from it: this file, no shorter, with the same
+        first bytes; or the checkpointed file itself, renamed beside the path while the
+        producer was stopped (its rest is read first, then this one: ``_read``)."""
         if saved is None or self.path == "-":
             return None
-        here = self.position
-        if os.fstat(self.stream.fileno()).st_size < saved.offset:
+        if (saved.device, saved.inode) != (self.position.device, self.position.inode):
+            old = self._rotated_away(saved)
+            if old is None:
+                log.warning(
+                    "%s is not the file of the checkpoint (rotated or replaced while stopped, "
+                    "the old one not beside it): reading it from the start",
+                    self.path,
+                )
+                return None
             log.warning(
-                "%s is shorter than at the checkpoint: reading it from the start", here.path
+                "%s was rotated while stopped: reading the rest of %s first", self.path, old
             )
-            return None
-        self._first = os.pread(self.stream.fileno(), min(saved.offset, HEAD_BYTES), 0)
-        if (saved.device, saved.inode, saved.head) != (
-            here.device,
-            here.inode,
-            fingerprint(self._first),
-        ):
-            log.warning(
-                "%s is not the file of the checkpoint: reading it from the start", here.path
-            )
+            self.stream.close()
+            self.stream, self._finish_old = open(old, "rb"), True  # noqa: SIM115
+        why = self._changed(saved)
+        if why is not None:
+            log.warning("%s %s: reading it from the start", self.path, why)
+            if self._finish_old:  # the checkpointed file is not what it was: the path's
+                self.stream.close()
+                self.stream, self._finish_old = open(self.path, "rb"), False  # noqa: SIM115
+            self._first = b""
             return None
         return saved
+
+    def _changed(self, saved: Position) -> str | None:
+        """Why the open file cannot be resumed at ``saved`` (None: it can)."""
+        fd = self.stream.fileno()
+        if os.fstat(fd).st_size < saved.offset:
+            return "is shorter than at the checkpoint"
+        self._first = os.pread(fd, min(saved.offset, HEAD_BYTES), 0)
+        if fingerprint(self._first) != saved.head:
+            return "does not start as it did at the checkpoint"
+        return None
+
+    def _rotated_away(self, saved: Position) -> Path | None:
+        """The checkpointed file, if it is beside the path under another name (``desk.jsonl.1``,
+        logrotate's ``create``; a compressed copy is another file)."""
+        here = Path(self.path)
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(here.parent):
+                if not entry.name.startswith(here.name) or entry.name == here.name:
+                    continue
+                info = entry.stat()
+                if (info.st_dev, info.st_ino) == (saved.device, saved.inode):
+                    return Path(entry.path)
+        return None
 
     @property
     def unfinished(self) -> int:
@@ -219,7 +252,9 @@ class Lines:
     def _read(self) -> Iterator[bytes | Marker]:
         if self._resume is not None:
             yield from self._skip_to(self._resume)
-        renamed_at = 0.0  # when the file was seen renamed away (0: it was not)
+        # when the file was seen renamed away (0: it was not); a checkpointed file found
+        # renamed at the start is read to its end, then the path's
+        renamed_at = time.monotonic() - RENAMED_GRACE_S if self._finish_old else 0.0
         while not self.stop():
             if not self._ready(0.0):
                 yield IDLE
@@ -232,12 +267,13 @@ class Lines:
             if data:
                 yield from self._split(data)
                 continue
-            if not self.follow:
+            if not self.follow and not self._finish_old:
                 break
-            yield IDLE
+            if self.follow:
+                yield IDLE
             if renamed_at and time.monotonic() - renamed_at > RENAMED_GRACE_S:
                 yield from self._reopen()  # the renamed file was read to its end: the new one
-                renamed_at = 0.0
+                renamed_at, self._finish_old = 0.0, False
                 continue
             if not renamed_at and self._renamed():
                 renamed_at = time.monotonic()

@@ -205,8 +205,9 @@ def test_a_checkpoint_of_another_file_reads_this_one_from_the_start(
     path.unlink()
     path.write_bytes(ticket(2) * 3)  # a new file at the same path (its inode may be reused)
     second = cli("produce", str(path), "--checkpoint", str(saved))
-    assert "desk.jsonl is not the file of the checkpoint: reading it from the start" in " ".join(
-        second.stderr.decode().split()
+    assert (
+        "desk.jsonl does not start as it did at the checkpoint: reading it from the start"
+        in " ".join(second.stderr.decode().split())
     )
     assert texts(redis, keys) == ["ticket 0", "ticket 1", "ticket 2", "ticket 2", "ticket 2"]
     garbage = tmp_path / "garbage"
@@ -364,3 +365,25 @@ def test_a_file_rewritten_in_place_to_a_larger_size_is_read_from_its_start(
         said = " ".join(stop(proc).split())
     assert texts(redis, keys) == ["ticket 0", "ticket 1", *(f"ticket {n}" for n in range(10, 16))]
     assert "invalid" not in said.replace("skipped 0 invalid", "")
+
+
+def test_a_file_rotated_while_the_producer_was_stopped_is_finished_then_the_new_one_read(
+    tmp_path: Path,
+    cli: Any,  # noqa: F811
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    """Stopped at line 3; the desk wrote two more lines, then logrotate renamed the file to
+    desk.jsonl.1 and a new desk.jsonl got two lines. The checkpointed file is found beside
+    the path by its inode: its last two lines are read, then the new file: nothing lost."""
+    path, saved = tmp_path / "desk.jsonl", tmp_path / "desk.checkpoint"
+    path.write_bytes(ticket(0) + ticket(1) + ticket(2))
+    assert cli("produce", str(path), "--checkpoint", str(saved)).returncode == 0
+    append(path, ticket(3), ticket(4))
+    path.rename(tmp_path / "desk.jsonl.1")
+    path.write_bytes(ticket(5) + ticket(6))
+    again = cli("produce", str(path), "--checkpoint", str(saved))
+    assert again.returncode == 0, again.stderr
+    said = " ".join(again.stderr.decode().split())
+    assert "was rotated while stopped: reading the rest of" in said and "desk.jsonl.1 first" in said
+    assert texts(redis, keys) == [f"ticket {n}" for n in range(7)]
