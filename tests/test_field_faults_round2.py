@@ -496,3 +496,21 @@ def test_a_poison_item_is_given_up_alone_and_its_batch_mates_are_labeled(
     for decision in decisions.values():
         assert decision["source"] == "workers", decision
         assert decision["votes"][0]["label"] == "positive", decision
+
+
+def test_status_watch_into_a_pipe_writes_each_refresh_and_ends_when_it_closes(
+    settings: Settings, redis: Redis
+) -> None:
+    """Was: `status --watch | head -1` printed one table, then slept forever without writing,
+    never seeing the closed pipe; `status --watch > file` got one snapshot. Now each refresh
+    is a table appended, and a closed pipe ends it (141)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    env |= {"TRIBUNAL_REDIS_URL": str(settings.redis_url), "TRIBUNAL_NAMESPACE": settings.namespace}
+    args = [sys.executable, "-m", "tribunal", "status", "--watch", "--interval", "0.3"]
+    watcher = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert watcher.stdout is not None and watcher.stderr is not None
+    first = watcher.stdout.readline()
+    assert first.strip(), first
+    watcher.stdout.close()
+    assert watcher.wait(30) == 128 + signal.SIGPIPE
+    assert b"Traceback" not in watcher.stderr.read()

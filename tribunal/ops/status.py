@@ -277,6 +277,12 @@ def run_status(
     except (RedisError, RedisClusterException) as exc:
         return _unreadable(exc)
     console = wide_console()
+    if watch and not console.is_terminal:  # a pipe or a file: a table per refresh, appended
+        stop = StopFlag().install()
+        while True:  # a closed pipe ends it quietly (PipedConsole), as `vmstat 1 | head`
+            console.print(_render_or_error(redis, settings, stall_after_s))
+            if stop.wait(interval_s):
+                return 0
     if watch:
         stop = StopFlag().install()
         with Live(_render_or_error(redis, settings, stall_after_s), console=console) as live:
