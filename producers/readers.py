@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from itertools import zip_longest
@@ -31,6 +32,7 @@ from common.validation import InvalidItem, parse_payload
 from producers.api import SourceRecord
 from producers.follow import Ended, Idle, Lines, Marker, Position, Restart
 
+log = logging.getLogger(__name__)
 BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark
 MAX_ROW_CHARS = 16 << 20  # a CSV record longer than this is skipped, not held in memory
 
@@ -179,7 +181,7 @@ def csv_records(
     to, or (``strict``) has columns no item field takes."""
     how = Reading(columns=reading) if isinstance(reading, CsvColumns) else reading or Reading()
     csv.field_size_limit(MAX_ROW_CHARS)  # Python's default, 131,072, is one pasted log
-    rows = csv_framed(lines)
+    rows = csv_framed(lines, name)
     first = next((row for row in rows if isinstance(row, Row)), None)
     if first is None:
         return iter(())
@@ -206,14 +208,14 @@ class Row:
         return f"{self.first}-{self.last}" if self.last > self.first else str(self.first)
 
 
-def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Idle | Restart]:
+def csv_framed(lines: Iterable[bytes | Marker], name: str = "") -> Iterator[Row | Idle | Restart]:
     """The lines of a CSV file grouped into records: a record ends at a newline outside
     quotes (RFC 4180, 2.6). Framing before parsing lets a bad or oversized row be skipped
     whole: the csv module, after an error, goes on from inside the field it gave up on.
     A record still open when reading stops short (``Ended(final=False)``) is not given at
     all: it is unfinished, not wrong."""
     held: list[str] = []
-    quoted, n, first, size = False, 0, 1, 0
+    quoted, n, first, size, warned = False, 0, 1, 0, 0
     for line in lines:
         if isinstance(line, Restart):
             if held:  # the file rotated under a record: what was read of it is all there is
@@ -227,6 +229,15 @@ def csv_framed(lines: Iterable[bytes | Marker]) -> Iterator[Row | Idle | Restart
                 yield Row(first, n, "".join(held), size > MAX_ROW_CHARS)
             return
         if isinstance(line, Idle):
+            if len(held) > 1 and warned != first:  # the input waits inside a quoted field
+                warned = first
+                log.warning(
+                    "%s:%d opens a quoted field still open %d lines on: the rows after it "
+                    "wait for its closing quote",
+                    name,
+                    first,
+                    len(held),
+                )
             yield line
             continue
         n += 1

@@ -387,3 +387,24 @@ def test_a_file_rotated_while_the_producer_was_stopped_is_finished_then_the_new_
     said = " ".join(again.stderr.decode().split())
     assert "was rotated while stopped: reading the rest of" in said and "desk.jsonl.1 first" in said
     assert texts(redis, keys) == [f"ticket {n}" for n in range(7)]
+
+
+def test_a_quote_left_open_while_following_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A stray opening quote in a followed CSV holds every later row (CSV cannot tell where
+    the field was meant to end): said once, when the input waits, naming its line."""
+    rows = [
+        b"id,text\n",
+        b"1,fine\n",
+        b'2,"stray open quote\n',
+        b"3,held\n",
+        IDLE,
+        b"4,held\n",
+        IDLE,
+    ]
+    records = list(csv_records(iter(rows), "u.csv"))
+    assert [r[0] for r in records if isinstance(r, tuple)] == ["u.csv:2", "u.csv:3-5"]  # at EOF
+    warned = [r.getMessage() for r in caplog.records if "still open" in r.getMessage()]
+    assert warned == [
+        "u.csv:3 opens a quoted field still open 2 lines on: "
+        "the rows after it wait for its closing quote"
+    ]
