@@ -43,7 +43,8 @@ from common.connection import connect  # noqa: E402
 from common.keys import Keys  # noqa: E402
 from common.settings import load_settings  # noqa: E402
 from producers.api import Producer  # noqa: E402
-from producers.readers import Reading, records_of  # noqa: E402
+from producers.mapping import Reading  # noqa: E402
+from producers.readers import records_of  # noqa: E402
 from tribunal.processes.embedded import EmbeddedRedis  # noqa: E402
 
 NO_BACKLOG_LIMIT = str(10**9)

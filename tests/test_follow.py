@@ -408,3 +408,21 @@ def test_a_quote_left_open_while_following_is_said_once(caplog: pytest.LogCaptur
         "u.csv:3 opens a quoted field still open 2 lines on: "
         "the rows after it wait for its closing quote"
     ]
+
+
+def test_produce_reads_a_help_desks_nested_json_by_dotted_paths_as_serve_does(
+    cli: Any,  # noqa: F811
+    redis: Redis,
+    keys: Keys,
+) -> None:
+    """The same mapping options as `serve`: a dotted path reaches into nested JSON, the
+    value is taken out of its object (not in metadata twice), a numeric id is its digits."""
+    export = b'{"ticket": {"id": 4711, "description": "Export fails", "via": "web"}}\n'
+    proc = cli(
+        "produce", "-", "--task", "sentiment", "--text-col", "ticket.description",
+        "--id-col", "ticket.id", input=export,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    [item] = items_on_stream(redis, keys)
+    assert (item["id"], item["text"]) == ("4711", "Export fails")
+    assert item["metadata"] == {"ticket": {"via": "web"}}

@@ -38,14 +38,8 @@ from common.keys import Keys
 from common.settings import Settings, load_settings
 from common.validation import InvalidItem
 from producers.api import Producer
-from producers.readers import (
-    CsvColumns,
-    Reading,
-    UnusableSource,
-    default_task,
-    jsonl_records,
-    records_of,
-)
+from producers.mapping import CsvColumns, Reading, UnusableSource, default_task
+from producers.readers import jsonl_records, records_of
 from tribunal.cli.app import app
 from tribunal.ops.status import render, snapshot
 from tribunal.quality import report_html

@@ -16,7 +16,8 @@ from common.settings import Settings
 from common.validation import InvalidItem
 from producers.api import Producer
 from producers.follow import IDLE, Ended, Lines
-from producers.readers import CsvColumns, UnusableSource, csv_records, jsonl_records
+from producers.mapping import CsvColumns, Reading, UnusableSource
+from producers.readers import csv_records, jsonl_records
 
 GOOD_A = {"id": "good-a", "task": "sentiment", "text": "Thanks, all fixed now."}
 GOOD_B = {"id": "good-b", "task": "sentiment", "text": "Where is my invoice?"}
@@ -586,7 +587,7 @@ def test_an_input_format_is_added_in_one_place(
         (f"{path}:1", "t-1", "The export hangs."),
         (f"{path}:2", "t-2", "Thanks, all good now!"),
     ]
-    same = list(readers.records_of(str(path.rename(tmp_path / "desk.txt")), readers.Reading("tsv")))
+    same = list(readers.records_of(str(path.rename(tmp_path / "desk.txt")), Reading("tsv")))
     assert [r for _, r in same] == [r for _, r in got]
     with pytest.raises(UnusableSource, match="--format xml: one of jsonl, csv, tsv"):
-        readers.records_of(str(tmp_path / "desk.txt"), readers.Reading("xml"))
+        readers.records_of(str(tmp_path / "desk.txt"), Reading("xml"))

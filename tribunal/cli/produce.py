@@ -12,7 +12,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from common.connection import connect
 from producers.api import SourceRecord
 from producers.follow import Idle
-from producers.readers import Reading
+from producers.mapping import Reading
 from tribunal.cli.base import Interrupt, clear_errors, err, needs_redis, say, settings, summarize
 from tribunal.cli.quality import logs_above_the_bar, open_followed, reads_records
 

@@ -19,16 +19,8 @@ from common.connection import connect
 from common.settings import Settings
 from producers.api import SourceRecord
 from producers.follow import Idle, Lines, Position
-from producers.readers import (
-    FORMATS,
-    HOLDS,
-    CsvColumns,
-    Reading,
-    UnusableSource,
-    flag_of,
-    followed,
-    records_of,
-)
+from producers.mapping import HOLDS, CsvColumns, Reading, UnusableSource, flag_of
+from producers.readers import FORMATS, followed, records_of
 from tribunal.cli.base import CliConfig, clear_errors, needs_redis, say, settings
 
 T = TypeVar("T")

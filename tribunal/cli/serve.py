@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from common.keys import claim_partitions
-from producers.readers import HOLDS, Reading
+from producers.mapping import HOLDS, Reading
 from tribunal.cli.base import clear_errors, needs_redis, say, settings
 from tribunal.cli.quality import READ_OPTIONS, column_option, reads_records
 

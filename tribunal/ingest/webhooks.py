@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Literal
 
 import orjson
 
@@ -27,7 +27,7 @@ from common.errors import InputError
 from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
-from producers.readers import HOLDS, Reading
+from producers.mapping import Reading, value_at
 
 JSON = "application/json"
 JSONL = "application/x-ndjson"
@@ -124,52 +124,20 @@ class WebhookMapping:
     def record(self, body: RawRecord) -> RawRecord:
         """The item fields of one webhook record; raises ``InvalidItem`` with ``produce``'s
         messages (``Reading.record``, then the producer's validation)."""
-        row: RawRecord = dict(body) if not self.metadata else {}
-        columns = self.reading.columns
-        for item_field in HOLDS:
-            path = getattr(columns, item_field)
-            found, value = _take(body, path)
-            if not found:
-                continue
-            if not self.metadata and "." in path:
-                row = _without(row, path)
-            if item_field == "id" and isinstance(value, int) and not isinstance(value, bool):
-                value = str(value)
-            row[path] = value
-        for path in self.metadata:
-            found, value = _take(body, path)
-            if found:
-                row[path] = value
+        row = self.reading.unnested(dict(body))
+        if self.metadata:  # the mapped fields, and of the rest only the paths named
+            mapped = self.reading.columns.mapping()
+            row = {name: value for name, value in row.items() if name in mapped}
+            for path in self.metadata:
+                found, value = value_at(body, path)
+                if found:
+                    row[path] = value
         return self.reading.record(row)
 
     def id_of(self, body: RawRecord) -> str | None:
         """The id a record names, if any, as text: to say which one was refused."""
-        found, value = _take(body, self.reading.columns.id)
+        found, value = value_at(body, self.reading.columns.id)
         return str(value) if found and value is not None else None
-
-
-def _take(data: Any, path: str) -> tuple[bool, Any]:
-    """(found, value) at ``path``: the field of that name, else the dotted path's."""
-    if isinstance(data, dict) and path in data:
-        return True, data[path]
-    for part in path.split("."):
-        if not isinstance(data, dict) or part not in data:
-            return False, None
-        data = data[part]
-    return True, data
-
-
-def _without(row: RawRecord, path: str) -> RawRecord:
-    """``row`` without the value at the dotted ``path`` (copied along the path, never
-    changed in place); an object left empty goes too."""
-    head, _, rest = path.partition(".")
-    inner = row.get(head)
-    if head not in row or (rest and not isinstance(inner, dict)):
-        return row
-    smaller = _without(inner, rest) if rest and isinstance(inner, dict) else None
-    if smaller:
-        return {**row, head: smaller}
-    return {k: v for k, v in row.items() if k != head}
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from consumers.backends import ask, backend_for
 from consumers.decision import Rule
 from consumers.judge import JUDGE_NAME
 from producers.api import Producer, SourceRecord
-from producers.readers import Reading, UnusableSource, records_of
+from producers.mapping import Reading, UnusableSource
+from producers.readers import records_of
 from tribunal.quality.scoring import (
     EvaluationReport,
     FleetReport,
