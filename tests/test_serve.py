@@ -316,6 +316,16 @@ def test_signed_webhooks_without_a_token_leave_items_unreadable(start: Any) -> N
     assert read.json()["error"] == "reading items needs serve_token: only webhooks are signed"
 
 
+def test_a_body_with_a_bom_is_read_and_every_refusal_has_one_shape(endpoint: Endpoint) -> None:
+    stored = endpoint.post(b"\xef\xbb\xbf" + orjson.dumps({"text": "with a BOM"}))
+    assert stored.status_code == 200, stored.text
+    assert endpoint.client.get("/nothing/here").json() == {"error": "Not Found"}
+    wrong_method = endpoint.client.put("/items")
+    assert wrong_method.status_code == 405 and wrong_method.json() == {
+        "error": "Method Not Allowed"
+    }
+
+
 def test_metadata_col_keeps_only_the_fields_named(
     start: Any, redis: Redis, settings: Settings
 ) -> None:

@@ -36,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis import Redis
 from redis.exceptions import RedisClusterException, RedisError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from common.connection import is_transient
 from common.errors import TribunalError
@@ -355,6 +356,12 @@ def create_app(settings: Settings, mapping: WebhookMapping, redis: Redis) -> Fas
         description=__doc__,
         lifespan=lifespan,
     )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own refusals (404 no such route, 405 wrong method) in the endpoint's
+        one shape, ``{"error": ...}``, not FastAPI's ``{"detail": ...}``."""
+        return problem(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
     @app.post("/items", response_model=IngestReply, openapi_extra=BODY_DOC, responses=REFUSALS)
     async def post_items(request: Request, credentials: Credentials) -> Response:

@@ -28,6 +28,7 @@ from common.schemas import RawRecord
 from common.settings import Settings
 from common.validation import InvalidItem, parse_payload
 from producers.mapping import Reading, value_at
+from producers.readers import BOM
 
 JSON = "application/json"
 JSONL = "application/x-ndjson"
@@ -73,7 +74,9 @@ def records_of_body(body: bytes, kind: BodyKind) -> list[IndexedRecord]:
     members must be objects (others are invalid records). JSONL: one record per non-empty
     line, each parsed on its own as ``produce`` parses a file's lines (a bad line is an
     invalid record, the rest still go). Raises ``UnreadableBody`` for JSON that does not
-    parse, or a body with no records."""
+    parse, or a body with no records. A byte order mark before it is dropped, as
+    ``produce`` drops one (PowerShell's Invoke-RestMethod can send one)."""
+    body = body.removeprefix(BOM)
     if kind == "json":
         records = list(_json_records(body))
     else:
