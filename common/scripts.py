@@ -162,6 +162,26 @@ def renew_claims(redis: Redis, stream: str, group: str, consumer: str, ids: Sequ
     return int(_eval(redis, RENEW, [stream], [group, consumer, *ids])) if ids else 0
 
 
+def hand_back(
+    redis: Redis,
+    stream: str,
+    group: str,
+    consumer: str,
+    done: Sequence[str],
+    rest: Sequence[str],
+    idle_ms: int,
+) -> None:
+    """A consumer stopping mid-batch: ack ``done``, and make ``rest`` look idle for
+    ``idle_ms`` (XCLAIM to itself with IDLE, no delivery counted), so the group's next
+    consumer reclaims them at once instead of after ``reclaim_idle_s``."""
+    pipe = redis.pipeline(transaction=False)
+    if done:
+        pipe.xack(stream, group, *done)
+    if rest:
+        pipe.xclaim(stream, group, consumer, 0, list(rest), idle=idle_ms, justid=True)
+    pipe.execute()
+
+
 def forget_consumer(redis: Redis, stream: str, group: str, consumer: str) -> bool:
     """Delete ``consumer`` from the group if it holds no pending entry."""
     return bool(_eval(redis, FORGET, [stream], [group, consumer]))

@@ -2,16 +2,23 @@
 
 Its own group means several readers (an exporter, an archiver) each get every
 label, and a restarted reader continues where it stopped: a line is written and
-flushed before its entry is acked. A pipe closed by its reader ends it (``OutputClosed``)
-with the batch being written left unacked; lines a pipe had taken into its buffer before
-its reader left are gone for that group, as with any pipe.
+flushed before its entry is acked.
+
+Into a pipe, "written" is not "read": ``head`` reads a whole buffer and keeps a line of it.
+So into a pipe a line is written alone and counts once the pipe is empty again (its reader
+took it: ``FIONREAD`` 0); when the reader is gone (``POLLERR``, or ``EPIPE`` on the next
+write), the reader ends (``OutputClosed``), acking the lines taken and no other. ``labels |
+head -n 2`` acks two labels; the rest stay for the group's next reader.
 """
 
 from __future__ import annotations
 
+import array
+import fcntl
 import os
 import select
 import stat
+import termios
 from collections.abc import Sequence
 from typing import IO, Any
 
@@ -23,6 +30,8 @@ from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
 
+WAIT_S = 0.001  # between two looks at a pipe being read
+
 
 class OutputClosed(StopConsuming):
     """The labels' reader closed its end (``tribunal labels | head``)."""
@@ -32,39 +41,69 @@ class LabelsHandler(Handler):
     def __init__(self, out: IO[bytes]) -> None:
         self.out = out
         self.written = 0
+        self.pipe = self._fifo()
+
+    def _fifo(self) -> int | None:
+        """The descriptor of ``out`` when it is a pipe, else None (a file, a test's sink)."""
+        try:
+            fd = self.out.fileno()
+            return fd if stat.S_ISFIFO(os.fstat(fd).st_mode) else None
+        except (AttributeError, OSError, ValueError):
+            return None
 
     def handle(self, entries: Sequence[Entry], writes: Writes) -> dict[str, str]:
+        if self.pipe is not None:
+            self._to_pipe(entries, self.pipe)
+            return {}
         lines = [e.fields[RECORD_FIELD] + b"\n" for e in entries if RECORD_FIELD in e.fields]
-        try:
-            self.out.write(b"".join(lines))
-            self.out.flush()
-        except BrokenPipeError:  # nothing of this batch is acked: its labels stay for the group
-            raise OutputClosed from None
+        self.out.write(b"".join(lines))
+        self.out.flush()
         self.written += len(lines)
         return {}
+
+    def _to_pipe(self, entries: Sequence[Entry], fd: int) -> None:
+        taken: list[str] = []
+        for entry in entries:
+            line = entry.fields.get(RECORD_FIELD)
+            try:
+                if line is not None:
+                    self.out.write(line + b"\n")
+                    self.out.flush()
+                    if not self._taken(fd):
+                        raise BrokenPipeError
+                    self.written += 1
+            except BrokenPipeError:  # what the reader took is acked, nothing else
+                raise OutputClosed(done=taken) from None
+            taken.append(entry.id)
+
+    def _taken(self, fd: int) -> bool:
+        """Wait until the pipe's reader took all that was written (True) or left (False)."""
+        unread = array.array("i", [0])
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        while True:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)
+            if unread[0] == 0:
+                return True
+            if any(event & select.POLLERR for _, event in poller.poll(0)):
+                return False
+            select.select([], [], [], WAIT_S)
 
     def tick(self) -> None:
         """Between reads: a pipe whose reader left (``labels --follow | head -1``) ends the
         reader now, not at the next label, which may be hours away."""
-        if self._pipe_closed():
-            raise OutputClosed
-
-    def _pipe_closed(self) -> bool:
-        try:
-            fd = self.out.fileno()
-            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
-                return False
-        except (AttributeError, OSError, ValueError):  # not a file (a test's sink), or closed
-            return False
+        if self.pipe is None:
+            return
         poller = select.poll()
-        poller.register(fd, select.POLLOUT)
-        return any(event & select.POLLERR for _, event in poller.poll(0))
+        poller.register(self.pipe, select.POLLOUT)
+        if any(event & select.POLLERR for _, event in poller.poll(0)):
+            raise OutputClosed
 
 
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:
     """Write decisions as JSONL until the stream is drained (or until stopped, with
     ``follow``); returns how many were written and acked. Raises ``OutputClosed`` when
-    ``out`` is a pipe its reader closed: the batch being written is not acked."""
+    ``out`` is a pipe its reader closed (what it took is acked, nothing else)."""
     handler = LabelsHandler(out)
     consume(
         rt, lambda keys: keys.output, group, lambda _: handler, role=LABELS_ROLE, drain=not follow

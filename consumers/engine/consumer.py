@@ -27,7 +27,7 @@ from redis.exceptions import RedisClusterException
 from common import metrics
 from common.connection import OUTAGE_BACKOFF, is_transient, text
 from common.keys import claim_partitions
-from common.scripts import forget_consumer, renew_claims
+from common.scripts import forget_consumer, hand_back, renew_claims
 from consumers.engine.handler import Entry, Handler, StopConsuming
 from consumers.engine.runtime import Runtime
 from consumers.engine.writes import Writes
@@ -104,8 +104,7 @@ class StreamConsumer:
             self._cursor = self.read_pending(self._cursor)
 
     def succeeded(self) -> float | None:
-        """A Redis call went through: returns how long the outage it ends lasted (seconds;
-        None when there was none)."""
+        """A Redis call went through: how long the outage it ends lasted (s; None: none)."""
         lasted = time.monotonic() - self._outage_since if self._failures else None
         self._failures = 0
         return lasted
@@ -308,8 +307,8 @@ class StreamConsumer:
             self.in_flight = []
 
     def _drop_deleted(self, entries: list[Entry]) -> list[Entry]:
-        """Pending entries whose body was deleted (an operator's XDEL or XTRIM) come back with
-        no fields: nothing to label, so they are acknowledged with a log line, no outcome."""
+        """Pending entries deleted by an operator (XDEL, XTRIM) come back with no fields:
+        acknowledged with a log line, no outcome."""
         gone = [e.id for e in entries if not e.fields]
         if not gone:
             return entries
@@ -332,7 +331,10 @@ class StreamConsumer:
         if fresh:
             try:
                 failures = self.handler.handle(fresh, writes)
-            except StopConsuming:
+            except StopConsuming as stop:  # acks what it finished; the rest to the next reader
+                rest = [e.id for e in fresh if e.id not in stop.done]
+                idle = int(self.loop.reclaim_idle_s * 1000)
+                hand_back(self.redis, self.stream, self.group, self.name, stop.done, rest, idle)
                 raise
             except Exception as exc:  # a handler bug or a backend failure: retry later
                 if is_transient(exc, self.redis):

@@ -23,8 +23,12 @@ class Entry:
 
 class StopConsuming(TribunalError):
     """Raised by a handler whose output is gone for good (the labels reader's pipe closed):
-    the consumer stops at once, acking nothing of the batch, which stays pending for the
-    group's next reader. Not an error to retry, so not caught as one."""
+    the consumer stops at once, acking of the batch only the entries in ``done``; the rest
+    stay pending for the group's next reader. Not an error to retry, so not caught as one."""
+
+    def __init__(self, done: Sequence[str] = ()) -> None:
+        super().__init__("the handler's output is gone")
+        self.done = list(done)
 
 
 class Handler:

@@ -176,9 +176,9 @@ def labels(
 ) -> None:
     """Write final labels as JSONL, continuing where this reader's group left off. The final
     streams keep a label until every reader's group has it (and retention_s has passed):
-    a reader that will not come back holds them until --forget. Into a pipe closed early
-    (| head) it ends quietly (exit 141), but the labels the pipe had already taken are gone
-    for that group: to peek, use a --group of its own."""
+    a reader that will not come back holds them until --forget. Into a pipe, a label counts
+    once the pipe's reader took it: closed early (| head -n 2) it ends quietly (exit 141)
+    with those labels read, and the rest stay for the group's next reader."""
     from consumers.labels import OutputClosed, forget_reader, read_labels
 
     rt = runtime(settings(ctx))
