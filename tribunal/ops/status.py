@@ -281,7 +281,8 @@ def run_status(
         stop = StopFlag().install()
         while True:  # a closed pipe ends it quietly (PipedConsole), as `vmstat 1 | head`
             console.print(_render_or_error(redis, settings, stall_after_s))
-            if stop.wait(interval_s):
+            if stop.wait(interval_s):  # and the state when stopped, as the live table ends
+                console.print(_render_or_error(redis, settings, stall_after_s))
                 return 0
     if watch:
         stop = StopFlag().install()
