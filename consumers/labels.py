@@ -79,25 +79,26 @@ class LabelsHandler(Handler):
     def _taken(self, fd: int) -> bool:
         """Wait until the pipe's reader took all that was written (True) or left (False)."""
         unread = array.array("i", [0])
-        poller = select.poll()
-        poller.register(fd, select.POLLOUT)
         while True:
             fcntl.ioctl(fd, termios.FIONREAD, unread)
             if unread[0] == 0:
                 return True
-            if any(event & select.POLLERR for _, event in poller.poll(0)):
+            if reader_gone(fd):
                 return False
             select.select([], [], [], WAIT_S)
 
     def tick(self) -> None:
         """Between reads: a pipe whose reader left (``labels --follow | head -1``) ends the
         reader now, not at the next label, which may be hours away."""
-        if self.pipe is None:
-            return
-        poller = select.poll()
-        poller.register(self.pipe, select.POLLOUT)
-        if any(event & select.POLLERR for _, event in poller.poll(0)):
+        if self.pipe is not None and reader_gone(self.pipe):
             raise OutputClosed
+
+
+def reader_gone(fd: int) -> bool:
+    """The read end of the pipe ``fd`` writes to is closed (poll reports POLLERR)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(event & select.POLLERR for _, event in poller.poll(0))
 
 
 def read_labels(rt: Runtime, out: IO[bytes], group: str, follow: bool) -> int:

@@ -283,11 +283,16 @@ class Lines:
             if not renamed_at and self._truncated():
                 yield from self._restart(self.stream, "was truncated or rewritten in place")
         final = not self.follow and not self.complete_only and not self.stop()
-        if self._pending and final:  # the file's last line, without its newline
+        if final:  # the file's last line, without its newline
+            yield from self._unended()
+        yield Ended(final=final)
+
+    def _unended(self) -> Iterator[bytes]:
+        """What was read after the last newline, given as a line of its own."""
+        if self._pending:
             last, self._pending = b"".join(self._pending), []
             self._advance(last)
             yield last
-        yield Ended(final=final)
 
     def _ready(self, timeout: float) -> bool:
         """Bytes (or the end of the input) can be read without waiting; always, for a file."""
@@ -337,10 +342,7 @@ class Lines:
             stream = open(self.path, "rb")  # noqa: SIM115 - kept open while followed
         except FileNotFoundError:
             return  # gone again: the next end of file looks once more
-        if self._pending:  # the old file's last line, never finished: given as it is
-            last, self._pending = b"".join(self._pending), []
-            self._advance(last)
-            yield last
+        yield from self._unended()  # the old file's last line, never finished: as it is
         self.stream.close()
         yield from self._restart(stream, "was rotated (renamed): following the new file")
 
