@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
+from common.injection import Finding
+
 # Ids become part of Redis key names: keep them short and free of braces, spaces
 # and glob characters so an id can never change a key's hash slot or pattern.
 ITEM_ID_PATTERN = r"^[A-Za-z0-9._:@/-]{1,128}$"
@@ -103,6 +105,7 @@ class Decision(Record):
     decided_at: float
     model_calls: int = 0
     model_seconds: float = 0.0
+    flagged: list[Finding] = Field(default_factory=list)  # what the injection detector found
 
     @classmethod
     def of(
@@ -113,8 +116,10 @@ class Decision(Record):
         reason: str,
         votes: list[Vote],
         judge: Vote | None = None,
+        flagged: list[Finding] | None = None,
     ) -> Decision:
-        """The decision for ``item``, carrying its metadata, gold label and timing through."""
+        """The decision for ``item``, carrying its metadata, gold label and timing through;
+        ``flagged``: the task's ``TaskSpec.findings`` on it."""
         asked = [v for v in [*votes, judge] if v is not None and v.latency_ms > 0]
         return cls(
             id=item.id,
@@ -130,6 +135,7 @@ class Decision(Record):
             decided_at=now(),
             model_calls=len(asked),
             model_seconds=round(sum(v.latency_ms for v in asked) / 1000, 6),
+            flagged=flagged or [],
         )
 
 

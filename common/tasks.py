@@ -6,8 +6,11 @@ add its own under ``[tasks.NAME]`` or override a built-in one.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from common.injection import Finding, findings, neutralized, redacted
 from common.schemas import Item
 
 
@@ -29,6 +32,11 @@ class TaskSpec(BaseModel):
     ``template`` as the user message. The examples and instructions form a prefix shared
     by every request, which vLLM's prefix cache computes once. ``template`` may use
     ``{text}``, ``{text_b}``, ``{labels}``, ``{answer_format}`` and ``{instructions}``.
+
+    An item's texts are data (``common.injection``): a model reads them with every control
+    token and tag spelling broken, and under ``injection = "redact"`` (the default) without
+    the passages the injection detector flags; ``"flag"`` shows them. Either way the
+    outcome lists what was flagged (``Decision.flagged``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +47,7 @@ class TaskSpec(BaseModel):
     template: str = "Ticket:\n<ticket>\n{text}\n</ticket>\n\n{answer_format}"
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     examples: list[Example] = Field(default_factory=list)
+    injection: Literal["redact", "flag"] = "redact"
 
     @model_validator(mode="after")
     def _labels_are_consistent(self) -> TaskSpec:
@@ -79,9 +88,8 @@ class TaskSpec(BaseModel):
         for e in self.examples:
             messages.append({"role": "user", "content": self._fill(e.text, e.text_b, json_answer)})
             messages.append({"role": "assistant", "content": self.answer(e.label, json_answer)})
-        messages.append(
-            {"role": "user", "content": self._fill(item.text, item.text_b, json_answer)}
-        )
+        text, text_b = self.shown(item)
+        messages.append({"role": "user", "content": self._fill(text, text_b, json_answer)})
         return messages
 
     def prompt(self, item: Item) -> str:
@@ -91,7 +99,23 @@ class TaskSpec(BaseModel):
             for e in self.examples
         )
         head = "" if "{instructions}" in self.template else self.instructions + "\n\n"
-        return head + shots + self._fill(item.text, item.text_b) + "\nAnswer:"
+        return head + shots + self._fill(*self.shown(item)) + "\nAnswer:"
+
+    def findings(self, item: Item) -> list[Finding]:
+        """What the injection detector flags in the item's texts (``common.injection``)."""
+        texts = [item.text] if item.text_b is None else [item.text, item.text_b]
+        return [f for text in texts for f in findings(text, self.labels)]
+
+    def shown(self, item: Item) -> tuple[str, str | None]:
+        """The item's (text, text_b) as a model reads them: neutralized, and redacted under
+        ``injection = "redact"``."""
+
+        def show(text: str) -> str:
+            if self.injection == "redact":
+                text = redacted(text, findings(text, self.labels))
+            return neutralized(text)
+
+        return show(item.text), None if item.text_b is None else show(item.text_b)
 
     def _fill(self, text: str, text_b: str | None, json_answer: bool = False) -> str:
         return self.template.format(

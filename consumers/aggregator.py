@@ -125,7 +125,11 @@ class AggregatorHandler(Handler):
             final = timed_out or len(votes) >= self.rule.n_workers
             outcome = decide(votes, self.rule, final=final, task=item.task)
             if outcome.kind == "accept" and outcome.label is not None:
-                decision = Decision.of(item, outcome.label, "workers", outcome.reason, votes)
+                spec = self.rt.settings.all_tasks.get(item.task)
+                flagged = spec.findings(item) if spec else []
+                decision = Decision.of(
+                    item, outcome.label, "workers", outcome.reason, votes, flagged=flagged
+                )
                 audit = None
                 if audited(item.id, self.rt.settings.audit_fraction):
                     audit = Escalation(

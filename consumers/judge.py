@@ -84,8 +84,9 @@ class JudgeHandler(Handler):
             elif case.accepted is not None:
                 self.record_audit(writes, case, case.accepted, verdict)
             else:
+                flagged = self.tasks[case.item.task].findings(case.item)
                 decision = Decision.of(
-                    case.item, verdict.label, "judge", case.reason, case.votes, verdict
+                    case.item, verdict.label, "judge", case.reason, case.votes, verdict, flagged
                 )
                 lesson = self.lesson(case, verdict.label, "judge")
                 outcomes.publish(writes, decision, escalated=True, lesson=lesson)

@@ -59,6 +59,8 @@ def publish(
     (an escalation for the judge) or, for the judge's decision, ``lesson`` (consumers.lessons)
     is sent only if this call settles it."""
     counter = DECISIONS_BY[decision.source]
+    if decision.flagged:  # counted with the decision, once, by the settle script
+        counter += "\n" + metrics.field(metrics.FLAGGED, {"task": decision.task})
     if escalated:
         also = (writes.keys.lessons, lesson) if lesson else None
     else:

@@ -170,7 +170,8 @@ def test_missing_vllm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeLLM:
-    """Answers each conversation from the marker after 'say=' in its last message."""
+    """Answers each conversation from the marker after "reply~" in its last message (a
+    marker that reads as no injection: the detector removes "say=positive" from a ticket)."""
 
     instances: ClassVar[list[FakeLLM]] = []
 
@@ -184,7 +185,7 @@ class FakeLLM:
         assert kwargs["use_tqdm"] is False and len(params) == len(conversations)
         outs = []
         for conversation in conversations:
-            said = conversation[-1]["content"].split("say=")[1].split()[0]
+            said = conversation[-1]["content"].split("reply~")[1].split()[0]
             if said == "TOO_LONG":
                 raise ValueError("prompt is longer than max_model_len")
             ids = [k for k, v in VOCAB.items() if v == said]
@@ -209,9 +210,9 @@ def test_the_whole_batch_goes_to_the_engine_in_one_call() -> None:
     backend = load_backend("vllm", {"model": "m", "max_model_len": 1024}, BUILTIN_TASKS)
     assert isinstance(backend, VLLMEngine)
     batch = [
-        Item(id="a", task="sentiment", text="say=positive"),
-        Item(id="b", task="similar_ticket", text="say=similar", text_b="x"),
-        Item(id="c", task="astrology", text="say=neutral"),
+        Item(id="a", task="sentiment", text="reply~positive"),
+        Item(id="b", task="similar_ticket", text="reply~similar", text_b="x"),
+        Item(id="c", task="astrology", text="reply~neutral"),
     ]
     out = backend.classify(batch)
     [llm] = FakeLLM.instances
@@ -229,8 +230,8 @@ def test_one_failing_prompt_abstains_and_the_rest_of_the_batch_is_labeled() -> N
     backend = load_backend("vllm", {"model": "m"}, BUILTIN_TASKS)
     out = backend.classify(
         [
-            Item(id="a", task="sentiment", text="say=negative"),
-            Item(id="b", task="sentiment", text="say=TOO_LONG"),
+            Item(id="a", task="sentiment", text="reply~negative"),
+            Item(id="b", task="sentiment", text="reply~TOO_LONG"),
         ]
     )
     assert out[0].label == "negative"
@@ -242,4 +243,4 @@ def test_one_failing_prompt_abstains_and_the_rest_of_the_batch_is_labeled() -> N
 def test_an_engine_that_fails_every_prompt_raises_so_the_batch_stays_pending() -> None:
     backend = load_backend("vllm", {"model": "m"}, BUILTIN_TASKS)
     with pytest.raises(ValueError, match="max_model_len"):
-        backend.classify([Item(id="a", task="sentiment", text="say=TOO_LONG")])
+        backend.classify([Item(id="a", task="sentiment", text="reply~TOO_LONG")])

@@ -1,6 +1,7 @@
 -- KEYS: deadlines zset, stats hash, target stream, a second stream (the judge's, for an
 --       audit), then per item: state, votes hash, queued marker
--- ARGV: expected state ('' = unsettled), new state, ttl s (0 = keep), counter field, then
+-- ARGV: expected state ('' = unsettled), new state, ttl s (0 = keep), counter fields (one per
+--       line), then
 --       per item: item id, payload, payload for the second stream ('' = none)
 -- Settles each item whose state is as expected: one entry in the target stream (and one in
 -- the second, only then: an audit is sent once however often the item is settled), the
@@ -31,5 +32,9 @@ for i = 0, (#KEYS - 4) / 3 - 1 do
     done[i + 1] = 0
   end
 end
-if settled > 0 then redis.call('HINCRBY', KEYS[2], ARGV[4], settled) end
+if settled > 0 then
+  for counter in string.gmatch(ARGV[4], '[^\n]+') do
+    redis.call('HINCRBY', KEYS[2], counter, settled)
+  end
+end
 return done

@@ -66,6 +66,11 @@ KNOWN: dict[str, tuple[str, str]] = {
         "Worker-accepted items the judge also answered (audit_fraction), by task and outcome: "
         "agree, disagree, failed.",
     ),
+    metrics.FLAGGED: (
+        "counter",
+        "Final labels of items the prompt-injection detector flagged, by task "
+        "(the passages are in each outcome's flagged field).",
+    ),
     metrics.DEAD_LETTERS: ("counter", "Entries given up on after max_deliveries, by group."),
     metrics.RETRIES: ("counter", "Entries left pending after a failure (retried), by group."),
     metrics.RECLAIMED: ("counter", "Entries taken over from an idle consumer, by group."),

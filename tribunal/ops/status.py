@@ -63,6 +63,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         s.labels.get("source", "?"): int(s.value) for s in stats if s.name == metrics.DECISIONS
     }
     escalations = int(sum(s.value for s in stats if s.name == metrics.ESCALATIONS))
+    flagged = {s.labels.get("task", "?"): int(s.value) for s in stats if s.name == metrics.FLAGGED}
     votes: dict[str, dict[str, int]] = {}
     for s in stats:
         if s.name == metrics.VOTES:
@@ -104,6 +105,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         | {role: len(names) for role, names in live.items()},
         heartbeat_ttl_s=ttl,
         prompt_cache=_prompt_cache(stats),
+        flagged=flagged,
         reliability=voters,
         thresholds=thresholds,
         cost=cost,
@@ -214,6 +216,7 @@ def render(snap: Snapshot) -> RenderableType:
         ("audits", _audit_cell(snap)),
         ("cost", _cost_cell(snap)),
         ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters} (all time)"),
+        ("injection flagged", _flagged_cell(snap.flagged)),
         ("live consumers", ", ".join(f"{r} {n}" for r, n in snap.live_consumers.items())),
     ]
     for worker, labels in sorted(snap.votes.items()):
@@ -304,3 +307,11 @@ def run_status(
 def _unreadable(exc: Exception) -> int:
     error_console().print(f"[red]error:[/] cannot read Redis: {escape(str(exc))}")
     return 3
+
+
+def _flagged_cell(flagged: dict[str, int]) -> str:
+    """Final labels of items the injection detector flagged, by task (common.injection)."""
+    if not flagged:
+        return "0"
+    detail = ", ".join(f"{task} {n}" for task, n in sorted(flagged.items()))
+    return f"{sum(flagged.values())} ({detail})"

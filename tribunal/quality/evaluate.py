@@ -15,7 +15,7 @@ Two ways to collect the answers:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ from consumers.judge import JUDGE_NAME
 from producers.api import Producer, SourceRecord
 from producers.mapping import Reading, UnusableSource
 from producers.readers import records_of
+from tribunal.quality.injection import score_injection
 from tribunal.quality.scoring import (
     EvaluationReport,
     FleetReport,
@@ -133,9 +134,16 @@ def collect_offline(
                 gold=item.gold,
                 votes=list(answers[item.id].values()),
                 judge=judge,
+                **twin_of(item.metadata),
+                flagged=[f.cue for f in tasks[item.task].findings(item)],
             )
         )
     return run
+
+
+def twin_of(metadata: Mapping[str, object]) -> dict[str, str]:
+    """An injected twin's ``twin_of`` and ``target`` from its metadata (strings only)."""
+    return {k: v for k in ("twin_of", "target") if isinstance(v := metadata.get(k), str)}
 
 
 def collect_fleet(
@@ -185,7 +193,15 @@ def collect_fleet(
     for d in outcome.decisions:
         judge = d.judge if d.source == "judge" else judged.get(d.id)
         run.observations.append(
-            Observation(id=d.id, task=d.task, gold=d.gold, votes=d.votes, judge=judge)
+            Observation(
+                id=d.id,
+                task=d.task,
+                gold=d.gold,
+                votes=d.votes,
+                judge=judge,
+                **twin_of(d.metadata),
+                flagged=[f.cue for f in d.flagged],
+            )
         )
     return run
 
@@ -223,6 +239,11 @@ def report(run: Collected, settings: Settings, source: str) -> EvaluationReport:
             for task, obs in sorted(by_task.items())
         },
         observations=run.observations,
+        injection={
+            task: scored
+            for task, obs in sorted(by_task.items())
+            if (scored := score_injection(obs, rule)) is not None
+        },
     )
 
 

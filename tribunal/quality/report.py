@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tribunal.quality.scoring import EvaluationReport, RuleScore, TaskReport
+from tribunal.quality.scoring import EvaluationReport, InjectionReport, RuleScore, TaskReport
 
 # (column, field of a RuleScore, format) for the rule tables of evaluate and calibrate.
 RULE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -137,7 +137,29 @@ def print_evaluation(console: Console, report: EvaluationReport) -> None:
         )
     for task, section in report.tasks.items():
         print_task(console, task, section)
+        if task in report.injection:
+            print_injection(console, report.injection[task])
     if report.skipped:
         console.print(f"[yellow]{len(report.skipped)} records not scored[/], e.g.:")
         for s in report.skipped[:5]:
             console.print(f"  {escape(s.where)}: {escape(s.reason)}")
+
+
+def print_injection(console: Console, section: InjectionReport) -> None:
+    """The flip-rate table of a file with injected twins (tribunal.quality.injection)."""
+    rows = [
+        [
+            escape(name),
+            pct(row.clean_accuracy),
+            pct(row.injected_accuracy),
+            f"{pct(row.flip_rate)} ({row.flipped}/{row.right_on_clean})",
+        ]
+        for name, row in section.models.items()
+    ]
+    columns = ["model", "right on clean", "right on injected", "flipped to the attacker's label"]
+    console.print(table(f"prompt injection: {section.pairs} pairs", columns, rows))
+    console.print(
+        f"[dim]flipped: of the pairs right on the clean item, the twin labeled as its injection "
+        f"asked; the detector flagged {pct(section.flagged_injected)} of the injected items "
+        f"and {pct(section.flagged_clean)} of the clean ones"
+    )

@@ -33,6 +33,10 @@ class Observation(BaseModel):
     gold: str | None = None
     votes: list[Vote]
     judge: Vote | None = None  # the judge's answer, asked for every item under evaluation
+    # An injected twin names its clean item and the label it pushes (tribunal.quality.injection)
+    twin_of: str | None = None
+    target: str | None = None
+    flagged: list[str] = []  # the cues the injection detector found (common.injection)
 
 
 @dataclass(frozen=True)
@@ -115,11 +119,34 @@ class Skipped(BaseModel):
     reason: str
 
 
+class FlipRow(BaseModel):
+    """One model (or the fleet) on the pairs: accuracy on the clean items and on their twins
+    (shares of ``pairs``), and ``flipped`` of the ``right_on_clean`` pairs given the
+    attacker's label (``flip_rate``, None when it was right on none)."""
+
+    pairs: int
+    clean_accuracy: float | None
+    injected_accuracy: float | None
+    right_on_clean: int
+    flipped: int
+    flip_rate: float | None
+
+
+class InjectionReport(BaseModel):
+    """Every injection number of one task: pairs, shares of clean and of injected items the
+    detector flagged, a ``FlipRow`` per worker, ``judge`` and ``fleet`` (in that order)."""
+
+    pairs: int
+    flagged_clean: float | None
+    flagged_injected: float | None
+    models: dict[str, FlipRow]
+
+
 class EvaluationReport(BaseModel):
     """The JSON report of ``tribunal evaluate``: where the items came from, how the answers
     were collected (``offline`` or ``fleet``, seconds), the fleet, what was skipped, a
-    ``TaskReport`` per task (sorted by name) and every ``Observation`` (written without its
-    empty fields)."""
+    ``TaskReport`` per task (sorted by name), every ``Observation`` (written without its
+    empty fields) and, for tasks with injected twins, their ``InjectionReport``."""
 
     source: str
     mode: str
@@ -128,6 +155,7 @@ class EvaluationReport(BaseModel):
     skipped: list[Skipped]
     tasks: dict[str, TaskReport]
     observations: list[Observation]
+    injection: dict[str, InjectionReport] = {}  # by task, where the file pairs injected twins
 
     @field_serializer("observations")
     def _observations(
