@@ -33,10 +33,11 @@ class TaskSpec(BaseModel):
     by every request, which vLLM's prefix cache computes once. ``template`` may use
     ``{text}``, ``{text_b}``, ``{labels}``, ``{answer_format}`` and ``{instructions}``.
 
-    An item's texts are data (``common.injection``): a model reads them with every control
-    token and tag spelling broken, and under ``injection = "redact"`` (the default) without
-    the passages the injection detector flags; ``"flag"`` shows them. Either way the
-    outcome lists what was flagged (``Decision.flagged``).
+    An item's texts are data (``common.injection``): a prompt holds them with every control
+    token and tag spelling broken, and under ``injection = "redact"`` (the default) every
+    model reads them without the passages the injection detector flags (``view``);
+    ``"flag"`` shows them. Either way the outcome lists what was flagged
+    (``Decision.flagged``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -88,8 +89,9 @@ class TaskSpec(BaseModel):
         for e in self.examples:
             messages.append({"role": "user", "content": self._fill(e.text, e.text_b, json_answer)})
             messages.append({"role": "assistant", "content": self.answer(e.label, json_answer)})
-        text, text_b = self.shown(item)
-        messages.append({"role": "user", "content": self._fill(text, text_b, json_answer)})
+        messages.append(
+            {"role": "user", "content": self._fill(item.text, item.text_b, json_answer)}
+        )
         return messages
 
     def prompt(self, item: Item) -> str:
@@ -99,29 +101,30 @@ class TaskSpec(BaseModel):
             for e in self.examples
         )
         head = "" if "{instructions}" in self.template else self.instructions + "\n\n"
-        return head + shots + self._fill(*self.shown(item)) + "\nAnswer:"
+        return head + shots + self._fill(item.text, item.text_b) + "\nAnswer:"
 
     def findings(self, item: Item) -> list[Finding]:
         """What the injection detector flags in the item's texts (``common.injection``)."""
         texts = [item.text] if item.text_b is None else [item.text, item.text_b]
         return [f for text in texts for f in findings(text, self.labels)]
 
-    def shown(self, item: Item) -> tuple[str, str | None]:
-        """The item's (text, text_b) as a model reads them: neutralized, and redacted under
-        ``injection = "redact"``."""
-
-        def show(text: str) -> str:
-            if self.injection == "redact":
-                text = redacted(text, findings(text, self.labels))
-            return neutralized(text)
-
-        return show(item.text), None if item.text_b is None else show(item.text_b)
+    def view(self, item: Item) -> Item:
+        """The item as every model reads it (``consumers.backends.ask`` hands this to the
+        backend): under ``injection = "redact"`` its texts lack what the detector flags."""
+        if self.injection != "redact":
+            return item
+        text = redacted(item.text, findings(item.text, self.labels))
+        text_b = item.text_b and redacted(item.text_b, findings(item.text_b, self.labels))
+        if (text, text_b) == (item.text, item.text_b):
+            return item
+        return item.model_copy(update={"text": text, "text_b": text_b})
 
     def _fill(self, text: str, text_b: str | None, json_answer: bool = False) -> str:
+        # Every text in a prompt is neutralized where the prompt is built, whoever calls.
         return self.template.format(
             instructions=self.instructions,
-            text=text,
-            text_b=text_b or "",
+            text=neutralized(text),
+            text_b=neutralized(text_b or ""),
             labels=", ".join(self.labels),
             answer_format=self.answer_format(json_answer),
         )

@@ -195,9 +195,13 @@ def ask(
     backend: Backend, name: str, items: Sequence[Item], tasks: Mapping[str, TaskSpec]
 ) -> ModelCall:
     """One batch call, timed; each prediction becomes a vote signed ``name``. A label outside
-    the task's set is an abstention with the reason, never a label."""
+    the task's set is an abstention with the reason, never a label. The backend gets each
+    item as its task lets models read it (``TaskSpec.view``: without what the prompt-injection
+    detector flags), whatever kind of model it is."""
     started = time.perf_counter()
-    predictions = backend.classify(items)
+    predictions = backend.classify(
+        [tasks[item.task].view(item) if item.task in tasks else item for item in items]
+    )
     elapsed = time.perf_counter() - started
     if len(predictions) != len(items):
         raise RuntimeError(
