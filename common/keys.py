@@ -61,6 +61,12 @@ class Keys:
         return f"{self.prefix}:audits"
 
     @property
+    def review(self) -> str:
+        """Flagged items whose label their flagged passages would have changed, for a person
+        (``injection = "review"``: ``common.schemas.Review``)."""
+        return f"{self.prefix}:review"
+
+    @property
     def lessons(self) -> str:
         """Labels the fleet trusts, for its students to learn from: the judge's decisions and
         audits, and gold labels a user teaches (``consumers.lessons``)."""

@@ -30,6 +30,7 @@ TIEBREAKS = "tiebreaks_total"  # items sent on to a later tier of workers (stage
 PROMPT_TOKENS = "prompt_tokens_total"  # worker: prompt tokens of its model calls
 CACHED_TOKENS = "prompt_tokens_cached_total"  # worker: of those, taken from the prompt cache
 FLAGGED = "flagged_total"  # task: final labels of items the injection detector flagged
+REVIEWS = "reviews_total"  # task: of those, sent to a person (injection = "review")
 AUDITS = "audits_total"  # task, outcome: agree | disagree | failed (the judge gave no label)
 SERVE_REQUESTS = "serve_requests_total"  # route, code: HTTP answers of `tribunal serve`
 SERVE_RECORDS = "serve_records_total"  # outcome: stored | known | invalid, of `tribunal serve`

@@ -178,6 +178,20 @@ class Escalation(Record):
     accepted: str | None = None
 
 
+class Review(Record):
+    """A flagged item whose flagged passages would have changed its label, for a person
+    (``injection = "review"``): ``label`` is its final label (the judge's, reading it without
+    them), ``with_passages`` the judge's answer reading it whole."""
+
+    id: str
+    task: str
+    label: str
+    with_passages: str
+    flagged: list[Finding]
+    item: Item
+    reviewed_at: float
+
+
 class Audit(Record):
     """The judge's answer on an item the workers settled: a live, unbiased sample of how
     often accepted labels disagree with the judge."""

@@ -36,7 +36,9 @@ class TaskSpec(BaseModel):
     An item's texts are data (``common.injection``): a prompt holds them with every control
     token and tag spelling broken, and under ``injection = "redact"`` (the default) every
     model reads them without the passages the injection detector flags (``view``);
-    ``"flag"`` shows them. Either way the outcome lists what was flagged
+    ``"flag"`` shows them. ``"review"`` redacts them too, sends every flagged item to the
+    judge, asks it once more with the item whole and hands a person (the review stream)
+    those whose label the passages would have changed. The outcome lists what was flagged
     (``Decision.flagged``).
     """
 
@@ -48,7 +50,7 @@ class TaskSpec(BaseModel):
     template: str = "Ticket:\n<ticket>\n{text}\n</ticket>\n\n{answer_format}"
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     examples: list[Example] = Field(default_factory=list)
-    injection: Literal["redact", "flag"] = "redact"
+    injection: Literal["redact", "flag", "review"] = "redact"
 
     @model_validator(mode="after")
     def _labels_are_consistent(self) -> TaskSpec:
@@ -110,8 +112,8 @@ class TaskSpec(BaseModel):
 
     def view(self, item: Item) -> Item:
         """The item as every model reads it (``consumers.backends.ask`` hands this to the
-        backend): under ``injection = "redact"`` its texts lack what the detector flags."""
-        if self.injection != "redact":
+        backend): unless ``injection = "flag"``, its texts lack what the detector flags."""
+        if self.injection == "flag":
             return item
         text = redacted(item.text, findings(item.text, self.labels))
         text_b = item.text_b and redacted(item.text_b, findings(item.text_b, self.labels))

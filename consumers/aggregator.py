@@ -124,9 +124,16 @@ class AggregatorHandler(Handler):
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
             final = timed_out or len(votes) >= self.rule.n_workers
             outcome = decide(votes, self.rule, final=final, task=item.task)
-            if outcome.kind == "accept" and outcome.label is not None:
-                spec = self.rt.settings.all_tasks.get(item.task)
-                flagged = spec.findings(item) if spec else []
+            spec = self.rt.settings.all_tasks.get(item.task)
+            flagged = spec.findings(item) if spec else []
+            if outcome.kind == "accept" and flagged and spec and spec.injection == "review":
+                # The judge answers it twice (without and with the passages): a person gets it
+                # if the passages would have changed its label.
+                escalation = Escalation(
+                    item=item, votes=votes, reason="flagged for review", escalated_at=now()
+                )
+                writes.escalate(item.id, escalation.dump())
+            elif outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(
                     item, outcome.label, "workers", outcome.reason, votes, flagged=flagged
                 )

@@ -16,7 +16,7 @@ import pydantic
 
 from common import metrics
 from common.keys import ITEM_ID_FIELD, JUDGE_GROUP, RECORD_FIELD
-from common.schemas import Audit, Decision, Escalation, Item, Vote, now
+from common.schemas import Audit, Decision, Escalation, Item, Review, Vote, now
 from consumers import outcomes
 from consumers.backends import Backend, ask, backend_for, handles
 from consumers.engine.handler import Entry, Handler
@@ -35,6 +35,10 @@ class JudgeHandler(Handler):
         self.rt = rt
         self.backend = backend
         self.tasks = rt.settings.all_tasks
+        # The tasks as the judge reads an item whole (injection = "review": its second answer).
+        self.whole = {
+            name: task.model_copy(update={"injection": "flag"}) for name, task in self.tasks.items()
+        }
         self.call_labels = {"worker": JUDGE_NAME, "backend": rt.settings.judge.backend}
         judge = rt.settings.judge
         self.unhandled = {
@@ -71,6 +75,7 @@ class JudgeHandler(Handler):
         outcomes.model_call(
             writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
         )
+        whole = self.read_whole([c for _, c in cases], writes)
         for (entry, case), verdict in zip(cases, call.votes, strict=True):
             if verdict.label is None and verdict.refused:  # asking again gets the same
                 error = f"the judge's model refused it: {verdict.error}"
@@ -88,9 +93,47 @@ class JudgeHandler(Handler):
                 decision = Decision.of(
                     case.item, verdict.label, "judge", case.reason, case.votes, verdict, flagged
                 )
+                obeyed = whole.get(case.item.id)
+                if obeyed is not None and obeyed != verdict.label:
+                    self.record_review(writes, decision, case.item, obeyed)
                 lesson = self.lesson(case, verdict.label, "judge")
                 outcomes.publish(writes, decision, escalated=True, lesson=lesson)
         return failures
+
+    def read_whole(self, cases: Sequence[Escalation], writes: Writes) -> dict[str, str | None]:
+        """Item id -> the judge's label reading it whole, for the flagged items of tasks with
+        ``injection = "review"`` (its decision reads them without the flagged passages)."""
+        items = [
+            c.item
+            for c in cases
+            if c.accepted is None
+            and self.tasks[c.item.task].injection == "review"
+            and self.tasks[c.item.task].findings(c.item)
+        ]
+        if not items:
+            return {}
+        call = ask(self.backend, JUDGE_NAME, items, self.whole)
+        outcomes.model_call(
+            writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
+        )
+        return {item.id: vote.label for item, vote in zip(items, call.votes, strict=True)}
+
+    def record_review(self, writes: Writes, decision: Decision, item: Item, obeyed: str) -> None:
+        """Hand a person the item whose flagged passages would have made its label ``obeyed``;
+        like an audit, recorded once per answer of the judge."""
+        review = Review(
+            id=item.id,
+            task=item.task,
+            label=decision.label,
+            with_passages=obeyed,
+            flagged=decision.flagged,
+            item=item,
+            reviewed_at=now(),
+        )
+        writes.add(
+            self.rt.keys.review, {ITEM_ID_FIELD: item.id.encode(), RECORD_FIELD: review.dump()}
+        )
+        writes.incr(metrics.REVIEWS, {"task": item.task})
 
     def lesson(self, case: Escalation, label: str, source: Source) -> bytes | None:
         """The judge's label as a lesson (the item, its votes), where the fleet learns."""

@@ -103,7 +103,7 @@ def trim_all(redis: Redis, keys: Keys, settings: Settings) -> int:
         done += trim(redis, keys.tier(k), [worker_group(name) for name in tier], None)
     done += trim(redis, keys.ready, [AGGREGATOR_GROUP], None)
     done += trim(redis, keys.judge, [JUDGE_GROUP], None)
-    for stream in (*keys.final_streams, keys.audits, keys.lessons):
+    for stream in (*keys.final_streams, keys.audits, keys.review, keys.lessons):
         done += trim(redis, stream, None, settings.retention_s)
     later = [keys.tier(k) for k in range(1, len(tiers))]
     for stream in (keys.items, *later, keys.ready, keys.judge, keys.output):

@@ -71,6 +71,11 @@ KNOWN: dict[str, tuple[str, str]] = {
         "Final labels of items the prompt-injection detector flagged, by task "
         "(the passages are in each outcome's flagged field).",
     ),
+    metrics.REVIEWS: (
+        "counter",
+        "Flagged items whose flagged passages would have changed the judge's label, handed "
+        'to a person on the review stream (injection = "review"), by task.',
+    ),
     metrics.DEAD_LETTERS: ("counter", "Entries given up on after max_deliveries, by group."),
     metrics.RETRIES: ("counter", "Entries left pending after a failure (retried), by group."),
     metrics.RECLAIMED: ("counter", "Entries taken over from an idle consumer, by group."),

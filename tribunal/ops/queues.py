@@ -46,7 +46,7 @@ from tribunal.ops.readmodels import ConsumerReading, GroupReading, StreamReading
 
 # The streams status shows, in an item's order; the later tiers' streams ("tier:K") go
 # after the items where the fleet has them (``stream_names``).
-STREAMS = ("items", "ready", "judge", "output", "rejects", "dead", "audits")
+STREAMS = ("items", "ready", "judge", "output", "rejects", "dead", "audits", "review")
 THROUGHPUT_WINDOW_S = 60
 THROUGHPUT_CAP = 1000
 

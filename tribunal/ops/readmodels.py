@@ -178,7 +178,8 @@ class Snapshot:
     ``live_consumers``: role -> consumers with a heartbeat within ``heartbeat_ttl_s``
     (seconds), every role the fleet file runs included; ``prompt_cache``: worker (the
     judge as "judge") -> its prompt-cache reuse, for models whose server reports it;
-    ``flagged``: task -> final labels of items the injection detector flagged.
+    ``flagged``: task -> final labels of items the injection detector flagged; ``reviews``:
+    of those, handed to a person (``injection = "review"``).
     """
 
     namespace: str
@@ -200,6 +201,7 @@ class Snapshot:
     heartbeat_ttl_s: float
     prompt_cache: dict[str, PromptCache] = field(default_factory=dict)
     flagged: dict[str, int] = field(default_factory=dict)
+    reviews: int = 0
     # What the fleet learned and what a label costs (tribunal.ops.learning): each voter's
     # agreement with the judge by task, model seconds per label against the judge alone,
     # and the audits' agreement at least (95% Wilson lower bound; None before any audit).

@@ -106,6 +106,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         heartbeat_ttl_s=ttl,
         prompt_cache=_prompt_cache(stats),
         flagged=flagged,
+        reviews=int(sum(s.value for s in stats if s.name == metrics.REVIEWS)),
         reliability=voters,
         thresholds=thresholds,
         cost=cost,
@@ -216,7 +217,7 @@ def render(snap: Snapshot) -> RenderableType:
         ("audits", _audit_cell(snap)),
         ("cost", _cost_cell(snap)),
         ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters} (all time)"),
-        ("injection flagged", _flagged_cell(snap.flagged)),
+        ("injection flagged", _flagged_cell(snap.flagged, snap.reviews)),
         ("live consumers", ", ".join(f"{r} {n}" for r, n in snap.live_consumers.items())),
     ]
     for worker, labels in sorted(snap.votes.items()):
@@ -309,9 +310,11 @@ def _unreadable(exc: Exception) -> int:
     return 3
 
 
-def _flagged_cell(flagged: dict[str, int]) -> str:
-    """Final labels of items the injection detector flagged, by task (common.injection)."""
+def _flagged_cell(flagged: dict[str, int], reviews: int) -> str:
+    """Final labels of items the injection detector flagged, by task (common.injection), and
+    how many of them went to a person."""
     if not flagged:
         return "0"
     detail = ", ".join(f"{task} {n}" for task, n in sorted(flagged.items()))
-    return f"{sum(flagged.values())} ({detail})"
+    to_review = f"; {reviews} to review (the review stream)" if reviews else ""
+    return f"{sum(flagged.values())} ({detail}){to_review}"
