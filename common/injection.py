@@ -32,16 +32,17 @@ from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from common.injection_cues import CLOSER, CUES, OPENER, Test, cues
+from common.injection_cues import CLOSER, OPENER, Test, cues
 
-# Control-token spellings of the common chat templates: ChatML and Llama-3 (<|…|>),
-# DeepSeek (fullwidth bars), Gemma (<start_of_turn>), Llama-2/Mistral ([INST], <<SYS>>), and any
-# short XML-like tag (</s>, <bos>, <think>, and the prompt's own <ticket>).
+# Control-token spellings of the common chat templates: ChatML and Llama-3 (<|…|>), Gemma-4
+# (<|turn>, <turn|>), DeepSeek (fullwidth bars), Gemma (<start_of_turn>), Llama-2 and Mistral
+# ([INST], <<SYS>>, [THINK], [control_8]), and any short XML-like tag (</s>, <bos>, <think>,
+# and the prompt's own <ticket>).
 _CONTROL = re.compile(
-    r"<\|[^<>|\n]{0,48}\|>"
+    r"<\|[^<>|\n]{0,48}\|?>|<[^<>|\s]{1,48}\|>"
     r"|<\uff5c[^<>\uff5c\n]{0,48}\uff5c>"
     r"|<<\s*/?\s*SYS\s*>>"
-    r"|\[\s*/?\s*(?:INST|SYS|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS)\s*\]"
+    r"|\[\s*/?\s*[A-Za-z_@][\w@]{0,30}\s*\]"
     r"|</?\s*[A-Za-z_][\w.:-]{0,40}\s*/?>",
     re.IGNORECASE,
 )
@@ -57,31 +58,37 @@ def neutralized(text: str) -> str:
 
 
 class Finding(BaseModel):
-    """A passage of an item's text and the cue that flagged it (``CUES`` names them)."""
+    """A passage of an item's text (its first 200 characters: outcomes are no copy of the
+    ticket), where it is (``start``/``end``, characters) and the cue that flagged it
+    (``CUES`` names them)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     passage: str
     cue: str
+    start: int = 0
+    end: int = 0
 
 
-__all__ = ["CUES", "Finding", "findings", "neutralized", "passages", "redacted"]
 _CACHE: dict[tuple[str, ...], list[tuple[str, Test]]] = {}
-# A passage: a comment, a line, or a sentence within a line (the split keeps the delimiter).
 _STOPS = ".!?\u3002\uff01\uff1f"  # and the ideographic full stop, fullwidth ! and ?
-_SENTENCE = re.compile(rf"[^{_STOPS}\n]*(?:[{_STOPS}]+|\n|$)")
+# A sentence ends at a stop followed by a space or the line's end ("v2.3.1" goes on).
+_SENTENCE = re.compile(rf"(?:[^{_STOPS}\n]|[{_STOPS}](?=\S))*(?:[{_STOPS}]+|\n|$)")
 # Pieces that are passages of their own wherever they stand, so a finding in one removes
 # no customer text around it: comments, a JSON object (one level nested), a bracketed note,
 # a tag or control token, a role prefix at a line's start, an arrow or dash between clauses.
+# Every quantifier is bounded: a ticket is matched in linear time whatever it holds.
 _PIECE = re.compile(
-    r"<!--.*?-->|\[\[.*?\]\]|\{\{.*?\}\}"
-    r"|\{[^{}\n]*(?:\{[^{}\n]*\}[^{}\n]*)*\}"
+    r"<!--.{0,1000}?-->|\[\[[^\[\]]{0,1000}\]\]|\{\{[^{}]{0,1000}\}\}"
+    r"|\{[^{}\n]{0,500}(?:\{[^{}\n]{0,500}\}[^{}\n]{0,500}){0,8}\}"
     r"|\[[^\[\]\n]{1,300}\]|\([^()\n]{1,300}\)"
     rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}"
-    r"|^[ \t]*\W{0,4}(?:system|assistant|model|ai|bot|instructions?)\s*(?:prompt|message|note)?:"
+    r"|^[ \t]*\W{0,4}(?:system|assistant|instructions?)\s*(?:prompt|message|note)?:"
     r"|\s(?:->|=>|--|\u2014)\s",
     re.DOTALL | re.IGNORECASE | re.MULTILINE,
 )
+# What is left of a redacted text must still hold a word: else the models read it whole.
+_MIN_WORDS_LEFT = 1
 
 
 def passages(text: str) -> list[tuple[int, int]]:
@@ -100,38 +107,57 @@ def passages(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _plain(passage: str) -> str:
+    """What the cues read: compatibility forms as the ASCII they imitate (NFKC: fullwidth
+    letters), without format characters (zero-width spaces and joiners, soft hyphens)."""
+    return "".join(
+        c for c in unicodedata.normalize("NFKC", passage) if unicodedata.category(c) != "Cf"
+    )
+
+
 def findings(text: str, labels: Sequence[str]) -> list[Finding]:
     """The passages of ``text`` that speak to the model rather than to the desk, each with the
     first cue (``CUES``) it matched, in order. ``labels``: the task's labels, the words an
-    attacker asks for."""
+    attacker asks for. What stands between a fake turn's opener (``<|im_start|>user``) and
+    its closer is flagged whole; an opener never closed opens nothing."""
     tests = _CACHE.get(tuple(labels))
     if tests is None:
         tests = _CACHE.setdefault(tuple(labels), cues(labels))
     found: list[Finding] = []
-    in_turn = False
+    turn: list[Finding] | None = None  # inside a fake turn: what it holds so far
     for start, end in passages(text):
         passage = text[start:end]
-        # NFKC: fullwidth and other compatibility forms read as the ASCII they imitate.
-        plain = unicodedata.normalize("NFKC", passage)
-        cue = next((cue for cue, test in tests if test(plain)), None)
+        cue = next((cue for cue, test in tests if test(_plain(passage))), None)
         if OPENER.fullmatch(passage.strip()):
-            in_turn = True
-        elif CLOSER.fullmatch(passage.strip()):
-            in_turn = False
-        elif in_turn:
-            cue = cue or "inside a fake turn"
+            turn = []
+        elif CLOSER.fullmatch(passage.strip()) and turn is not None:
+            found += turn
+            turn = None
+        elif turn is not None and cue is None:
+            turn.append(_finding(passage, "inside a fake turn", start, end))
+            continue
         if cue is not None:
-            found.append(Finding(passage=passage.strip(), cue=cue))
-    return found
+            found.append(_finding(passage, cue, start, end))
+    return sorted(found, key=lambda f: f.start)
+
+
+def _finding(passage: str, cue: str, start: int, end: int) -> Finding:
+    lead = len(passage) - len(passage.lstrip())
+    shown = passage.strip()
+    return Finding(passage=shown[:200], cue=cue, start=start + lead, end=start + lead + len(shown))
 
 
 def redacted(text: str, found: Sequence[Finding]) -> str:
-    """``text`` without the passages ``found`` in it (``findings``), blank lines squeezed."""
+    """``text`` without the passages ``found`` in it (``findings``: their spans), everything
+    else as it was; ``text`` itself when no word would be left (the models then read it
+    whole, control tokens broken, and the outcome says what was flagged)."""
     if not found:
         return text
-    flagged = {f.passage for f in found}
-    kept = [
-        text[start:end] for start, end in passages(text) if text[start:end].strip() not in flagged
-    ]
-    out = re.sub(r"[ \t]{2,}", " ", "".join(kept))
-    return re.sub(r"\n{3,}", "\n\n", out).strip()
+    kept, at = [], 0
+    for f in sorted(found, key=lambda f: f.start):
+        kept.append(text[at : max(at, f.start)])
+        at = max(at, f.end)
+    kept.append(text[at:])
+    # Where passages went, the blank lines they leave are squeezed; nothing else changes.
+    out = re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()
+    return out if len(out.split()) >= _MIN_WORDS_LEFT else text

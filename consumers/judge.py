@@ -136,8 +136,13 @@ class JudgeHandler(Handler):
         writes.incr(metrics.REVIEWS, {"task": item.task})
 
     def lesson(self, case: Escalation, label: str, source: Source) -> bytes | None:
-        """The judge's label as a lesson (the item, its votes), where the fleet learns."""
-        return Lesson.of(case.item, label, source, case.votes).dump() if self.teaches else None
+        """The judge's label as a lesson (the item as the models read it, its votes), where the
+        fleet learns: a student learns from the text it will be asked about."""
+        if not self.teaches:
+            return None
+        return Lesson.of(
+            self.tasks[case.item.task].view(case.item), label, source, case.votes
+        ).dump()
 
     def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
         """The accepted label stands; the judge's answer on it is kept and counted."""
