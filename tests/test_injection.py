@@ -65,7 +65,7 @@ def test_control_token_spellings_are_broken(spelled: str, broken: str) -> None:
 
 def test_ordinary_text_is_left_as_it_is() -> None:
     text = "Error 3 < 4 > 2 at a->b; mail me at <ana@example.com>? [1] 50% | done"
-    assert neutralized(text) == text.replace("<ana@example.com>", "<ana@example.com>")
+    assert neutralized(text) == text
 
 
 def test_the_ticket_cannot_close_its_own_delimiter_in_the_prompt() -> None:
