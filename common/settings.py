@@ -23,7 +23,7 @@ from pydantic_settings import (
 )
 
 from common.serve_settings import ServeSettings
-from common.tasks import BUILTIN_TASKS, TaskSpec
+from common.tasks import BUILTIN_TASKS, Tasks, TaskSpec
 
 FLEET_FILE_ENV = "TRIBUNAL_FLEET_FILE"
 # URL schemes of a Redis (``common.connection.connect``): the cluster ones name a Redis
@@ -224,7 +224,7 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     trim_every_s: float = Field(default=30.0, gt=0)
 
     # The fleet
-    tasks: dict[str, TaskSpec] = Field(default_factory=dict)
+    tasks: Tasks = Field(default_factory=dict)
     default_task: str | None = Field(
         default=None,
         description="Task of records that name none (produce, evaluate; --task wins). Unset: "

@@ -6,9 +6,10 @@ add its own under ``[tasks.NAME]`` or override a built-in one.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from common.injection import Finding, findings, neutralized, redacted
 from common.schemas import Item
@@ -198,3 +199,21 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         ],
     ),
 }
+
+
+def over_builtins(raw: object) -> object:
+    """The fleet file's ``[tasks]`` with a built-in task's keys filled in from the built-in, so
+    ``[tasks.sentiment] injection = "flag"`` changes that one setting (a key given replaces
+    the built-in's: ``labels`` without ``synonyms`` keeps the built-in synonyms)."""
+    if not isinstance(raw, Mapping):
+        return raw
+    return {
+        name: {**BUILTIN_TASKS[name].model_dump(), **spec}
+        if name in BUILTIN_TASKS and isinstance(spec, Mapping)
+        else spec
+        for name, spec in raw.items()
+    }
+
+
+# The type of ``Settings.tasks``: tasks of the fleet file, built-in ones completed.
+Tasks = Annotated[dict[str, TaskSpec], BeforeValidator(over_builtins)]

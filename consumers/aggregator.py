@@ -130,7 +130,10 @@ class AggregatorHandler(Handler):
                 # The judge answers it twice (without and with the passages): a person gets it
                 # if the passages would have changed its label.
                 escalation = Escalation(
-                    item=item, votes=votes, reason="flagged for review", escalated_at=now()
+                    item=item,
+                    votes=votes,
+                    reason="flagged: the judge decides (injection = review)",
+                    escalated_at=now(),
                 )
                 writes.escalate(item.id, escalation.dump())
             elif outcome.kind == "accept" and outcome.label is not None:

@@ -172,7 +172,10 @@ def evaluate(
     judged items, overall vs judge-only and each single worker, a confusion matrix, the
     model-time speedup, and majority / weighted / unanimous side by side. Without
     --offline the items go through the real fleet (embedded valkey unless a Redis URL is
-    set) with every accepted label audited by the judge. Writes JSON and an HTML report."""
+    set) with every accepted label audited by the judge. A record whose metadata names
+    "twin_of" (a clean item's id) and "target" (a label) is an injected twin: the prompt-
+    injection table gives each model's flip rate (bench/adversarial/). Writes JSON and an
+    HTML report."""
     from tribunal.demo import DEMO_FLEETS
     from tribunal.quality.evaluate import tasks_named
 

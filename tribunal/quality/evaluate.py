@@ -127,6 +127,7 @@ def collect_offline(
     run = Collected("offline", seconds=time.perf_counter() - started)
     for item in items:
         judge = answers[item.id].pop(JUDGE_NAME)
+        found = tasks[item.task].findings(item)
         run.observations.append(
             Observation(
                 id=item.id,
@@ -134,16 +135,19 @@ def collect_offline(
                 gold=item.gold,
                 votes=list(answers[item.id].values()),
                 judge=judge,
-                **twin_of(item.metadata),
-                flagged=[f.cue for f in tasks[item.task].findings(item)],
+                twin_of=twin_of(item.metadata)["twin_of"],
+                target=twin_of(item.metadata)["target"],
+                flagged=[f.cue for f in found],
+                escalate=bool(found) and tasks[item.task].injection == "review",
             )
         )
     return run
 
 
-def twin_of(metadata: Mapping[str, object]) -> dict[str, str]:
-    """An injected twin's ``twin_of`` and ``target`` from its metadata (strings only)."""
-    return {k: v for k in ("twin_of", "target") if isinstance(v := metadata.get(k), str)}
+def twin_of(metadata: Mapping[str, object]) -> dict[str, str | None]:
+    """An injected twin's ``twin_of`` and ``target`` from its metadata, as text (a value
+    that is no label or id is reported by ``score_injection``, not dropped)."""
+    return {k: None if (v := metadata.get(k)) is None else str(v) for k in ("twin_of", "target")}
 
 
 def collect_fleet(
@@ -199,7 +203,8 @@ def collect_fleet(
                 gold=d.gold,
                 votes=d.votes,
                 judge=judge,
-                **twin_of(d.metadata),
+                twin_of=twin_of(d.metadata)["twin_of"],
+                target=twin_of(d.metadata)["target"],
                 flagged=[f.cue for f in d.flagged],
             )
         )
@@ -242,7 +247,7 @@ def report(run: Collected, settings: Settings, source: str) -> EvaluationReport:
         injection={
             task: scored
             for task, obs in sorted(by_task.items())
-            if (scored := score_injection(obs, rule)) is not None
+            if (scored := score_injection(obs, rule, settings.all_tasks[task].labels)) is not None
         },
     )
 

@@ -157,9 +157,17 @@ def print_injection(console: Console, section: InjectionReport) -> None:
         for name, row in section.models.items()
     ]
     columns = ["model", "right on clean", "right on injected", "flipped to the attacker's label"]
-    console.print(table(f"prompt injection: {section.pairs} pairs", columns, rows))
+    pairs = f"{section.pairs} pair" + ("" if section.pairs == 1 else "s")
+    console.print(
+        table(f"prompt injection: {pairs} of a clean and an injected ticket", columns, rows)
+    )
     console.print(
         f"[dim]flipped: of the pairs right on the clean item, the twin labeled as its injection "
         f"asked; the detector flagged {pct(section.flagged_injected)} of the injected items "
-        f"and {pct(section.flagged_clean)} of the clean ones"
+        f"and {pct(section.flagged_clean)} of the clean ones",
+        soft_wrap=True,
     )
+    for twin, why in list(section.ignored.items())[:5]:
+        console.print(f"[yellow]twin {escape(twin)} not scored:[/] {escape(why)}", soft_wrap=True)
+    if len(section.ignored) > 5:
+        console.print(f"[yellow]… and {len(section.ignored) - 5} more twins not scored[/]")

@@ -37,6 +37,7 @@ class Observation(BaseModel):
     twin_of: str | None = None
     target: str | None = None
     flagged: list[str] = []  # the cues the injection detector found (common.injection)
+    escalate: bool = False  # flagged under injection = "review": the judge decides it
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,7 @@ class InjectionReport(BaseModel):
     flagged_clean: float | None
     flagged_injected: float | None
     models: dict[str, FlipRow]
+    ignored: dict[str, str] = {}  # twin id -> why it was not scored
 
 
 class EvaluationReport(BaseModel):
@@ -235,7 +237,7 @@ def score_rule(
 def final_label(o: Observation, rule: Rule) -> tuple[bool, str | None]:
     """(settled by the workers?, the item's final label) under ``rule``, all votes in."""
     outcome = decide(o.votes, rule, final=True)
-    if outcome.kind == "accept":
+    if outcome.kind == "accept" and not o.escalate:
         return True, outcome.label
     return False, o.judge.label if o.judge else None
 
