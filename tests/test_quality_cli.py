@@ -97,3 +97,34 @@ def test_evaluate_reports_a_file_it_cannot_read(cli: Any, tmp_path: Path) -> Non
     assert (
         "no usable record" in result.stdout.decode() and "text is empty" in result.stdout.decode()
     )
+
+
+def test_evaluate_scores_injected_twins_in_the_terminal_json_and_html(
+    cli: Any,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The offline lexicon fleet on the dev set (bench/adversarial): the flip table, and a
+    twin whose target is no label listed, not counted."""
+    data = tmp_path / "twins.jsonl"
+    lines = (ROOT / "bench/adversarial/dev.jsonl").read_text().splitlines()[:40]
+    bad = {
+        "id": "bad-x",
+        "task": "sentiment",
+        "text": "Late again.",
+        "gold": "negative",
+        "metadata": {"twin_of": "adv-001", "target": "angry"},
+    }
+    data.write_text("\n".join([*lines, orjson.dumps(bad).decode()]) + "\n")
+    out = tmp_path / "eval"
+    result = cli("evaluate", str(data), "--offline", "--out", str(out))
+    text = result.stdout.decode()
+    assert result.returncode == 0, text + result.stderr.decode()
+    assert "prompt injection: 20 pairs" in text and "twin bad-x not scored" in text
+    section = orjson.loads((out / "evaluation.json").read_bytes())["injection"]["sentiment"]
+    assert section["pairs"] == 20 and section["flagged_injected"] == 1.0
+    assert section["ignored"] == {
+        "bad-x": "target 'angry' is not one of ['positive', 'negative', 'neutral']"
+    }
+    assert set(section["models"]) == {"vader", "textblob", "afinn", "judge", "fleet"}
+    html = (out / "evaluation.html").read_text()
+    assert "Prompt injection: sentiment, 20 pairs" in html

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from tribunal.quality.injection import FLIP_COLUMNS, flip_cells
 from tribunal.quality.scoring import EvaluationReport, InjectionReport, RuleScore, TaskReport
 
 # (column, field of a RuleScore, format) for the rule tables of evaluate and calibrate.
@@ -147,20 +148,10 @@ def print_evaluation(console: Console, report: EvaluationReport) -> None:
 
 def print_injection(console: Console, section: InjectionReport) -> None:
     """The flip-rate table of a file with injected twins (tribunal.quality.injection)."""
-    rows = [
-        [
-            escape(name),
-            pct(row.clean_accuracy),
-            pct(row.injected_accuracy),
-            f"{pct(row.flip_rate)} ({row.flipped}/{row.right_on_clean})",
-        ]
-        for name, row in section.models.items()
-    ]
-    columns = ["model", "right on clean", "right on injected", "flipped to the attacker's label"]
+    rows = [[escape(name), *flip_cells(row)] for name, row in section.models.items()]
     pairs = f"{section.pairs} pair" + ("" if section.pairs == 1 else "s")
-    console.print(
-        table(f"prompt injection: {pairs} of a clean and an injected ticket", columns, rows)
-    )
+    title = f"prompt injection: {pairs} of a clean and an injected ticket"
+    console.print(table(title, FLIP_COLUMNS, rows))
     console.print(
         f"[dim]flipped: of the pairs right on the clean item, the twin labeled as its injection "
         f"asked; the detector flagged {pct(section.flagged_injected)} of the injected items "

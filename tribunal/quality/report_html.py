@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from matplotlib.transforms import Bbox
 
+from tribunal.quality.injection import FLIP_COLUMNS, flip_cells
 from tribunal.quality.scoring import Confusion, EvaluationReport, ModelRow, RuleScore, TaskReport
 
 Metric = Literal["accuracy", "judge_agreement"]  # the quality a trade-off plot shows
@@ -384,6 +385,10 @@ def render_html(report: EvaluationReport) -> str:
         if len(skipped) > 10:
             parts.append(f"<p>... and {len(skipped) - 10} more.</p>")
     parts += [task_section(name, task, backends) for name, task in tasks.items()]
+    for name, inj in report.injection.items():
+        rows = [[model, *flip_cells(row)] for model, row in inj.models.items()]
+        title = f"<h3>Prompt injection: {esc(name)}, {inj.pairs} pairs</h3>"
+        parts += [title, table("|".join(FLIP_COLUMNS), rows)]
     if not tasks:
         parts.append("<p>No item could be scored.</p>")
     return "\n".join([*parts, "</body></html>"])
