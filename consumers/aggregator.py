@@ -21,7 +21,7 @@ from common.connection import server_time
 from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
-from consumers.decision import Posterior, Rule, decide, fit_policy
+from consumers.decision import Posterior, Rule, Ruling, decide, fit_policy
 from consumers.engine.handler import Entry, Handler
 from consumers.engine.loop import consume
 from consumers.engine.runtime import Runtime
@@ -125,18 +125,14 @@ class AggregatorHandler(Handler):
             final = timed_out or len(votes) >= self.rule.n_workers
             outcome = decide(votes, self.rule, final=final, task=item.task)
             spec = self.rt.settings.all_tasks.get(item.task)
-            flagged = spec.findings(item) if spec else []
-            if outcome.kind == "accept" and flagged and spec and spec.injection == "review":
+            flagged = spec.findings(item) if spec and outcome.kind == "accept" else []
+            if flagged and spec is not None and spec.injection == "review":
                 # The judge answers it twice (without and with the passages): a person gets it
                 # if the passages would have changed its label.
-                escalation = Escalation(
-                    item=item,
-                    votes=votes,
-                    reason="flagged: the judge decides (injection = review)",
-                    escalated_at=now(),
+                outcome = Ruling(
+                    "escalate", reason="flagged: the judge decides (injection = review)"
                 )
-                writes.escalate(item.id, escalation.dump())
-            elif outcome.kind == "accept" and outcome.label is not None:
+            if outcome.kind == "accept" and outcome.label is not None:
                 decision = Decision.of(
                     item, outcome.label, "workers", outcome.reason, votes, flagged=flagged
                 )

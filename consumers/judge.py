@@ -75,7 +75,14 @@ class JudgeHandler(Handler):
         outcomes.model_call(
             writes, self.call_labels, call.seconds, call.prompt_tokens, call.cached_tokens
         )
-        whole = self.read_whole([c for _, c in cases], writes)
+        # What the detector flags in each item to decide, found once for the decision and the
+        # second answer of injection = "review".
+        found = {
+            c.item.id: self.tasks[c.item.task].findings(c.item)
+            for _, c in cases
+            if c.accepted is None
+        }
+        whole = self.read_whole([c for _, c in cases if found.get(c.item.id)], writes)
         for (entry, case), verdict in zip(cases, call.votes, strict=True):
             if verdict.label is None and verdict.refused:  # asking again gets the same
                 error = f"the judge's model refused it: {verdict.error}"
@@ -89,9 +96,14 @@ class JudgeHandler(Handler):
             elif case.accepted is not None:
                 self.record_audit(writes, case, case.accepted, verdict)
             else:
-                flagged = self.tasks[case.item.task].findings(case.item)
                 decision = Decision.of(
-                    case.item, verdict.label, "judge", case.reason, case.votes, verdict, flagged
+                    case.item,
+                    verdict.label,
+                    "judge",
+                    case.reason,
+                    case.votes,
+                    verdict,
+                    found[case.item.id],
                 )
                 obeyed = whole.get(case.item.id)
                 if obeyed is not None and obeyed != verdict.label:
@@ -100,16 +112,11 @@ class JudgeHandler(Handler):
                 outcomes.publish(writes, decision, escalated=True, lesson=lesson)
         return failures
 
-    def read_whole(self, cases: Sequence[Escalation], writes: Writes) -> dict[str, str | None]:
-        """Item id -> the judge's label reading it whole, for the flagged items of tasks with
-        ``injection = "review"`` (its decision reads them without the flagged passages)."""
-        items = [
-            c.item
-            for c in cases
-            if c.accepted is None
-            and self.tasks[c.item.task].injection == "review"
-            and self.tasks[c.item.task].findings(c.item)
-        ]
+    def read_whole(self, flagged: Sequence[Escalation], writes: Writes) -> dict[str, str | None]:
+        """Item id -> the judge's label reading it whole, for the ``flagged`` items (to decide,
+        with findings) of tasks with ``injection = "review"`` (its decision reads them without
+        the flagged passages)."""
+        items = [c.item for c in flagged if self.tasks[c.item.task].injection == "review"]
         if not items:
             return {}
         call = ask(self.backend, JUDGE_NAME, items, self.whole)

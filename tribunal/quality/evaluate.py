@@ -128,6 +128,7 @@ def collect_offline(
     for item in items:
         judge = answers[item.id].pop(JUDGE_NAME)
         found = tasks[item.task].findings(item)
+        twin, target = twin_of(item.metadata)
         run.observations.append(
             Observation(
                 id=item.id,
@@ -135,8 +136,8 @@ def collect_offline(
                 gold=item.gold,
                 votes=list(answers[item.id].values()),
                 judge=judge,
-                twin_of=twin_of(item.metadata)["twin_of"],
-                target=twin_of(item.metadata)["target"],
+                twin_of=twin,
+                target=target,
                 flagged=[f.cue for f in found],
                 escalate=bool(found) and tasks[item.task].injection == "review",
             )
@@ -144,10 +145,11 @@ def collect_offline(
     return run
 
 
-def twin_of(metadata: Mapping[str, object]) -> dict[str, str | None]:
-    """An injected twin's ``twin_of`` and ``target`` from its metadata, as text (a value
-    that is no label or id is reported by ``score_injection``, not dropped)."""
-    return {k: None if (v := metadata.get(k)) is None else str(v) for k in ("twin_of", "target")}
+def twin_of(metadata: Mapping[str, object]) -> tuple[str | None, str | None]:
+    """An injected twin's (``twin_of``, ``target``) from its metadata, as text (a value that
+    is no label or id is reported by ``score_injection``, not dropped)."""
+    twin, target = metadata.get("twin_of"), metadata.get("target")
+    return (None if twin is None else str(twin)), (None if target is None else str(target))
 
 
 def collect_fleet(
@@ -196,6 +198,7 @@ def collect_fleet(
     judged = {a.id: a.judge for a in reversed(outcome.audits)}  # the first audit wins
     for d in outcome.decisions:
         judge = d.judge if d.source == "judge" else judged.get(d.id)
+        twin, target = twin_of(d.metadata)
         run.observations.append(
             Observation(
                 id=d.id,
@@ -203,8 +206,8 @@ def collect_fleet(
                 gold=d.gold,
                 votes=d.votes,
                 judge=judge,
-                twin_of=twin_of(d.metadata)["twin_of"],
-                target=twin_of(d.metadata)["target"],
+                twin_of=twin,
+                target=target,
                 flagged=[f.cue for f in d.flagged],
             )
         )

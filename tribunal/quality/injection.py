@@ -82,20 +82,6 @@ def score_injection(
     )
 
 
-# The flip table's columns, as the terminal and the HTML report show them (``flip_cells``).
-FLIP_COLUMNS = ("model", "right on clean", "right on injected", "flipped to the attacker's label")
-
-
-def flip_cells(row: FlipRow) -> list[str]:
-    """A ``FlipRow`` as the cells after the model's name in ``FLIP_COLUMNS``."""
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{x:.1%}"
-
-    flipped = f"{pct(row.flip_rate)} ({row.flipped}/{row.right_on_clean})"
-    return [pct(row.clean_accuracy), pct(row.injected_accuracy), flipped]
-
-
 def vote_of(worker: str) -> Labeler:
     """The label ``worker`` gave an observation (None: it abstained or was not asked)."""
 

@@ -9,8 +9,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from tribunal.quality.injection import FLIP_COLUMNS, flip_cells
-from tribunal.quality.scoring import EvaluationReport, InjectionReport, RuleScore, TaskReport
+from tribunal.quality.scoring import (
+    EvaluationReport,
+    FlipRow,
+    InjectionReport,
+    RuleScore,
+    TaskReport,
+)
 
 # (column, field of a RuleScore, format) for the rule tables of evaluate and calibrate.
 RULE_COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -32,6 +37,16 @@ RULE_LEGEND = (
 
 def pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
+
+
+# The flip table's columns, as the terminal and the HTML report show them (``flip_cells``).
+FLIP_COLUMNS = ("model", "right on clean", "right on injected", "flipped to the attacker's label")
+
+
+def flip_cells(row: FlipRow) -> list[str]:
+    """A ``FlipRow`` as the cells after the model's name in ``FLIP_COLUMNS``."""
+    flipped = f"{pct(row.flip_rate)} ({row.flipped}/{row.right_on_clean})"
+    return [pct(row.clean_accuracy), pct(row.injected_accuracy), flipped]
 
 
 def cell(value: Any, kind: str) -> str:

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 from matplotlib.transforms import Bbox
 
-from tribunal.quality.injection import FLIP_COLUMNS, flip_cells
+from tribunal.quality.report import FLIP_COLUMNS, flip_cells
 from tribunal.quality.scoring import Confusion, EvaluationReport, ModelRow, RuleScore, TaskReport
 
 Metric = Literal["accuracy", "judge_agreement"]  # the quality a trade-off plot shows
