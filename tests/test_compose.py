@@ -19,6 +19,7 @@ import yaml
 from common.settings import Settings, load_settings
 from tribunal.cli.app import app
 from tribunal.ops.queues import expected_roles
+from tribunal.serving.llama import servers_for
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -108,8 +109,16 @@ def test_images_are_pinned(services: dict[str, Any]) -> None:
 
 
 def cli_options() -> dict[str, set[str]]:
-    commands: dict[str, Any] = getattr(typer.main.get_command(app), "commands", {})
-    return {name: {opt for p in cmd.params for opt in p.opts} for name, cmd in commands.items()}
+    """Each command's options, by its words ("run", "models serve")."""
+    found: dict[str, set[str]] = {}
+
+    def walk(prefix: str, command: Any) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(f"{prefix}{name} ", sub)
+        found[prefix.strip()] = {opt for p in command.params for opt in p.opts}
+
+    walk("", typer.main.get_command(app))
+    return found
 
 
 def test_every_tribunal_command_exists(services: dict[str, Any]) -> None:
@@ -121,9 +130,11 @@ def test_every_tribunal_command_exists(services: dict[str, Any]) -> None:
         if "tribunal" in health:
             used.append(health[health.index("tribunal") + 1 :])
     for argv in used:
-        assert argv[0] in commands, argv
-        options = {a.split("=")[0] for a in argv[1:] if a.startswith("--")}
-        assert options <= commands[argv[0]], (argv, options - commands[argv[0]])
+        words = 2 if argv[0] == "models" else 1
+        name = " ".join(argv[:words])
+        assert name in commands, argv
+        options = {a.split("=")[0] for a in argv[words:] if a.startswith("--")}
+        assert options <= commands[name], (argv, options - commands[name])
 
 
 def profile_settings(
@@ -164,12 +175,51 @@ def check_fleet_services(services: dict[str, Any], profile: str, settings: Setti
     assert any(s["command"][0] == "exporter" for s in mine.values()), profile
 
 
-def test_cpu_profile_runs_the_offline_fleet(
-    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+def test_cpu_profile_serves_the_local_models_to_the_fleet(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """examples/local.toml's workers and judge reach the models service by name, at the
+    ports `models serve --port` gives the fleet file's models, once the models are served;
+    Prometheus scrapes each of them under its model's name."""
     settings = profile_settings(services, "cpu", monkeypatch)
     check_fleet_services(services, "cpu", settings)
+    assert {spec.backend for spec in [*settings.workers.values(), settings.judge]} == {"llama-cpp"}
+    models, fetch = services["models"], services["models-fetch"]
+    assert fetch["command"] == ["models", "fetch"] and fetch["restart"] == "no"
+    assert models["depends_on"] == {"models-fetch": {"condition": "service_completed_successfully"}}
+    command = models["command"]
+    assert command[command.index("--host") + 1] == "0.0.0.0"
+    first = int(command[command.index("--port") + 1])
+    planned = servers_for(settings, tmp_path, first_port=first)
+    ports = {server.name: server.port for server in planned.servers}
+    assert settings.model_urls == {name: f"http://models:{port}/v1" for name, port in ports.items()}
+    for name in ("models", "models-fetch"):
+        assert services[name]["build"]["args"]["LOCAL_MODELS"] == "1", name
+        assert "models:/models" in services[name]["volumes"], name
+    assert settings.model_dir == Path("/models")
+    assert "models" in yaml.safe_load(COMPOSE.read_text())["volumes"]
+    clients = [s for s in services.values() if s.get("command", [""])[0] in ("worker", "judge")]
+    for client in (c for c in clients if "cpu" in c["profiles"]):
+        assert client["depends_on"]["models"] == {"condition": "service_healthy"}, client
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "llama-server"]
+    assert {(c["names"][0], c["port"]) for c in job["dns_sd_configs"]} == {
+        ("models", port) for port in ports.values()
+    }
+    named = {
+        rule["regex"].rsplit(":", 1)[1]: rule["replacement"] for rule in job["relabel_configs"]
+    }
+    assert named == {str(port): name for name, port in ports.items()}
+
+
+def test_lexicon_profile_runs_the_offline_fleet(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = profile_settings(services, "lexicon", monkeypatch)
+    check_fleet_services(services, "lexicon", settings)
     assert {spec.backend for spec in settings.workers.values()} <= {"vader", "textblob", "afinn"}
+    lexicon = [s for s in services.values() if "lexicon" in s.get("profiles", [])]
+    assert all("models" not in s.get("depends_on", {}) for s in lexicon)
 
 
 def vllm_services(services: dict[str, Any]) -> dict[str, Any]:

@@ -305,3 +305,50 @@ def test_a_fleet_with_a_typo_in_model_options_or_toml_stops_at_once_with_one_lin
         assert result.returncode == 2, result.stdout + result.stderr
         assert expected in result.stderr
         assert "Traceback" not in result.stderr and "restarting" not in result.stderr
+
+
+def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """What the compose stack's models service runs: `--host 0.0.0.0 --port P` serves the
+    fleet's model on P on every address (reached here through this host's own non-loopback
+    address), warms its prompt cache before printing the URLs, and SIGTERM stops the server
+    and exits 0."""
+    import signal
+    import socket
+
+    import httpx
+
+    from tribunal.serving.llama import free_port
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.1", 9))  # no packet is sent: this picks the outgoing address
+        address = probe.getsockname()[0]
+    if address.startswith("127."):
+        pytest.skip("this host has no address but loopback")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
+    argv += ["serve", "--host", "0.0.0.0", "--port", str(port), "--log-dir", str(tmp_path)]
+    env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
+    server = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
+    log: list[str] = []
+    try:
+        assert server.stderr is not None
+        while True:  # the log, then the URLs once served and warm ("": it exited)
+            log.append(server.stderr.readline())
+            if log[-1].startswith("export ") or not log[-1]:
+                break
+        urls = orjson.loads(log[-1].split("=", 1)[1].strip().strip("'"))
+        assert urls == {"smol": f"http://127.0.0.1:{port}/v1"}, log
+        health = httpx.get(f"http://{address}:{port}/health", timeout=10, trust_env=False)
+        assert health.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0
+    finally:
+        server.kill()
+    text = "".join(log) + (server.stderr.read() if server.stderr else "")
+    assert "warmed judge's prompt cache" in text, text
+    assert "Traceback" not in text, text[-2000:]
+    with pytest.raises(httpx.ConnectError):  # the llama-server went with it
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False)

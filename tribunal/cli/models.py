@@ -116,15 +116,33 @@ def serve_models(
     log_dir: Annotated[Path, typer.Option(help="Where the servers write their logs.")] = Path(
         "tribunal-models-logs"
     ),
+    host: Annotated[
+        str,
+        typer.Option(
+            help="Address the servers listen on: 0.0.0.0 lets other machines or containers "
+            "reach them (llama-server asks no key: keep that network private)."
+        ),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Port of the fleet file's first local model, the next one's one more, and "
+            "so on (0: any free ports).",
+        ),
+    ] = 0,
 ) -> None:
-    """Serve the fleet's local models until Ctrl-C, printing the TRIBUNAL_MODEL_URLS line
-    that lets workers started by hand (`tribunal worker NAME`) reach them."""
+    """Serve the fleet's local models until Ctrl-C (or SIGTERM), their prompt caches warmed,
+    printing the TRIBUNAL_MODEL_URLS line that lets workers started by hand (`tribunal
+    worker NAME`) reach them."""
     import orjson
 
     from tribunal.serving.llama import servers_for
+    from tribunal.serving.warm import warm_prompt_caches
 
     s = settings(ctx)
-    servers = servers_for(s, log_dir)
+    servers = servers_for(s, log_dir, host=host, first_port=port)
     if not servers.servers:
         say(
             "[red]error:[/]",
@@ -136,6 +154,7 @@ def serve_models(
     try:
         with clear_errors(s):
             servers.start()
+        warm_prompt_caches(s, servers.urls())
         say("", f"export TRIBUNAL_MODEL_URLS='{orjson.dumps(servers.urls()).decode()}'")
         while not stop.wait(0.5):
             servers.supervise()

@@ -76,6 +76,7 @@ class ModelServer:
     log_dir: Path
     threads: int = 1  # -t, from the fleet's thread budget
     port: int = 0
+    host: str = "127.0.0.1"  # the address it listens on (0.0.0.0: other containers too)
     process: subprocess.Popen[bytes] | None = None
     restart: Restarts = field(default_factory=Restarts)
 
@@ -85,6 +86,7 @@ class ModelServer:
 
     @property
     def url(self) -> str:
+        """Where this process reaches it (loopback also reaches a server on 0.0.0.0)."""
         return f"http://127.0.0.1:{self.port}/v1"
 
     @property
@@ -99,7 +101,7 @@ class ModelServer:
             str(llama_server_binary()),
             *source,
             "--alias", self.name,
-            "--host", "127.0.0.1",
+            "--host", self.host,
             "--port", str(self.port),
             "--threads", str(self.threads),
             "--parallel", str(m.slots),
@@ -188,12 +190,22 @@ class ModelServers:
         log_dir: Path,
         start_timeout_s: float = 300.0,  # an hf source downloads first
         cores: int | None = None,  # default: available_cores()
+        host: str = "127.0.0.1",
+        first_port: int = 0,  # 0: free ports; else first_port, first_port + 1 … in order
     ) -> None:
         self.model_dir = model_dir
         self.budget = budget_for(models, cores)
         self.servers = [
-            ModelServer(name, m, model_dir, log_dir, threads=self.budget.threads[name])
-            for name, m in models.items()
+            ModelServer(
+                name,
+                m,
+                model_dir,
+                log_dir,
+                threads=self.budget.threads[name],
+                port=first_port + i if first_port else 0,
+                host=host,
+            )
+            for i, (name, m) in enumerate(models.items())
         ]
         self.start_timeout_s = start_timeout_s
         self.stopping = False
@@ -271,10 +283,14 @@ def budget_for(models: Mapping[str, LocalModel], cores: int | None = None) -> Th
     )
 
 
-def servers_for(settings: Settings, log_dir: Path) -> ModelServers:
-    """The servers of the local models the fleet's workers and judge use."""
+def servers_for(
+    settings: Settings, log_dir: Path, host: str = "127.0.0.1", first_port: int = 0
+) -> ModelServers:
+    """The servers of the local models the fleet's workers and judge use, in the fleet
+    file's order (so with ``first_port`` each model's port is known in advance: the compose
+    stack names them in TRIBUNAL_MODEL_URLS)."""
     served = {name: settings.models[name] for name in settings.served_models}
-    return ModelServers(served, settings.model_dir, log_dir)
+    return ModelServers(served, settings.model_dir, log_dir, host=host, first_port=first_port)
 
 
 @contextmanager
