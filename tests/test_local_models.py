@@ -314,6 +314,8 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     fleet's model on P on every address (reached here through this host's own non-loopback
     address), warms its prompt cache before printing the URLs, and SIGTERM stops the server
     and exits 0."""
+    import re
+    import selectors
     import signal
     import socket
 
@@ -322,7 +324,10 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     from tribunal.serving.llama import free_port
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.connect(("192.0.2.1", 9))  # no packet is sent: this picks the outgoing address
+        try:  # no packet is sent: this picks the address traffic would leave from
+            probe.connect(("192.0.2.1", 9))
+        except OSError:
+            pytest.skip("this host has no route but loopback")
         address = probe.getsockname()[0]
     if address.startswith("127."):
         pytest.skip("this host has no address but loopback")
@@ -331,24 +336,40 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
     argv += ["serve", "--host", "0.0.0.0", "--port", str(port), "--log-dir", str(tmp_path)]
     env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
-    server = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    log: list[str] = []
+    server = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    assert server.stderr is not None
+    text = ""  # its log, then the URLs once served and warm
     try:
-        assert server.stderr is not None
-        while True:  # the log, then the URLs once served and warm ("": it exited)
-            log.append(server.stderr.readline())
-            if log[-1].startswith("export ") or not log[-1]:
-                break
+        deadline = time.monotonic() + 300
+        with selectors.DefaultSelector() as ready:
+            ready.register(server.stderr, selectors.EVENT_READ)
+            while not re.search(r"^export .*\n", text, re.M) and ready.select(
+                deadline - time.monotonic()
+            ):
+                chunk = os.read(server.stderr.fileno(), 65536)
+                if not chunk:  # it exited
+                    break
+                text += chunk.decode()
+        log = text.splitlines()
+        assert log and log[-1].startswith("export TRIBUNAL_MODEL_URLS="), text
+        assert "warmed judge's prompt cache" in text, text
         urls = orjson.loads(log[-1].split("=", 1)[1].strip().strip("'"))
         assert urls == {"smol": f"http://127.0.0.1:{port}/v1"}, log
         health = httpx.get(f"http://{address}:{port}/health", timeout=10, trust_env=False)
         assert health.status_code == 200
+
+        # A second fleet told the same port says so, instead of taking the first one's
+        # /health for its own.
+        again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 2, again.stderr
+        assert f"cannot listen on 0.0.0.0:{port}" in again.stderr, again.stderr
+        assert "Traceback" not in again.stderr
+
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
     finally:
         server.kill()
-    text = "".join(log) + (server.stderr.read() if server.stderr else "")
-    assert "warmed judge's prompt cache" in text, text
-    assert "Traceback" not in text, text[-2000:]
+    rest = server.stderr.read().decode()
+    assert "Traceback" not in text + rest, rest[-2000:]
     with pytest.raises(httpx.ConnectError):  # the llama-server went with it
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False)

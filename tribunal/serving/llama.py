@@ -86,8 +86,9 @@ class ModelServer:
 
     @property
     def url(self) -> str:
-        """Where this process reaches it (loopback also reaches a server on 0.0.0.0)."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        """Where this process reaches it: the address it listens on, loopback for a wildcard."""
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/v1"
 
     @property
     def log_path(self) -> Path:
@@ -114,6 +115,20 @@ class ModelServer:
             # Without it a sliding-window model never reuses its cached prefix (gguf_info).
             argv.append("--swa-full")
         return [*argv, *m.extra_args]
+
+    def claim_port(self) -> None:
+        """Before the first start on a given port: raise ServerFailed when something else
+        listens there (its /health would pass for this server's)."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        with socket.socket(family) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((self.host, self.port))
+            except OSError as exc:
+                raise ServerFailed(
+                    f"llama-server {self.name}: cannot listen on {self.host}:{self.port} "
+                    f"({exc.strerror}): another server is there, or pick other ports"
+                ) from None
 
     def spawn(self) -> None:
         """Start the process (not waiting for it): on the port it had, or a free one."""
@@ -193,8 +208,11 @@ class ModelServers:
         host: str = "127.0.0.1",
         first_port: int = 0,  # 0: free ports; else first_port, first_port + 1 … in order
     ) -> None:
+        if first_port and first_port + len(models) - 1 > 65535:
+            raise ServerFailed(f"ports {first_port}+{len(models) - 1}: past 65535")
         self.model_dir = model_dir
         self.budget = budget_for(models, cores)
+        self.fixed_ports = bool(first_port)
         self.servers = [
             ModelServer(
                 name,
@@ -228,6 +246,8 @@ class ModelServers:
         try:
             for server in self.servers:
                 started = time.monotonic()
+                if self.fixed_ports:
+                    server.claim_port()
                 server.spawn()
                 server.wait_healthy(self.start_timeout_s)
                 log.info("%s ready in %.1fs", server.name, time.monotonic() - started)
