@@ -209,7 +209,8 @@ class ModelServers:
         first_port: int = 0,  # 0: free ports; else first_port, first_port + 1 … in order
     ) -> None:
         if first_port and first_port + len(models) - 1 > 65535:
-            raise ServerFailed(f"ports {first_port}+{len(models) - 1}: past 65535")
+            last = first_port + len(models) - 1
+            raise ServerFailed(f"{len(models)} models need ports {first_port}-{last}: past 65535")
         self.model_dir = model_dir
         self.budget = budget_for(models, cores)
         self.fixed_ports = bool(first_port)
