@@ -290,7 +290,13 @@ def test_stack_builds_starts_and_turns_healthy(stack: Stack) -> None:
          "label=com.docker.compose.service=models-fetch", "--format", "{{.Status}}"]
     )  # fmt: skip
     assert fetch.stdout.startswith("Exited (0)"), fetch.stdout
+    # Healthy means loaded; the caches are warmed right after (a few seconds, more on a
+    # busy machine): wait for the four lines.
+    started = time.monotonic()
     served = stack.compose("logs", "models")
+    while served.count("prompt cache for") < len(MODELS) and time.monotonic() - started < 180:
+        time.sleep(2)
+        served = stack.compose("logs", "models")
     assert "thread budget: 4 model server(s)" in served, served[-3000:]
     assert served.count("prompt cache for") == len(MODELS), served[-3000:]
 
