@@ -136,11 +136,15 @@ class Stack:
     def redis(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port("redis", 6379), password=self.password)
 
+    @property
+    def label(self) -> str:
+        """The `docker ps --filter` of this project's containers."""
+        return f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"
+
     def health(self) -> dict[str, str]:
         """Each service's container state: `healthy`, `starting`, `unhealthy`, `exited` ..."""
-        label = f"label=com.docker.compose.project={self.env['COMPOSE_PROJECT_NAME']}"
         template = '{{.Label "com.docker.compose.service"}}\t{{.State}}\t{{.Status}}'
-        listed = run(["docker", "ps", "-a", "--filter", label, "--format", template])
+        listed = run(["docker", "ps", "-a", "--filter", self.label, "--format", template])
         states = dict.fromkeys(self.services, "absent")
         for line in listed.stdout.splitlines():
             service, state, status = line.split("\t")
@@ -284,9 +288,8 @@ def test_stack_builds_starts_and_turns_healthy(stack: Stack) -> None:
     keep_dependency_layer(stack, "1", "tribunal-local/deps:models")
     took = stack.wait_healthy()
     stack.log.append(f"{took:6.1f}s until every healthcheck passed (models loaded)")
-    label = f"label=com.docker.compose.project={stack.env['COMPOSE_PROJECT_NAME']}"
     fetch = run(
-        ["docker", "ps", "-a", "--filter", label, "--filter",
+        ["docker", "ps", "-a", "--filter", stack.label, "--filter",
          "label=com.docker.compose.service=models-fetch", "--format", "{{.Status}}"]
     )  # fmt: skip
     assert fetch.stdout.startswith("Exited (0)"), fetch.stdout

@@ -208,12 +208,11 @@ class ModelServers:
         host: str = "127.0.0.1",
         first_port: int = 0,  # 0: free ports; else first_port, first_port + 1 … in order
     ) -> None:
-        if first_port and first_port + len(models) - 1 > 65535:
-            last = first_port + len(models) - 1
+        last = first_port + len(models) - 1
+        if first_port and last > 65535:
             raise ServerFailed(f"{len(models)} models need ports {first_port}-{last}: past 65535")
         self.model_dir = model_dir
         self.budget = budget_for(models, cores)
-        self.fixed_ports = bool(first_port)
         self.servers = [
             ModelServer(
                 name,
@@ -247,7 +246,7 @@ class ModelServers:
         try:
             for server in self.servers:
                 started = time.monotonic()
-                if self.fixed_ports:
+                if server.port:  # given, not picked free: is anyone else there?
                     server.claim_port()
                 server.spawn()
                 server.wait_healthy(self.start_timeout_s)
