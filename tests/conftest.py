@@ -15,11 +15,13 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis as redis_lib
+from packaging.version import Version
 from redis import Redis
 
 from common.connection import connect
@@ -48,34 +50,36 @@ def redis_url(
 
 
 def _redis7(directory: Path) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
-    client = Redis.from_url(url)
-    for _ in range(100):
-        try:
-            client.ping()
+    """Debian's redis-server on a free port. The port is free when chosen, not when the
+    server binds it: with the suite on several processes another server may take it first,
+    and a ping would then reach that one. So the server that answers must be this process,
+    or it starts again on another port."""
+    for _ in range(5):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = f"redis://127.0.0.1:{port}/0"
+        client = Redis.from_url(url)
+        for _ in range(100):
+            try:
+                ours = client.info("server").get("process_id") == process.pid
+                break
+            except redis_lib.ConnectionError:
+                time.sleep(0.05)
+        else:
+            ours = False
+        if ours:
             break
-        except redis_lib.ConnectionError:
-            time.sleep(0.05)
+        process.kill()
+        process.wait(10)
+    else:
+        raise RuntimeError("redis-server did not start on a free port in five tries")
     try:
         yield url
     finally:
@@ -110,3 +114,23 @@ def redis(settings: Settings) -> Iterator[Redis]:
 @pytest.fixture
 def keys(settings: Settings) -> Keys:
     return Keys(settings.namespace)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse a pytest that pytest-xdist cannot group on (say why, in one line).
+
+    Tests marked ``xdist_group`` share a module fixture that must exist once per run (the
+    compose stack: two would fight over one compose project). xdist 3.8 groups by adding
+    ``@group`` to a test's node id, which pytest 9.2 no longer lets it do
+    (pytest-dev/pytest-xdist#1386), so the group's tests would be spread over workers.
+    """
+    grouping = (
+        config.getoption("numprocesses", default=None) and config.getoption("dist") == "loadgroup"
+    )
+    xdist = Version(version("pytest-xdist"))
+    if grouping and Version(pytest.__version__) >= Version("9.2") and xdist < Version("3.9"):
+        raise pytest.UsageError(
+            f"pytest-xdist {version('pytest-xdist')} does not keep xdist_group tests on one "
+            f"worker on pytest {pytest.__version__} (pytest-dev/pytest-xdist#1386): "
+            "install requirements.lock's pytest"
+        )

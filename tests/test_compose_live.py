@@ -40,7 +40,8 @@ from common.schemas import Decision
 from common.settings import load_settings
 from tribunal.demo import agreement_table, cost_line
 
-pytestmark = pytest.mark.slow
+# one stack per run: its tests share the module's `stack` on one xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("compose")]
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKETS = ROOT / "producers" / "samples" / "tickets.jsonl"

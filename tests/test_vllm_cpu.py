@@ -26,7 +26,8 @@ from common.tasks import BUILTIN_TASKS
 from consumers.backends import load_backend
 from consumers.backends.vllm_engine import VLLMEngine
 
-pytestmark = pytest.mark.slow
+# one vLLM server per run: its tests share it on one xdist worker
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("vllm-cpu")]
 
 MODEL_ENV = "TRIBUNAL_VLLM_CPU_MODEL"
 

@@ -166,13 +166,15 @@ class EmbeddedRedis:
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes], log_offset: int) -> None:
         """Until the server answers PING: a listening socket is not enough (it refuses
-        commands while it replays the AOF, and may still abort after opening it)."""
+        commands while it replays the AOF, and may still abort after opening it). The one
+        that answers must be this process: another server may have taken the port after
+        it was found free (it then exits on the bind, and its log says so)."""
         deadline = time.monotonic() + self.START_TIMEOUT_S
         no_retry = Retry(NoBackoff(), 0)  # this loop is the retry
         with Redis(self.HOST, self.port, socket_timeout=1, retry=no_retry) as client:
             while process.poll() is None and time.monotonic() < deadline:
                 try:
-                    if client.ping():
+                    if client.ping() and client.info("server")["process_id"] == process.pid:
                         return
                 except errors.RedisError:
                     pass  # not listening yet, or LOADING
