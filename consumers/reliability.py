@@ -47,7 +47,7 @@ class Threshold:
     """The posterior a label needs on a task (``value``; None: accept nothing yet), the
     95% lower bound on the agreement with the judge of the labels it accepts (``bound``),
     and how many labeled items that bound rests on (``items``, effective: audits weigh
-    1 / audit_fraction)."""
+    1 / sampling rate)."""
 
     value: float | None
     bound: float | None
@@ -215,13 +215,17 @@ def fit_threshold(table: Reliability, task: str, policy: FitPolicy) -> Threshold
     decided it: tier by tier (``tier_prefixes``), with only the votes that count, accepted at
     the first tier whose top posterior — from the counts of every other lesson
     (leave-one-out) — reaches the threshold. The judge labels every escalated item but only
-    ``audit_fraction`` of the accepted ones, so an audit weighs ``1 / audit_fraction``
-    (inverse-propensity weighting): the estimate covers all items, not the hard ones only.
+    a sample of the accepted ones, so an audit weighs ``1 / sampling_rate`` (its lesson's
+    ``audit_fraction``; inverse-propensity weighting): the estimate covers all items, not the
+    hard ones only. Likewise, while a task accepts nothing, only ``explore_fraction`` of its
+    items reach the later tiers: an acceptance past the first tier on such an explored
+    lesson weighs ``1 / sampling_rate``, and the others have the first tier's votes only.
     The bound is Wilson's on the weighted rate, with the smaller of Kish's effective sample
     size and the one its linearised variance gives (errors concentrated in heavy audits
     then widen it)."""
     labels = table.labels.get(task, [])
-    scored: list[tuple[list[tuple[float, str]], float, str]] = []  # (tops per tier, w, judge)
+    # (tops per tier, weight at the first tier, weight past it, the judge's label)
+    scored: list[tuple[list[tuple[float, str]], float, float, str]] = []
     for keys, lesson in table.counted(task):
         if lesson.source == "gold":
             continue
@@ -234,15 +238,22 @@ def fit_threshold(table: Reliability, task: str, policy: FitPolicy) -> Threshold
             tops = [_top(table.posterior(task, votes), votes) for votes in counted]
         finally:
             table.recount(keys)
-        audit = lesson.source == "audit" and policy.audit_fraction > 0
-        scored.append((tops, 1 / policy.audit_fraction if audit else 1.0, lesson.label))
+        rate = lesson.sampling_rate
+        if lesson.source == "audit":  # before sampling_rate was recorded: today's fraction
+            weight = 1 / (rate or policy.audit_fraction or 1.0)
+            scored.append((tops, weight, weight, lesson.label))
+        else:
+            scored.append((tops, 1.0, 1 / (rate or 1.0), lesson.label))
     chosen = Threshold(None, None, 0.0)
     for threshold in (t for t in THRESHOLDS if labels and t > 1 / len(labels)):
         above: list[tuple[float, bool]] = []
-        for tops, weight, judge in scored:
-            first = next((label for p, label in tops if p >= threshold and label), None)
-            if first is not None:
-                above.append((weight, first == judge))
+        for tops, at_first, past_first, judge in scored:
+            tier, label = next(
+                ((k, label) for k, (p, label) in enumerate(tops) if p >= threshold and label),
+                (0, None),
+            )
+            if label is not None:
+                above.append((at_first if tier == 0 else past_first, label == judge))
         items = _effective_items(above)
         if items < MIN_EVIDENCE:
             continue

@@ -10,7 +10,7 @@ from test_consumers import WORKERS, Fleet, agree, drain, produce
 
 from common.keys import JUDGE_GROUP
 from common.settings import ModelSpec
-from consumers.aggregator import audited
+from consumers.aggregator import sampled
 from consumers.engine.writes import Writes
 from tribunal.ops.readmodels import AuditCounts
 from tribunal.ops.status import snapshot
@@ -70,11 +70,15 @@ def test_a_judge_that_cannot_answer_an_audit_drops_it_without_a_dead_letter(
 
 def test_audit_sample_is_stable_and_close_to_the_fraction() -> None:
     ids = [f"ticket-{n}" for n in range(20_000)]
-    picked = [i for i in ids if audited(i, 0.1)]
+    picked = [i for i in ids if sampled(i, 0.1)]
     assert 0.09 < len(picked) / len(ids) < 0.11
-    assert picked == [i for i in ids if audited(i, 0.1)]
-    assert not any(audited(i, 0.0) for i in ids)
-    assert all(audited(i, 1.0) for i in ids)
+    assert picked == [i for i in ids if sampled(i, 0.1)]
+    assert not any(sampled(i, 0.0) for i in ids)
+    assert all(sampled(i, 1.0) for i in ids)
+    # exploration's sample (its own salt) is unrelated to the audits': about 10% of theirs
+    explored = {i for i in ids if sampled(i, 0.1, salt=b"explore")}
+    assert 0.09 < len(explored) / len(ids) < 0.11
+    assert 0.05 < len(explored & set(picked)) / len(picked) < 0.15
 
 
 def test_two_aggregators_settling_one_item_at_once_send_one_audit(make_settings: Any) -> None:

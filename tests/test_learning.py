@@ -3,6 +3,7 @@ posterior rule, on a real Redis (issue 25)."""
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 from typing import Any
@@ -10,14 +11,15 @@ from typing import Any
 import orjson
 import pytest
 from redis import Redis
+from rich.console import Console
 from test_consumers import Fleet as ScriptedFleet
 from test_consumers import Scripted, drain
 
-from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
+from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, RECORD_FIELD, Keys, worker_group
 from common.schemas import Item, Vote
 from common.settings import ModelSpec, Settings
 from common.tasks import BUILTIN_TASKS, TaskSpec
-from consumers.aggregator import AggregatorHandler
+from consumers.aggregator import AggregatorHandler, sampled
 from consumers.backends.student import Student
 from consumers.decision import Posterior, decide
 from consumers.engine.runtime import Runtime
@@ -27,6 +29,7 @@ from consumers.reliability import FitPolicy, Reliability, Threshold
 from consumers.worker import WorkerHandler
 from producers.api import Producer
 from tribunal.demo import load_sample
+from tribunal.ops.status import Snapshot, render, snapshot
 
 
 def lessons_of(records: list[dict[str, Any]]) -> list[Lesson]:
@@ -287,6 +290,61 @@ def test_gold_lessons_do_not_push_the_voters_evidence_out_of_the_window() -> Non
     assert table.agreement() == [("t", "x", 50, 50)]
 
 
+def test_a_fit_on_an_explored_sample_weighs_it_as_the_items_it_stands_for() -> None:
+    """While nothing is trusted, only a quarter of the items reach the second tier. A cheap
+    first tier is sure (and right) on half the items; the second tier is right on 75%. The
+    lessons are as that phase leaves them: the explored ones with both votes and sampling
+    rate 0.25, the rest with the first tier's vote only. Weighing the explored ones' second-tier
+    acceptances by 4, the fitted threshold keeps its target live, with every tier asked
+    again; counted once each, they look rarer than they are and the bound is overstated."""
+    rng = random.Random(14)
+    labels = ["a", "b"]
+
+    def votes_for(truth: str) -> list[Vote]:
+        wrong = "b" if truth == "a" else "a"
+        sure = rng.random() < 0.5
+        cheap = truth if sure or rng.random() < 0.6 else wrong
+        good = truth if rng.random() < 0.75 else wrong
+        return [
+            Vote(worker="cheap", label=cheap, confidence=0.99 if sure else 0.6),
+            Vote(worker="good", label=good, confidence=0.9),
+        ]
+
+    weighted, counted_once = [], []
+    for i in range(2000):
+        truth = rng.choice(labels)
+        votes = votes_for(truth)
+        explored = rng.random() < 0.25
+        lesson = Lesson(id=f"l{i}", task="t", text="-", label=truth, source="judge",
+                        votes=votes if explored else votes[:1],
+                        sampling_rate=0.25 if explored else None)  # fmt: skip
+        weighted.append(lesson)
+        counted_once.append(lesson.model_copy(update={"sampling_rate": None}))
+    live = [(truth, votes_for(truth)) for truth in (rng.choice(labels) for _ in range(3000))]
+
+    def fit_and_run(lessons: list[Lesson]) -> tuple[Threshold, float]:
+        table = Reliability({"t": labels})
+        table.learn(lessons)
+        table.refit(FitPolicy(0.9, 0.1, [["cheap"], ["good"]], lambda vote: True))
+        rule = Posterior(n_workers=2, quorum=1, target=0.9, table=table,
+                         tiers=(("cheap",), ("good",)))  # fmt: skip
+        accepted = right = 0
+        for truth, votes in live:
+            ruling = decide(votes[:1], rule, task="t")
+            if ruling.kind == "wait":
+                ruling = decide(votes, rule, final=True, task="t")
+            if ruling.kind == "accept":
+                accepted += 1
+                right += ruling.label == truth
+        assert accepted > 1000
+        return table.thresholds["t"], right / accepted
+
+    chosen, agreement = fit_and_run(weighted)
+    assert chosen.bound is not None and chosen.bound >= 0.9 and agreement >= 0.9
+    chosen, agreement = fit_and_run(counted_once)
+    assert chosen.bound is not None and chosen.bound >= 0.9 and agreement < 0.9
+
+
 def test_with_no_judge_labels_yet_the_posterior_rule_sends_everything_to_the_judge() -> None:
     rule = Posterior(n_workers=3, quorum=1, target=0.9, table=Reliability({"t": ["a", "b"]}))
     unanimous = [Vote(worker=w, label="a", confidence=0.99) for w in ("x", "y", "z")]
@@ -408,13 +466,53 @@ def test_tiers_skip_the_later_workers_once_the_student_has_earned_trust(
     assert all(d["model_calls"] == len(d["votes"]) + (d["judge"] is not None) for d in late)
 
 
+def test_an_untrusted_task_sends_only_its_explored_sample_past_the_first_tier(
+    make_settings: Any,
+) -> None:
+    fleet = LearningFleet(learning_settings(make_settings, audit_fraction=0.2))
+    rng = random.Random(4)
+    batch = [thing(rng, k) for k in range(40)]
+    assert Producer(fleet.rt.redis, fleet.rt.settings).send(batch).produced == 40
+    fleet.round()
+    outputs = {d["id"]: d for d in fleet.outputs()}
+    assert sorted(outputs) == sorted(b["id"] for b in batch)
+    assert all(d["source"] == "judge" for d in outputs.values())  # nothing is trusted yet
+    # Only the explored quarter (a stable sample of ids) reached the backup worker: its
+    # votes could settle nothing yet; the others went to the judge without waiting for it.
+    explored = {b["id"] for b in batch if sampled(b["id"], 0.25, salt=b"explore")}
+    assert 3 <= len(explored) <= 20
+    asked = {i for i, d in outputs.items() if "backup" in {v["worker"] for v in d["votes"]}}
+    assert asked == explored
+    for item_id, d in outputs.items():
+        skipped = "things accepts nothing yet: tier 1 skipped, judge asked" in d["reason"]
+        assert skipped == (item_id not in explored), d["reason"]
+        assert d["model_calls"] == len(d["votes"]) + 1
+    # Their lessons say they stand for four items each past the first tier.
+    entries = fleet.rt.redis.xrange(fleet.rt.keys.lessons)
+    lessons = {x.id: x for x in (Lesson.model_validate_json(f[RECORD_FIELD]) for _, f in entries)}
+    assert sorted(lessons) == sorted(outputs)
+    assert {i for i, x in lessons.items() if x.sampling_rate == 0.25} == explored
+    assert all(x.sampling_rate is None for i, x in lessons.items() if i not in explored)
+    # status says so: forty labels keep no threshold's bound yet
+    snap = snapshot(fleet.rt.redis, fleet.rt.settings)
+    assert [(t.threshold, t.explored) for t in snap.thresholds] == [(None, 0.25)]
+    assert "25% of items still go past tier 0" in rendered(snap)
+
+
+def rendered(snap: Snapshot) -> str:
+    """``tribunal status`` as text, as a wide terminal shows it."""
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render(snap))
+    return console.export_text()
+
+
 def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
     make_settings: Any,
 ) -> None:
     from prometheus_client import generate_latest
 
     from tribunal.ops.exporter import registry_for
-    from tribunal.ops.status import render, snapshot
+    from tribunal.ops.status import snapshot
 
     fleet = LearningFleet(learning_settings(make_settings, audit_fraction=1.0))
     settings = fleet.rt.settings
@@ -430,8 +528,7 @@ def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
     assert snap.audits.judged > 0 and snap.audit_agreement_at_least is not None
     assert 0 < snap.audit_agreement_at_least < 1  # a lower bound: below the 100% observed
     assert snap.cost is not None and snap.cost.labels == 120
-    text = render(snap)
-    assert text is not None
+    assert "posterior rule things" in rendered(snap)
     scraped = generate_latest(registry_for(settings)).decode()
     assert 'tribunal_voter_agreement{task="things",voter="backup"} 1.0' in scraped
 

@@ -86,6 +86,8 @@ def test_killed_mid_stream_nothing_is_lost_and_the_student_resumes_from_its_snap
     wait_for("a snapshot of every lesson", snapshot_covers_all, 30, run)
     assert ctrl_c(run) == 0
     log = procs.output("run.log").decode(errors="replace")
+    # what another shell needs to see this fleet (status, health read its fleet file)
+    assert f"export TRIBUNAL_FLEET_FILE={fleet.resolve()}" in log
 
     assert set(where) == {t["id"] for t in first + second}
     assert all(len(ends) == 1 for ends in where.values())

@@ -257,6 +257,8 @@ def run(
     if embedded:
         say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
+        if s.fleet_file is not None:  # else status there would read the default fleet's tasks
+            say("", f"  export TRIBUNAL_FLEET_FILE={s.fleet_file.resolve()}")
         say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
 
     def warn_unhandled(fleet: Fleet) -> None:

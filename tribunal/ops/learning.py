@@ -41,8 +41,10 @@ def read_learning(
     if settings.agreement != "posterior":
         return voters, ()
     table.refit(fit_policy(settings))
+    # what consumers.aggregator sends past the first tier while a task accepts nothing
+    explored = settings.explore_fraction if len(settings.worker_tiers) > 1 else None
     thresholds = tuple(
-        TaskThreshold(task, t.value, t.bound, t.items)
+        TaskThreshold(task, t.value, t.bound, t.items, explored if t.value is None else None)
         for task, t in sorted(table.thresholds.items())
     )
     return voters, thresholds

@@ -147,12 +147,15 @@ class Cost:
 class TaskThreshold:
     """The posterior rule on one task now: the posterior a label needs (``threshold``; None:
     nothing is accepted yet), the 95% lower bound on the accepted labels' agreement with the
-    judge it keeps (``bound``), and the labeled items that bound rests on (``items``)."""
+    judge it keeps (``bound``), the labeled items that bound rests on (``items``), and while
+    nothing is accepted, the share of items still sent past the first tier (``explored``;
+    None: one tier, or trusted)."""
 
     task: str
     threshold: float | None
     bound: float | None
     items: float
+    explored: float | None = None
 
 
 @dataclass(frozen=True)

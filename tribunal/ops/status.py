@@ -233,7 +233,9 @@ def render(snap: Snapshot) -> RenderableType:
         )
     for t in snap.thresholds:
         rule = (
-            "accepts nothing yet: the judge decides (too few labels for the bound)"
+            "accepts nothing yet: the judge decides (no threshold keeps the bound on the "
+            "labels so far)"
+            + (f"; {t.explored:.0%} of items still go past tier 0" if t.explored else "")
             if t.threshold is None
             else f"accepts at posterior >= {t.threshold:g}: agreement >= {t.bound:.1%} "
             f"(95% bound, {t.items:g} labeled items)"
