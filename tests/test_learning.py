@@ -529,8 +529,15 @@ def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
     assert 0 < snap.audit_agreement_at_least < 1  # a lower bound: below the 100% observed
     assert snap.cost is not None and snap.cost.labels == 120
     assert "posterior rule things" in rendered(snap)
+    # what each tier and the judge spent per label, summing to the whole
+    cost = snap.cost
+    assert cost is not None and cost.per_label_s is not None
+    assert [t.tier for t in cost.by_tier] == ["student", "backup", "judge"]
+    assert sum(t.per_label_s for t in cost.by_tier) == pytest.approx(cost.per_label_s, abs=0.001)
+    assert "by tier: student " in rendered(snap)
     scraped = generate_latest(registry_for(settings)).decode()
     assert 'tribunal_voter_agreement{task="things",voter="backup"} 1.0' in scraped
+    assert 'tribunal_tier_model_seconds_per_label{tier="judge"}' in scraped
 
 
 def test_teach_stores_gold_lessons_and_reports_the_records_it_skipped(

@@ -266,7 +266,7 @@ def learning_families(
             threshold.add_metric([t.task], t.threshold)
             bound.add_metric([t.task], t.bound)
     yield from (agreement, judged, threshold, bound)
-    cost = cost_of(stats)
+    cost = cost_of(stats, settings.worker_tiers)
     for name, value, doc in (
         ("model_seconds_per_label", cost.per_label_s, "Model seconds spent per final label."),
         (
@@ -278,6 +278,15 @@ def learning_families(
     ):
         if value is not None:
             yield GaugeMetricFamily(PREFIX + name, doc, value)
+    by_tier = _gauge(
+        "tier_model_seconds_per_label",
+        "Model seconds per final label spent by a tier's workers (named by them, joined with "
+        "+), or by the judge.",
+        ["tier"],
+    )
+    for spent in cost.by_tier:
+        by_tier.add_metric([spent.tier], spent.per_label_s)
+    yield by_tier
 
 
 class FleetCollector(Collector):

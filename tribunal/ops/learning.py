@@ -22,7 +22,7 @@ from consumers.decision import fit_policy
 from consumers.lessons import LessonFeed
 from consumers.reliability import Reliability
 from tribunal.ops.queues import StatSample
-from tribunal.ops.readmodels import Cost, TaskThreshold, VoterReliability
+from tribunal.ops.readmodels import Cost, TaskThreshold, TierCost, VoterReliability
 
 
 def read_learning(
@@ -50,9 +50,10 @@ def read_learning(
     return voters, thresholds
 
 
-def cost_of(stats: list[StatSample]) -> Cost:
+def cost_of(stats: list[StatSample], tiers: list[list[str]]) -> Cost:
     """The cost readings from the fleet counters: model seconds over the final labels, and
-    the judge's over the items it answered (escalations, and audits it gave a label)."""
+    the judge's over the items it answered (escalations, and audits it gave a label); and
+    per label, what each of ``tiers`` (worker names, cheapest first) and the judge spent."""
     labels = int(sum(s.value for s in stats if s.name == metrics.DECISIONS))
     judge_items = int(
         sum(s.value for s in stats if s.name == metrics.ESCALATIONS)
@@ -68,6 +69,15 @@ def cost_of(stats: list[StatSample]) -> Cost:
     per_label = spent / labels if labels else None
     per_judged = judge / judge_items if judge_items else None
     ratio = per_label / per_judged if per_label is not None and per_judged else None
+    spent_by: dict[str, float] = {}
+    for s in calls:
+        worker = s.labels.get("worker", "")
+        spent_by[worker] = spent_by.get(worker, 0.0) + s.value
+    by_tier = tuple(
+        TierCost(name, round(sum(spent_by.get(w, 0.0) for w in workers) / labels, 4))
+        for name, workers in [*(("+".join(t), t) for t in tiers), ("judge", ["judge"])]
+        if labels
+    )
     return Cost(
         model_seconds=round(spent, 3),
         labels=labels,
@@ -76,6 +86,7 @@ def cost_of(stats: list[StatSample]) -> Cost:
         judge_items=judge_items,
         judge_per_item_s=_round(per_judged),
         ratio=_round(ratio),
+        by_tier=by_tier,
     )
 
 

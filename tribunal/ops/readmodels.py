@@ -141,6 +141,18 @@ class Cost:
     judge_items: int
     judge_per_item_s: float | None
     ratio: float | None
+    # per_label_s split by who spent it: each tier's workers (``Settings.worker_tiers``, in
+    # order, named by its workers), then the judge: model seconds per final label
+    by_tier: tuple[TierCost, ...] = ()
+
+
+@dataclass(frozen=True)
+class TierCost:
+    """One tier's (or the judge's) model seconds per final label; ``tier``: its workers'
+    names joined with "+", or "judge"."""
+
+    tier: str
+    per_label_s: float
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,7 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
     )
     live = live_by_role(beats, ttl)
     by_name = {s.stream: s for s in streams}
-    cost = cost_of(stats)
+    cost = cost_of(stats, settings.worker_tiers)
     voters, thresholds = read_learning(redis, settings)
     return Snapshot(
         namespace=settings.namespace,
@@ -155,6 +155,8 @@ def _cost_cell(snap: Snapshot) -> str:
     text = f"{cost.per_label_s:.3f} model-s per label"
     if cost.judge_per_item_s is not None and cost.ratio is not None:
         text += f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x)"
+    if len(cost.by_tier) > 2:  # tiers: which of them the labels' model seconds went to
+        text += "; by tier: " + ", ".join(f"{t.tier} {t.per_label_s:.3f}" for t in cost.by_tier)
     return text
 
 
