@@ -35,7 +35,7 @@ def cli(tmp_path: Path, settings: Settings) -> Any:
         *args: str,
         input: bytes | None = None,
         env: dict[str, str | None] | None = None,
-        timeout: float = 30,
+        timeout: float = 120,  # a hang guard, generous: the suite runs two processes per core
     ) -> subprocess.CompletedProcess[bytes]:
         environ = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
         environ.update(

@@ -29,7 +29,7 @@ def health(settings: Settings, *args: str, url: str | None = None) -> tuple[int,
         env=env,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     return result.returncode, result.stdout + result.stderr
 

@@ -30,7 +30,7 @@ def test_help_has_plain_metavars_and_whole_sentences(path: list[str]) -> None:
         capture_output=True,
         text=True,
         env=env,
-        timeout=30,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout

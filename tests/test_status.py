@@ -146,7 +146,7 @@ def test_status_follows_lag_as_the_fleet_starts_and_a_worker_stops(make_settings
             [sys.executable, "-m", "tribunal", "status", "--json"],
             env=cli_env(settings),
             capture_output=True,
-            timeout=30,
+            timeout=120,
         )
         assert result.returncode == 0, result.stderr
         printed = orjson.loads(result.stdout)
@@ -165,7 +165,7 @@ def test_status_table_and_errors(settings: Settings) -> None:
         env={**env, "COLUMNS": "200"},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
     assert table.returncode == 0, table.stderr
     assert "worker:vader" in table.stdout and "STALLED" in table.stdout
@@ -176,7 +176,7 @@ def test_status_table_and_errors(settings: Settings) -> None:
             env={**env, "TRIBUNAL_REDIS_URL": url},
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=120,
         )
         assert down.returncode == 3 and "cannot read Redis" in down.stderr, down.stderr
         assert "Traceback" not in down.stderr and down.stdout == ""
