@@ -214,3 +214,20 @@ def test_endpoint_bench_tiny_reports_items_per_s_beside_the_file() -> None:
         assert report[rate] > 0, rate
     assert report["batch_vs_file"] == report["batch_items_per_s"] / report["file_items_per_s"]
     assert report["single_vs_file"] == report["single_items_per_s"] / report["file_items_per_s"]
+
+
+def test_embeddings_bench_tiny_scores_the_students_features_and_a_served_models() -> None:
+    """bench/embeddings.py (issue 25: do embeddings pay for themselves?) on 40 bundled
+    tickets, with SmolLM2 served with --embeddings: both classifiers scored, CPU counted."""
+    report = run_bench(
+        "embeddings.py", "--model", "smollm2-135m-instruct", "--data", "tickets",
+        "--train", "30", "--test", "10",
+    )  # fmt: skip
+    assert [r["features"] for r in report] == [
+        "naive Bayes on hashed 1-2-grams",
+        "smollm2-135m-instruct embeddings, logistic regression",
+    ]
+    for result in report:
+        assert result["cpu_s_per_item"] > 0
+        (row,) = result["by_labels"].values()
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["sure_share"] <= 1
