@@ -137,7 +137,7 @@ def main() -> None:
         print(orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS).decode())
         return
     for result in results:
-        print(f"{result['features']} ({result['cpu_s_per_item']:.4f} CPU-s per item)")
+        print(f"{result['features']} ({result['cpu_s_per_item'] * 1000:.3f} CPU-ms per item)")
         for k, row in result["by_labels"].items():
             print(line(k, row))
 
