@@ -111,17 +111,20 @@ def main() -> None:
 
 
 def parallel(args: list[str]) -> list[str]:
-    """pytest-xdist's ``-n``: two test processes per core, at most 8, unless the caller chose.
+    """pytest-xdist's ``-n``: two test processes per core, at most 8, unless the caller chose;
+    with ``--dist loadgroup``, so tests marked ``xdist_group`` (one compose stack) share one.
 
     Most tests wait on Redis, subprocesses and model servers rather than compute, so two per
-    core finish sooner than one (the whole suite on 2 cores: 16 min serial, 8 min at -n 4);
+    core finish sooner than one (the whole suite on 2 cores: 16-17 min serial, 9 at -n 4);
     the cap keeps the model servers that tests start within a laptop's memory.
     """
-    chosen = any(
-        a in ("-n", "--numprocesses", "no:xdist") or a.startswith(("-n", "--numprocesses="))
-        for a in args
+    if "no:xdist" in args:
+        return []
+    chosen = any(a in ("-n", "--numprocesses") or a.startswith(("-n", "--nump")) for a in args)
+    grouped = any(a == "--dist" or a.startswith("--dist=") for a in args)
+    return ([] if chosen else ["-n", str(min(8, 2 * CORES))]) + (
+        [] if grouped else ["--dist", "loadgroup"]
     )
-    return [] if chosen else ["-n", str(min(8, 2 * CORES))]
 
 
 if __name__ == "__main__":

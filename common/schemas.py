@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
@@ -37,9 +37,13 @@ def now() -> float:
 
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Fields added after a release, left out of the JSON while unset: a consumer of the
+    # release before (extra="forbid") still reads the records it can (a rolling upgrade).
+    ADDED_LATER: ClassVar[frozenset[str]] = frozenset()
 
     def dump(self) -> bytes:
-        return orjson.dumps(self.model_dump())
+        unset = {name for name in self.ADDED_LATER if getattr(self, name) is None}
+        return orjson.dumps(self.model_dump(exclude=unset or None))
 
 
 class Item(Record):
@@ -179,7 +183,9 @@ class Escalation(Record):
     reason: str
     escalated_at: float
     accepted: str | None = None
-    sampling_rate: float | None = None
+    sampling_rate: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+    ADDED_LATER = frozenset({"sampling_rate"})
 
 
 class Review(Record):

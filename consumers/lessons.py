@@ -52,7 +52,9 @@ class Lesson(Record):
     label: str
     source: Source
     votes: list[Vote] = Field(default_factory=list)
-    sampling_rate: float | None = None
+    sampling_rate: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+
+    ADDED_LATER = frozenset({"sampling_rate"})
 
     @classmethod
     def of(

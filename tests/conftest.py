@@ -117,20 +117,26 @@ def keys(settings: Settings) -> Keys:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Refuse a pytest that pytest-xdist cannot group on (say why, in one line).
+    """On several processes, refuse a run that would not keep grouped tests together (say
+    why, in one line).
 
     Tests marked ``xdist_group`` share a module fixture that must exist once per run (the
-    compose stack: two would fight over one compose project). xdist 3.8 groups by adding
+    compose stack: two would fight over one compose project): they need ``--dist
+    loadgroup`` (``python3 dev.py test`` passes it with ``-n``). xdist 3.8 groups by adding
     ``@group`` to a test's node id, which pytest 9.2 no longer lets it do
-    (pytest-dev/pytest-xdist#1386), so the group's tests would be spread over workers.
+    (pytest-dev/pytest-xdist#1386), so on that pair the group's tests would be spread too.
     """
-    grouping = (
-        config.getoption("numprocesses", default=None) and config.getoption("dist") == "loadgroup"
-    )
-    xdist = Version(version("pytest-xdist"))
-    if grouping and Version(pytest.__version__) >= Version("9.2") and xdist < Version("3.9"):
+    if not config.getoption("numprocesses", default=None):
+        return  # one process: nothing to group
+    if config.getoption("dist") != "loadgroup":
         raise pytest.UsageError(
-            f"pytest-xdist {version('pytest-xdist')} does not keep xdist_group tests on one "
-            f"worker on pytest {pytest.__version__} (pytest-dev/pytest-xdist#1386): "
-            "install requirements.lock's pytest"
+            "with -n, pass --dist loadgroup (python3 dev.py test does): tests that share one "
+            "compose stack must run on one worker"
+        )
+    xdist = Version(version("pytest-xdist"))
+    if Version(pytest.__version__) >= Version("9.2") and xdist < Version("3.9"):
+        raise pytest.UsageError(
+            f"pytest-xdist {xdist} does not keep xdist_group tests on one worker on pytest "
+            f"{pytest.__version__} (pytest-dev/pytest-xdist#1386): install requirements.lock's "
+            "pytest"
         )

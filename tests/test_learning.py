@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 import orjson
+import pydantic
 import pytest
 from redis import Redis
 from rich.console import Console
@@ -16,7 +17,7 @@ from test_consumers import Fleet as ScriptedFleet
 from test_consumers import Scripted, drain
 
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, RECORD_FIELD, Keys, worker_group
-from common.schemas import Item, Vote
+from common.schemas import Escalation, Item, Vote
 from common.settings import ModelSpec, Settings
 from common.tasks import BUILTIN_TASKS, TaskSpec
 from consumers.aggregator import AggregatorHandler, sampled
@@ -504,6 +505,20 @@ def rendered(snap: Snapshot) -> str:
     console = Console(width=200, record=True, file=io.StringIO())
     console.print(render(snap))
     return console.export_text()
+
+
+def test_a_record_without_a_sampling_rate_is_written_as_the_release_before_wrote_it() -> None:
+    """Records refuse unknown fields, so a field added later is left out while unset: an
+    older judge or student still reads the escalations and lessons that do not need it."""
+    item = Item(id="i1", task="t", text="-")
+    plain = Escalation(item=item, votes=[], reason="r", escalated_at=1.0)
+    assert b"sampling_rate" not in plain.dump()
+    assert b"sampling_rate" not in Lesson.of(item, "a", "judge").dump()
+    explored = plain.model_copy(update={"sampling_rate": 0.25})
+    assert orjson.loads(explored.dump())["sampling_rate"] == 0.25
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(pydantic.ValidationError):
+            Lesson.of(item, "a", "judge", sampling_rate=bad)
 
 
 def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(

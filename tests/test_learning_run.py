@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -87,7 +88,7 @@ def test_killed_mid_stream_nothing_is_lost_and_the_student_resumes_from_its_snap
     assert ctrl_c(run) == 0
     log = procs.output("run.log").decode(errors="replace")
     # what another shell needs to see this fleet (status, health read its fleet file)
-    assert f"export TRIBUNAL_FLEET_FILE={fleet.resolve()}" in log
+    assert f"export TRIBUNAL_FLEET_FILE={shlex.quote(str(fleet.resolve()))}" in log
 
     assert set(where) == {t["id"] for t in first + second}
     assert all(len(ends) == 1 for ends in where.values())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -258,7 +259,7 @@ def run(
         say("", f"embedded valkey at {url} (data in {embedded.data_dir}); in another shell:")
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
         if s.fleet_file is not None:  # else status there would read the default fleet's tasks
-            say("", f"  export TRIBUNAL_FLEET_FILE={s.fleet_file.resolve()}")
+            say("", f"  export TRIBUNAL_FLEET_FILE={shlex.quote(str(s.fleet_file.resolve()))}")
         say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
 
     def warn_unhandled(fleet: Fleet) -> None:
