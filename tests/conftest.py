@@ -27,7 +27,7 @@ from redis import Redis
 from common.connection import connect
 from common.keys import Keys
 from common.settings import Settings, load_settings
-from tribunal.processes.embedded import EmbeddedRedis
+from tribunal.processes.embedded import EmbeddedRedis, EmbeddedRedisError
 
 
 def _servers() -> list[str]:
@@ -43,10 +43,27 @@ def redis_url(
     if request.param == "configured":
         yield os.environ["TRIBUNAL_REDIS_URL"]
     elif request.param == "valkey9":
-        with EmbeddedRedis(tmp_path_factory.mktemp("valkey")) as server:
-            yield server.url
+        yield from _valkey9(tmp_path_factory)
     else:
         yield from _redis7(tmp_path_factory.mktemp("redis7"))
+
+
+def _valkey9(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An embedded valkey; again on another port if another server took the one it found
+    free before it could bind it (EmbeddedRedis says so rather than use that server)."""
+    for attempt in range(5):
+        server = EmbeddedRedis(tmp_path_factory.mktemp("valkey"))
+        try:
+            server.start()
+        except EmbeddedRedisError:
+            if attempt == 4:
+                raise
+            continue
+        try:
+            yield server.url
+        finally:
+            server.stop()
+        return
 
 
 def _redis7(directory: Path) -> Iterator[str]:
