@@ -252,18 +252,25 @@ def test_the_threshold_is_fitted_on_the_votes_the_rule_decides_with_tier_by_tier
     table.learn(lessons)
     table.refit(FitPolicy(0.9, 0.1, tiers, lambda vote: True))
     rule = Posterior(n_workers=2, quorum=1, target=0.9, table=table, tiers=(("cheap",), ("good",)))
+    live = [(truth, votes_for(truth)) for truth in (rng.choice(labels) for _ in range(3000))]
+    accepted, agreement = decide_two_tiers(rule, live)
+    assert accepted > 1000
+    assert agreement >= 0.9
+
+
+def decide_two_tiers(rule: Posterior, live: list[tuple[str, list[Vote]]]) -> tuple[int, float]:
+    """Decide each (truth, [first tier's vote, second's]) as the aggregator does: on the first
+    tier's vote alone, then, if the rule waits, on both. How many were accepted, and the
+    share of those that were right."""
     accepted = right = 0
-    for _ in range(3000):
-        truth = rng.choice(labels)
-        votes = votes_for(truth)
+    for truth, votes in live:
         ruling = decide(votes[:1], rule, task="t")  # the first tier alone, the second to come
         if ruling.kind == "wait":
             ruling = decide(votes, rule, final=True, task="t")
         if ruling.kind == "accept":
             accepted += 1
             right += ruling.label == truth
-    assert accepted > 1000
-    assert right / accepted >= 0.9
+    return accepted, right / accepted if accepted else 0.0
 
 
 def test_a_vote_that_moved_nothing_is_not_accepted_on_a_two_label_task() -> None:
@@ -329,16 +336,9 @@ def test_a_fit_on_an_explored_sample_weighs_it_as_the_items_it_stands_for() -> N
         table.refit(FitPolicy(0.9, 0.1, [["cheap"], ["good"]], lambda vote: True))
         rule = Posterior(n_workers=2, quorum=1, target=0.9, table=table,
                          tiers=(("cheap",), ("good",)))  # fmt: skip
-        accepted = right = 0
-        for truth, votes in live:
-            ruling = decide(votes[:1], rule, task="t")
-            if ruling.kind == "wait":
-                ruling = decide(votes, rule, final=True, task="t")
-            if ruling.kind == "accept":
-                accepted += 1
-                right += ruling.label == truth
+        accepted, agreement = decide_two_tiers(rule, live)
         assert accepted > 1000
-        return table.thresholds["t"], right / accepted
+        return table.thresholds["t"], agreement
 
     chosen, agreement = fit_and_run(weighted)
     assert chosen.bound is not None and chosen.bound >= 0.9 and agreement >= 0.9
