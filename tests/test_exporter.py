@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
+from test_run_command import free_port
 from test_status import TTL_S, cli_env, fresh_records, start_fleet, wait_until
 
 from common.connection import connect
@@ -27,12 +27,6 @@ from tribunal.processes.embedded import EmbeddedRedis
 
 DASHBOARD = Path(__file__).parent.parent / "deploy" / "grafana" / "dashboards" / "tribunal.json"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_exporter(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:

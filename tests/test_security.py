@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
+from test_run_command import free_port
 
 from common.connection import connect, redact
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
@@ -101,12 +101,6 @@ def _certificates(directory: Path) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     if REDIS_SERVER is None:
@@ -117,7 +111,7 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
     acl = [user_line(role, passwords[role], namespace="sec") for role in ROLES]
     acl.append("user default off")
     (directory / "users.acl").write_text("\n".join(acl) + "\n")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [
             REDIS_SERVER,
