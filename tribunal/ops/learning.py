@@ -14,6 +14,8 @@ the readings ``status`` and the exporter show beside the queues.
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 from redis import Redis
 
 from common import metrics
@@ -63,20 +65,18 @@ def cost_of(stats: list[StatSample], tiers: list[list[str]]) -> Cost:
             if s.name == metrics.AUDITS and s.labels.get("outcome") in ("agree", "disagree")
         )
     )
-    calls = [s for s in stats if s.name == metrics.MODEL_CALL and s.suffix == "sum"]
-    spent = sum(s.value for s in calls)
-    judge = sum(s.value for s in calls if s.labels.get("worker") == "judge")
+    spent_by: defaultdict[str, float] = defaultdict(float)  # by worker, "judge" among them
+    for s in stats:
+        if s.name == metrics.MODEL_CALL and s.suffix == "sum":
+            spent_by[s.labels.get("worker", "")] += s.value
+    spent, judge = sum(spent_by.values()), spent_by.get("judge", 0.0)
     per_label = spent / labels if labels else None
     per_judged = judge / judge_items if judge_items else None
     ratio = per_label / per_judged if per_label is not None and per_judged else None
-    spent_by: dict[str, float] = {}
-    for s in calls:
-        worker = s.labels.get("worker", "")
-        spent_by[worker] = spent_by.get(worker, 0.0) + s.value
+    groups = [*(("+".join(t), t) for t in tiers), ("judge", ["judge"])]
     by_tier = tuple(
         TierCost(name, round(sum(spent_by.get(w, 0.0) for w in workers) / labels, 4))
-        for name, workers in [*(("+".join(t), t) for t in tiers), ("judge", ["judge"])]
-        if labels
+        for name, workers in (groups if labels else [])
     )
     return Cost(
         model_seconds=round(spent, 3),
