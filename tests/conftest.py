@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 from packaging.version import Version
+from ports import free_port
 from redis import Redis
 
 from common.connection import connect
@@ -72,9 +72,7 @@ def _redis7(directory: Path) -> Iterator[str]:
     and a ping would then reach that one. So the server that answers must be this process,
     or it starts again on another port."""
     for _ in range(5):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         process = subprocess.Popen(
             ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes", "--dir", str(directory)],

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ports import free_port
 from prometheus_client.parser import text_string_to_metric_families
 from redis import Redis
-from test_run_command import free_port
 from test_status import TTL_S, cli_env, fresh_records, start_fleet, wait_until
 
 from common.connection import connect

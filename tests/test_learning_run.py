@@ -12,13 +12,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from ports import free_port
 from redis import Redis
 from test_run_command import (
     KEYS,
     Procs,
     ctrl_c,
     endings,
-    free_port,
     procs,
     produce,
     start_run,

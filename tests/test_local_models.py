@@ -320,8 +320,7 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     import socket
 
     import httpx
-
-    from tribunal.serving.llama import free_port
+    from ports import free_port
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:  # no packet is sent: this picks the address traffic would leave from

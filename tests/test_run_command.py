@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import signal
 import socket
@@ -24,6 +23,7 @@ from typing import Any
 
 import orjson
 import pytest
+from ports import free_port, port_is_free
 from redis import Redis
 
 from common.keys import Keys
@@ -36,29 +36,6 @@ HOST = "127.0.0.1"
 DEFAULT_PORT = 16379
 STARTED = re.compile(rb"started (\S+) \(pid (\d+)\)")
 URL = re.compile(rb"export TRIBUNAL_REDIS_URL=(\S+)")
-
-
-def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768-60999). One the kernel hands out for
-    bind(0) is also what it hands every outgoing connection, and the suite's parallel
-    processes open many: one may hold it by the time `tribunal run --port` binds it (seen
-    once in seven full runs). Down here only a test that draws the same number can."""
-    draw = random.SystemRandom()
-    for _ in range(200):
-        port = draw.randrange(20000, 32768)
-        if port_is_free(port):
-            return port
-    raise RuntimeError("no free port in 20000-32767")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
 
 
 class Procs:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import redis as redis_lib
-from test_run_command import free_port
+from ports import free_port
 
 from common.connection import connect, redact
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, Keys, worker_group
