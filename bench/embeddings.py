@@ -18,7 +18,6 @@ there, for:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
@@ -37,18 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 import labeled  # noqa: E402  (bench/, beside this file)
 import orjson  # noqa: E402
+from workload import cpu_seconds  # noqa: E402  (bench/)
 
 from common.settings import LocalModel, load_settings  # noqa: E402
 from tribunal.demo import load_sample  # noqa: E402
 from tribunal.serving.llama import ModelServers  # noqa: E402
 
 SURE = 0.9
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (/proc/PID/stat fields 14-15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def embed(package: str, texts: list[str]) -> tuple[NDArray[np.float64], float]:
@@ -60,7 +54,7 @@ def embed(package: str, texts: list[str]) -> tuple[NDArray[np.float64], float]:
         try:
             (server,) = servers.servers
             assert server.process is not None
-            before, vectors = process_cpu_s(server.process.pid), []
+            before, vectors = cpu_seconds(server.process.pid), []
             with httpx.Client(timeout=600, trust_env=False) as client:
                 for i in range(0, len(texts), 16):
                     body = {"input": texts[i : i + 16], "model": "m"}
@@ -68,7 +62,7 @@ def embed(package: str, texts: list[str]) -> tuple[NDArray[np.float64], float]:
                     answer.raise_for_status()
                     rows = sorted(answer.json()["data"], key=lambda d: d["index"])
                     vectors += [row["embedding"] for row in rows]
-            spent = process_cpu_s(server.process.pid) - before
+            spent = cpu_seconds(server.process.pid) - before
         finally:
             servers.stop()
     return np.array(vectors, float), spent / len(texts)
