@@ -33,6 +33,7 @@ from matplotlib.colors import to_rgb
 from redis import Redis
 from rich.console import Console
 from test_cli import cli, flat, items_on_stream  # noqa: F401  (cli: the fixture)
+from test_status import status_text
 
 from common.keys import Keys
 from common.settings import Settings, load_settings
@@ -41,7 +42,7 @@ from producers.api import Producer
 from producers.mapping import CsvColumns, Reading, UnusableSource, default_task
 from producers.readers import jsonl_records, records_of
 from tribunal.cli.app import app
-from tribunal.ops.status import render, snapshot
+from tribunal.ops.status import snapshot
 from tribunal.quality import report_html
 from tribunal.quality.evaluate import run_evaluate
 from tribunal.quality.scoring import EvaluationReport
@@ -400,9 +401,7 @@ def test_status_caption_does_not_call_a_capped_count_the_minute(
     redis: Redis, settings: Settings, keys: Keys
 ) -> None:
     def caption() -> str:
-        console = Console(file=io.StringIO(), width=200, record=True)
-        console.print(render(snapshot(redis, settings)))
-        return console.export_text()
+        return status_text(snapshot(redis, settings))
 
     pipe = redis.pipeline(transaction=False)
     for n in range(5):

@@ -3,7 +3,6 @@ posterior rule, on a real Redis (issue 25)."""
 
 from __future__ import annotations
 
-import io
 import random
 from collections import Counter
 from typing import Any
@@ -12,9 +11,9 @@ import orjson
 import pydantic
 import pytest
 from redis import Redis
-from rich.console import Console
 from test_consumers import Fleet as ScriptedFleet
 from test_consumers import Scripted, drain
+from test_status import status_text
 
 from common.keys import AGGREGATOR_GROUP, JUDGE_GROUP, RECORD_FIELD, Keys, worker_group
 from common.schemas import Escalation, Item, Vote
@@ -30,7 +29,7 @@ from consumers.reliability import FitPolicy, Reliability, Threshold
 from consumers.worker import WorkerHandler
 from producers.api import Producer
 from tribunal.demo import load_sample
-from tribunal.ops.status import Snapshot, render, snapshot
+from tribunal.ops.status import snapshot
 
 
 def lessons_of(records: list[dict[str, Any]]) -> list[Lesson]:
@@ -497,14 +496,7 @@ def test_an_untrusted_task_sends_only_its_explored_sample_past_the_first_tier(
     # status says so: forty labels keep no threshold's bound yet
     snap = snapshot(fleet.rt.redis, fleet.rt.settings)
     assert [(t.threshold, t.explored) for t in snap.thresholds] == [(None, 0.25)]
-    assert "25% of items still go past tier 0" in rendered(snap)
-
-
-def rendered(snap: Snapshot) -> str:
-    """``tribunal status`` as text, as a wide terminal shows it."""
-    console = Console(width=200, record=True, file=io.StringIO())
-    console.print(render(snap))
-    return console.export_text()
+    assert "25% of items still go past tier 0" in status_text(snap)
 
 
 def test_a_record_without_a_sampling_rate_is_written_as_the_release_before_wrote_it() -> None:
@@ -543,13 +535,13 @@ def test_status_shows_what_the_fleet_learned_and_the_exporter_serves_it(
     assert snap.audits.judged > 0 and snap.audit_agreement_at_least is not None
     assert 0 < snap.audit_agreement_at_least < 1  # a lower bound: below the 100% observed
     assert snap.cost is not None and snap.cost.labels == 120
-    assert "posterior rule things" in rendered(snap)
+    assert "posterior rule things" in status_text(snap)
     # what each tier and the judge spent per label, summing to the whole
     cost = snap.cost
     assert cost is not None and cost.per_label_s is not None
     assert [t.tier for t in cost.by_tier] == ["student", "backup", "judge"]
     assert sum(t.per_label_s for t in cost.by_tier) == pytest.approx(cost.per_label_s, abs=0.001)
-    assert "by tier: student " in rendered(snap)
+    assert "by tier: student " in status_text(snap)
     scraped = generate_latest(registry_for(settings)).decode()
     assert 'tribunal_voter_agreement{task="things",voter="backup"} 1.0' in scraped
     assert 'tribunal_tier_model_seconds_per_label{tier="judge"}' in scraped

@@ -21,6 +21,7 @@ import orjson
 import pytest
 from redis import Redis
 from rich.console import Console
+from test_status import status_text
 
 from common.connection import connect
 from common.schemas import Item
@@ -35,7 +36,7 @@ from tribunal.fleet.running import running_fleet
 from tribunal.ops.exporter import stats_families
 from tribunal.ops.finals import FinalRecords, collect, final_cursors
 from tribunal.ops.queues import read_stats
-from tribunal.ops.status import render, snapshot
+from tribunal.ops.status import snapshot
 from tribunal.serving.llama import ModelServers, ServerFailed, llama_server_binary
 from tribunal.serving.models import ModelUnavailable, fetch, model_file, packaged
 
@@ -175,12 +176,6 @@ def drive(redis: Redis, session: Any, ids: set[str], during: Any = None) -> Fina
     return outcome
 
 
-def render_text(snap: Any) -> str:
-    console = Console(width=200, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
-    console.print(render(snap))
-    return console.export_text()
-
-
 def ended_ids(outcome: FinalRecords) -> list[str]:
     return [r.id for r in (*outcome.decisions, *outcome.rejects, *outcome.dead)]
 
@@ -188,7 +183,6 @@ def ended_ids(outcome: FinalRecords) -> list[str]:
 def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
     redis_url: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from rich.console import Console
 
     settings = load_settings(fleet_file(tmp_path), redis_url=redis_url)
     records = load_sample("sentiment", 8) + load_sample("similar_ticket", 2)
@@ -225,7 +219,7 @@ def test_real_workers_and_judge_label_tickets_once_and_survive_a_killed_server(
     # the workers' first batches came before the kill, on prefixes warmed at start (the
     # judge may have been asked only after the restart, on a cold server)
     assert all(snap.prompt_cache[name].cached_tokens > 0 for name in workers), snap
-    assert "prompt cache chat" in str(render_text(snap))
+    assert "prompt cache chat" in status_text(snap)
     cached = families["tribunal_prompt_tokens_cached"].samples
     assert {s.labels["worker"] for s in cached} == set(snap.prompt_cache)
     assert orjson.loads(snap.to_json())["prompt_cache"]["chat"]["cached_tokens"] > 0

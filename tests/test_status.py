@@ -4,6 +4,7 @@ group only when that worker stops, which is then flagged as stalled."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import signal
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import orjson
+from rich.console import Console
 
 from common.connection import connect
 from common.settings import Settings
@@ -21,7 +23,7 @@ from producers.api import Producer
 from tribunal.demo import load_sample
 from tribunal.fleet.supervisor import Fleet
 from tribunal.ops.readmodels import GroupReading, Snapshot
-from tribunal.ops.status import snapshot
+from tribunal.ops.status import render, snapshot
 
 T = TypeVar("T")
 # Quick heartbeats and reads, so a stopped consumer is noticed within seconds.
@@ -78,6 +80,13 @@ def fresh_records(n: int, offset: int = 0) -> list[dict[str, Any]]:
 def groups(snap: Snapshot, stream: str = "items") -> dict[str, GroupReading]:
     (found,) = [s for s in snap.streams if s.stream == stream]
     return {g.group: g for g in found.groups}
+
+
+def status_text(snap: Snapshot) -> str:
+    """``tribunal status`` as a 200-column terminal shows it."""
+    console = Console(file=io.StringIO(), width=200, record=True)
+    console.print(render(snap))
+    return console.export_text()
 
 
 def printed_groups(printed: dict[str, Any], stream: str = "items") -> dict[str, dict[str, Any]]:
