@@ -84,7 +84,8 @@ class Keys:
 
     # Per-item state.
     def votes(self, item_id: str) -> str:
-        """Hash: worker name -> vote JSON, plus ``ITEM_IN_VOTES`` -> the item JSON."""
+        """Hash: worker name -> vote JSON, plus ``ITEM_IN_VOTES`` -> the item JSON and, for an
+        item explored past the first tier, ``SAMPLING_RATE_IN_VOTES`` -> the sample's rate."""
         return f"{self.prefix}:votes:{item_id}"
 
     def state(self, item_id: str) -> str:
@@ -177,4 +178,6 @@ SERVE_ROLE = "serve"  # the HTTP endpoint's heartbeat role (``tribunal serve``)
 RECORD_FIELD = b"d"  # every stream entry: its record as JSON (item, escalation, decision ...)
 ITEM_ID_FIELD = b"id"  # final streams: the item id beside the record, for XRANGE readers
 ITEM_IN_VOTES = b"_item"  # an item's votes hash: the item's JSON beside the workers' votes
+# an item's votes hash: the rate of the sample that sent it past the first tier (exploration)
+SAMPLING_RATE_IN_VOTES = b"_sampling_rate"
 READY_IDS_FIELD = b"ids"  # the ready stream: ids of items with enough votes, space-separated

@@ -32,6 +32,7 @@ def _lua(name: str) -> str:
         "RECORD": wire.RECORD_FIELD.decode(),
         "ITEM_ID": wire.ITEM_ID_FIELD.decode(),
         "ITEM_IN_VOTES": wire.ITEM_IN_VOTES.decode(),
+        "SAMPLING_RATE_IN_VOTES": wire.SAMPLING_RATE_IN_VOTES.decode(),
         "READY_IDS": wire.READY_IDS_FIELD.decode(),
     }
     return Template(source).substitute(fields)
@@ -130,17 +131,18 @@ class Scripts:
         tier: int,
         counter: str,
         timeout_s: float,
-        items: Sequence[tuple[str, bytes]],
+        items: Sequence[tuple[str, bytes, float | None]],
     ) -> None:
-        """Send ``(item id, item json)`` pairs on to tier ``tier``'s stream, each once however
-        often it is asked; each item's vote timeout starts again (``timeout_s`` from now, by
-        Redis's clock)."""
+        """Send ``(item id, item json, sampling rate)`` on to tier ``tier``'s stream, each
+        once however often it is asked; each item's vote timeout starts again (``timeout_s``
+        from now, by Redis's clock). A rate (an item sent on as one of a sample) stays in the
+        item's votes hash as ``SAMPLING_RATE_IN_VOTES``, the first one only."""
         k = self.keys
         keys: list[Any] = [k.tier(tier), k.deadlines, k.stats]
         args: list[Any] = [tier, counter, self.done_ttl_s, f"{timeout_s:.3f}"]
-        for item_id, item in items:
-            keys += [k.state(item_id), k.queued(item_id)]
-            args += [item_id, item]
+        for item_id, item, rate in items:
+            keys += [k.state(item_id), k.queued(item_id), k.votes(item_id)]
+            args += [item_id, item, "" if rate is None else repr(rate)]
         _eval(pipe, ADVANCE, keys, args)
 
     def heartbeat(self, redis: Redis, consumer: str, forget_after_s: float) -> None:

@@ -274,13 +274,15 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
         if self.tiers is not None:
             listed = [name for tier in self.tiers for name in tier]
             if sorted(listed) != sorted(self.workers) or not all(self.tiers):
+                odd = {n for n in listed if listed.count(n) > 1} | set(listed) ^ set(self.workers)
                 raise ValueError(
                     f"tiers {self.tiers} must name every worker once, in non-empty tiers "
-                    f"(workers: {', '.join(self.workers)})"
+                    f"(workers: {', '.join(self.workers)}; "
+                    f"check: {', '.join(sorted(odd)) or 'the empty tier'})"
                 )
-        for name in self.workers:
-            if not name.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"worker name {name!r}: use letters, digits, - and _")
+        for name in self.workers:  # a votes hash's own fields start with _ (common.keys)
+            if not name.replace("-", "").replace("_", "").isalnum() or name[0] in "-_":
+                raise ValueError(f"worker name {name!r}: letters, digits, - and _, not first")
         for role, spec in [*self.workers.items(), ("judge", self.judge)]:
             if spec.backend != LOCAL_BACKEND:
                 continue
@@ -312,8 +314,7 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
 
     @property
     def learns(self) -> bool:
-        """Whether the judge keeps its labels as lessons: a student learns from them, or the
-        posterior rule counts the voters' agreement with them."""
+        """Whether the judge keeps its labels as lessons (for a student, or the posterior rule)."""
         return self.has_students or self.agreement == "posterior"
 
     @property
@@ -344,8 +345,7 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     def all_tasks(self) -> dict[str, TaskSpec]:
         return {**BUILTIN_TASKS, **self.tasks}
 
-    # The groups: the file and the environment stay flat (``batch_size = 8``,
-    # ``TRIBUNAL_BATCH_SIZE``); a module that needs one concern takes its group.
+    # Groups: the file and the environment stay flat; a module takes the group it needs.
     @property
     def loop(self) -> LoopSettings:
         return LoopSettings(

@@ -19,7 +19,7 @@ from typing import Any
 import pydantic
 
 from common.connection import server_time
-from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD
+from common.keys import AGGREGATOR_GROUP, ITEM_IN_VOTES, READY_IDS_FIELD, SAMPLING_RATE_IN_VOTES
 from common.schemas import Decision, Escalation, Item, Vote, now
 from consumers import outcomes
 from consumers.decision import Posterior, Rule, Ruling, decide, fit_policy
@@ -117,10 +117,12 @@ class AggregatorHandler(Handler):
             ids, self.rt.scripts.gather_votes(self.rt.redis, ids), strict=True
         ):
             raw_item = fields.pop(ITEM_IN_VOTES, None)
+            raw_rate = fields.pop(SAMPLING_RATE_IN_VOTES, None)
             if raw_item is None:
                 if timed_out:  # settled meanwhile; only its deadline entry was left
                     writes.forget_deadline(item_id)
                 continue
+            explored = float(raw_rate) if raw_rate else None
             item = Item.model_validate_json(raw_item)
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
             final = timed_out or len(votes) >= self.rule.n_workers
@@ -150,24 +152,33 @@ class AggregatorHandler(Handler):
                 outcomes.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
-                self.escalate(item, votes, reason, writes)
+                self.escalate(item, votes, reason, writes, explored)
             elif (tier := self.next_tier(votes)) is not None:
-                if self.untrusted(item.task) and not self.explored(item.id):
+                # The vote timeout starts again for the votes the next tier owes.
+                timeout_s = self.rt.settings.vote_timeout_s
+                if not self.untrusted(item.task):
+                    writes.advance(item.id, tier, raw_item, timeout_s, explored)
+                elif explored is not None or self.explored(item.id):
+                    rate = explored or self.rt.settings.explore_fraction
+                    writes.advance(item.id, tier, raw_item, timeout_s, rate)
+                else:
                     reason = f"{item.task} accepts nothing yet: tier {tier} skipped, judge asked"
-                    self.escalate(item, votes, reason, writes)
-                else:  # the vote timeout starts again for the votes the next tier owes
-                    writes.advance(item.id, tier, raw_item, self.rt.settings.vote_timeout_s)
+                    self.escalate(item, votes, reason, writes, None)
 
-    def escalate(self, item: Item, votes: list[Vote], reason: str, writes: Writes) -> None:
-        """Send the item to the judge. One that an untrusted task sent past its first tier
-        (``explored``) says at what rate, so the fit weighs its later tiers' votes as the
+    def escalate(
+        self,
+        item: Item,
+        votes: list[Vote],
+        reason: str,
+        writes: Writes,
+        explored: float | None,
+    ) -> None:
+        """Send the item to the judge. ``explored``: the rate of the sample that sent it past
+        its first tier while its task accepted nothing (kept in its votes hash when it was
+        sent, whatever the rule says now), so the fit weighs its later tiers' votes as the
         items they were sampled from."""
-        first = self.rt.settings.worker_tiers[0]
-        past_first = any(v.worker not in first for v in votes)
-        explored = past_first and self.untrusted(item.task) and self.explored(item.id)
-        rate = self.rt.settings.explore_fraction if explored else None
         escalation = Escalation(
-            item=item, votes=votes, reason=reason, escalated_at=now(), sampling_rate=rate
+            item=item, votes=votes, reason=reason, escalated_at=now(), sampling_rate=explored
         )
         writes.escalate(item.id, escalation.dump())
 

@@ -313,9 +313,13 @@ def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False, task: str 
     missing = 0 if final else max(rule.n_workers - len(votes), 0)
     if missing and rule.reachable(top, missing):
         return Ruling("wait", reason=f"{len(votes)}/{rule.n_workers} votes in")
+    # A learned rule's bar is the task's: say it, else the scores read as if 0.5 were enough.
+    needed = rule.needed_for(task)
+    bar = "" if needed == rule.needed else f"; {task} needs {needed:g}"
+    bar = f"; {task} accepts nothing yet" if math.isinf(needed) else bar
     return Ruling(
         "escalate",
-        reason=f"no agreement ({rule.describe()}): {len(votes)}/{rule.n_workers} votes, "
+        reason=f"no agreement ({rule.describe()}{bar}): {len(votes)}/{rule.n_workers} votes, "
         f"counted {_spread(scores) or 'none'}",
     )
 

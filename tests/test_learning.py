@@ -499,6 +499,60 @@ def test_an_untrusted_task_sends_only_its_explored_sample_past_the_first_tier(
     assert "25% of items still go past tier 0" in status_text(snap)
 
 
+def test_an_explored_item_keeps_the_rate_it_was_sent_on_at_whatever_the_rule_says_later(
+    make_settings: Any,
+) -> None:
+    """The rule may trust the task, or stop trusting it, between an item's first tier and its
+    escalation: the lesson weighs it by what happened when it was sent on (the rate kept in
+    its votes hash), not by what the rule says when the judge is asked."""
+    fleet = LearningFleet(learning_settings(make_settings, audit_fraction=0.2))
+    rules = fleet.aggregator_handler
+    assert isinstance(rules.rule, Posterior)
+    rules.learning.next_at = float("inf")  # the thresholds below change only here
+    thresholds = rules.rule.table.thresholds
+    producer = Producer(fleet.rt.redis, fleet.rt.settings)
+    rng = random.Random(5)
+
+    def through(batch: list[dict[str, Any]], trusted_at_first: bool) -> dict[str, Lesson]:
+        """The batch's first tier votes, the aggregator sends items on with the task trusted
+        or not; then it is the other way round while the backup votes and the judge is asked."""
+        assert producer.send(batch).produced == len(batch)
+        for trusted in (trusted_at_first, not trusted_at_first):
+            if trusted:
+                thresholds["things"] = Threshold(0.9999, 0.95, 40.0)
+            else:
+                thresholds.pop("things", None)
+            drain(fleet.workers["student" if trusted == trusted_at_first else "backup"])
+            drain(fleet.aggregator)
+        drain(fleet.judge)
+        entries = fleet.rt.redis.xrange(fleet.rt.keys.lessons)
+        lessons = (Lesson.model_validate_json(f[RECORD_FIELD]) for _, f in entries)
+        return {x.id: x for x in lessons if x.id in {b["id"] for b in batch}}
+
+    # Untrusted when sent on: only the explored sample reached the backup, and its lessons
+    # stand for four items each, though the task was trusted when they were escalated.
+    first = [thing(rng, k) for k in range(40)]
+    explored = {b["id"] for b in first if sampled(b["id"], 0.25, salt=b"explore")}
+    lessons = through(first, trusted_at_first=False)
+    assert sorted(lessons) == sorted(b["id"] for b in first)
+    assert 3 <= len(explored) <= 20
+    assert {i for i, x in lessons.items() if x.sampling_rate == 0.25} == explored
+    assert {i for i, x in lessons.items() if "backup" in {v.worker for v in x.votes}} == explored
+    # their reasons say the bar the posterior did not reach (not 0.5, as the scores suggest)
+    reasons = {d["id"]: d["reason"] for d in fleet.outputs()}
+    assert all("; things needs 0.9999): 2/2 votes" in reasons[i] for i in explored), reasons
+    # Trusted when sent on: every item reached the backup and none was sampled, though the
+    # task accepted nothing again when they were escalated (ids in the sample included).
+    second = [thing(rng, 100 + k) for k in range(40)]
+    lessons = through(second, trusted_at_first=True)
+    assert sorted(lessons) == sorted(b["id"] for b in second)
+    assert any(sampled(i, 0.25, salt=b"explore") for i in lessons)
+    assert all(x.sampling_rate is None for x in lessons.values())
+    assert all("backup" in {v.worker for v in x.votes} for x in lessons.values())
+    reasons = {d["id"]: d["reason"] for d in fleet.outputs()}
+    assert all("; things accepts nothing yet): 2/2" in reasons[i] for i in lessons), reasons
+
+
 def test_a_record_without_a_sampling_rate_is_written_as_the_release_before_wrote_it() -> None:
     """Records refuse unknown fields, so a field added later is left out while unset: an
     older judge or student still reads the escalations and lessons that do not need it."""

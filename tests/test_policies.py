@@ -104,9 +104,19 @@ def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
     import pytest
     from pydantic import ValidationError
 
-    for tiers in ([["alpha"], ["beta"]], [["alpha", "beta"], ["gamma", "alpha"]], [[], WORKERS]):
-        with pytest.raises(ValidationError, match="must name every worker once"):
+    cases = {
+        "check: gamma": [["alpha"], ["beta"]],  # one missing
+        "check: alpha": [["alpha", "beta"], ["gamma", "alpha"]],  # one twice
+        "check: delta": [["alpha", "beta"], ["gamma", "delta"]],  # one not a worker
+        "check: the empty tier": [[], WORKERS],
+    }
+    for named, tiers in cases.items():
+        with pytest.raises(ValidationError, match="must name every worker once") as refused:
             make_settings(workers=SPECS, tiers=tiers)
+        assert named in str(refused.value), (tiers, str(refused.value))
+    # a votes hash keeps its own fields beside the votes under names that start with _
+    with pytest.raises(ValidationError, match="worker name '_item'"):
+        make_settings(workers={"_item": SPECS["alpha"]})
 
 
 def test_an_item_is_sent_to_a_tier_once_however_often_the_aggregator_is_told(

@@ -216,3 +216,33 @@ def test_watch_refreshes_until_interrupted(settings: Settings) -> None:
     assert watch.returncode == 0, err
     # Off a terminal, rich prints the last frame when the live display stops.
     assert re.search(r"items\s*│\s*5\s*│\s*5\s*│", out), out
+
+
+def test_a_group_read_on_demand_is_not_stalled_but_a_follower_that_stopped_is(
+    make_settings: Any,
+) -> None:
+    """`labels` without --follow reads what is there and leaves the group: the labels that
+    come after it wait for its next read, which is no stall. A follower that died is."""
+    from common.keys import RECORD_FIELD, Keys
+    from consumers.engine.runtime import Runtime
+    from consumers.labels import read_labels
+
+    settings = make_settings(heartbeat_ttl_s=0.5)
+    rt = Runtime.create(settings)
+    output = Keys(settings.namespace).output
+    for n in range(2):
+        rt.redis.xadd(output, {RECORD_FIELD: orjson.dumps({"id": f"a{n}"})})
+    assert read_labels(rt, io.BytesIO(), "archive", follow=False) == 2
+    # a follower took one label, and its heartbeat stopped
+    rt.redis.xgroup_create(output, "live", id="0")
+    rt.redis.xreadgroup("live", "labels@elsewhere:1", {output: ">"}, count=1)
+    for n in range(3):
+        rt.redis.xadd(output, {RECORD_FIELD: orjson.dumps({"id": f"b{n}"})})
+    time.sleep(0.6)
+    snap = snapshot(rt.redis, settings, stall_after_s=0.5)
+    readers = {g.group: g for s in snap.streams if s.stream == "output" for g in s.groups}
+    archive, live = readers["archive"], readers["live"]
+    assert (archive.lag, archive.pending, archive.consumers) == (3, 0, ()), archive
+    assert not archive.stalled, archive
+    assert (live.lag, live.pending, live.stalled) == (4, 1, True), live
+    assert list(snap.stalled) == ["output/live"]

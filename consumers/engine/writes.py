@@ -37,7 +37,7 @@ class Writes:
         # would apply in group order; no handler does: each settles an item once a batch.)
         self._votes: dict[Ballot, list[tuple[str, bytes, bytes]]] = {}
         self._settles: dict[Settlement, list[tuple[str, bytes, bytes]]] = {}
-        self._advances: dict[tuple[int, float], list[tuple[str, bytes]]] = {}
+        self._advances: dict[tuple[int, float], list[tuple[str, bytes, float | None]]] = {}
         self._counts: Counter[str] = Counter()
         self._observed: dict[tuple[str, Labels, tuple[float, ...]], list[float]] = {}
 
@@ -91,10 +91,13 @@ class Writes:
         """An entry for another consumer group (a backup worker, the judge's audits)."""
         self._pipe.xadd(stream, dict(fields))
 
-    def advance(self, item_id: str, tier: int, item: bytes, timeout_s: float) -> None:
+    def advance(
+        self, item_id: str, tier: int, item: bytes, timeout_s: float, sampling_rate: float | None
+    ) -> None:
         """Send the item (its JSON, as read) on to tier ``tier``'s workers, once however often
-        this is asked; its vote timeout then ends ``timeout_s`` from now, by Redis's clock."""
-        self._advances.setdefault((tier, timeout_s), []).append((item_id, item))
+        this is asked; its vote timeout then ends ``timeout_s`` from now, by Redis's clock.
+        ``sampling_rate``: the item goes on as one of a sample of that rate (exploration)."""
+        self._advances.setdefault((tier, timeout_s), []).append((item_id, item, sampling_rate))
 
     def forget_deadline(self, item_id: str) -> None:
         """The item settled before its vote timeout: no sweep needs to decide it."""

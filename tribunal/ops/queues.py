@@ -18,7 +18,10 @@ it: none of its consumers has a live heartbeat (``heartbeat_ttl_s``), or all hav
 idle (no read attempt, XINFO's ``idle``) longer than the threshold. Groups the fleet file
 implies (one per worker model, ``aggregator``, ``judge``) are listed even before their
 first consumer created them, with the whole stream as lag: a fleet that never started
-shows as stalled, not as nothing.
+shows as stalled, not as nothing. A label reader's group (on the output stream) with no
+consumer and nothing pending is not: its reader ended cleanly (``labels`` without --follow
+reads what is there and leaves; a follower was stopped), and its lag is labels kept for
+its next read. A reader that died is (its consumer stays in the group).
 """
 
 from __future__ import annotations
@@ -273,13 +276,23 @@ def flag_stalls(
     group's ``live_consumers``, and ``stalled`` with its ``stall_reason`` as the module
     docstring defines (idle longer than ``after_s`` seconds)."""
     return [
-        replace(s, groups=tuple(_flag_group(g, heartbeats, ttl_s, after_s) for g in s.groups))
+        replace(
+            s,
+            groups=tuple(
+                _flag_group(g, heartbeats, ttl_s, after_s, on_demand=s.stream == "output")
+                for g in s.groups
+            ),
+        )
         for s in streams
     ]
 
 
 def _flag_group(
-    group: GroupReading, heartbeats: Mapping[str, float], ttl_s: float, after_s: float
+    group: GroupReading,
+    heartbeats: Mapping[str, float],
+    ttl_s: float,
+    after_s: float,
+    on_demand: bool,
 ) -> GroupReading:
     consumers = tuple(
         replace(c, live=heartbeats.get(c.name, float("inf")) <= ttl_s) for c in group.consumers
@@ -287,8 +300,8 @@ def _flag_group(
     live = [c for c in consumers if c.live]
     waiting = group.lag_unknown or (group.lag or 0) > 0 or group.pending > 0
     reason = None
-    if not waiting:
-        pass
+    if not waiting or (on_demand and not consumers and not group.pending):
+        pass  # a label reader that ended cleanly: the labels wait for its next read
     elif not consumers:
         reason = "no consumer is reading it"
     elif not live:

@@ -214,8 +214,11 @@ def render(snap: Snapshot) -> RenderableType:
     rows = [
         ("throughput", _throughput_cell(snap.throughput)),
         ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} judge)"),
-        ("judge-call rate", f"{_percent(snap.judge_call_rate)} ({snap.escalations} sent)"),
-        ("worker agreement", _percent(snap.agreement_rate)),
+        (
+            "judge-call rate",
+            f"{_percent(snap.judge_call_rate)} ({snap.escalations} escalated; audits below)",
+        ),
+        ("settled by workers", _percent(snap.agreement_rate)),
         ("audits", _audit_cell(snap)),
         ("cost", _cost_cell(snap)),
         ("rejects / dead letters", f"{snap.rejects} / {snap.dead_letters} (all time)"),
