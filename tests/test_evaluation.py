@@ -159,3 +159,31 @@ def test_audits_judge_only_rules_at_least_as_strict_as_the_live_one() -> None:
     majority = stricter_rules(Majority(n_workers=3, quorum=2))
     assert {r.scheme for r in majority} == {"majority", "unanimous"}
     assert "min_weight = 2.5" in weighted.fleet_lines()
+
+
+def test_the_textblob_worker_starts_without_scipy_and_scikit_learn_and_scores_as_textblob() -> None:
+    """TextBlob's nltk would import SciPy and scikit-learn (1 CPU-s per process) for parts
+    its sentiment never uses: they stay out of the worker, the scores stay TextBlob's, and
+    the process can still import both after (a student beside it in `evaluate`)."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from common.tasks import BUILTIN_TASKS
+from consumers.backends.lexicon import PolarityOptions, TextBlobPolarity
+worker = TextBlobPolarity(PolarityOptions(), BUILTIN_TASKS)
+texts = ["Not good, awful day!", "I love the new dashboard.", "The invoice is attached."]
+ours = [worker.score(t) for t in texts]
+print("scipy" in sys.modules, "sklearn" in sys.modules)
+import sklearn.naive_bayes
+from textblob import TextBlob
+print("sklearn" in sys.modules, ours == [TextBlob(t).sentiment.polarity for t in texts], ours)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after = done.stdout.splitlines()
+    assert before == "False False"
+    assert after.startswith("True True [-0.675, 0.") and "0.0]" in after, after
