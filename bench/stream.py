@@ -260,14 +260,22 @@ def plot(path: Path, windows: list[Window], title: str = "") -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--fleet", default=str(ROOT / "examples" / "learning.toml"))
-    parser.add_argument("--data", default="reviews")
-    parser.add_argument("--items", type=int, default=1000)
-    parser.add_argument("--window", type=int, default=100)
-    parser.add_argument("--step", type=int, default=20)
-    parser.add_argument("--sample-every", type=int, default=10)
-    parser.add_argument("--stall-s", type=float, default=600.0)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--fleet", default=str(ROOT / "examples" / "learning.toml"), help="the fleet file"
+    )
+    parser.add_argument(
+        "--data", default="reviews", help="reviews (Rotten Tomatoes), tickets, pairs or a JSONL"
+    )
+    parser.add_argument("--items", type=int, default=1000, help="how many items, in order")
+    parser.add_argument("--window", type=int, default=100, help="items per row of the table")
+    parser.add_argument("--step", type=int, default=20, help="items produced at a time")
+    parser.add_argument(
+        "--sample-every", type=int, default=10, help="ask the judge alone every N-th item"
+    )
+    parser.add_argument(
+        "--stall-s", type=float, default=600.0, help="give up when no item ends this long"
+    )
+    parser.add_argument("--json", action="store_true", help="print the windows as JSON")
     parser.add_argument("--plot", type=Path, help="write the learning curve: F.html or F.png")
     args = parser.parse_args()
     try:

@@ -260,9 +260,11 @@ def labels(client: redis.Redis) -> Counter[str]:
 
 
 def wait_labeled(stack: Stack, ids: set[str]) -> Counter[str]:
-    started = time.monotonic()
+    # One client, its port looked up once: each `docker-compose port` costs ~0.4 CPU-s, which
+    # polled every second took a fifth of the cores the models label with.
+    client, started = stack.redis(), time.monotonic()
     while True:
-        seen = labels(stack.redis())
+        seen = labels(client)
         if ids <= set(seen) or time.monotonic() - started > LABELED_WITHIN_S:
             return seen
         time.sleep(1)
