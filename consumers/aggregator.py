@@ -154,12 +154,14 @@ class AggregatorHandler(Handler):
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
                 self.escalate(item, votes, reason, writes, explored)
             elif (tier := self.next_tier(votes)) is not None:
-                # The vote timeout starts again for the votes the next tier owes.
+                # The vote timeout starts again for the votes the next tier owes. Only the
+                # step out of the first tier is sampled (the fit weighs acceptances past it);
+                # an item past it goes on to the later tiers, with the rate it went at.
                 timeout_s = self.rt.settings.vote_timeout_s
-                if not self.untrusted(item.task):
-                    writes.advance(item.id, tier, raw_item, timeout_s, explored)
-                elif explored is not None or self.explored(item.id):
-                    rate = explored or self.rt.settings.explore_fraction
+                if tier > 1 or not self.untrusted(item.task):
+                    writes.advance(item.id, tier, raw_item, timeout_s, None)
+                elif self.explored(item.id):
+                    rate = self.rt.settings.explore_fraction
                     writes.advance(item.id, tier, raw_item, timeout_s, rate)
                 else:
                     reason = f"{item.task} accepts nothing yet: tier {tier} skipped, judge asked"

@@ -315,7 +315,7 @@ def decide(votes: Sequence[Vote], rule: Rule, *, final: bool = False, task: str 
         return Ruling("wait", reason=f"{len(votes)}/{rule.n_workers} votes in")
     # A learned rule's bar is the task's: say it, else the scores read as if 0.5 were enough.
     needed = rule.needed_for(task)
-    bar = "" if needed == rule.needed else f"; {task} needs {needed:g}"
+    bar = f"; {task} needs {needed:g}" if isinstance(rule, Posterior) else ""
     bar = f"; {task} accepts nothing yet" if math.isinf(needed) else bar
     return Ruling(
         "escalate",

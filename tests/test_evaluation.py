@@ -163,27 +163,34 @@ def test_audits_judge_only_rules_at_least_as_strict_as_the_live_one() -> None:
 
 def test_the_textblob_worker_starts_without_scipy_and_scikit_learn_and_scores_as_textblob() -> None:
     """TextBlob's nltk would import SciPy and scikit-learn (1 CPU-s per process) for parts
-    its sentiment never uses: they stay out of the worker, the scores stay TextBlob's, and
-    the process can still import both after (a student beside it in `evaluate`)."""
+    its sentiment never uses: they stay out of the worker, its scores are those of TextBlob
+    imported as usual (in a process of its own), and the worker's process can still import
+    both after (a student beside it in `evaluate`)."""
     import subprocess
     import sys
 
-    script = """
+    texts = ["Not good, awful day!", "I love the new dashboard.", "The invoice is attached."]
+    ours = f"""
 import sys
 from common.tasks import BUILTIN_TASKS
 from consumers.backends.lexicon import PolarityOptions, TextBlobPolarity
 worker = TextBlobPolarity(PolarityOptions(), BUILTIN_TASKS)
-texts = ["Not good, awful day!", "I love the new dashboard.", "The invoice is attached."]
-ours = [worker.score(t) for t in texts]
+print([worker.score(t) for t in {texts!r}])
 print("scipy" in sys.modules, "sklearn" in sys.modules)
-import sklearn.naive_bayes
-from textblob import TextBlob
-print("sklearn" in sys.modules, ours == [TextBlob(t).sentiment.polarity for t in texts], ours)
+import scipy.stats, sklearn.naive_bayes
+print("sklearn" in sys.modules and "scipy.stats" in sys.modules)
 """
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    before, after = done.stdout.splitlines()
-    assert before == "False False"
-    assert after.startswith("True True [-0.675, 0.") and "0.0]" in after, after
+    usual = f"""
+import sys
+from textblob import TextBlob
+print([TextBlob(t).sentiment.polarity for t in {texts!r}])
+print("scipy" in sys.modules, "sklearn" in sys.modules)
+"""
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        for code in (ours, usual)
+    ]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-2000:] for r in runs]
+    (scores, hidden, later), (usual_scores, present) = (r.stdout.splitlines() for r in runs)
+    assert scores == usual_scores and scores.startswith("[-0.675, 0."), (scores, usual_scores)
+    assert (hidden, later, present) == ("False False", "True", "True True")

@@ -645,3 +645,36 @@ def test_the_posterior_rule_without_audits_is_refused_with_the_reason() -> None:
     with pytest.raises(ValidationError, match="needs audit_fraction > 0"):
         load_settings(agreement="posterior")
     assert load_settings(agreement="posterior", audit_fraction=0.05).learns
+
+
+def test_only_the_step_out_of_the_first_tier_is_sampled(make_settings: Any) -> None:
+    """Three tiers: items sent past the first while the task was trusted all reached the
+    second; if the rule stops trusting the task before the third, they go on unsampled
+    (no rate, weighed as themselves) rather than as a sample of the step they all took."""
+    from test_consumers import Fleet, produce
+
+    workers = {n: ModelSpec(backend="simulated") for n in ("alpha", "beta", "gamma")}
+    settings = make_settings(
+        workers=workers, tiers=[["alpha"], ["beta"], ["gamma"]], agreement="posterior",
+        policy="staged", quorum=1, block_ms=20, vote_timeout_s=60, audit_fraction=0.2,
+    )  # fmt: skip
+    fleet = Fleet(settings)
+    rules = fleet.aggregator_handler
+    assert isinstance(rules.rule, Posterior)
+    rules.learning.next_at = float("inf")  # the thresholds below change only here
+    answers = dict.fromkeys(("alpha", "beta", "gamma", "judge"), "positive")
+    ids = produce(settings, *[answers] * 40)
+    rules.rule.table.thresholds["sentiment"] = Threshold(0.9999, 0.95, 40.0)
+    drain(fleet.workers["alpha"])
+    drain(fleet.aggregator)  # trusted: every item goes on to the second tier
+    rules.rule.table.thresholds.pop("sentiment")
+    for name in ("beta", "gamma"):
+        drain(fleet.workers[name])
+        drain(fleet.aggregator)  # untrusted now: each goes on all the same
+    drain(fleet.judge)
+    entries = fleet.rt.redis.xrange(fleet.rt.keys.lessons)
+    lessons = [Lesson.model_validate_json(f[RECORD_FIELD]) for _, f in entries]
+    assert sorted(x.id for x in lessons) == sorted(ids)
+    assert any(sampled(i, 0.25, salt=b"explore") for i in ids)
+    assert all(x.sampling_rate is None for x in lessons), [x.id for x in lessons]
+    assert all({v.worker for v in x.votes} == set(workers) for x in lessons)

@@ -115,8 +115,9 @@ def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
             make_settings(workers=SPECS, tiers=tiers)
         assert named in str(refused.value), (tiers, str(refused.value))
     # a votes hash keeps its own fields beside the votes under names that start with _
-    with pytest.raises(ValidationError, match="worker name '_item'"):
-        make_settings(workers={"_item": SPECS["alpha"]})
+    for name in ("_item", "-x"):
+        with pytest.raises(ValidationError, match=f"worker name '{name}'"):
+            make_settings(workers={name: SPECS["alpha"]})
 
 
 def test_an_item_is_sent_to_a_tier_once_however_often_the_aggregator_is_told(

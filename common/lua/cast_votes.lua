@@ -27,8 +27,8 @@ for i = 0, (#KEYS - 3) / 2 - 1 do
         redis.call('ZADD', KEYS[2], 'NX', deadline, id)
       elseif notify_at <= 2 then
         n = 2  -- a later vote: at least the second, which is all a quorum of two needs
-      else
-        n = redis.call('HLEN', votes) - 1
+      else  -- less the item (an explored item's rate field adds one more: that can only
+        n = redis.call('HLEN', votes) - 1  -- notify early, and the aggregator counts votes)
       end
       if n >= notify_at then ready[#ready + 1] = id end
     end

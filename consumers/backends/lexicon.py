@@ -118,7 +118,7 @@ def _hidden(*optional: str) -> Iterator[None]:
     """Import with the ``optional`` packages hidden, as if not installed. TextBlob imports
     nltk, which imports SciPy and scikit-learn when it finds them, for parts TextBlob's
     sentiment never uses (collocation tests, classifiers); nltk does without both when they
-    are absent. A process then starts in 0.5 CPU-s instead of 1.4 (measured 2026-12-07, 2
+    are absent. A worker then builds it in 0.6 CPU-s instead of 1.6 (measured 2026-12-07, 2
     cores). A None in ``sys.modules`` makes an import fail as not found (the import
     system's documented rule); packages already imported are left alone."""
     hidden = [name for name in optional if name not in sys.modules]

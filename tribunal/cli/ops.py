@@ -114,7 +114,7 @@ def status(
     ] = None,
 ) -> None:
     """Show every stream's length and every group's lag, pending entries and consumers,
-    read from Redis now; throughput, judge-call rate, worker agreement, rejects, dead
+    read from Redis now; throughput, judge-call rate, share settled by workers, rejects, dead
     letters, live consumers per role. Stalled groups are flagged."""
     from tribunal.ops.status import run_status
 

@@ -21,7 +21,9 @@ first consumer created them, with the whole stream as lag: a fleet that never st
 shows as stalled, not as nothing. A label reader's group (on the output stream) with no
 consumer and nothing pending is not: its reader ended cleanly (``labels`` without --follow
 reads what is there and leaves; a follower was stopped), and its lag is labels kept for
-its next read. A reader that died is (its consumer stays in the group).
+its next read. A reader that died is, while its consumer stays in the group: until the
+janitor forgets an idle consumer with nothing pending (``forget_idle_consumers``, an hour);
+then only the lag shows it.
 """
 
 from __future__ import annotations
