@@ -10,6 +10,8 @@ stem ("positivo", "positif"). Every quantifier is bounded, so a ticket is read i
 Tuned on ``bench/adversarial/dev.jsonl``, then on ``holdout1.jsonl`` after its one held-out
 measurement, and against ``bench/adversarial/clean_realistic.jsonl`` (ordinary tickets a
 reviewer wrote to find false alarms); measured on ``holdout2.jsonl`` (docs/injection.md).
+The pair checker's cue was then written on ``holdout3.jsonl``'s pairs after their one
+held-out measurement.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ _ROLE = re.compile(
     re.MULTILINE,
 )
 _HEADER = re.compile(r"^\s*#{1,6}\s*(?:instruction|system|response)\b", re.I | re.M)
+# What reads a pair of tickets (similar_ticket) and what it is asked: written to the tool that
+# links duplicates, never by a customer about their own problem. Tuned on holdout3's pairs.
+_PAIR_READER = (
+    r"(?:duplicate[- ](?:checker|detector|finder|check)|(?:ticket[- ])?(?:linking|linker|"
+    r"matching|comparison|dedup\w*|merge) (?:tool|system|bot|engine|review|checker)"
+    r"|whoever (?:links|compares|merges|matches|groups|pairs) (?:this|these|them|it|tickets)"
+    r"|(?:duplicate_of|dedup_score|same_root_cause|related_ticket|merge_review|pair_check|"
+    r"link_tickets)\b)"
+)
+_PAIR_ASK = (
+    r"(?:merge|link|group|pair|combine|separate|unrelated|nothing in common|"
+    r"(?:same|one|different|separate) (?:issue|problem|root cause|incident|case)s?|"
+    r"(?:linked|similar|similarity|duplicate)\W{0,3}\s*[:=])"
+)
 
 
 def _label_words(labels: Iterable[str]) -> str:
@@ -191,6 +207,14 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
                 r"(?:free[- ]text|ticket|message|text|sentiment|label|classification|content|"
                 r"customer)|\b(?:read (?:it|this) backwards|decode (?:and follow|it|this)|"
                 r"rot13)\b",
+                i,
+            ),
+        ),
+        (
+            "addressed to the pair checker",
+            re.compile(
+                rf"\b{_PAIR_READER}[^\n]{{0,300}}?\b{_PAIR_ASK}"
+                rf"|\b{_PAIR_ASK}[^\n]{{0,300}}?\b{_PAIR_READER}",
                 i,
             ),
         ),

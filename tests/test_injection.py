@@ -149,6 +149,17 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
         assert SENTIMENT.view(Item(**r)).text.split()
     pairs = records(ROOT / "producers/samples/ticket_pairs.jsonl")
     assert [r["id"] for r in pairs if BUILTIN_TASKS["similar_ticket"].findings(Item(**r))] == []
+    # Pairs: what is written to the tool that links duplicates (tuned on holdout3's pairs, 8
+    # of 22 found before; the other six are in other languages or disguised letters, or
+    # address no one); none of their clean twins is flagged.
+    similar = BUILTIN_TASKS["similar_ticket"]
+    twins = [
+        r
+        for r in records(ROOT / "bench/adversarial/holdout3.jsonl")
+        if r["task"] == "similar_ticket"
+    ]
+    found_in = Counter(bool(r.get("metadata")) for r in twins if similar.findings(Item(**r)))
+    assert len(twins) == 44 and found_in == {True: 14}, found_in
     # So the models read every bundled ticket as before the defense: same prompt, same label.
     for r in [*clean, *pairs]:
         item = Item(**r)
