@@ -122,7 +122,7 @@ class AggregatorHandler(Handler):
                 if timed_out:  # settled meanwhile; only its deadline entry was left
                     writes.forget_deadline(item_id)
                 continue
-            explored = float(raw_rate) if raw_rate else None
+            sampling_rate = float(raw_rate) if raw_rate else None
             item = Item.model_validate_json(raw_item)
             votes = [_read_vote(worker, raw) for worker, raw in sorted(fields.items())]
             final = timed_out or len(votes) >= self.rule.n_workers
@@ -152,7 +152,7 @@ class AggregatorHandler(Handler):
                 outcomes.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":
                 reason = ("vote timeout: " if timed_out else "") + outcome.reason
-                self.escalate(item, votes, reason, writes, explored)
+                self.escalate(item, votes, reason, writes, sampling_rate)
             elif (tier := self.next_tier(votes)) is not None:
                 # The vote timeout starts again for the votes the next tier owes. Only the
                 # step out of the first tier is sampled (the fit weighs acceptances past it);
@@ -173,14 +173,14 @@ class AggregatorHandler(Handler):
         votes: list[Vote],
         reason: str,
         writes: Writes,
-        explored: float | None,
+        sampling_rate: float | None,
     ) -> None:
-        """Send the item to the judge. ``explored``: the rate of the sample that sent it past
-        its first tier while its task accepted nothing (kept in its votes hash when it was
+        """Send the item to the judge. ``sampling_rate``: the rate of the sample that sent it
+        past its first tier while its task accepted nothing (kept in its votes hash when it was
         sent, whatever the rule says now), so the fit weighs its later tiers' votes as the
         items they were sampled from."""
         escalation = Escalation(
-            item=item, votes=votes, reason=reason, escalated_at=now(), sampling_rate=explored
+            item=item, votes=votes, reason=reason, escalated_at=now(), sampling_rate=sampling_rate
         )
         writes.escalate(item.id, escalation.dump())
 

@@ -10,9 +10,8 @@ by a test that draws the same number.
 from __future__ import annotations
 
 import random
-import socket
 
-HOST = "127.0.0.1"
+from tribunal.processes.embedded import port_is_free
 
 
 def free_port() -> int:
@@ -23,13 +22,3 @@ def free_port() -> int:
         if port_is_free(port):
             return port
     raise RuntimeError("no free port in 20000-32767")
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True

@@ -129,7 +129,7 @@ class EmbeddedRedis:
         self._start_server()
 
     def _start_server(self) -> None:
-        if not _port_is_free(self.HOST, self.port):
+        if not port_is_free(self.port, self.HOST):
             raise EmbeddedRedisError(f"port {self.port} on {self.HOST} is taken by another program")
         config = self.data_dir / "valkey.conf"
         config.write_text(self._config())
@@ -246,9 +246,10 @@ def _valkey_server_binary() -> Path:
     return binary
 
 
-def _port_is_free(host: str, port: int) -> bool:
-    """Whether valkey-server can listen on ``port``. Bound with SO_REUSEADDR, as valkey
-    binds: a port whose last server's connections linger in TIME_WAIT (a restart) is free.
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server (valkey-server, or one a test starts) can listen on ``port``. Bound
+    with SO_REUSEADDR, as valkey binds: a port whose last server's connections linger in
+    TIME_WAIT (a restart) is free.
     The wildcard address too: on macOS, a port published on 0.0.0.0 (by Docker, say) would
     look free on 127.0.0.1."""
     for address in (host, "0.0.0.0"):
