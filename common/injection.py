@@ -49,12 +49,18 @@ _CONTROL = re.compile(
 _LOOK_ALIKE = str.maketrans(
     {"<": "\u2039", ">": "\u203a", "[": "\u27e6", "]": "\u27e7", "\uff5c": "\u00a6", "|": "\u00a6"}
 )
+# Unicode tag characters (U+E0000-U+E007F) draw nothing, so text spelled in them ("ASCII
+# smuggling": U+E0041 is an invisible "A") is read by a tokenizer and by no person. Their one
+# visible use, a subdivision flag (U+1F3F4 then tags: England's, Scotland's), is kept.
+_TAGS = re.compile("(?<![\U0001f3f4\U000e0000-\U000e007f])[\U000e0000-\U000e007f]+")
+_TAG_TEXT = {cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}  # tag letters as ASCII
 
 
 def neutralized(text: str) -> str:
     """``text`` with every control-token or tag spelling broken (brackets and bars swapped for
-    look-alikes); the rest unchanged. Idempotent."""
-    return _CONTROL.sub(lambda m: m.group(0).translate(_LOOK_ALIKE), text)
+    look-alikes) and text in invisible tag characters (``_TAGS``) removed; the rest unchanged.
+    Idempotent."""
+    return _TAGS.sub("", _CONTROL.sub(lambda m: m.group(0).translate(_LOOK_ALIKE), text))
 
 
 class Finding(BaseModel):
@@ -82,7 +88,7 @@ _PIECE = re.compile(
     r"<!--.{0,1000}?-->|\[\[[^\[\]]{0,1000}\]\]|\{\{[^{}]{0,1000}\}\}"
     r"|\{[^{}\n]{0,500}(?:\{[^{}\n]{0,500}\}[^{}\n]{0,500}){0,8}\}"
     r"|\[[^\[\]\n]{1,300}\]|\([^()\n]{1,300}\)"
-    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}"
+    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}|{_TAGS.pattern}"
     r"|^[ \t]*\W{0,4}(?:system|assistant|instructions?)\s*(?:prompt|message|note)?:"
     r"|\s(?:->|=>|--|\u2014)\s",
     re.DOTALL | re.IGNORECASE | re.MULTILINE,
@@ -107,12 +113,33 @@ def passages(text: str) -> list[tuple[int, int]]:
     return out
 
 
+# Cyrillic and Greek letters drawn like Latin ones, as the Latin letter (their prototypes in
+# Unicode's confusables.txt, UTS #39). Folded only in a passage where they sit inside a Latin
+# word ("System note" spelled with Cyrillic S, y, s, e, o), so a passage written in Russian or
+# Greek is read as it is.
+_LATIN_LOOK_ALIKES = str.maketrans(
+    # Cyrillic capitals, Cyrillic small, Greek capitals, Greek small: each as the Latin letter
+    # below it.
+    "\u0410\u0412\u0415\u0405\u0406\u0408\u041a\u041c\u041d\u041e\u0420\u0421\u0422\u0425\u0423"
+    "\u0430\u0435\u0455\u0456\u0458\u043e\u0440\u0441\u0443\u0445\u04bb\u0501\u051b\u051d\u04cf"
+    "\u0391\u0392\u0395\u0396\u0397\u0399\u039a\u039c\u039d\u039f\u03a1\u03a4\u03a5\u03a7"
+    "\u03b1\u03bf\u03b9\u03c1\u03bd\u03ba",
+    "ABESIJKMHOPCTXYaesijopcyxhdqwlABEZHIKMNOPTYXaoipvk",
+)
+_MIXED_WORD = re.compile(r"\b(?=\w{0,40}[A-Za-z])(?=\w{0,40}[\u0370-\u052f])\w{2,40}\b")
+
+
 def _plain(passage: str) -> str:
-    """What the cues read: compatibility forms as the ASCII they imitate (NFKC: fullwidth
-    letters), without format characters (zero-width spaces and joiners, soft hyphens)."""
-    return "".join(
-        c for c in unicodedata.normalize("NFKC", passage) if unicodedata.category(c) != "Cf"
+    """What the cues read: text in tag characters as the ASCII it spells, compatibility forms
+    as the ASCII they imitate (NFKC: fullwidth letters), without format characters
+    (zero-width spaces and joiners, soft hyphens), Cyrillic or Greek look-alikes inside Latin
+    words as Latin."""
+    text = "".join(
+        c
+        for c in unicodedata.normalize("NFKC", passage.translate(_TAG_TEXT))
+        if unicodedata.category(c) != "Cf"
     )
+    return text.translate(_LATIN_LOOK_ALIKES) if _MIXED_WORD.search(text) else text
 
 
 def findings(text: str, labels: Sequence[str]) -> list[Finding]:
@@ -129,7 +156,9 @@ def findings(text: str, labels: Sequence[str]) -> list[Finding]:
     role_until = -1  # a role marker ("SYSTEM:") speaks for the rest of its line
     for start, end in passages(text):
         passage = text[start:end]
-        cue = next((cue for cue, test in tests if test(_plain(passage))), None)
+        plain = _plain(passage)
+        cue = "hidden text" if _TAGS.search(passage) else None
+        cue = cue or next((cue for cue, test in tests if test(plain)), None)
         if cue is None and start < role_until:
             cue = "inside a fake turn"
         elif cue == "role marker":
@@ -150,7 +179,7 @@ def findings(text: str, labels: Sequence[str]) -> list[Finding]:
 
 def _finding(passage: str, cue: str, start: int, end: int) -> Finding:
     lead = len(passage) - len(passage.lstrip())
-    shown = passage.strip()
+    shown = passage.strip().translate(_TAG_TEXT)  # hidden text as what it spells, 1:1
     return Finding(passage=shown[:200], cue=cue, start=start + lead, end=start + lead + len(shown))
 
 

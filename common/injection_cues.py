@@ -11,7 +11,8 @@ Tuned on ``bench/adversarial/dev.jsonl``, then on ``holdout1.jsonl`` after its o
 measurement, and against ``bench/adversarial/clean_realistic.jsonl`` (ordinary tickets a
 reviewer wrote to find false alarms); measured on ``holdout2.jsonl`` (docs/injection.md).
 The pair checker's cue was then written on ``holdout3.jsonl``'s pairs after their one
-held-out measurement.
+held-out measurement, and "модель" added with the reading of look-alike letters and tag
+characters (``common.injection._plain``) before ``holdout4.jsonl``'s.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ _READER = (
     r"language model|model|sentiment (?:analy\w+|engine|system|tool|model|detector)|triage|"
     r"triage (?:bot|system|model|ai|engine|tool)|automated (?:system|triage|review\w*)|"
     r"sorting system|sorter|reviewer|system|algorithm|ia|ki|ии|modelo|modèle|modell|sistema|"
-    r"système|systém|mfumo|järjestelmä\w*|систем\w*)(?!\w)(?!\s+(?:team|department|support|"
+    r"système|systém|mfumo|järjestelmä\w*|систем\w*|модел\w*)(?!\w)(?!\s+(?:team|department|support|"
     r"admin\w*|engineers?|feature|add-?on|summar\w*|product|tool|settings?|update|outage))"
     r"|人工智能|模型|モデル)"
 )
@@ -261,5 +262,26 @@ def foreign(passage: str, signal: re.Pattern[str]) -> bool:
     return signal.search(passage) is not None
 
 
-# The cue names, in the order they are tried ("inside a fake turn": between a turn's markers).
-CUES = (*(cue for cue, _ in cues(["label", "other"])), "inside a fake turn")
+# The cue names, in the order they are tried ("hidden text": in invisible tag characters,
+# ``common.injection._TAGS``; "inside a fake turn": between a turn's markers). Written out, not
+# taken from ``cues()``, whose patterns take most of a process's import time to compile: a
+# test checks that the two agree.
+CUES = (
+    "hidden text",
+    "control token",
+    "role marker",
+    "instruction header",
+    "ignore instructions",
+    "addressed to the model",
+    "label assignment",
+    "label as a value",
+    "label after an imperative",
+    "persona",
+    "label talk",
+    "label in a note",
+    "override",
+    "addressed to the pair checker",
+    "comment",
+    "label in another language",
+    "inside a fake turn",
+)
