@@ -174,11 +174,16 @@ def labels(
         ),
     ] = False,
 ) -> None:
-    """Write final labels as JSONL, continuing where this reader's group left off. The final
-    streams keep a label until every reader's group has it (and retention_s has passed):
-    a reader that will not come back holds them until --forget. Into a pipe, a label counts
-    once the pipe's reader took it: closed early (| head -n 2) it ends quietly (exit 141)
-    with those labels read, and the rest stay for the group's next reader."""
+    """Write final labels as JSONL: each label once per reader's group (--group), from where
+    that group left off.
+
+    The first read creates the group, and the final streams then keep every label until the
+    group has read it (and retention_s has passed), whether or not you read again: a group
+    you will not read again holds them until `labels --forget --group NAME`.
+
+    Into a pipe, a label counts once the pipe's reader took it: closed early (| head -n 2) it
+    ends quietly (exit 141) with those labels read, and the rest stay for the group's next
+    reader."""
     from consumers.labels import OutputClosed, forget_reader, read_labels
 
     rt = runtime(settings(ctx))

@@ -232,8 +232,8 @@ def render(snap: Snapshot) -> RenderableType:
         rows.append(
             (
                 "",
-                "votes count while an item is open: a late vote, or an item another "
-                "path settled first (early_exit), is not one",
+                "a vote counts only while its item is open: late votes, and votes on an item "
+                "another path settled first (early_exit), are not counted",
             )
         )
     for t in snap.thresholds:
