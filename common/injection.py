@@ -51,16 +51,27 @@ _LOOK_ALIKE = str.maketrans(
 )
 # Unicode tag characters (U+E0000-U+E007F) draw nothing, so text spelled in them ("ASCII
 # smuggling": U+E0041 is an invisible "A") is read by a tokenizer and by no person. Their one
-# visible use, a subdivision flag (U+1F3F4 then tags: England's, Scotland's), is kept.
-_TAGS = re.compile("(?<![\U0001f3f4\U000e0000-\U000e007f])[\U000e0000-\U000e007f]+")
+# visible use is kept: a subdivision flag, U+1F3F4, 2-6 tag digits or small letters, a cancel
+# tag (Unicode's emoji-sequences, RGI: England, Scotland, Wales). Group 1: such a flag.
+_FLAG = "(\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{2,6}\U000e007f)"
+_TAGS = re.compile(_FLAG + "|[\U000e0000-\U000e007f]+")
 _TAG_TEXT = {cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}  # tag letters as ASCII
 
 
+def _untagged(text: str) -> str:
+    return _TAGS.sub(lambda m: m.group(1) or "", text)
+
+
+def _hides_text(passage: str) -> bool:
+    return any(m.group(1) is None for m in _TAGS.finditer(passage))
+
+
 def neutralized(text: str) -> str:
-    """``text`` with every control-token or tag spelling broken (brackets and bars swapped for
-    look-alikes) and text in invisible tag characters (``_TAGS``) removed; the rest unchanged.
-    Idempotent."""
-    return _TAGS.sub("", _CONTROL.sub(lambda m: m.group(0).translate(_LOOK_ALIKE), text))
+    """``text`` without text in invisible tag characters (``_TAGS``) and with every
+    control-token or tag spelling then left broken (brackets and bars swapped for look-alikes);
+    the rest unchanged. Idempotent. (Tags go first: one inside a spelling, ``<|im_<tag>end|>``,
+    would hide it from the second step and rebuild it when removed.)"""
+    return _CONTROL.sub(lambda m: m.group(0).translate(_LOOK_ALIKE), _untagged(text))
 
 
 class Finding(BaseModel):
@@ -88,7 +99,7 @@ _PIECE = re.compile(
     r"<!--.{0,1000}?-->|\[\[[^\[\]]{0,1000}\]\]|\{\{[^{}]{0,1000}\}\}"
     r"|\{[^{}\n]{0,500}(?:\{[^{}\n]{0,500}\}[^{}\n]{0,500}){0,8}\}"
     r"|\[[^\[\]\n]{1,300}\]|\([^()\n]{1,300}\)"
-    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}|{_TAGS.pattern}"
+    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}|{_FLAG}|[\U000e0000-\U000e007f]{{1,2000}}"
     r"|^[ \t]*\W{0,4}(?:system|assistant|instructions?)\s*(?:prompt|message|note)?:"
     r"|\s(?:->|=>|--|\u2014)\s",
     re.DOTALL | re.IGNORECASE | re.MULTILINE,
@@ -114,9 +125,11 @@ def passages(text: str) -> list[tuple[int, int]]:
 
 
 # Cyrillic and Greek letters drawn like Latin ones, as the Latin letter (their prototypes in
-# Unicode's confusables.txt, UTS #39). Folded only in a passage where they sit inside a Latin
-# word ("System note" spelled with Cyrillic S, y, s, e, o), so a passage written in Russian or
-# Greek is read as it is.
+# Unicode's confusables.txt, UTS #39). Folded in a word that mixes them with Latin letters,
+# and in a word made of nothing else in a passage written mostly in Latin letters ("SYSTEM" or
+# "AI" spelled in Cyrillic); a passage written mostly in Russian or Greek keeps its words
+# (Russian "VOT", "here", spelled in Cyrillic capitals, is no "BOT"), and so does a word with
+# letters of its own ("Etiketa" in Greek, whose tau and epsilon-tonos are no Latin letters).
 _LATIN_LOOK_ALIKES = str.maketrans(
     # Cyrillic capitals, Cyrillic small, Greek capitals, Greek small: each as the Latin letter
     # below it.
@@ -126,20 +139,31 @@ _LATIN_LOOK_ALIKES = str.maketrans(
     "\u03b1\u03bf\u03b9\u03c1\u03bd\u03ba",
     "ABESIJKMHOPCTXYaesijopcyxhdqwlABEZHIKMNOPTYXaoipvk",
 )
-_MIXED_WORD = re.compile(r"\b(?=\w{0,40}[A-Za-z])(?=\w{0,40}[\u0370-\u052f])\w{2,40}\b")
+_NOT_LATIN_WORD = re.compile(r"\w*[\u0370-\u052f]\w*")
+_LATIN = re.compile(r"[A-Za-z]")
+# Combining marks that strike or underline a letter (U+0336 after each letter of "ignore"):
+# no precomposed letter has them.
+_OVERLAYS = dict.fromkeys([0x0332, 0x0333, 0x0334, 0x0335, 0x0336, 0x0337, 0x0338])
 
 
 def _plain(passage: str) -> str:
     """What the cues read: text in tag characters as the ASCII it spells, compatibility forms
     as the ASCII they imitate (NFKC: fullwidth letters), without format characters
-    (zero-width spaces and joiners, soft hyphens), Cyrillic or Greek look-alikes inside Latin
-    words as Latin."""
+    (zero-width spaces and joiners, soft hyphens) or strike-through marks, and Cyrillic or
+    Greek look-alikes as Latin (``_LATIN_LOOK_ALIKES``)."""
     text = "".join(
         c
-        for c in unicodedata.normalize("NFKC", passage.translate(_TAG_TEXT))
+        for c in unicodedata.normalize("NFKC", passage.translate(_TAG_TEXT).translate(_OVERLAYS))
         if unicodedata.category(c) != "Cf"
     )
-    return text.translate(_LATIN_LOOK_ALIKES) if _MIXED_WORD.search(text) else text
+    letters = [c for c in text if c.isalpha()]
+    latin = len(_LATIN.findall(text)) * 2 > len(letters)
+
+    def fold(word: str) -> str:
+        folded = word.translate(_LATIN_LOOK_ALIKES)
+        return folded if _LATIN.search(word) or (latin and folded.isascii()) else word
+
+    return _NOT_LATIN_WORD.sub(lambda m: fold(m.group(0)), text)
 
 
 def findings(text: str, labels: Sequence[str]) -> list[Finding]:
@@ -157,7 +181,7 @@ def findings(text: str, labels: Sequence[str]) -> list[Finding]:
     for start, end in passages(text):
         passage = text[start:end]
         plain = _plain(passage)
-        cue = "hidden text" if _TAGS.search(passage) else None
+        cue = "hidden text" if _hides_text(passage) else None
         cue = cue or next((cue for cue, test in tests if test(plain)), None)
         if cue is None and start < role_until:
             cue = "inside a fake turn"

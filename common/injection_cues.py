@@ -11,8 +11,8 @@ Tuned on ``bench/adversarial/dev.jsonl``, then on ``holdout1.jsonl`` after its o
 measurement, and against ``bench/adversarial/clean_realistic.jsonl`` (ordinary tickets a
 reviewer wrote to find false alarms); measured on ``holdout2.jsonl`` (docs/injection.md).
 The pair checker's cue was then written on ``holdout3.jsonl``'s pairs after their one
-held-out measurement, and "модель" added with the reading of look-alike letters and tag
-characters (``common.injection._plain``) before ``holdout4.jsonl``'s.
+held-out measurement, and the reading of look-alike letters and tag characters
+(``common.injection._plain``) added before ``holdout4.jsonl``'s.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ _READER = (
     r"language model|model|sentiment (?:analy\w+|engine|system|tool|model|detector)|triage|"
     r"triage (?:bot|system|model|ai|engine|tool)|automated (?:system|triage|review\w*)|"
     r"sorting system|sorter|reviewer|system|algorithm|ia|ki|ии|modelo|modèle|modell|sistema|"
-    r"système|systém|mfumo|järjestelmä\w*|систем\w*|модел\w*)(?!\w)(?!\s+(?:team|department|support|"
+    r"système|systém|mfumo|järjestelmä\w*|систем\w*)(?!\w)(?!\s+(?:team|department|support|"
     r"admin\w*|engineers?|feature|add-?on|summar\w*|product|tool|settings?|update|outage))"
     r"|人工智能|模型|モデル)"
 )
