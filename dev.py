@@ -87,10 +87,7 @@ class Heartbeat:
 
 
 def run(argv: list[str], env: dict[str, str] | None = None) -> None:
-    """Run ``argv`` in the repository with ``env`` over this environment (a value of "" unsets
-    the variable); exit with its status if it fails."""
-    merged = {**os.environ, **(env or {})}
-    code = subprocess.call(argv, cwd=ROOT, env={k: v for k, v in merged.items() if v != ""})
+    code = subprocess.call(argv, cwd=ROOT, env={**os.environ, **(env or {})})
     if code:
         sys.exit(code)
 
@@ -113,7 +110,7 @@ def main() -> None:
     # The suite starts ~700 Python processes (the CLI, fleets' children); where
     # PYTHONDONTWRITEBYTECODE is set (Docker's python images set it) each would compile
     # tribunal's own modules again, ~10% of a process's start: they keep their bytecode in
-    # __pycache__ (ignored by git) for the tests.
+    # __pycache__ (ignored by git) for the tests. (Python reads the variable set to "" as unset.)
     run([str(BIN / "pytest"), *parallel(args), *args], env={"PYTHONDONTWRITEBYTECODE": ""})
 
 
