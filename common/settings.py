@@ -255,12 +255,9 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
     def _check_fleet(self) -> Settings:
         if not 1 <= len(self.workers) <= 9:
             raise ValueError(f"the fleet needs 1 to 9 workers, got {len(self.workers)}")
-        if self.quorum is not None and self.quorum > len(self.workers):
-            raise ValueError(f"quorum {self.quorum} exceeds the {len(self.workers)} workers")
-        if self.min_weight is not None and self.min_weight > len(self.workers):
-            raise ValueError(
-                f"min_weight {self.min_weight} exceeds the {len(self.workers)} workers"
-            )
+        for name, value in (("quorum", self.quorum), ("min_weight", self.min_weight)):
+            if value is not None and value > len(self.workers):
+                raise ValueError(f"{name} {value} exceeds the {len(self.workers)} workers")
         if self.default_task is not None and self.default_task not in self.all_tasks:
             raise ValueError(
                 f"default_task {self.default_task!r} is not a task "
@@ -274,11 +271,13 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
         if self.tiers is not None:
             listed = [name for tier in self.tiers for name in tier]
             if sorted(listed) != sorted(self.workers) or not all(self.tiers):
-                odd = {n for n in listed if listed.count(n) > 1} | set(listed) ^ set(self.workers)
+                odd = {n: "in no tier" for n in self.workers if n not in listed}
+                odd |= {n: "no such worker" for n in listed if n not in self.workers}
+                odd |= {n: "named twice" for n in listed if listed.count(n) > 1}
+                said = "; ".join(f"{n}: {why}" for n, why in sorted(odd.items()))
                 raise ValueError(
                     f"tiers {self.tiers} must name every worker once, in non-empty tiers "
-                    f"(workers: {', '.join(self.workers)}; "
-                    f"check: {', '.join(sorted(odd)) or 'the empty tier'})"
+                    f"(workers: {', '.join(self.workers)}; {said or 'a tier is empty'})"
                 )
         for name in self.workers:  # a votes hash's own fields start with _ (common.keys)
             if not name.replace("-", "").replace("_", "").isalnum() or name[0] in "-_":

@@ -105,10 +105,10 @@ def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
     from pydantic import ValidationError
 
     cases = {
-        "check: gamma": [["alpha"], ["beta"]],  # one missing
-        "check: alpha": [["alpha", "beta"], ["gamma", "alpha"]],  # one twice
-        "check: delta": [["alpha", "beta"], ["gamma", "delta"]],  # one not a worker
-        "check: the empty tier": [[], WORKERS],
+        "; gamma: in no tier)": [["alpha"], ["beta"]],
+        "; alpha: named twice)": [["alpha", "beta"], ["gamma", "alpha"]],
+        "; delta: no such worker; gamma: in no tier)": [["alpha", "beta"], ["delta"]],
+        "; a tier is empty)": [[], WORKERS],
     }
     for named, tiers in cases.items():
         with pytest.raises(ValidationError, match="must name every worker once") as refused:
