@@ -29,9 +29,11 @@ class StopFlag:
     ``hard_stop``). Whatever was not acked is
     reclaimed by another consumer later, so exiting hard loses nothing."""
 
-    def __init__(self, grace_s: float = 30.0) -> None:
+    def __init__(self, grace_s: float = 30.0, doing: str | None = None) -> None:
         self._event = threading.Event()
         self.grace_s = grace_s
+        # what the first signal's log line says happens next
+        self.doing = doing or f"finishing the current batch (at most {grace_s:.0f}s)"
 
     def install(self) -> StopFlag:
         # SIGHUP too: a closed terminal must stop a supervisor in order, not kill it and
@@ -44,9 +46,7 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self._event.is_set():
             _exit_now(f"second {name}", 128 + signum)
-        log.info(
-            "%s: finishing the current batch (at most %.0fs), then exiting", name, self.grace_s
-        )
+        log.info("%s: %s, then exiting", name, self.doing)
         self._event.set()
         timer = threading.Timer(
             self.grace_s, _exit_now, (f"still busy {self.grace_s:.0f}s after {name}", 128 + signum)
