@@ -141,13 +141,14 @@ class AggregatorHandler(Handler):
                 )
                 audit = None
                 if sampled(item.id, fraction := self.rt.settings.audit_fraction):
+                    # An item explored past the first tier was seen with both samples' chance.
                     audit = Escalation(
                         item=item,
                         votes=votes,
                         reason="audit",
                         escalated_at=now(),
                         accepted=outcome.label,
-                        sampling_rate=fraction,
+                        sampling_rate=fraction * (sampling_rate or 1.0),
                     ).dump()
                 outcomes.publish(writes, decision, escalated=False, audit=audit)
             elif outcome.kind == "escalate":

@@ -678,3 +678,34 @@ def test_only_the_step_out_of_the_first_tier_is_sampled(make_settings: Any) -> N
     assert any(sampled(i, 0.25, salt=b"explore") for i in ids)
     assert all(x.sampling_rate is None for x in lessons), [x.id for x in lessons]
     assert all({v.worker for v in x.votes} == set(workers) for x in lessons)
+
+
+def test_an_explored_item_accepted_after_trust_returns_is_audited_at_both_rates(
+    make_settings: Any,
+) -> None:
+    """An item sent past the first tier as one of the explored sample, accepted there once the
+    task is trusted again, and then audited, was seen with the chance of both samples: its
+    audit weighs 1 / (explore_fraction * audit_fraction), like an audit of any acceptance
+    past the first tier while the task was not trusted."""
+    fleet = LearningFleet(learning_settings(make_settings, audit_fraction=0.5))
+    rules = fleet.aggregator_handler
+    assert isinstance(rules.rule, Posterior)
+    rules.learning.next_at = float("inf")  # the thresholds below change only here
+    thresholds = rules.rule.table.thresholds
+    batch = [thing(random.Random(11), 300 + k) for k in range(60)]
+    assert Producer(fleet.rt.redis, fleet.rt.settings).send(batch).produced == len(batch)
+    thresholds.pop("things", None)  # not trusted: only the explored sample goes on
+    drain(fleet.workers["student"])
+    drain(fleet.aggregator)
+    thresholds["things"] = Threshold(0.0, 0.95, 40.0)  # trusted: the backup's vote settles it
+    drain(fleet.workers["backup"])
+    drain(fleet.aggregator)
+    drain(fleet.judge)
+    explored = {b["id"] for b in batch if sampled(b["id"], 0.25, salt=b"explore")}
+    by_workers = {d["id"] for d in fleet.outputs() if d["source"] == "workers"}
+    audited = {i for i in explored & by_workers if sampled(i, 0.5)}
+    assert audited, (explored, by_workers)
+    entries = fleet.rt.redis.xrange(fleet.rt.keys.lessons)
+    lessons = [Lesson.model_validate_json(f[RECORD_FIELD]) for _, f in entries]
+    rates = {x.id: x.sampling_rate for x in lessons if x.id in by_workers}
+    assert rates == dict.fromkeys(audited, 0.125), rates
