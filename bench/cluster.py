@@ -4,7 +4,7 @@
 
 Each configuration runs the same fleet as ``bench/pipeline.py`` (three instant
 simulated workers, aggregator, judge: one process each) against a local cluster of
-valkey processes (``common.localcluster``, no replicas) and times ``--items`` items
+valkey processes (``tests/localcluster.py``, no replicas) and times ``--items`` items
 from the first XADD until every partition's output holds them. The single-server
 client at P=1 is the baseline of the ratios. Redis CPU per item is summed over every
 valkey process from /proc, which is what the scaling model below needs.

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -22,6 +21,11 @@ from typing import Any, Literal, NamedTuple
 
 from redis import Redis
 from redis.exceptions import RedisError
+
+try:  # imported as localcluster by the tests, as tests.localcluster by bench/cluster.py
+    from ports import free_port
+except ImportError:
+    from tests.ports import free_port
 
 HOST = "127.0.0.1"
 SLOTS = 16384
@@ -40,15 +44,13 @@ def valkey_server_binary() -> Path:
 
 
 def _free_ports(count: int) -> list[int]:
-    """Distinct ports the OS just handed out (every socket stays bound until all are picked)."""
-    socks = [socket.socket() for _ in range(count)]
-    try:
-        for sock in socks:
-            sock.bind((HOST, 0))
-        return [int(sock.getsockname()[1]) for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    """Distinct free ports below the ephemeral range, where no outgoing connection of the
+    suite's parallel processes can take one before its node binds it (tests/ports.py)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        if (port := free_port()) not in ports:
+            ports.append(port)
+    return ports
 
 
 @dataclass(eq=False)
