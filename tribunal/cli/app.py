@@ -270,10 +270,11 @@ def run(
     def warn_unhandled(fleet: Fleet) -> None:
         for task in unhandled_tasks(s):  # a fleet may serve only some tasks: said
             say(
-                "[yellow]warning:[/]",
+                "[yellow]note:[/]",
                 f"no model of this fleet handles task {task!r} (workers: "
                 f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
-                f"{s.judge.backend}): its items will end as dead letters",
+                f"{s.judge.backend}): items of that task end as dead letters with the reason "
+                "(examples/local.toml is a fleet that labels every built-in task)",
             )
 
     log_dir = data_dir.parent / "logs"
