@@ -54,7 +54,8 @@ _LOOK_ALIKE = str.maketrans(
 # visible use is kept: a subdivision flag, U+1F3F4, 2-6 tag digits or small letters, a cancel
 # tag (Unicode's emoji-sequences, RGI: England, Scotland, Wales). Group 1: such a flag.
 _FLAG = "(\U0001f3f4[\U000e0030-\U000e0039\U000e0061-\U000e007a]{2,6}\U000e007f)"
-_TAGS = re.compile(_FLAG + "|[\U000e0000-\U000e007f]+")
+_TAG = "[\U000e0000-\U000e007f]"
+_TAGS = re.compile(f"{_FLAG}|{_TAG}+")
 _TAG_TEXT = {cp: cp - 0xE0000 for cp in range(0xE0020, 0xE007F)}  # tag letters as ASCII
 
 
@@ -99,7 +100,7 @@ _PIECE = re.compile(
     r"<!--.{0,1000}?-->|\[\[[^\[\]]{0,1000}\]\]|\{\{[^{}]{0,1000}\}\}"
     r"|\{[^{}\n]{0,500}(?:\{[^{}\n]{0,500}\}[^{}\n]{0,500}){0,8}\}"
     r"|\[[^\[\]\n]{1,300}\]|\([^()\n]{1,300}\)"
-    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}|{_FLAG}|[\U000e0000-\U000e007f]{{1,2000}}"
+    rf"|</?[A-Za-z][^<>\n]{{0,200}}>|{_CONTROL.pattern}|{_FLAG}|{_TAG}{{1,2000}}"
     r"|^[ \t]*\W{0,4}(?:system|assistant|instructions?)\s*(?:prompt|message|note)?:"
     r"|\s(?:->|=>|--|\u2014)\s",
     re.DOTALL | re.IGNORECASE | re.MULTILINE,
@@ -144,6 +145,7 @@ _LATIN = re.compile(r"[A-Za-z]")
 # Combining marks that strike or underline a letter (U+0336 after each letter of "ignore"):
 # no precomposed letter has them.
 _OVERLAYS = dict.fromkeys([0x0332, 0x0333, 0x0334, 0x0335, 0x0336, 0x0337, 0x0338])
+_UNDISGUISED = {**_TAG_TEXT, **_OVERLAYS}
 
 
 def _plain(passage: str) -> str:
@@ -153,11 +155,12 @@ def _plain(passage: str) -> str:
     Greek look-alikes as Latin (``_LATIN_LOOK_ALIKES``)."""
     text = "".join(
         c
-        for c in unicodedata.normalize("NFKC", passage.translate(_TAG_TEXT).translate(_OVERLAYS))
+        for c in unicodedata.normalize("NFKC", passage.translate(_UNDISGUISED))
         if unicodedata.category(c) != "Cf"
     )
-    letters = [c for c in text if c.isalpha()]
-    latin = len(_LATIN.findall(text)) * 2 > len(letters)
+    if not _NOT_LATIN_WORD.search(text):  # most tickets: nothing to fold
+        return text
+    latin = len(_LATIN.findall(text)) * 2 > sum(c.isalpha() for c in text)
 
     def fold(word: str) -> str:
         folded = word.translate(_LATIN_LOOK_ALIKES)

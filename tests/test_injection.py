@@ -124,8 +124,11 @@ def test_the_detector_flags_what_talks_to_the_model_and_redaction_keeps_the_rest
 ) -> None:
     found = findings(text, LABELS)
     assert found and found[0].cue == cue and all(f.cue in CUES for f in found)
-    assert CUES[1:-1] == tuple(name for name, _ in cues(LABELS))
     assert " ".join(redacted(text, found).split()) == kept
+
+
+def test_the_written_out_cue_names_are_those_tried_in_that_order() -> None:
+    assert CUES[1:-1] == tuple(name for name, _ in cues(LABELS))
 
 
 def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tickets() -> None:
@@ -154,18 +157,13 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     # of 22 found before; the other six are in other languages or disguised letters, or
     # address no one); none of their clean twins is flagged.
     similar = BUILTIN_TASKS["similar_ticket"]
-    twins = [
-        r
-        for r in records(ROOT / "bench/adversarial/holdout3.jsonl")
-        if r["task"] == "similar_ticket"
-    ]
+    holdout3 = records(ROOT / "bench/adversarial/holdout3.jsonl")
+    twins = [r for r in holdout3 if r["task"] == "similar_ticket"]
     found_in = Counter(bool(r.get("metadata")) for r in twins if similar.findings(Item(**r)))
     assert len(twins) == 44 and found_in == {True: 14}, found_in
     # holdout3's sentiment twins: 48 found at their one held-out measurement; then look-alike
     # letters folded and tag characters read (50)
-    sentiment = [
-        r for r in records(ROOT / "bench/adversarial/holdout3.jsonl") if r["task"] == "sentiment"
-    ]
+    sentiment = [r for r in holdout3 if r["task"] == "sentiment"]
     assert (
         sum(bool(r.get("metadata")) and bool(findings(r["text"], LABELS)) for r in sentiment) == 50
     )
