@@ -274,10 +274,11 @@ class Settings(ServeSettings, BaseSettings):  # serve_*: common.serve_settings
                 odd = {n: "in no tier" for n in self.workers if n not in listed}
                 odd |= {n: "no such worker" for n in listed if n not in self.workers}
                 odd |= {n: "named twice" for n in listed if listed.count(n) > 1}
-                said = "; ".join(f"{n}: {why}" for n, why in sorted(odd.items()))
+                said = [f"{n}: {why}" for n, why in sorted(odd.items())]
+                said += [] if all(self.tiers) else ["a tier is empty"]
                 raise ValueError(
                     f"tiers {self.tiers} must name every worker once, in non-empty tiers "
-                    f"(workers: {', '.join(self.workers)}; {said or 'a tier is empty'})"
+                    f"(workers: {', '.join(self.workers)}; {'; '.join(said)})"
                 )
         for name in self.workers:  # a votes hash's own fields start with _ (common.keys)
             if not name.replace("-", "").replace("_", "").isalnum() or name[0] in "-_":

@@ -109,6 +109,7 @@ def test_tiers_must_name_every_worker_once(make_settings: Any) -> None:
         "; alpha: named twice)": [["alpha", "beta"], ["gamma", "alpha"]],
         "; delta: no such worker; gamma: in no tier)": [["alpha", "beta"], ["delta"]],
         "; a tier is empty)": [[], WORKERS],
+        "; gamma: in no tier; a tier is empty)": [[], ["alpha", "beta"]],
     }
     for named, tiers in cases.items():
         with pytest.raises(ValidationError, match="must name every worker once") as refused:

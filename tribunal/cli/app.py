@@ -235,11 +235,11 @@ def run(
     with clear_errors(s):  # a typo: one line before valkey, servers or processes start
         check_fleet(s)
     # The whole stop is bounded: the children's own grace, then the servers' shutdown.
+    servers = ", then the model servers stop" if s.served_models else ""
     stop = StopFlag(
         s.shutdown_grace_s + 30,
         f"stopping the fleet: its members finish their batches (at most "
-        f"{s.shutdown_grace_s:.0f}s), then the model servers stop (at most "
-        f"{s.shutdown_grace_s + 30:.0f}s in all)",
+        f"{s.shutdown_grace_s:.0f}s){servers}; at most {s.shutdown_grace_s + 30:.0f}s in all",
     ).install()
     embedded = None
     if not s.redis_url:
