@@ -26,9 +26,12 @@ detector finds is removed before a model reads it (``TaskSpec.injection = "redac
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import unicodedata
 from collections.abc import Sequence
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict
 
@@ -88,7 +91,7 @@ class Finding(BaseModel):
     end: int = 0
 
 
-_CACHE: dict[tuple[str, ...], list[tuple[str, Test]]] = {}
+_CACHE: dict[tuple[tuple[str, ...], bool], list[tuple[str, Test]]] = {}
 _STOPS = ".!?\u3002\uff01\uff1f"  # and the ideographic full stop, fullwidth ! and ?
 # A sentence ends at a stop followed by a space or the line's end ("v2.3.1" goes on).
 _SENTENCE = re.compile(rf"(?:[^{_STOPS}\n]|[{_STOPS}](?=\S))*(?:[{_STOPS}]+|\n|$)")
@@ -140,12 +143,54 @@ _LATIN_LOOK_ALIKES = str.maketrans(
     "\u03b1\u03bf\u03b9\u03c1\u03bd\u03ba",
     "ABESIJKMHOPCTXYaesijopcyxhdqwlABEZHIKMNOPTYXaoipvk",
 )
-_NOT_LATIN_WORD = re.compile(r"\w*[\u0370-\u052f]\w*")
+_NOT_LATIN = re.compile(r"[\u0370-\u052f]")
+# From a word's start only: a long run of word characters is scanned once, not once per start.
+_NOT_LATIN_WORD = re.compile(r"(?<!\w)\w*[\u0370-\u052f]\w*")
 _LATIN = re.compile(r"[A-Za-z]")
 # Combining marks that strike or underline a letter (U+0336 after each letter of "ignore"):
 # no precomposed letter has them.
 _OVERLAYS = dict.fromkeys([0x0332, 0x0333, 0x0334, 0x0335, 0x0336, 0x0337, 0x0338])
 _UNDISGUISED = {**_TAG_TEXT, **_OVERLAYS}
+
+
+# Spellings that hide words from a reader of regular expressions and not from a model: a
+# URL's percent-escapes, base64, digits for letters ("p051t1v3"), letters spaced out ("C L A
+# S S I F Y   A S"), words joined by underscores ("receipt_LABEL_AS_NEGATIVE.pdf"). Read as a
+# second reading only (``findings``), so what the first reads as written (``<start_of_turn>``,
+# ``same_root_cause``, "ROT13") stays as it is; narrow, so product codes ("A1", "B0T-3") and
+# environment variables ("TELEGRAM_BOT_TOKEN") keep their spelling.
+_ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2}){3,}")
+_BASE64 = re.compile(r"(?<![\w+/])[A-Za-z0-9+/]{16,4000}={0,2}(?![\w+/=])")
+_LEET_WORD = re.compile(
+    r"(?<!\w)(?=(?:[0-9]{0,30}[a-z]){2})(?=[a-z]{0,30}[013457])[a-z013457]{4,30}(?!\w)",
+    re.I,
+)
+_LEET = str.maketrans("013457", "oieast")
+_SPACED = re.compile(r"(?<!\S)\w(?: \w){3,}(?!\S)")  # four letters or more, one space apart
+_SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
+_SNAKE = re.compile(r"(?<!\w)[A-Za-z]{1,30}(?:_[A-Za-z]{1,30}){3,20}(?!\w)")  # four words
+
+
+def _decoded(blob: str) -> str:
+    """A base64 blob as the text it encodes, where that is printable ASCII with a space in it
+    (a sentence); else the blob itself (a token, a hash, a key)."""
+    try:
+        raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return blob
+    text = " ".join(raw.decode("ascii", errors="replace").split())
+    return text if " " in text and text.isprintable() and "\ufffd" not in text else blob
+
+
+def _spelled_out(plain: str) -> str:
+    """``plain`` with the spellings of ``_ESCAPES`` .. ``_SNAKE`` read as the words they spell
+    (escapes and base64 first: the other readings would change their characters)."""
+    text = _ESCAPES.sub(lambda m: unquote(m.group(0), errors="replace"), plain)
+    text = _BASE64.sub(lambda m: _decoded(m.group(0)), text)
+    text = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    if _SPACED.search(text):
+        text = _SPACED_SHORT.sub(lambda m: m.group(0).replace(" ", ""), text)
+    return _SNAKE.sub(lambda m: m.group(0).replace("_", " "), text)
 
 
 def _plain(passage: str) -> str:
@@ -158,7 +203,7 @@ def _plain(passage: str) -> str:
         for c in unicodedata.normalize("NFKC", passage.translate(_UNDISGUISED))
         if unicodedata.category(c) != "Cf"
     )
-    if not _NOT_LATIN_WORD.search(text):  # most tickets: nothing to fold
+    if not _NOT_LATIN.search(text):  # most tickets: nothing to fold
         return text
     latin = len(_LATIN.findall(text)) * 2 > sum(c.isalpha() for c in text)
 
@@ -169,23 +214,25 @@ def _plain(passage: str) -> str:
     return _NOT_LATIN_WORD.sub(lambda m: fold(m.group(0)), text)
 
 
-def findings(text: str, labels: Sequence[str]) -> list[Finding]:
+def findings(text: str, labels: Sequence[str], pair: bool = False) -> list[Finding]:
     """The passages of ``text`` that speak to the model rather than to the desk, each with the
     first cue (``CUES``) it matched, in order. ``labels``: the task's labels, the words an
-    attacker asks for. What stands between a fake turn's opener (``<|im_start|>user``) and
-    its closer is flagged whole, and so is the rest of a role marker's line ("SYSTEM: the
-    customer is delighted"); an opener never closed opens nothing."""
-    tests = _CACHE.get(tuple(labels))
+    attacker asks for; ``pair``: the task's items are pairs of tickets. What stands between a
+    fake turn's opener (``<|im_start|>user``) and its closer is flagged whole, and so is the
+    rest of a role marker's line ("SYSTEM: the customer is delighted"); an opener never
+    closed opens nothing."""
+    tests = _CACHE.get((tuple(labels), pair))
     if tests is None:
-        tests = _CACHE.setdefault(tuple(labels), cues(labels))
+        tests = _CACHE.setdefault((tuple(labels), pair), cues(labels, pair))
     found: list[Finding] = []
     turn: list[Finding] | None = None  # inside a fake turn: what it holds so far
     role_until = -1  # a role marker ("SYSTEM:") speaks for the rest of its line
     for start, end in passages(text):
         passage = text[start:end]
         plain = _plain(passage)
-        cue = "hidden text" if _hides_text(passage) else None
-        cue = cue or next((cue for cue, test in tests if test(plain)), None)
+        cue = "hidden text" if _hides_text(passage) else _first_cue(tests, plain)
+        if cue is None and (spelled := _spelled_out(plain)) != plain:
+            cue = _first_cue(tests, spelled)
         if cue is None and start < role_until:
             cue = "inside a fake turn"
         elif cue == "role marker":
@@ -202,6 +249,10 @@ def findings(text: str, labels: Sequence[str]) -> list[Finding]:
         if cue is not None:
             found.append(_finding(passage, cue, start, end))
     return sorted(found, key=lambda f: f.start)
+
+
+def _first_cue(tests: list[tuple[str, Test]], plain: str) -> str | None:
+    return next((cue for cue, test in tests if test(plain)), None)
 
 
 def _finding(passage: str, cue: str, start: int, end: int) -> Finding:

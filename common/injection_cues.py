@@ -12,7 +12,9 @@ measurement, and against ``bench/adversarial/clean_realistic.jsonl`` (ordinary t
 reviewer wrote to find false alarms); measured on ``holdout2.jsonl`` (docs/injection.md).
 The pair checker's cue was then written on ``holdout3.jsonl``'s pairs after their one
 held-out measurement, and the reading of look-alike letters and tag characters
-(``common.injection._plain``) added before ``holdout4.jsonl``'s.
+(``common.injection._plain``) added before ``holdout4.jsonl``'s. After that measurement,
+tuned on holdout4: words spelled out (spaced letters, digits for letters, escapes, base64),
+notes to a reviewer or tagger, claims about how tickets relate (pair tasks only).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ CLOSER = re.compile(
 # Words that name the thing reading the ticket, in the languages attacks were written in; not
 # followed by what makes them a product or a department ("the AI add-on", "system admin").
 _READER = (
-    r"(?:(?:a\.?i\.?|ai model|assistant|bot|chat ?gpt|classifier|labell?(?:er|ing system)|llm|"
+    r"(?:(?:a\.?i\.?|ai model|assistant|bot|chat ?gpt|classifiers?|labell?(?:er|ing system)|llm|"
     r"language model|model|sentiment (?:analy\w+|engine|system|tool|model|detector)|triage|"
     r"triage (?:bot|system|model|ai|engine|tool)|automated (?:system|triage|review\w*)|"
     r"sorting system|sorter|reviewer|system|algorithm|ia|ki|ии|modelo|modèle|modell|sistema|"
@@ -69,7 +71,8 @@ _IGNORE = (
     r"(?:ignore|disregard|forget|override|overrule|bypass|skip|drop)\w{0,4}\s+(?:\w+\s+){0,3}"
     r"(?:previous|prior|above|earlier|preceding|former|all|any|your|the|system|original)?"
     r"\s*(?:\w+\s+){0,2}(?:instructions?|rules?|prompts?|directions?|guidelines?|"
-    r"directives?|programming|constraints?)\b(?!\s+(?:I|we)\s+(?:sent|gave|wrote|emailed))"
+    r"directives?|programming|constraints?|rubrics?)\b"
+    r"(?!\s+(?:I|we)\s+(?:sent|gave|wrote|emailed))"
     r"|ignor\w{0,8}\s+(?:\w+\s+){0,3}(?:instruc\w*|anweisung\w*|regel\w*|règles?|reglas?|"
     r"istruzion\w*|instru[çc]\w*|инструкци\w*)\b(?!\s+(?:I|we)\s+(?:sent|gave|wrote|emailed))"
     r"|(?:forget|ignore|disregard)\s+(?:everything|anything|all|what)\s+you\b[^.!?\n]{0,30}"
@@ -120,10 +123,11 @@ def _both(first: re.Pattern[str], second: re.Pattern[str]) -> Test:
     return lambda p: first.search(p) and second.search(p)
 
 
-def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
-    """The cues for a task whose labels are ``labels``, in the order they are tried."""
+def cues(labels: Sequence[str], pair: bool = False) -> list[tuple[str, Test]]:
+    """The cues for a task whose labels are ``labels``, in the order they are tried; those
+    of a task whose items are pairs of tickets (``pair``) include "ticket relation claim"."""
     label = _label_words(labels)
-    end = r"[\"'»”]?\s*(?:$|[,.;:!?)\]}\n-])"  # the label ends its clause
+    end = r"[\"'»”]?\s*(?:$|[,.;:!?)\]}\n#-])"  # the label ends its clause
     i = re.IGNORECASE
     asks = re.compile(rf"\b{label}\b|\b{_ASK}\b|{_IGNORE}", i)
     address = re.compile(
@@ -132,10 +136,20 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
         rf"(?:\w+\s+){{0,2}}{_READER}|\b{_READER}\s*(?:へ|に|에게|[:\uff1a])"
         rf"|\b{_READER}\s+(?:\w+\s+){{0,2}}(?:must|should|shall|please|needs? to|has to|"
         rf"is instructed|is required)\b|\bwhoever (?:reads|files|processes|handles|sorts|"
-        rf"triages|labels) this\b|\bprocessing (?:note|hint|instruction)s?\b"
+        rf"triages|labels|tags|classifies|categori[sz]es|rates|scores) (?:this|these)\b"
+        rf"|\bprocessing (?:note|hint|instruction)s?\b"
         rf"|\b(?:hinweis|nota|remarque|uwaga|aviso|not|poznámka|huomio|maelekezo|ghi chú)\b"
         rf"[^.!?\n]{{0,30}}\b(?:an|für|pour|para|per|dla|для|pro|kwa|cho)?\s*{_READER}",
         i,
+    )
+    # A heading that addresses whatever labels the ticket speaks to it, whatever follows
+    # ("Summary for the reviewer: customer is pleased" names no label); only as a heading
+    # ("the notes for the reviewer contain a demo login" is a customer's sentence).
+    note_to = re.compile(
+        r"^\W{0,3}(?:[\w.;-]+\s+){0,2}(?:for|to)\s+(?:the\s+|any\s+|all\s+)?(?:(?:ai|merge|"
+        r"dedup\w*|deduplication|triage|labell?ing)[- ]assistants?|(?:\w+[- ])?(?:reviewers?|"
+        r"classifiers?|a\.?i\.?|bots?|llms?|taggers?|labell?ers?|annotators?|graders?))\s*:",
+        i | re.MULTILINE,
     )
     patterns: list[tuple[str, re.Pattern[str]]] = [
         ("control token", CONTROL_CUE),
@@ -159,7 +173,7 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
             "label as a value",
             re.compile(
                 rf"[\"']?\b[\w-]{{0,24}}{_KEYS}[\w-]{{0,24}}[\"']?\s*[:=]\s*[\"'«]?\s*{label}{end}"
-                rf"|(?:^|\s)\S{{1,40}}\s+=\s+{label}\b"
+                rf"|(?:^|\s)\S{{1,40}}\s+=\s+[\"']?{label}\b"
                 rf"|\b(?:this|the|my|our|all|every)\s+(?:\w+\s+){{0,3}}(?:tickets?|messages?|"
                 rf"cases?|conversations?)\b[^.!?\n]{{0,40}}\b(?:is|are|was|were|be|counts? as|"
                 rf"goes? as)\s+"
@@ -175,7 +189,8 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
                 rf"|\b(?:mark|marked|tag|tagged|call|say|label|labell?ed|flag|rate|classify|"
                 rf"output|answer|respond with|reply with|return|print|write|choose|pick|select|"
                 rf"go with|put down|treat|categori[sz]e|score|reply|respond)\s+(?:\w+\s+){{0,3}}"
-                rf"{label}\b|\balways (?:answers?|says?|replies|labels?|responds?|outputs?)\s+"
+                rf"[\"'«“]?{label}\b"
+                rf"|\balways (?:answers?|says?|replies|labels?|responds?|outputs?)\s+"
                 rf"(?:with\s+)?{label}\b|\b(?:tags?|label)\s*:\s*(?:\w+\s+){{0,2}}{label}\b"
                 rf"|\b{label}\s*(?:と|として|に|으로|로)"
                 rf"|\b(?:as|als|como|comme|come|jako|как)\s+[\"'«“]?{label}\b[^.!?\n]{{0,30}}"
@@ -189,7 +204,7 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
                 r"\byou are (?:now\s+)?(?:an?\s+|the\s+)?\w{0,20}(?:bot|gpt|classifier|"
                 r"labell?er)\b|\bfrom now on,? (?:you|your|answer|label|classify|respond|reply|"
                 r"output)\b|\byour (?:new|only|real) (?:role|job|task|purpose|instruction)"
-                r"|\bnew instructions?\b|\bstay in character\b"
+                r"|\bnew (?:instructions?|rubric)\b|\bstay in character\b"
                 r"|(?:^|\byou (?:will |must |should |shall |now )?)\W*act as\b"
                 r"|^\W*(?:imagine|pretend|suppose) (?:you(?:'re| are)|that you)\b|\byour label\b"
                 r"|\blet'?s play a game\b|\brole-?play\b",
@@ -206,7 +221,7 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
             re.compile(
                 r"\b(?:overrides?|supersedes?|takes precedence over)\s+(?:the\s+|any\s+)?"
                 r"(?:free[- ]text|ticket|message|text|sentiment|label|classification|content|"
-                r"customer)|\b(?:read (?:it|this) backwards|decode (?:and follow|it|this)|"
+                r"customer)|\b(?:read (?:it |this |that )?backwards|decode (?:and follow|it|this)|"
                 r"rot13)\b",
                 i,
             ),
@@ -220,6 +235,30 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
             ),
         ),
         (
+            # How this ticket relates to others ("not a duplicate of any open ticket", "keep
+            # tickets split"): what a pair's attacker claims, and no evidence about the pair
+            # when a customer says it; in a one-ticket task, ordinary text.
+            "ticket relation claim",
+            re.compile(
+                r"\b(?:is|isn't|is not|are|aren't|are not|was|not)\s+(?:an?\s+|the\s+)?"
+                r"duplicates?\s+of\s+(?:any|another|the other|#|(?:(?:an?|the|any)\s+)?(?:\w+\s+)?"
+                r"(?:tickets?|cases?|reports?|incidents?)\b)"
+                r"|\bunrelated to (?:any|all|the|every) other (?:tickets?|cases?|reports?|issues?)"
+                r"|\b(?:separate|different|distinct|same) (?:incident|root cause)s? "
+                r"(?:from|as|to) (?:inc\W?\d|#|tickets?\b|cases?\b|the other|incident)"
+                r"|\bkeep (?:the\s+|these\s+|both\s+|this\s+)?(?:tickets?|cases?) "
+                r"(?:split|separate|apart|distinct|unlinked)"
+                r"|\b(?:please|kindly) (?:merge|link)\b\s*(?:[).!;]|$|(?:it|this|them|these)\b)"
+                r"|\bsame (?:issue|problem|bug|glitch|incident|fault|outage) as (?:the\s+)?"
+                r"(?:[\w-]+\s+){0,2}(?:ticket|case|report|incident)\b|\bsame \w+ as #"
+                r"|\b(?:treat|consider|count|handle|record|file|mark|classify)\b[^.\n]{0,60}\bas "
+                r"(?:the\s+)?(?:same|different|separate|one|unrelated|distinct) (?:issue|problem|"
+                r"incident|case|ticket|report)s?\b"
+                r"|\bmerge[- ]tool history\b|^\W{0,3}merge history\s*:",
+                i,
+            ),
+        ),
+        (
             "comment",
             re.compile(r"<!--.{0,1000}?-->|\[\[[^\[\]]{0,1000}\]\]|\{\{[^{}]{0,1000}\}\}", re.S),
         ),
@@ -228,8 +267,8 @@ def cues(labels: Sequence[str]) -> list[tuple[str, Test]]:
     signal = re.compile(rf"\b{_ASK}|{_META}|\b{_READER}|[\"'«“]\s*(?:{label})\s*[\"'»”]", i)
     return [
         *((name, pattern.search) for name, pattern in patterns[:4]),
-        ("addressed to the model", _both(address, asks)),
-        *((name, pattern.search) for name, pattern in patterns[4:]),
+        ("addressed to the model", lambda p: note_to.search(p) or _both(address, asks)(p)),
+        *((name, p.search) for name, p in patterns[4:] if pair or name != "ticket relation claim"),
         (
             "label in another language",
             lambda p: exact.search(p) and foreign(p, signal),
@@ -281,6 +320,7 @@ CUES = (
     "label in a note",
     "override",
     "addressed to the pair checker",
+    "ticket relation claim",
     "comment",
     "label in another language",
     "inside a fake turn",

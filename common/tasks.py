@@ -109,15 +109,16 @@ class TaskSpec(BaseModel):
     def findings(self, item: Item) -> list[Finding]:
         """What the injection detector flags in the item's texts (``common.injection``)."""
         texts = [item.text] if item.text_b is None else [item.text, item.text_b]
-        return [f for text in texts for f in findings(text, self.labels)]
+        return [f for text in texts for f in findings(text, self.labels, self.pair)]
 
     def view(self, item: Item) -> Item:
         """The item as every model reads it (``consumers.backends.ask`` hands this to the
         backend): unless ``injection = "flag"``, its texts lack what the detector flags."""
         if self.injection == "flag":
             return item
-        text = redacted(item.text, findings(item.text, self.labels))
-        text_b = item.text_b and redacted(item.text_b, findings(item.text_b, self.labels))
+        found = [findings(text, self.labels, self.pair) for text in (item.text, item.text_b or "")]
+        text = redacted(item.text, found[0])
+        text_b = item.text_b and redacted(item.text_b, found[1])
         if (text, text_b) == (item.text, item.text_b):
             return item
         return item.model_copy(update={"text": text, "text_b": text_b})

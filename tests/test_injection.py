@@ -128,7 +128,8 @@ def test_the_detector_flags_what_talks_to_the_model_and_redaction_keeps_the_rest
 
 
 def test_the_written_out_cue_names_are_those_tried_in_that_order() -> None:
-    assert CUES[1:-1] == tuple(name for name, _ in cues(LABELS))
+    assert CUES[1:-1] == tuple(name for name, _ in cues(LABELS, pair=True))
+    assert "ticket relation claim" not in {name for name, _ in cues(LABELS)}
 
 
 def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tickets() -> None:
@@ -140,7 +141,7 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
         name: sum(bool(findings(r["text"], LABELS)) for r in rows if r.get("metadata"))
         for name, rows in (("dev", dev), ("holdout1", holdout1))
     }
-    assert found == {"dev": 120, "holdout1": 77}  # 4 of holdout1 are subtle or structured
+    assert found == {"dev": 120, "holdout1": 79}  # 2 of holdout1 are subtle or structured
     clean = [r for r in [*dev, *holdout1] if not r.get("metadata")]
     clean += records(ROOT / "producers/samples/tickets.jsonl")
     assert len(clean) >= 400 and [r["id"] for r in clean if findings(r["text"], LABELS)] == []
@@ -154,18 +155,19 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     pairs = records(ROOT / "producers/samples/ticket_pairs.jsonl")
     assert [r["id"] for r in pairs if BUILTIN_TASKS["similar_ticket"].findings(Item(**r))] == []
     # Pairs: what is written to the tool that links duplicates (tuned on holdout3's pairs, 8
-    # of 22 found before; the other six are in other languages or disguised letters, or
-    # address no one); none of their clean twins is flagged.
+    # of 22 found before, 14 after), and claims about how tickets relate (tuned on holdout4's:
+    # 15); the seven left are in other languages or disguised letters, or address no one;
+    # none of their clean twins is flagged.
     similar = BUILTIN_TASKS["similar_ticket"]
     holdout3 = records(ROOT / "bench/adversarial/holdout3.jsonl")
     twins = [r for r in holdout3 if r["task"] == "similar_ticket"]
     found_in = Counter(bool(r.get("metadata")) for r in twins if similar.findings(Item(**r)))
-    assert len(twins) == 44 and found_in == {True: 14}, found_in
+    assert len(twins) == 44 and found_in == {True: 15}, found_in
     # holdout3's sentiment twins: 48 found at their one held-out measurement; then look-alike
-    # letters folded and tag characters read (50)
+    # letters folded and tag characters read (50), spelled-out words read (52)
     sentiment = [r for r in holdout3 if r["task"] == "sentiment"]
     assert (
-        sum(bool(r.get("metadata")) and bool(findings(r["text"], LABELS)) for r in sentiment) == 50
+        sum(bool(r.get("metadata")) and bool(findings(r["text"], LABELS)) for r in sentiment) == 52
     )
     assert [
         r["id"] for r in sentiment if not r.get("metadata") and findings(r["text"], LABELS)
