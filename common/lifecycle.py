@@ -29,9 +29,11 @@ class StopFlag:
     ``hard_stop``). Whatever was not acked is
     reclaimed by another consumer later, so exiting hard loses nothing."""
 
-    def __init__(self, grace_s: float = 30.0, doing: str | None = None) -> None:
+    def __init__(self, grace_s: float = 30.0, doing: str | None = None, who: str = "") -> None:
         self._event = threading.Event()
         self.grace_s = grace_s
+        self.who = who  # who stops, named in the log line: "worker vader" (a supervisor's
+        # children share its terminal)
         # what the first signal's log line says happens next
         self.doing = doing or f"finishing the current batch (at most {grace_s:.0f}s)"
 
@@ -46,7 +48,7 @@ class StopFlag:
         name = signal.Signals(signum).name
         if self._event.is_set():
             _exit_now(f"second {name}", 128 + signum)
-        log.info("%s: %s, then exiting", name, self.doing)
+        log.info("%s: %s%s, then exiting", name, f"{self.who}: " if self.who else "", self.doing)
         self._event.set()
         timer = threading.Timer(
             self.grace_s, _exit_now, (f"still busy {self.grace_s:.0f}s after {name}", 128 + signum)

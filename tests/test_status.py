@@ -17,7 +17,9 @@ from typing import Any, TypeVar
 import orjson
 from rich.console import Console
 
+from common import metrics
 from common.connection import connect
+from common.keys import Keys
 from common.settings import Settings
 from producers.api import Producer
 from tribunal.demo import load_sample
@@ -169,6 +171,9 @@ def test_status_follows_lag_as_the_fleet_starts_and_a_worker_stops(make_settings
 def test_status_table_and_errors(settings: Settings) -> None:
     env = cli_env(settings)
     Producer(connect(settings), settings).send(fresh_records(3))
+    # Votes counted for one worker only: the others (all their votes late) get a row of none.
+    vote = metrics.field(metrics.VOTES, {"worker": "vader", "label": "positive"})
+    connect(settings).hset(Keys(settings.namespace).stats, vote, 2)
     table = subprocess.run(
         [sys.executable, "-m", "tribunal", "status"],
         env={**env, "COLUMNS": "200"},
@@ -179,6 +184,8 @@ def test_status_table_and_errors(settings: Settings) -> None:
     assert table.returncode == 0, table.stderr
     assert "worker:vader" in table.stdout and "STALLED" in table.stdout
     assert "judge-call rate" in table.stdout
+    assert re.search(r"votes vader\s+2 \(positive 2\)", table.stdout), table.stdout
+    assert re.search(r"votes textblob\s+0 \(none counted\)", table.stdout), table.stdout
     for url in ("redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1/0"):
         down = subprocess.run(
             [sys.executable, "-m", "tribunal", "status", "--json"],

@@ -167,7 +167,7 @@ def worker(
 
     s = consumer_settings(ctx, partition)
     with clear_errors(s):
-        run_worker(runtime(s), name)
+        run_worker(runtime(s, f"worker {name}"), name)
 
 
 @app.command()
@@ -177,7 +177,7 @@ def aggregator(ctx: typer.Context, partition: PartitionOption = None) -> None:
 
     s = consumer_settings(ctx, partition)
     with clear_errors(s):
-        run_aggregator(runtime(s))
+        run_aggregator(runtime(s, "aggregator"))
 
 
 @app.command()
@@ -187,7 +187,7 @@ def judge(ctx: typer.Context, partition: PartitionOption = None) -> None:
 
     s = consumer_settings(ctx, partition)
     with clear_errors(s):
-        run_judge(runtime(s))
+        run_judge(runtime(s, "judge"))
 
 
 app.command()(labels)
@@ -265,7 +265,9 @@ def run(
         say("", f"  export TRIBUNAL_REDIS_URL={url}")
         if s.fleet_file is not None:  # else status there would read the default fleet's tasks
             say("", f"  export TRIBUNAL_FLEET_FILE={shlex.quote(str(s.fleet_file.resolve()))}")
-        say("", "  tribunal produce FILE; tribunal labels --follow; tribunal status --watch")
+        say("", "  tribunal produce FILE      # items in: a JSONL or CSV file, or - for stdin")
+        say("", "  tribunal labels --follow   # the final labels as they come, until Ctrl-C")
+        say("", "  tribunal status --watch    # (a third shell) queues, lag, judge share")
 
     def warn_unhandled(fleet: Fleet) -> None:
         for task in unhandled_tasks(s):  # a fleet may serve only some tasks: said

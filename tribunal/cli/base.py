@@ -117,10 +117,11 @@ def needs_redis(s: Settings) -> Settings:
     return s
 
 
-def runtime(s: Settings) -> Runtime:
+def runtime(s: Settings, who: str = "") -> Runtime:
+    """The consumer's runtime; ``who`` ("worker vader") names it in its stop line."""
     from consumers.engine.runtime import Runtime
 
-    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s).install())
+    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s, who=who).install())
 
 
 class Interrupt:

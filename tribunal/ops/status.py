@@ -69,6 +69,9 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         if s.name == metrics.VOTES:
             by_label = votes.setdefault(s.labels.get("worker", "?"), {})
             by_label[s.labels.get("label", "?")] = int(s.value)
+    if votes:  # a worker whose every vote came late has a row too, of none
+        for name in settings.workers:
+            votes.setdefault(name, {})
     total = sum(decisions.values())
     by_outcome: dict[str, int] = {}
     for s in stats:
@@ -227,7 +230,7 @@ def render(snap: Snapshot) -> RenderableType:
     ]
     for worker, labels in sorted(snap.votes.items()):
         detail = ", ".join(f"{label} {n}" for label, n in sorted(labels.items()))
-        rows.append((f"votes {worker}", f"{sum(labels.values())} ({detail})"))
+        rows.append((f"votes {worker}", f"{sum(labels.values())} ({detail or 'none counted'})"))
     if snap.votes:  # why the counts differ between workers
         rows.append(
             (
