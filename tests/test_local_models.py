@@ -328,8 +328,11 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
     argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
     argv += ["serve", "--host", "0.0.0.0", "--port", str(port), "--log-dir", str(tmp_path)]
+    ready_file = tmp_path / "ready"
     env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
-    server = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [*argv, "--ready-file", str(ready_file)], env=env, stderr=subprocess.PIPE
+    )
     assert server.stderr is not None
     text = ""  # its log, then the URLs once served and warm
     try:
@@ -348,6 +351,7 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
         assert "warmed judge's prompt cache" in text, text
         urls = orjson.loads(log[-1].split("=", 1)[1].strip().strip("'"))
         assert urls == {"smol": f"http://127.0.0.1:{port}/v1"}, log
+        assert orjson.loads(ready_file.read_bytes()) == urls  # written once warm
         health = httpx.get(f"http://{address}:{port}/health", timeout=10, trust_env=False)
         assert health.status_code == 200
 
@@ -360,6 +364,7 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
 
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=60) == 0
+        assert not ready_file.exists()
     finally:
         server.kill()
     rest = server.stderr.read().decode()

@@ -132,6 +132,14 @@ def serve_models(
             "so on (0: any free ports).",
         ),
     ] = 0,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Written once every server is up and its prompt cache warm (it holds the "
+            "URLs, as JSON), removed when serving stops: a readiness check for the whole, "
+            "where /health only says a server has loaded its model.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the fleet's local models until Ctrl-C (or SIGTERM), their prompt caches warmed,
     printing the TRIBUNAL_MODEL_URLS line that lets workers started by hand (`tribunal
@@ -152,12 +160,19 @@ def serve_models(
         )
         raise typer.Exit(2)
     stop = StopFlag().install()
+    if ready_file is not None:  # one left by a killed run says nothing of this one
+        ready_file.unlink(missing_ok=True)
     try:
         with clear_errors(s):
             servers.start()
         warm_prompt_caches(s, servers.urls())
-        say("", f"export TRIBUNAL_MODEL_URLS='{orjson.dumps(servers.urls()).decode()}'")
+        urls = orjson.dumps(servers.urls()).decode()
+        if ready_file is not None:
+            ready_file.write_text(urls)
+        say("", f"export TRIBUNAL_MODEL_URLS='{urls}'")
         while not stop.wait(0.5):
             servers.supervise()
     finally:
+        if ready_file is not None:
+            ready_file.unlink(missing_ok=True)
         servers.stop()
