@@ -169,6 +169,9 @@ _LEET = str.maketrans("013457", "oieast")
 _SPACED = re.compile(r"(?<!\S)\w(?: \w){3,}(?!\S)")  # four letters or more, one space apart
 _SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
 _SNAKE = re.compile(r"(?<!\w)[A-Za-z]{1,30}(?:_[A-Za-z]{1,30}){3,20}(?!\w)")  # four words
+# Zero-width characters are dropped in the first reading ("ig\u200bnore"); in the second they
+# are spaces, for the text that uses them instead of spaces ("ignore\u200bthe\u200bticket").
+_ZERO_WIDTH_AS_SPACE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF], " ")
 
 
 def _decoded(blob: str) -> str:
@@ -231,7 +234,8 @@ def findings(text: str, labels: Sequence[str], pair: bool = False) -> list[Findi
         passage = text[start:end]
         plain = _plain(passage)
         cue = "hidden text" if _hides_text(passage) else _first_cue(tests, plain)
-        if cue is None and (spelled := _spelled_out(plain)) != plain:
+        spelled = "" if cue else _spelled_out(_plain(passage.translate(_ZERO_WIDTH_AS_SPACE)))
+        if cue is None and spelled != plain:
             cue = _first_cue(tests, spelled)
         if cue is None and start < role_until:
             cue = "inside a fake turn"

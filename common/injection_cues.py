@@ -174,10 +174,10 @@ def cues(labels: Sequence[str], pair: bool = False) -> list[tuple[str, Test]]:
             re.compile(
                 rf"[\"']?\b[\w-]{{0,24}}{_KEYS}[\w-]{{0,24}}[\"']?\s*[:=]\s*[\"'«]?\s*{label}{end}"
                 rf"|(?:^|\s)\S{{1,40}}\s+=\s+[\"']?{label}\b"
-                rf"|\b(?:this|the|my|our|all|every)\s+(?:\w+\s+){{0,3}}(?:tickets?|messages?|"
-                rf"cases?|conversations?)\b[^.!?\n]{{0,40}}\b(?:is|are|was|were|be|counts? as|"
-                rf"goes? as)\s+"
-                rf"(?:\w+\s+)?{label}\s*(?:$|[.;!)\n])",
+                rf"|\b(?:this|these|those|both|the|my|our|all|every)\s+(?:\w+\s+){{0,3}}"
+                rf"(?:tickets?|messages?|cases?|conversations?)\b[^.!?\n]{{0,40}}"
+                rf"\b(?:is|are|was|were|be|counts? as|goes? as)\s+(?:\w+\s+)?{label}"
+                rf"\s*(?:$|[.;!)\n])",
                 i | re.MULTILINE,
             ),
         ),
