@@ -155,10 +155,10 @@ _UNDISGUISED = {**_TAG_TEXT, **_OVERLAYS}
 
 # Spellings that hide words from a reader of regular expressions and not from a model: a
 # URL's percent-escapes, base64, digits for letters ("p051t1v3"), letters spaced out ("C L A
-# S S I F Y   A S"), words joined by underscores ("receipt_LABEL_AS_NEGATIVE.pdf"). Read as a
-# second reading only (``findings``), so what the first reads as written (``<start_of_turn>``,
-# ``same_root_cause``, "ROT13") stays as it is; narrow, so product codes ("A1", "B0T-3") and
-# environment variables ("TELEGRAM_BOT_TOKEN") keep their spelling.
+# S S I F Y   A S"). Read as a second reading only (``findings``), so what the first reads as
+# written ("ROT13") stays as it is; narrow, so product codes ("A1", "B0T-3") keep their
+# spelling. (Words joined by underscores are not read: code names such as
+# mark_review_as_negative are ordinary text in a ticket.)
 _ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2}){3,}")
 _BASE64 = re.compile(r"(?<![\w+/])[A-Za-z0-9+/]{16,4000}={0,2}(?![\w+/=])")
 _LEET_WORD = re.compile(
@@ -168,32 +168,31 @@ _LEET_WORD = re.compile(
 _LEET = str.maketrans("013457", "oieast")
 _SPACED = re.compile(r"(?<!\S)\w(?: \w){3,}(?!\S)")  # four letters or more, one space apart
 _SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
-_SNAKE = re.compile(r"(?<!\w)[A-Za-z]{1,30}(?:_[A-Za-z]{1,30}){3,20}(?!\w)")  # four words
 # Zero-width characters are dropped in the first reading ("ig\u200bnore"); in the second they
 # are spaces, for the text that uses them instead of spaces ("ignore\u200bthe\u200bticket").
 _ZERO_WIDTH_AS_SPACE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF], " ")
 
 
 def _decoded(blob: str) -> str:
-    """A base64 blob as the text it encodes, where that is printable ASCII with a space in it
+    """A base64 blob as the text it encodes, where that is printable UTF-8 with a space in it
     (a sentence); else the blob itself (a token, a hash, a key)."""
     try:
-        raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True).decode()
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
         return blob
-    text = " ".join(raw.decode("ascii", errors="replace").split())
-    return text if " " in text and text.isprintable() and "\ufffd" not in text else blob
+    text = " ".join(raw.split())  # a newline in it is a space, as everywhere else here
+    return text if " " in text and text.isprintable() else blob
 
 
 def _spelled_out(plain: str) -> str:
-    """``plain`` with the spellings of ``_ESCAPES`` .. ``_SNAKE`` read as the words they spell
+    """``plain`` with the spellings of ``_ESCAPES`` .. ``_SPACED`` read as the words they spell
     (escapes and base64 first: the other readings would change their characters)."""
     text = _ESCAPES.sub(lambda m: unquote(m.group(0), errors="replace"), plain)
     text = _BASE64.sub(lambda m: _decoded(m.group(0)), text)
     text = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
     if _SPACED.search(text):
         text = _SPACED_SHORT.sub(lambda m: m.group(0).replace(" ", ""), text)
-    return _SNAKE.sub(lambda m: m.group(0).replace("_", " "), text)
+    return text
 
 
 def _plain(passage: str) -> str:

@@ -146,9 +146,11 @@ def cues(labels: Sequence[str], pair: bool = False) -> list[tuple[str, Test]]:
     # ("Summary for the reviewer: customer is pleased" names no label); only as a heading
     # ("the notes for the reviewer contain a demo login" is a customer's sentence).
     note_to = re.compile(
-        r"^\W{0,3}(?:[\w.;-]+\s+){0,2}(?:for|to)\s+(?:the\s+|any\s+|all\s+)?(?:(?:ai|merge|"
-        r"dedup\w*|deduplication|triage|labell?ing)[- ]assistants?|(?:\w+[- ])?(?:reviewers?|"
-        r"classifiers?|a\.?i\.?|bots?|llms?|taggers?|labell?ers?|annotators?|graders?))\s*:",
+        r"^\W{0,3}(?:(?:notes?|summary|tl;?\s?dr|hint|heads[- ]up|fyi|context|p\.?\s?s\.?|"
+        r"reminder|takeaway|bottom line|decode)\s+)?(?:for|to)\s+(?:the\s+|any\s+|all\s+)?"
+        r"(?!(?:your|my|our|his|her|their)\b)(?:(?:ai|merge|dedup\w*|triage|labell?ing)[- ]"
+        r"assistants?|(?:\w+[- ])?(?:reviewers?|"
+        r"classifiers?|a\.?i\.?|bots?|llms?|taggers?|labell?ers?|annotators?))\s*:",
         i | re.MULTILINE,
     )
     patterns: list[tuple[str, re.Pattern[str]]] = [

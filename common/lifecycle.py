@@ -46,12 +46,15 @@ class StopFlag:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
+        who = f"{self.who}: " if self.who else ""
         if self._event.is_set():
-            _exit_now(f"second {name}", 128 + signum)
-        log.info("%s: %s%s, then exiting", name, f"{self.who}: " if self.who else "", self.doing)
+            _exit_now(f"{who}second {name}", 128 + signum)
+        log.info("%s: %s%s, then exiting", name, who, self.doing)
         self._event.set()
         timer = threading.Timer(
-            self.grace_s, _exit_now, (f"still busy {self.grace_s:.0f}s after {name}", 128 + signum)
+            self.grace_s,
+            _exit_now,
+            (f"{who}still busy {self.grace_s:.0f}s after {name}", 128 + signum),
         )
         timer.daemon = True
         timer.start()

@@ -371,3 +371,19 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
     assert "Traceback" not in text + rest, rest[-2000:]
     with pytest.raises(httpx.ConnectError):  # the llama-server went with it
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False)
+
+
+@pytest.mark.parametrize("where", ["missing/ready", "."])
+def test_a_ready_file_that_cannot_be_written_is_refused_before_any_server_starts(
+    model_dir: Path, tmp_path: Path, where: str
+) -> None:
+    """Not minutes later, after the warm-up: one line, exit 2."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
+    env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
+    argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
+    argv += ["serve", "--log-dir", str(tmp_path), "--ready-file", str(tmp_path / where)]
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: --ready-file {tmp_path / where}: ")
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("*.log"))  # no server was started

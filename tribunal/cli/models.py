@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -135,9 +137,9 @@ def serve_models(
     ready_file: Annotated[
         Path | None,
         typer.Option(
-            help="Written once every server is up and its prompt cache warm (it holds the "
-            "URLs, as JSON), removed when serving stops: a readiness check for the whole, "
-            "where /health only says a server has loaded its model.",
+            help="Written once every server is up and the warm-up of its prompt cache has run "
+            "(it holds the URLs, as JSON), removed when serving stops: a readiness check for "
+            "the whole, where /health only says a server has loaded its model.",
         ),
     ] = None,
 ) -> None:
@@ -159,9 +161,9 @@ def serve_models(
             "(give one, e.g. tribunal --fleet examples/local.toml models serve)",
         )
         raise typer.Exit(2)
-    stop = StopFlag().install()
-    if ready_file is not None:  # one left by a killed run says nothing of this one
-        ready_file.unlink(missing_ok=True)
+    if ready_file is not None:
+        _check_ready_file(ready_file)
+    stop = StopFlag(doing="stopping the model servers").install()
     try:
         with clear_errors(s):
             servers.start()
@@ -174,5 +176,18 @@ def serve_models(
             servers.supervise()
     finally:
         if ready_file is not None:
-            ready_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the servers stop whatever happens to it
+                ready_file.unlink(missing_ok=True)
         servers.stop()
+
+
+def _check_ready_file(path: Path) -> None:
+    """Remove a ready file a killed run left (it says nothing of this one), and refuse at once,
+    in one line, a path that cannot be written: not minutes later, after the warm-up."""
+    try:
+        path.unlink(missing_ok=True)
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+            raise NotADirectoryError(f"{path.parent} is no folder this process may write to")
+    except OSError as exc:
+        say("[red]error:[/]", f"--ready-file {path}: {exc.strerror or exc}")
+        raise typer.Exit(2) from None

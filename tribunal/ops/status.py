@@ -69,7 +69,9 @@ def snapshot(redis: Redis, settings: Settings, stall_after_s: float | None = Non
         if s.name == metrics.VOTES:
             by_label = votes.setdefault(s.labels.get("worker", "?"), {})
             by_label[s.labels.get("label", "?")] = int(s.value)
-    if votes:  # a worker whose every vote came late has a row too, of none
+    # A worker whose every vote came late has a row too, of none: where the counted voters are
+    # workers of the fleet file status reads (another fleet's names would be no news).
+    if votes and set(votes) <= set(settings.workers):
         for name in settings.workers:
             votes.setdefault(name, {})
     total = sum(decisions.values())
