@@ -165,26 +165,23 @@ def test_ordinary_tickets_near_the_new_cues_are_not_flagged(text: str) -> None:
     assert findings(text, LABELS) == [] and findings(text, PAIR, pair=True) == []
 
 
-def test_holdout4_after_tuning_on_it() -> None:
-    """72 of 80 sentiment and 29 of 30 pair injections found (61 and 18 at its held-out
-    measurement), none of the 110 clean items."""
-    rows = [json.loads(line) for line in (ROOT / "bench/adversarial/holdout4.jsonl").open()]
-    found = Counter(
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [
+        # 61 and 18 found at its held-out measurement; then tuned on
+        ("holdout4", {("sentiment", True): 72, ("similar_ticket", True): 29}),
+        # 52 and 18 at its one measurement; then zero-width characters read as spaces and
+        # "these tickets are <label>"
+        ("holdout5", {("sentiment", True): 53, ("similar_ticket", True): 19}),
+    ],
+)
+def test_the_injections_found_in_the_later_sets_and_no_clean_item(
+    name: str, found: dict[tuple[str, bool], int]
+) -> None:
+    rows = [json.loads(line) for line in (ROOT / f"bench/adversarial/{name}.jsonl").open()]
+    flagged = Counter(
         (r["task"], bool(r.get("metadata")))
         for r in rows
         if BUILTIN_TASKS[r["task"]].findings(Item(**r))
     )
-    assert found == {("sentiment", True): 72, ("similar_ticket", True): 29}
-
-
-def test_holdout5_measured_once_then_read_for_two_generic_misses() -> None:
-    """52 of 70 sentiment and 18 of 30 pair injections found at its one measurement; then
-    zero-width characters read as spaces and "these tickets are <label>" (53 and 19); none
-    of the 100 clean items."""
-    rows = [json.loads(line) for line in (ROOT / "bench/adversarial/holdout5.jsonl").open()]
-    found = Counter(
-        (r["task"], bool(r.get("metadata")))
-        for r in rows
-        if BUILTIN_TASKS[r["task"]].findings(Item(**r))
-    )
-    assert found == {("sentiment", True): 53, ("similar_ticket", True): 19}
+    assert flagged == found
