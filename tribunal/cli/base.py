@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -118,10 +119,12 @@ def needs_redis(s: Settings) -> Settings:
 
 
 def runtime(s: Settings, who: str = "") -> Runtime:
-    """The consumer's runtime; ``who`` ("worker vader") names it in its stop line."""
+    """The consumer's runtime; ``who`` ("worker vader") names it in its stop lines, with its
+    pid, which tells a worker's replicas apart ("worker vader, pid 4711")."""
     from consumers.engine.runtime import Runtime
 
-    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s, who=who).install())
+    named = f"{who}, pid {os.getpid()}" if who else ""
+    return Runtime.create(needs_redis(s), StopFlag(s.shutdown_grace_s, who=named).install())
 
 
 class Interrupt:
