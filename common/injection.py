@@ -233,9 +233,8 @@ def findings(text: str, labels: Sequence[str], pair: bool = False) -> list[Findi
         passage = text[start:end]
         plain = _plain(passage)
         cue = "hidden text" if _hides_text(passage) else _first_cue(tests, plain)
-        spelled = "" if cue else _spelled_out(_plain(passage.translate(_ZERO_WIDTH_AS_SPACE)))
-        if cue is None and spelled != plain:
-            cue = _first_cue(tests, spelled)
+        if cue is None and (second := _second_reading(passage, plain)) != plain:
+            cue = _first_cue(tests, second)
         if cue is None and start < role_until:
             cue = "inside a fake turn"
         elif cue == "role marker":
@@ -252,6 +251,13 @@ def findings(text: str, labels: Sequence[str], pair: bool = False) -> list[Findi
         if cue is not None:
             found.append(_finding(passage, cue, start, end))
     return sorted(found, key=lambda f: f.start)
+
+
+def _second_reading(passage: str, plain: str) -> str:
+    """``plain`` (``_plain(passage)``) with words spelled out, zero-width characters as spaces
+    (``_plain`` again only where the passage has some: most have none)."""
+    spaced = passage.translate(_ZERO_WIDTH_AS_SPACE)
+    return _spelled_out(plain if spaced == passage else _plain(spaced))
 
 
 def _first_cue(tests: list[tuple[str, Test]], plain: str) -> str | None:

@@ -153,6 +153,7 @@ def cues(labels: Sequence[str], pair: bool = False) -> list[tuple[str, Test]]:
         r"classifiers?|a\.?i\.?|bots?|llms?|taggers?|labell?ers?|annotators?))\s*:",
         i | re.MULTILINE,
     )
+    addressed = _both(address, asks)
     patterns: list[tuple[str, re.Pattern[str]]] = [
         ("control token", CONTROL_CUE),
         ("role marker", _ROLE),
@@ -269,7 +270,7 @@ def cues(labels: Sequence[str], pair: bool = False) -> list[tuple[str, Test]]:
     signal = re.compile(rf"\b{_ASK}|{_META}|\b{_READER}|[\"'«“]\s*(?:{label})\s*[\"'»”]", i)
     return [
         *((name, pattern.search) for name, pattern in patterns[:4]),
-        ("addressed to the model", lambda p: note_to.search(p) or _both(address, asks)(p)),
+        ("addressed to the model", lambda p: note_to.search(p) or addressed(p)),
         *((name, p.search) for name, p in patterns[4:] if pair or name != "ticket relation claim"),
         (
             "label in another language",

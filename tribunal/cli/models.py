@@ -186,8 +186,11 @@ def _check_ready_file(path: Path) -> None:
     in one line, a path that cannot be written: not minutes later, after the warm-up."""
     try:
         path.unlink(missing_ok=True)
-        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
-            raise NotADirectoryError(f"{path.parent} is no folder this process may write to")
+        why = None
     except OSError as exc:
-        say("[red]error:[/]", f"--ready-file {path}: {exc.strerror or exc}")
-        raise typer.Exit(2) from None
+        why = exc.strerror or str(exc)
+    if why is None and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
+        why = f"{path.parent} is no folder this process may write to"
+    if why is not None:
+        say("[red]error:[/]", f"--ready-file {path}: {why}")
+        raise typer.Exit(2)
