@@ -189,8 +189,10 @@ def _check_ready_file(path: Path) -> None:
         why = None
     except OSError as exc:
         why = exc.strerror or str(exc)
-    if why is None and not (path.parent.is_dir() and os.access(path.parent, os.W_OK)):
-        why = f"{path.parent} is no folder this process may write to"
+    if why is None and not path.parent.is_dir():
+        why = f"no folder {path.parent}"
+    elif why is None and not os.access(path.parent, os.W_OK):
+        why = f"folder {path.parent} is not writable"
     if why is not None:
         say("[red]error:[/]", f"--ready-file {path}: {why}")
         raise typer.Exit(2)
