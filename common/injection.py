@@ -93,8 +93,13 @@ class Finding(BaseModel):
 
 _CACHE: dict[tuple[tuple[str, ...], bool], list[tuple[str, Test]]] = {}
 _STOPS = ".!?\u3002\uff01\uff1f"  # and the ideographic full stop, fullwidth ! and ?
-# A sentence ends at a stop followed by a space or the line's end ("v2.3.1" goes on).
-_SENTENCE = re.compile(rf"(?:[^{_STOPS}\n]|[{_STOPS}](?=\S))*(?:[{_STOPS}]+|\n|$)")
+# A sentence ends at a stop followed by a space, the line's end ("v2.3.1" goes on) or a word
+# glued on with zero-width characters used as spaces ("account.\u200bignore\u200bthe"; not
+# where they stand between every letter, "i\u200bs\u200bs\u200bu\u200be\u200b.\u200b \u200bA").
+_ZW = "\u200b\u200c\u200d\u2060\ufeff"  # zero-width space, (non-)joiner, word joiner, BOM
+_SENTENCE = re.compile(
+    rf"(?:[^{_STOPS}\n]|[{_STOPS}](?=\S)(?![{_ZW}]+[^\s{_ZW}]))*(?:[{_STOPS}]+|\n|$)"
+)
 # Pieces that are passages of their own wherever they stand, so a finding in one removes
 # no customer text around it: comments, a JSON object (one level nested), a bracketed note,
 # a tag or control token, a role prefix at a line's start, an arrow or dash between clauses.
@@ -110,6 +115,13 @@ _PIECE = re.compile(
 )
 # What is left of a redacted text must still hold a word: else the models read it whole.
 _MIN_WORDS_LEFT = 1
+# The blocks a finding takes whole: its paragraph, else its line (``redacted``); a block goes
+# only where the rest holds a few words.
+_BLOCK_BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"))
+_MIN_WORDS_BESIDE = 3
+# Findings of markup, not of words: a control token glued to the customer's paragraph
+# ("...investigated.<|eot_id|>") takes only itself, never the customer's sentences around it.
+_MARKUP_CUES = frozenset({"control token", "inside a fake turn", "hidden text"})
 
 
 def passages(text: str) -> list[tuple[int, int]]:
@@ -170,7 +182,7 @@ _SPACED = re.compile(r"(?<!\S)\w(?: \w){3,}(?!\S)")  # four letters or more, one
 _SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
 # Zero-width characters are dropped in the first reading ("ig\u200bnore"); in the second they
 # are spaces, for the text that uses them instead of spaces ("ignore\u200bthe\u200bticket").
-_ZERO_WIDTH_AS_SPACE = dict.fromkeys([0x200B, 0x200C, 0x200D, 0x2060, 0xFEFF], " ")
+_ZERO_WIDTH_AS_SPACE = dict.fromkeys(map(ord, _ZW), " ")
 
 
 def _decoded(blob: str) -> str:
@@ -271,16 +283,49 @@ def _finding(passage: str, cue: str, start: int, end: int) -> Finding:
 
 
 def redacted(text: str, found: Sequence[Finding]) -> str:
-    """``text`` without the passages ``found`` in it (``findings``: their spans), everything
-    else as it was; ``text`` itself when no word would be left (the models then read it
-    whole, control tokens broken, and the outcome says what was flagged)."""
+    """``text`` without the blocks that hold a passage ``found`` in it (``findings``) by its
+    words — its paragraphs (text between blank lines), else, where that would leave fewer
+    than ``_MIN_WORDS_BESIDE`` words, its lines — and without the passages found elsewhere
+    (markup: a control token, hidden text); everything else as it was. Where lines too would
+    leave too little, only the passages found go; ``text`` itself when no word would be left
+    (the models then read it whole, control tokens broken, and the outcome says what was
+    flagged).
+
+    Whole blocks, because an injection rarely ends where the detector stops reading it: on
+    the six adversarial sets, 238 of the 513 flagged twins kept words of the injection once
+    their flagged passages were gone (its translation, a reviewer's "tone is warm and
+    appreciative", a heading), 67 once their blocks were; where that changed what the
+    models read, the fleet's flips to the attacker's label fell from 44 to 2 of 162 twins
+    (docs/injection.md)."""
     if not found:
         return text
+    by_words = [f for f in found if f.cue not in _MARKUP_CUES]
+    for block_break in _BLOCK_BREAKS:
+        blocks = [
+            (start, end)
+            for start, end in _between(text, block_break)
+            if any(f.start < end and f.end > start for f in by_words)
+        ]
+        out = _without(text, [*((f.start, f.end) for f in found), *blocks])
+        if blocks and len(out.split()) >= _MIN_WORDS_BESIDE:
+            return out
+    out = _without(text, [(f.start, f.end) for f in found])
+    return out if len(out.split()) >= _MIN_WORDS_LEFT else text
+
+
+def _between(text: str, separator: re.Pattern[str]) -> list[tuple[int, int]]:
+    """The spans of ``text`` between matches of ``separator``."""
+    breaks = list(separator.finditer(text))
+    starts = [0, *(m.end() for m in breaks)]
+    ends = [*(m.start() for m in breaks), len(text)]
+    return list(zip(starts, ends, strict=True))
+
+
+def _without(text: str, spans: Sequence[tuple[int, int]]) -> str:
     kept, at = [], 0
-    for f in sorted(found, key=lambda f: f.start):
-        kept.append(text[at : max(at, f.start)])
-        at = max(at, f.end)
+    for start, end in sorted(spans):
+        kept.append(text[at : max(at, start)])
+        at = max(at, end)
     kept.append(text[at:])
     # Where passages went, the blank lines they leave are squeezed; nothing else changes.
-    out = re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()
-    return out if len(out.split()) >= _MIN_WORDS_LEFT else text
+    return re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()

@@ -286,10 +286,11 @@ def test_a_second_run_on_the_same_data_dir_exits_naming_the_first(
 ) -> None:
     data = str(tmp_path / "valkey")
     run, url, _ = start_run(procs, "run1.log", "--data-dir", data, "--port", str(free_port()))
-    # The default (offline) fleet's lexicons know sentiment only, and `run` says so.
-    assert "no model of this fleet handles task 'similar_ticket'" in procs.output(
-        "run1.log"
-    ).decode().replace("\n", " ")
+    # The default (offline) fleet's lexicons know sentiment only, and `run` says so, naming
+    # a fleet file that labels it by a path that holds wherever tribunal is installed.
+    note = procs.output("run1.log").decode().replace("\n", " ")
+    assert "no model of this fleet handles task 'similar_ticket'" in note
+    assert re.search(r"the fleet file /\S+/tribunal/fleets/local\.toml labels every", note), note
     other_port = free_port()
     second = procs.start("run", "--data-dir", data, "--port", str(other_port), log="run2.log")
     assert second.wait(60) == 1
@@ -301,9 +302,11 @@ def test_a_second_run_on_the_same_data_dir_exits_naming_the_first(
     assert Redis.from_url(url).ping()  # and the first one's is untouched
     assert ctrl_c(run) == 0
 
-    # Unlocked once stopped; the file left behind does not block the next run.
-    run, url, _ = start_run(procs, "run3.log", "--data-dir", data, "--port", str(free_port()))
+    # Unlocked once stopped; the file left behind does not block the next run (port 0: any).
+    run, url, _ = start_run(procs, "run3.log", "--data-dir", data, "--port", "0")
+    assert not url.endswith(":0/0") and Redis.from_url(url).ping()
     assert ctrl_c(run) == 0
+    assert f"embedded valkey stopped, data kept in {data}" in procs.output("run3.log").decode()
 
 
 def test_the_lock_lives_as_long_as_the_server_not_the_lock_file(

@@ -186,6 +186,7 @@ def test_status_table_and_errors(settings: Settings) -> None:
     assert "judge-call rate" in table.stdout
     assert re.search(r"votes vader\s+2 \(positive 2\)", table.stdout), table.stdout
     assert re.search(r"votes textblob\s+0 \(none counted\)", table.stdout), table.stdout
+    assert "abstain: the model's answer held no usable label" in " ".join(table.stdout.split())
     for url in ("redis://127.0.0.1:1/0", "redis+cluster://127.0.0.1:1/0"):
         down = subprocess.run(
             [sys.executable, "-m", "tribunal", "status", "--json"],

@@ -213,10 +213,11 @@ def run(
     port: Annotated[
         int,
         typer.Option(
-            min=1,
+            min=0,
             max=65535,
             help="Embedded valkey only: its port, the same on every start (the URL stays "
-            "valid across restarts); taken by another program: an error, pick another.",
+            "valid across restarts); taken by another program: an error, pick another. "
+            "0: any free port (a new URL on every start).",
         ),
     ] = DEFAULT_PORT,
 ) -> None:
@@ -227,6 +228,7 @@ def run(
     everything gracefully: each process finishes its batch; a second Ctrl-C stops at once."""
     from common.connection import redact
     from consumers.backends import unhandled_tasks
+    from tribunal.demo import LOCAL_FLEET
     from tribunal.fleet.running import fleet_life
     from tribunal.fleet.supervisor import STOPPING, Fleet, check_fleet
     from tribunal.processes.embedded import EmbeddedRedisError
@@ -276,7 +278,7 @@ def run(
                 f"no model of this fleet handles task {task!r} (workers: "
                 f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
                 f"{s.judge.backend}): items of that task end as dead letters with the reason "
-                "(examples/local.toml is a fleet that labels every built-in task)",
+                f"(the fleet file {LOCAL_FLEET} labels every built-in task)",
             )
 
     log_dir = data_dir.parent / "logs"
@@ -294,7 +296,11 @@ def run(
         while not stop.wait(0.5):
             fleet.supervise()
         say("", STOPPING)
-    say("", "fleet stopped")
+    say(
+        "",
+        "fleet stopped"
+        + (f"; embedded valkey stopped, data kept in {data_dir}" if embedded else ""),
+    )
 
 
 app.command()(evaluate)

@@ -159,7 +159,10 @@ def _cost_cell(snap: Snapshot) -> str:
         return "-"
     text = f"{cost.per_label_s:.3f} model-s per label"
     if cost.judge_per_item_s is not None and cost.ratio is not None:
-        text += f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x)"
+        text += (
+            f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x the "
+            "judge alone: below 1 the cascade costs less)"
+        )
     if len(cost.by_tier) > 2:  # tiers: which of them the labels' model seconds went to
         text += "; by tier: " + ", ".join(f"{t.tier} {t.per_label_s:.3f}" for t in cost.by_tier)
     return text
@@ -221,7 +224,8 @@ def render(snap: Snapshot) -> RenderableType:
         ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} judge)"),
         (
             "judge-call rate",
-            f"{_percent(snap.judge_call_rate)} ({snap.escalations} escalated; audits below)",
+            f"{_percent(snap.judge_call_rate)} ({snap.escalations} items escalated, those "
+            "that ended as dead letters included, per decision; audits below)",
         ),
         ("settled by workers", _percent(snap.agreement_rate)),
         ("audits", _audit_cell(snap)),
@@ -238,7 +242,8 @@ def render(snap: Snapshot) -> RenderableType:
             (
                 "",
                 "a vote counts only while its item is open: late votes, and votes on an item "
-                "another path settled first (early_exit), are not counted",
+                "another path settled first (early_exit), are not counted; abstain: the "
+                "model's answer held no usable label",
             )
         )
     for t in snap.thresholds:
