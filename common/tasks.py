@@ -36,7 +36,8 @@ class TaskSpec(BaseModel):
 
     An item's texts are data (``common.injection``): a prompt holds them with every control
     token and tag spelling broken, and under ``injection = "redact"`` (the default) every
-    model reads them without the passages the injection detector flags (``view``);
+    model reads them without the paragraphs (or lines) where the injection detector flags a
+    passage (``view``, ``common.injection.redacted``);
     ``"flag"`` shows them. ``"review"`` redacts them too, sends every flagged item to the
     judge, asks it once more with the item whole and hands a person (the review stream)
     those whose label the passages would have changed. The outcome lists what was flagged
@@ -113,7 +114,8 @@ class TaskSpec(BaseModel):
 
     def view(self, item: Item) -> Item:
         """The item as every model reads it (``consumers.backends.ask`` hands this to the
-        backend): unless ``injection = "flag"``, its texts lack what the detector flags."""
+        backend): unless ``injection = "flag"``, its texts lack the paragraphs, or lines, that
+        hold what the detector flags (``common.injection.redacted``)."""
         if self.injection == "flag":
             return item
         found = [findings(text, self.labels, self.pair) for text in (item.text, item.text_b or "")]

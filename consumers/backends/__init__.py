@@ -196,8 +196,8 @@ def ask(
 ) -> ModelCall:
     """One batch call, timed; each prediction becomes a vote signed ``name``. A label outside
     the task's set is an abstention with the reason, never a label. The backend gets each
-    item as its task lets models read it (``TaskSpec.view``: without what the prompt-injection
-    detector flags), whatever kind of model it is."""
+    item as its task lets models read it (``TaskSpec.view``: without the blocks where the
+    prompt-injection detector flags a passage), whatever kind of model it is."""
     started = time.perf_counter()
     predictions = backend.classify(
         [tasks[item.task].view(item) if item.task in tasks else item for item in items]
