@@ -173,8 +173,9 @@ def test_ordinary_tickets_near_the_new_cues_are_not_flagged(text: str) -> None:
         # 52 and 18 at its one measurement; then zero-width characters read as spaces and
         # "these tickets are <label>"
         ("holdout5", {("sentiment", True): 53, ("similar_ticket", True): 19}),
-        # as at its one measurement
+        # as at their one measurement
         ("holdout6", {("sentiment", True): 48, ("similar_ticket", True): 14}),
+        ("holdout7", {("sentiment", True): 56, ("similar_ticket", True): 22}),
     ],
 )
 def test_the_injections_found_in_the_later_sets_and_no_clean_item(
