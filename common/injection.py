@@ -117,10 +117,14 @@ _PIECE = re.compile(
 _MIN_WORDS_LEFT = 1
 # The blocks a finding takes whole: its paragraph, else its line (``redacted``); a block goes
 # only where the rest holds a few words.
-_BLOCK_BREAKS = (re.compile(r"\n[ \t]*\n"), re.compile(r"\n"))
+# (A blank line may hold any whitespace, "\r" of Windows line ends included; U+2029 and
+# U+2028 are Unicode's paragraph and line separators.)
+_BLOCK_BREAKS = (re.compile(r"\n[^\S\n]*\n|\u2029"), re.compile(r"[\n\u2028\u2029\x85]"))
 _MIN_WORDS_BESIDE = 3
-# Findings of markup, not of words: a control token glued to the customer's paragraph
-# ("...investigated.<|eot_id|>") takes only itself, never the customer's sentences around it.
+# Findings that markup makes: a control token, hidden text, a word a fake turn's markers
+# enclose (the role name in "<|start_header_id|>assistant<|end_header_id|>"). Glued to the
+# customer's paragraph ("...investigated.<|eot_id|>") they take only themselves, never the
+# customer's sentences around them.
 _MARKUP_CUES = frozenset({"control token", "inside a fake turn", "hidden text"})
 
 
@@ -327,5 +331,5 @@ def _without(text: str, spans: Sequence[tuple[int, int]]) -> str:
         kept.append(text[at : max(at, start)])
         at = max(at, end)
     kept.append(text[at:])
-    # Where passages went, the blank lines they leave are squeezed; nothing else changes.
-    return re.sub(r"\n{3,}", "\n\n", "".join(kept)).strip()
+    # Where blocks went, the blank lines they leave are squeezed into one; the ends stripped.
+    return re.sub(r"\n(?:[^\S\n]*\n){2,}", "\n\n", "".join(kept)).strip()
