@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
+import itertools
 import re
 import unicodedata
 from collections.abc import Sequence
@@ -305,11 +307,7 @@ def redacted(text: str, found: Sequence[Finding]) -> str:
         return text
     by_words = [f for f in found if f.cue not in _MARKUP_CUES]
     for block_break in _BLOCK_BREAKS:
-        blocks = [
-            (start, end)
-            for start, end in _between(text, block_break)
-            if any(f.start < end and f.end > start for f in by_words)
-        ]
+        blocks = _touched(_between(text, block_break), by_words)
         out = _without(text, [*((f.start, f.end) for f in found), *blocks])
         if blocks and len(out.split()) >= _MIN_WORDS_BESIDE:
             return out
@@ -323,6 +321,20 @@ def _between(text: str, separator: re.Pattern[str]) -> list[tuple[int, int]]:
     starts = [0, *(m.end() for m in breaks)]
     ends = [*(m.start() for m in breaks), len(text)]
     return list(zip(starts, ends, strict=True))
+
+
+def _touched(spans: list[tuple[int, int]], found: Sequence[Finding]) -> list[tuple[int, int]]:
+    """The ``spans`` that a finding overlaps: a bisection each over the findings' starts, so a
+    ticket of many blocks and findings costs (blocks + findings) x log(findings)."""
+    ordered = sorted(found, key=lambda f: f.start)
+    starts = [f.start for f in ordered]
+    reach = list(itertools.accumulate((f.end for f in ordered), max))  # furthest end so far
+    touched = []
+    for start, end in spans:
+        before = bisect.bisect_left(starts, end)  # the findings that start before the span ends
+        if before and reach[before - 1] > start:
+            touched.append((start, end))
+    return touched
 
 
 def _without(text: str, spans: Sequence[tuple[int, int]]) -> str:
