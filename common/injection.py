@@ -292,7 +292,7 @@ def redacted(text: str, found: Sequence[Finding]) -> str:
     """``text`` without the blocks that hold a passage ``found`` in it (``findings``) by its
     words — its paragraphs (text between blank lines), else, where that would leave fewer
     than ``_MIN_WORDS_BESIDE`` words, its lines — and without the passages found elsewhere
-    (markup: a control token, hidden text); everything else as it was. Where lines too would
+    (markup: ``_MARKUP_CUES``); everything else as it was. Where lines too would
     leave too little, only the passages found go; ``text`` itself when no word would be left
     (the models then read it whole, control tokens broken, and the outcome says what was
     flagged).
