@@ -306,12 +306,13 @@ def redacted(text: str, found: Sequence[Finding]) -> str:
     if not found:
         return text
     by_words = [f for f in found if f.cue not in _MARKUP_CUES]
+    spans = [(f.start, f.end) for f in found]
     for block_break in _BLOCK_BREAKS:
-        blocks = _touched(_between(text, block_break), by_words)
-        out = _without(text, [*((f.start, f.end) for f in found), *blocks])
-        if blocks and len(out.split()) >= _MIN_WORDS_BESIDE:
+        blocks = _touched(_between(text, block_break), by_words) if by_words else []
+        out = _without(text, [*spans, *blocks]) if blocks else ""
+        if len(out.split()) >= _MIN_WORDS_BESIDE:
             return out
-    out = _without(text, [(f.start, f.end) for f in found])
+    out = _without(text, spans)
     return out if len(out.split()) >= _MIN_WORDS_LEFT else text
 
 

@@ -160,8 +160,8 @@ def _cost_cell(snap: Snapshot) -> str:
     text = f"{cost.per_label_s:.3f} model-s per label"
     if cost.judge_per_item_s is not None and cost.ratio is not None:
         text += (
-            f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x the "
-            "judge alone: below 1 the cascade costs less)"
+            f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x: "
+            "below 1 the cascade costs less)"
         )
     if len(cost.by_tier) > 2:  # tiers: which of them the labels' model seconds went to
         text += "; by tier: " + ", ".join(f"{t.tier} {t.per_label_s:.3f}" for t in cost.by_tier)
