@@ -224,8 +224,8 @@ def render(snap: Snapshot) -> RenderableType:
         ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} judge)"),
         (
             "judge-call rate",
-            f"{_percent(snap.judge_call_rate)} ({snap.escalations} items escalated, those "
-            "that ended as dead letters included, per decision; audits below)",
+            f"{_percent(snap.judge_call_rate)} ({snap.escalations} escalations per {d.total} "
+            "decisions; one that ended as a dead letter counts too; audits below)",
         ),
         ("settled by workers", _percent(snap.agreement_rate)),
         ("audits", _audit_cell(snap)),
@@ -241,8 +241,8 @@ def render(snap: Snapshot) -> RenderableType:
         rows.append(
             (
                 "",
-                "a vote counts only while its item is open: late votes, and votes on an item "
-                "another path settled first (early_exit), are not counted; abstain: the "
+                "a vote counts only while its item is open: votes that arrive after the item "
+                "was decided (late, or after early_exit) are not counted; abstain: the "
                 "model's answer held no usable label",
             )
         )
