@@ -53,6 +53,9 @@ class TaskSpec(BaseModel):
     synonyms: dict[str, list[str]] = Field(default_factory=dict)
     examples: list[Example] = Field(default_factory=list)
     injection: Literal["redact", "flag", "review"] = "redact"
+    # Also read the passages no cue flags with the learned model (common.injection_model):
+    # it finds what reads like desk text (a fake agent's note), at more false alarms.
+    injection_model: bool = True
 
     @model_validator(mode="after")
     def _labels_are_consistent(self) -> TaskSpec:
@@ -110,7 +113,7 @@ class TaskSpec(BaseModel):
     def findings(self, item: Item) -> list[Finding]:
         """What the injection detector flags in the item's texts (``common.injection``)."""
         texts = [item.text] if item.text_b is None else [item.text, item.text_b]
-        return [f for text in texts for f in findings(text, self.labels, self.pair)]
+        return [f for text in texts for f in self._findings(text)]
 
     def view(self, item: Item) -> Item:
         """The item as every model reads it (``consumers.backends.ask`` hands this to the
@@ -118,12 +121,15 @@ class TaskSpec(BaseModel):
         hold what the detector flags (``common.injection.redacted``)."""
         if self.injection == "flag":
             return item
-        found = [findings(text, self.labels, self.pair) for text in (item.text, item.text_b or "")]
+        found = [self._findings(text) for text in (item.text, item.text_b or "")]
         text = redacted(item.text, found[0])
         text_b = item.text_b and redacted(item.text_b, found[1])
         if (text, text_b) == (item.text, item.text_b):
             return item
         return item.model_copy(update={"text": text, "text_b": text_b})
+
+    def _findings(self, text: str) -> list[Finding]:
+        return findings(text, self.labels, self.pair, learned=self.injection_model)
 
     def _fill(self, text: str, text_b: str | None, json_answer: bool = False) -> str:
         # Every text in a prompt is neutralized where the prompt is built, whoever calls.

@@ -138,18 +138,27 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     dev = records(ROOT / "bench/adversarial/dev.jsonl")
     holdout1 = records(ROOT / "bench/adversarial/holdout1.jsonl")
     found = {
-        name: sum(bool(findings(r["text"], LABELS)) for r in rows if r.get("metadata"))
+        name: sum(
+            bool(findings(r["text"], LABELS, learned=False)) for r in rows if r.get("metadata")
+        )
         for name, rows in (("dev", dev), ("holdout1", holdout1))
     }
     assert found == {"dev": 120, "holdout1": 79}  # 2 of holdout1 are subtle or structured
+    # ... which the learned model, trained on them, reads too (common.injection_model)
+    assert sum(bool(findings(r["text"], LABELS)) for r in holdout1 if r.get("metadata")) == 81
     clean = [r for r in [*dev, *holdout1] if not r.get("metadata")]
     clean += records(ROOT / "producers/samples/tickets.jsonl")
-    assert len(clean) >= 400 and [r["id"] for r in clean if findings(r["text"], LABELS)] == []
+    assert [r["id"] for r in clean if findings(r["text"], LABELS, learned=False)] == []
+    # the learned model flags one ("Please, could one person own this ticket?"): it goes alone
+    assert len(clean) >= 400 and [r["id"] for r in clean if findings(r["text"], LABELS)] == [
+        "t0197"
+    ]
     # Ordinary tickets written to trip it (HTML, bug templates, code, other languages, "the
     # system", "label printer"): a few are flagged; none loses more than its flagged passage.
     realistic = records(ROOT / "bench/adversarial/clean_realistic.jsonl")
-    flagged = [r for r in realistic if findings(r["text"], LABELS)]
-    assert len(realistic) == 81 and len(flagged) <= 8
+    assert sum(bool(findings(r["text"], LABELS, learned=False)) for r in realistic) <= 8
+    flagged = [r for r in realistic if findings(r["text"], LABELS)]  # the model: 3 more
+    assert len(realistic) == 81 and len(flagged) <= 11
     for r in flagged:
         assert SENTIMENT.view(Item(**r)).text.split()
     pairs = records(ROOT / "producers/samples/ticket_pairs.jsonl")
@@ -158,7 +167,8 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     # of 22 found before, 14 after), and claims about how tickets relate (tuned on holdout4's:
     # 15); the seven left are in other languages or disguised letters, or address no one;
     # none of their clean twins is flagged.
-    similar = BUILTIN_TASKS["similar_ticket"]
+    # (The cues alone: the learned model, trained on these sets, finds 20 and 70.)
+    similar = BUILTIN_TASKS["similar_ticket"].model_copy(update={"injection_model": False})
     holdout3 = records(ROOT / "bench/adversarial/holdout3.jsonl")
     twins = [r for r in holdout3 if r["task"] == "similar_ticket"]
     found_in = Counter(bool(r.get("metadata")) for r in twins if similar.findings(Item(**r)))
@@ -167,15 +177,19 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     # letters folded and tag characters read (50), spelled-out words read (52)
     sentiment = [r for r in holdout3 if r["task"] == "sentiment"]
     assert (
-        sum(bool(r.get("metadata")) and bool(findings(r["text"], LABELS)) for r in sentiment) == 52
+        sum(
+            bool(r.get("metadata")) and bool(findings(r["text"], LABELS, learned=False))
+            for r in sentiment
+        )
+        == 52
     )
     assert [
         r["id"] for r in sentiment if not r.get("metadata") and findings(r["text"], LABELS)
     ] == []
-    # So the models read every bundled ticket as before the defense: same prompt, same label.
-    for r in [*clean, *pairs]:
-        item = Item(**r)
-        assert BUILTIN_TASKS[item.task].view(item) is item
+    # So the models read every bundled ticket but one as before the defense: same prompt.
+    items = [Item(**r) for r in [*clean, *pairs]]
+    assert [i.id for i in items if BUILTIN_TASKS[i.task].view(i) is not i] == ["t0197"]
+    for item in items:
         assert neutralized(item.text) == item.text
         assert neutralized(item.text_b or "") == (item.text_b or "")
 

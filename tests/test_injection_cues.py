@@ -166,25 +166,32 @@ def test_ordinary_tickets_near_the_new_cues_are_not_flagged(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "found"),
+    ("name", "cues", "learned"),
     [
-        # 61 and 18 found at its held-out measurement; then tuned on
-        ("holdout4", {("sentiment", True): 72, ("similar_ticket", True): 29}),
+        # 61 and 18 found by the cues at its held-out measurement; then tuned on
+        ("holdout4", (72, 29), (80, 30)),
         # 52 and 18 at its one measurement; then zero-width characters read as spaces and
         # "these tickets are <label>"
-        ("holdout5", {("sentiment", True): 53, ("similar_ticket", True): 19}),
-        # as at their one measurement
-        ("holdout6", {("sentiment", True): 48, ("similar_ticket", True): 14}),
-        ("holdout7", {("sentiment", True): 56, ("similar_ticket", True): 22}),
+        ("holdout5", (53, 19), (69, 28)),
+        # as at their one measurement; the learned model was trained on them after it
+        ("holdout6", (48, 14), (69, 30)),
+        ("holdout7", (56, 22), (68, 30)),
     ],
 )
 def test_the_injections_found_in_the_later_sets_and_no_clean_item(
-    name: str, found: dict[tuple[str, bool], int]
+    name: str, cues: tuple[int, int], learned: tuple[int, int]
 ) -> None:
+    """Twins flagged (sentiment, similar_ticket) by the cues alone, then with the learned
+    model read too (common.injection_model); no clean item by either."""
     rows = [json.loads(line) for line in (ROOT / f"bench/adversarial/{name}.jsonl").open()]
-    flagged = Counter(
-        (r["task"], bool(r.get("metadata")))
-        for r in rows
-        if BUILTIN_TASKS[r["task"]].findings(Item(**r))
-    )
-    assert flagged == found
+    for with_model, found in ((False, cues), (True, learned)):
+        specs = {
+            t: s.model_copy(update={"injection_model": with_model})
+            for t, s in BUILTIN_TASKS.items()
+        }
+        flagged = Counter(
+            (r["task"], bool(r.get("metadata")))
+            for r in rows
+            if specs[r["task"]].findings(Item(**r))
+        )
+        assert flagged == {("sentiment", True): found[0], ("similar_ticket", True): found[1]}

@@ -1,0 +1,178 @@
+"""Train the injection detector's learned half (``common.injection_model``) and measure it.
+
+Positive passages: those an adversarial set's twin adds to its clean ticket (a passage of the
+twin whose text is not in the clean one; ``common.injection.passages``). Negative: every
+passage of the sets' clean tickets, the bundled samples, ``clean_realistic.jsonl``,
+``clean_training.jsonl`` and 3,000 review sentences (bench/labeled.py). Only passages of
+``MIN_WORDS`` words or more; each as the cues read it (``common.injection.reading``). An
+L2-regularised logistic regression (C = 4, classes balanced: the best of 1 and 4, and of
+word, character and both n-grams, measured 2026-12-07 by ``--cross-validate``).
+
+    python bench/injection_model.py [--threshold 0.7] [--out common/injection_model.npz]
+    python bench/injection_model.py --cross-validate [--held-out-clean clean_realistic2]
+
+``--cross-validate`` leaves each set out in turn (and the bundled samples, each clean set):
+of the twins the cues miss, how many the model catches; of the clean tickets, how many it
+flags; at thresholds 0.5-0.9. ``--held-out-clean`` names clean sets scored, never trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import orjson
+import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import labeled  # noqa: E402  (bench/, beside this file)
+
+from common.injection import findings, passages, reading  # noqa: E402
+from common.injection_model import MODEL_FILE, PassageModel, eligible, features  # noqa: E402
+
+SETS = Path(__file__).resolve().parent / "adversarial"
+ATTACKS = ["dev", *(f"holdout{i}" for i in range(1, 8))]
+CLEAN = ["clean_realistic", "clean_training"]
+SAMPLES = [ROOT / "producers/samples/tickets.jsonl", ROOT / "producers/samples/ticket_pairs.jsonl"]
+LABELS = {
+    "sentiment": ["positive", "negative", "neutral"],
+    "similar_ticket": ["similar", "not_similar"],
+}
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class Row(NamedTuple):
+    group: str  # the file it comes from
+    item: str  # the item's id
+    twin: bool  # from an injected twin
+    reading: str
+    injected: bool  # added by the twin's injection
+
+
+def _records(path: Path) -> list[dict[str, object]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def _texts(record: dict[str, object]) -> list[tuple[str, str]]:
+    return [(f, str(record[f])) for f in ("text", "text_b") if record.get(f)]
+
+
+def rows(group: str, path: Path) -> list[Row]:
+    """The eligible passages of a file's texts; a twin's marked where its clean item lacks them."""
+    records = _records(path)
+    by_id = {str(r["id"]): r for r in records}
+    out = []
+    for r in records:
+        meta = r.get("metadata")
+        clean = by_id.get(str(meta.get("twin_of"))) if isinstance(meta, dict) else None
+        for field, text in _texts(r):
+            clean_text = str(clean.get(field) or "") if clean else ""
+            for start, end in passages(text):
+                passage = text[start:end]
+                if eligible(read := reading(passage)):
+                    added = clean is not None and passage.strip() not in clean_text
+                    out.append(Row(group, str(r["id"]), clean is not None, read, added))
+    return out
+
+
+def corpus(held_out_clean: list[str]) -> list[Row]:
+    out = [row for name in ATTACKS for row in rows(name, SETS / f"{name}.jsonl")]
+    out += [row for path in SAMPLES for row in rows("bundled", path)]
+    out += [row for name in CLEAN + held_out_clean for row in rows(name, SETS / f"{name}.jsonl")]
+    try:
+        reviews = labeled.reviews(3000, seed=1)
+    except labeled.DataUnavailable as exc:
+        print(f"no review sentences ({exc}); training without them", file=sys.stderr)
+        reviews = []
+    out += [Row("reviews", str(r["id"]), False, reading(str(r["text"])), False) for r in reviews]
+    return out
+
+
+def fit(train: list[Row]) -> LogisticRegression:
+    model = LogisticRegression(C=4.0, max_iter=2000, class_weight="balanced")
+    return model.fit(features([r.reading for r in train]), [r.injected for r in train])
+
+
+def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
+    missed = _cue_misses()
+    totals: dict[tuple[float, str], int] = defaultdict(int)
+    for group in [*ATTACKS, "bundled", *CLEAN, *held_out_clean]:
+        train = [r for r in data if r.group != group and r.group not in held_out_clean]
+        test = [r for r in data if r.group == group]
+        probabilities = fit(train).predict_proba(features([r.reading for r in test]))[:, 1]
+        for threshold in THRESHOLDS:
+            caught: set[str] = set()
+            flagged: set[str] = set()
+            for row, p in zip(test, probabilities, strict=True):
+                if p >= threshold:
+                    (caught if row.injected else flagged).add(row.item)
+            clean_items = {r.item for r in test if not r.twin}
+            misses = missed.get(group, set())
+            cells = {
+                "caught": len(caught & misses),
+                "misses": len(misses),
+                "flagged": len(flagged & clean_items),
+                "clean": len(clean_items),
+            }
+            for key, value in cells.items():
+                totals[(threshold, key)] += value
+            print(
+                f"{group:18} >= {threshold}: caught {cells['caught']}/{cells['misses']} "
+                f"twins the cues miss; flagged {cells['flagged']}/{cells['clean']} clean items"
+            )
+    for threshold in THRESHOLDS:
+        t = {k: totals[(threshold, k)] for k in ("caught", "misses", "flagged", "clean")}
+        print(
+            f"all >= {threshold}: caught {t['caught']}/{t['misses']}, "
+            f"flagged {t['flagged']}/{t['clean']} clean items"
+        )
+
+
+def _cue_misses() -> dict[str, set[str]]:
+    """Per attack set, the twins in which the cues alone find nothing."""
+    out: dict[str, set[str]] = {}
+    for name in ATTACKS:
+        for r in _records(SETS / f"{name}.jsonl"):
+            if r.get("metadata"):
+                task = str(r["task"])
+                pair = task == "similar_ticket"
+                if not any(findings(t, LABELS[task], pair, learned=False) for _, t in _texts(r)):
+                    out.setdefault(name, set()).add(str(r["id"]))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threshold", type=float, default=0.7)
+    parser.add_argument("--out", type=Path, default=MODEL_FILE)
+    parser.add_argument("--cross-validate", action="store_true")
+    parser.add_argument("--held-out-clean", nargs="*", default=["clean_realistic2"])
+    args = parser.parse_args()
+    if args.cross_validate:
+        cross_validate(corpus(args.held_out_clean), args.held_out_clean)
+        return
+    data = corpus([])
+    model = fit(data)
+    weights = np.asarray(model.coef_[0], dtype=np.float64)
+    kept = np.flatnonzero(weights)
+    passage_model = PassageModel(
+        weights=sp.csr_matrix(
+            (weights[kept], (kept, np.zeros_like(kept))), shape=(len(weights), 1)
+        ),
+        intercept=float(model.intercept_[0]),
+        threshold=args.threshold,
+    )
+    passage_model.save(args.out)
+    positives = sum(r.injected for r in data)
+    print(f"wrote {args.out}: {len(kept)} weights, {positives} injected of {len(data)} passages")
+
+
+if __name__ == "__main__":
+    main()
