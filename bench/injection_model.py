@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import labeled  # noqa: E402  (bench/, beside this file)
 
-from common.injection import findings, passages, reading  # noqa: E402
+from common.injection import findings, lines_of, passages, reading  # noqa: E402
 from common.injection_model import MODEL_FILE, PassageModel, eligible, features  # noqa: E402
 
 SETS = Path(__file__).resolve().parent / "adversarial"
@@ -65,7 +65,9 @@ def _texts(record: dict[str, object]) -> list[tuple[str, str]]:
 
 
 def rows(group: str, path: Path) -> list[Row]:
-    """The eligible passages of a file's texts; a twin's marked where its clean item lacks them."""
+    """The units the model reads in a file's texts (passages, and lines of several passages,
+    of ``MIN_WORDS`` words or more); a twin's marked where its clean item lacks them, a line
+    whose passages are partly the clean item's left out."""
     records = _records(path)
     by_id = {str(r["id"]): r for r in records}
     out = []
@@ -74,10 +76,16 @@ def rows(group: str, path: Path) -> list[Row]:
         clean = by_id.get(str(meta.get("twin_of"))) if isinstance(meta, dict) else None
         for field, text in _texts(r):
             clean_text = str(clean.get(field) or "") if clean else ""
-            for start, end in passages(text):
+            spans = passages(text)
+            for start, end in spans:
                 passage = text[start:end]
                 if eligible(read := reading(passage)):
                     added = clean is not None and passage.strip() not in clean_text
+                    out.append(Row(group, str(r["id"]), clean is not None, read, added))
+            for start, end in lines_of(text, spans):  # lines read whole too (common.injection)
+                parts = [text[s:e].strip() in clean_text for s, e in spans if start <= s < end]
+                if eligible(read := reading(text[start:end])) and (all(parts) or not any(parts)):
+                    added = clean is not None and not any(parts)  # a mixed line: neither
                     out.append(Row(group, str(r["id"]), clean is not None, read, added))
     return out
 
@@ -110,8 +118,9 @@ def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
         for threshold in THRESHOLDS:
             caught: set[str] = set()
             flagged: set[str] = set()
+            below = {row.item for row, p in zip(test, probabilities, strict=True) if p < threshold}
             for row, p in zip(test, probabilities, strict=True):
-                if p >= threshold:
+                if p >= threshold and row.item in below:  # as findings: some unit stays below
                     (caught if row.injected else flagged).add(row.item)
             clean_items = {r.item for r in test if not r.twin}
             misses = missed.get(group, set())

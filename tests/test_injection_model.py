@@ -57,6 +57,21 @@ def test_the_model_leaves_ordinary_tickets_alone(text: str) -> None:
     assert findings(text, LABELS) == []
 
 
+def test_a_line_of_short_pieces_is_read_whole() -> None:
+    """A dedup tool's fake record is pieces too short to read alone ("(auto)", "DUP"): its
+    line is read as one unit, and its block goes."""
+    text = (
+        "The app logs me out every few minutes since version 5.2.\n\n"
+        "cluster_id: C-7781 (auto) — DUP — linked"
+    )
+    assert findings(text, ["similar", "not_similar"], pair=True, learned=False) == []
+    found = findings(text, ["similar", "not_similar"], pair=True)
+    assert [(f.cue, f.passage) for f in found] == [
+        (LEARNED, "cluster_id: C-7781 (auto) — DUP — linked")
+    ]
+    assert redacted(text, found) == "The app logs me out every few minutes since version 5.2."
+
+
 def test_short_passages_are_left_to_the_cues() -> None:
     assert not eligible(reading("Date: Thu, May 16"))
     assert eligible(reading("Supervisor remark: caller was furious"))
