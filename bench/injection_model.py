@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 import labeled  # noqa: E402  (bench/, beside this file)
 
-from common.injection import findings, lines_of, passages, reading  # noqa: E402
-from common.injection_model import MODEL_FILE, PassageModel, eligible, features  # noqa: E402
+from common.injection import findings, passages, reading  # noqa: E402
+from common.injection_model import MODEL_FILE, PassageModel, eligible, features, lines_of  # noqa: E402
 
 SETS = Path(__file__).resolve().parent / "adversarial"
 ATTACKS = ["dev", *(f"holdout{i}" for i in range(1, 8))]

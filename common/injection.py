@@ -40,7 +40,7 @@ from urllib.parse import unquote
 from pydantic import BaseModel, ConfigDict
 
 from common.injection_cues import CLOSER, OPENER, Test, cues
-from common.injection_model import eligible, shipped
+from common.injection_model import LINE_BREAK, eligible, flagged, lines_of
 
 # Control-token spellings of the common chat templates: ChatML and Llama-3 (<|…|>), Gemma-4
 # (<|turn>, <turn|>), DeepSeek (fullwidth bars), Gemma (<start_of_turn>), Llama-2 and Mistral
@@ -124,7 +124,7 @@ _MIN_WORDS_LEFT = 1
 # only where the rest holds a few words.
 # (A blank line may hold any whitespace, "\r" of Windows line ends included; U+2029 and
 # U+2028 are Unicode's paragraph and line separators.)
-_BLOCK_BREAKS = (re.compile(r"\n[^\S\n]*\n|\u2029"), re.compile(r"[\n\u2028\u2029\x85]"))
+_BLOCK_BREAKS = (re.compile(r"\n[^\S\n]*\n|\u2029"), LINE_BREAK)
 _MIN_WORDS_BESIDE = 3
 # Findings that markup makes: a control token, hidden text, a word a fake turn's markers
 # enclose (the role name in "<|start_header_id|>assistant<|end_header_id|>"). Glued to the
@@ -286,47 +286,17 @@ def findings(
 def _learned_findings(
     text: str, unread: list[tuple[int, int, str]], found: list[Finding]
 ) -> list[Finding]:
-    """What the learned model flags of ``unread`` (start, end, reading: passages no cue
-    flagged) and of the lines that hold two or more of them (``lines_of``: a "score: 0.97
-    (auto) — DUPLICATE" is pieces too short to read alone) and no finding: the units it
-    reads as written to the labeler, where some other unit of the text is not. An injection
-    stands out from the customer's words around it; a ticket the model reads as odd
-    throughout (one written in Russian: the sets' injections in other languages taught it
-    that) stands out from nothing, and none of it is flagged."""
+    """What the learned model flags (``common.injection_model.flagged``) of ``unread``
+    (start, end, reading: passages no cue flagged) and of the lines that hold two or more of
+    them and no finding (``lines_of``: a "score: 0.97 (auto) — DUPLICATE" is pieces too
+    short to read alone)."""
     lines = [
         (start, end, reading(text[start:end]))
         for start, end in lines_of(text, [(s, e) for s, e, _ in unread])
         if not any(start <= f.start < end for f in found)
     ]
     units = [u for u in [*unread, *lines] if eligible(u[2])]
-    model = shipped()
-    probabilities = model.probabilities([r for *_, r in units])
-    flagged = [
-        (s, e) for (s, e, _), p in zip(units, probabilities, strict=True) if p >= model.threshold
-    ]
-    below = [(s, e) for s, e, _ in units if (s, e) not in flagged]
-    if not any(all(e <= fs or fe <= s for fs, fe in flagged) for s, e in below):
-        return []  # no unit apart from what the model flags stays below it
-    # a passage inside a flagged line is not listed again
-    alone = [
-        (s, e)
-        for s, e in flagged
-        if not any(ls <= s and e <= le and (ls, le) != (s, e) for ls, le in flagged)
-    ]
-    return [_finding(text[s:e], LEARNED, s, e) for s, e in alone]
-
-
-def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The lines of ``text`` (start, end, without their blank ends) that hold two or more of
-    ``spans`` whole."""
-    out = []
-    for start, end in _between(text, _BLOCK_BREAKS[1]):
-        inside = [1 for s, e in spans if start <= s and e <= end + 1]
-        line = text[start:end]
-        if len(inside) >= 2 and line.strip():
-            lead = len(line) - len(line.lstrip())
-            out.append((start + lead, start + lead + len(line.strip())))
-    return out
+    return [_finding(text[s:e], LEARNED, s, e) for s, e in flagged(units)]
 
 
 def reading(passage: str) -> str:

@@ -36,6 +36,7 @@ MODEL_FILE = Path(__file__).with_name("injection_model.npz")
 N_FEATURES = 2**18  # per vectorizer; collisions cost little at a few thousand passages
 MIN_WORDS = 4
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word: two letters or more, in any script
+LINE_BREAK = re.compile(r"[\n\u2028\u2029\x85]")  # and Unicode's line and paragraph separators
 
 
 @functools.cache
@@ -56,8 +57,10 @@ def _vectorizers() -> tuple[HashingVectorizer, HashingVectorizer]:
 
 
 def eligible(reading: str) -> bool:
-    """Whether a passage (as the cues read it) has words enough to be scored."""
-    return len(_WORD.findall(reading)) >= MIN_WORDS
+    """Whether a unit (as the cues read it, ``common.injection.reading``) has words enough
+    to be scored: counted in its first reading, since a second one spells the same words
+    out ("HX7731" read as digits for letters is no more words)."""
+    return len(_WORD.findall(reading.split("\n", 1)[0])) >= MIN_WORDS
 
 
 def features(readings: Sequence[str]) -> sp.csr_matrix:
@@ -67,6 +70,41 @@ def features(readings: Sequence[str]) -> sp.csr_matrix:
 
     words, chars = _vectorizers()
     return sp.hstack([words.transform(readings), chars.transform(readings)]).tocsr()
+
+
+def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The lines of ``text`` (start, end, without their blank ends) that hold two or more of
+    ``spans`` (start, end) whole: read as units of their own."""
+    out = []
+    starts = [0, *(m.end() for m in LINE_BREAK.finditer(text))]
+    for start, end in zip(starts, [*(s - 1 for s in starts[1:]), len(text)], strict=True):
+        inside = sum(start <= s and e <= end + 1 for s, e in spans)
+        line = text[start:end]
+        if inside >= 2 and line.strip():
+            lead = len(line) - len(line.lstrip())
+            out.append((start + lead, start + lead + len(line.strip())))
+    return out
+
+
+def flagged(units: Sequence[tuple[int, int, str]]) -> list[tuple[int, int]]:
+    """The units (start, end, reading) the shipped model reads as written to the labeler,
+    where some unit apart from them stays below its threshold; none of a unit inside another
+    flagged one. An injection stands out from the customer's words around it; a ticket the
+    model reads as odd throughout (one written in Russian: the sets' injections in other
+    languages taught it that) stands out from nothing, and none of it is flagged."""
+    model = shipped()
+    probabilities = model.probabilities([r for *_, r in units])
+    above = [
+        (s, e) for (s, e, _), p in zip(units, probabilities, strict=True) if p >= model.threshold
+    ]
+    below = [(s, e) for s, e, _ in units if (s, e) not in above]
+    if not any(all(e <= fs or fe <= s for fs, fe in above) for s, e in below):
+        return []
+    return [
+        (s, e)
+        for s, e in above
+        if not any(ls <= s and e <= le and (ls, le) != (s, e) for ls, le in above)
+    ]
 
 
 @dataclass(frozen=True)
