@@ -3,17 +3,21 @@
 Positive passages: those an adversarial set's twin adds to its clean ticket (a passage of the
 twin whose text is not in the clean one; ``common.injection.passages``). Negative: every
 passage of the sets' clean tickets, the bundled samples, ``clean_realistic.jsonl``,
-``clean_training.jsonl`` and 3,000 review sentences (bench/labeled.py). Only passages of
-``MIN_WORDS`` words or more; each as the cues read it (``common.injection.reading``). An
+``clean_training.jsonl`` and 3,000 review sentences (bench/labeled.py). Lines of two passages
+or more are units too (``lines_of``), as ``common.injection.findings`` reads them; only units
+of ``MIN_WORDS`` words or more, each as the model reads it (``common.injection.readings``). An
 L2-regularised logistic regression (C = 4, classes balanced: the best of 1 and 4, and of
 word, character and both n-grams, measured 2026-12-07 by ``--cross-validate``).
 
     python bench/injection_model.py [--threshold 0.7] [--out common/injection_model.npz]
+                                    [--allow-no-reviews]
     python bench/injection_model.py --cross-validate [--held-out-clean clean_realistic2]
 
 ``--cross-validate`` leaves each set out in turn (and the bundled samples, each clean set):
 of the twins the cues miss, how many the model catches; of the clean tickets, how many it
-flags; at thresholds 0.5-0.9. ``--held-out-clean`` names clean sets scored, never trained on.
+flags; at thresholds 0.5-0.9, per text as ``findings`` flags (``flagged``: some unit apart
+stays below), though over every unit, not only those without a cue's finding.
+``--held-out-clean`` names clean sets scored, never trained on.
 """
 
 from __future__ import annotations
@@ -34,8 +38,15 @@ sys.path.insert(0, str(ROOT))
 
 import labeled  # noqa: E402  (bench/, beside this file)
 
-from common.injection import findings, passages, reading  # noqa: E402
-from common.injection_model import MODEL_FILE, PassageModel, eligible, features, lines_of  # noqa: E402
+from common.injection import findings, passages, readings  # noqa: E402
+from common.injection_model import (  # noqa: E402
+    MODEL_FILE,
+    PassageModel,
+    eligible,
+    features,
+    flagged,
+    lines_of,
+)
 
 SETS = Path(__file__).resolve().parent / "adversarial"
 ATTACKS = ["dev", *(f"holdout{i}" for i in range(1, 8))]
@@ -50,10 +61,12 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 class Row(NamedTuple):
     group: str  # the file it comes from
-    item: str  # the item's id
+    item: str  # the item's id and field ("t0197 text")
     twin: bool  # from an injected twin
     reading: str
     injected: bool  # added by the twin's injection
+    start: int = 0  # where the unit stands in its text
+    end: int = 0
 
 
 def _records(path: Path) -> list[dict[str, object]]:
@@ -77,29 +90,39 @@ def rows(group: str, path: Path) -> list[Row]:
         for field, text in _texts(r):
             clean_text = str(clean.get(field) or "") if clean else ""
             spans = passages(text)
-            for start, end in spans:
-                passage = text[start:end]
-                if eligible(read := reading(passage)):
-                    added = clean is not None and passage.strip() not in clean_text
-                    out.append(Row(group, str(r["id"]), clean is not None, read, added))
-            for start, end in lines_of(text, spans):  # lines read whole too (common.injection)
-                parts = [text[s:e].strip() in clean_text for s, e in spans if start <= s < end]
-                if eligible(read := reading(text[start:end])) and (all(parts) or not any(parts)):
-                    added = clean is not None and not any(parts)  # a mixed line: neither
-                    out.append(Row(group, str(r["id"]), clean is not None, read, added))
+            units = [(start, end, text[start:end].strip() in clean_text) for start, end in spans]
+            for start, end in lines_of(text, spans):  # lines read whole too
+                parts = [
+                    inside for s, e, inside in units[: len(spans)] if start <= s and e <= end + 1
+                ]
+                if all(parts) or not any(parts):  # a line partly the clean item's: neither
+                    units.append((start, end, all(parts)))
+            key = f"{r['id']} {field}"
+            for start, end, inside in units:
+                plain, read = readings(text[start:end])
+                if eligible(plain):
+                    added = clean is not None and not inside
+                    out.append(Row(group, key, clean is not None, read, added, start, end))
     return out
 
 
-def corpus(held_out_clean: list[str]) -> list[Row]:
+def corpus(held_out_clean: list[str], allow_no_reviews: bool = False) -> list[Row]:
     out = [row for name in ATTACKS for row in rows(name, SETS / f"{name}.jsonl")]
     out += [row for path in SAMPLES for row in rows("bundled", path)]
     out += [row for name in CLEAN + held_out_clean for row in rows(name, SETS / f"{name}.jsonl")]
     try:
         reviews = labeled.reviews(3000, seed=1)
     except labeled.DataUnavailable as exc:
+        if not allow_no_reviews:
+            raise SystemExit(
+                f"no review sentences ({exc}); --allow-no-reviews trains without"
+            ) from None
         print(f"no review sentences ({exc}); training without them", file=sys.stderr)
         reviews = []
-    out += [Row("reviews", str(r["id"]), False, reading(str(r["text"])), False) for r in reviews]
+    for r in reviews:
+        plain, read = readings(str(r["text"]))
+        if eligible(plain):
+            out.append(Row("reviews", str(r["id"]), False, read, False))
     return out
 
 
@@ -114,20 +137,29 @@ def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
     for group in [*ATTACKS, "bundled", *CLEAN, *held_out_clean]:
         train = [r for r in data if r.group != group and r.group not in held_out_clean]
         test = [r for r in data if r.group == group]
-        probabilities = fit(train).predict_proba(features([r.reading for r in test]))[:, 1]
+        model = fit(train)
+        fold = PassageModel(
+            _column(model.coef_[0]), float(model.intercept_[0]), threshold=THRESHOLDS[0]
+        )
+        by_text: dict[str, list[Row]] = defaultdict(list)
+        for row in test:
+            by_text[row.item].append(row)
         for threshold in THRESHOLDS:
+            at = PassageModel(fold.weights, fold.intercept, threshold)
             caught: set[str] = set()
-            flagged: set[str] = set()
-            below = {row.item for row, p in zip(test, probabilities, strict=True) if p < threshold}
-            for row, p in zip(test, probabilities, strict=True):
-                if p >= threshold and row.item in below:  # as findings: some unit stays below
-                    (caught if row.injected else flagged).add(row.item)
-            clean_items = {r.item for r in test if not r.twin}
+            flagged_items: set[str] = set()
+            for key, text_rows in by_text.items():
+                spans = set(flagged([(r.start, r.end, r.reading) for r in text_rows], at))
+                for row in text_rows:
+                    if (row.start, row.end) in spans:
+                        item = key.split()[0]
+                        (caught if row.injected else flagged_items).add(item)
+            clean_items = {r.item.split()[0] for r in test if not r.twin}
             misses = missed.get(group, set())
             cells = {
                 "caught": len(caught & misses),
                 "misses": len(misses),
-                "flagged": len(flagged & clean_items),
+                "flagged": len(flagged_items & clean_items),
                 "clean": len(clean_items),
             }
             for key, value in cells.items():
@@ -163,24 +195,24 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=MODEL_FILE)
     parser.add_argument("--cross-validate", action="store_true")
     parser.add_argument("--held-out-clean", nargs="*", default=["clean_realistic2"])
+    parser.add_argument("--allow-no-reviews", action="store_true")
     args = parser.parse_args()
     if args.cross_validate:
-        cross_validate(corpus(args.held_out_clean), args.held_out_clean)
+        cross_validate(corpus(args.held_out_clean, args.allow_no_reviews), args.held_out_clean)
         return
-    data = corpus([])
+    data = corpus([], args.allow_no_reviews)
     model = fit(data)
-    weights = np.asarray(model.coef_[0], dtype=np.float64)
-    kept = np.flatnonzero(weights)
-    passage_model = PassageModel(
-        weights=sp.csr_matrix(
-            (weights[kept], (kept, np.zeros_like(kept))), shape=(len(weights), 1)
-        ),
-        intercept=float(model.intercept_[0]),
-        threshold=args.threshold,
-    )
-    passage_model.save(args.out)
+    weights = _column(model.coef_[0])
+    PassageModel(weights, float(model.intercept_[0]), args.threshold).save(args.out)
     positives = sum(r.injected for r in data)
-    print(f"wrote {args.out}: {len(kept)} weights, {positives} injected of {len(data)} passages")
+    print(f"wrote {args.out}: {weights.nnz} weights, {positives} injected of {len(data)} units")
+
+
+def _column(coef: np.ndarray) -> sp.csr_matrix:
+    """A model's coefficients as the sparse column ``PassageModel`` holds (nonzero only)."""
+    kept = np.flatnonzero(coef)
+    values = np.asarray(coef[kept], dtype=np.float64)
+    return sp.csr_matrix((values, (kept, np.zeros_like(kept))), shape=(len(coef), 1))
 
 
 if __name__ == "__main__":

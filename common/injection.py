@@ -254,15 +254,14 @@ def findings(
     found: list[Finding] = []
     turn: list[Finding] | None = None  # inside a fake turn: what it holds so far
     role_until = -1  # a role marker ("SYSTEM:") speaks for the rest of its line
-    unread: list[tuple[int, int, str]] = []  # no cue: for the learned model
+    unread: list[tuple[int, int, str, str]] = []  # no finding: start, end, plain, reading
     for start, end in passages(text):
         passage = text[start:end]
         plain = _plain(passage)
         cue = "hidden text" if _hides_text(passage) else _first_cue(tests, plain)
+        second = plain
         if cue is None and (second := _second_reading(passage, plain)) != plain:
             cue = _first_cue(tests, second)
-        if cue is None and learned:
-            unread.append((start, end, _reading(plain, second)))
         if cue is None and start < role_until:
             cue = "inside a fake turn"
         elif cue == "role marker":
@@ -278,32 +277,36 @@ def findings(
             continue
         if cue is not None:
             found.append(_finding(passage, cue, start, end))
+        elif learned:
+            unread.append((start, end, plain, _reading(plain, second)))
     if unread:
         found += _learned_findings(text, unread, found)
     return sorted(found, key=lambda f: f.start)
 
 
 def _learned_findings(
-    text: str, unread: list[tuple[int, int, str]], found: list[Finding]
+    text: str, unread: list[tuple[int, int, str, str]], found: list[Finding]
 ) -> list[Finding]:
     """What the learned model flags (``common.injection_model.flagged``) of ``unread``
-    (start, end, reading: passages no cue flagged) and of the lines that hold two or more of
-    them and no finding (``lines_of``: a "score: 0.97 (auto) — DUPLICATE" is pieces too
-    short to read alone)."""
-    lines = [
-        (start, end, reading(text[start:end]))
-        for start, end in lines_of(text, [(s, e) for s, e, _ in unread])
-        if not any(start <= f.start < end for f in found)
-    ]
-    units = [u for u in [*unread, *lines] if eligible(u[2])]
+    (start, end, first reading, reading: passages without a finding) and of the lines that
+    hold two or more of them and no finding (``lines_of``: a "score: 0.97 (auto) —
+    DUPLICATE" is pieces too short to read alone); units of ``MIN_WORDS`` words only."""
+    starts = sorted(f.start for f in found)
+    units = [(s, e, r) for s, e, plain, r in unread if eligible(plain)]
+    for start, end in lines_of(text, [(s, e) for s, e, *_ in unread]):
+        at = bisect.bisect_left(starts, start)
+        if (at == len(starts) or starts[at] >= end) and eligible(
+            (line := readings(text[start:end]))[0]
+        ):
+            units.append((start, end, line[1]))
     return [_finding(text[s:e], LEARNED, s, e) for s, e in flagged(units)]
 
 
-def reading(passage: str) -> str:
-    """A passage as the cues read it: undisguised (``_plain``), and where spelled-out words
-    read otherwise, that second reading after it (what the learned model reads)."""
+def readings(passage: str) -> tuple[str, str]:
+    """A passage as the cues read it first (undisguised: ``_plain``), and as the learned
+    model reads it: that, with the words it spells out after it where they read otherwise."""
     plain = _plain(passage)
-    return _reading(plain, _second_reading(passage, plain))
+    return plain, _reading(plain, _second_reading(passage, plain))
 
 
 def _reading(plain: str, second: str) -> str:

@@ -11,32 +11,50 @@ adversarial sets' twins add to their clean tickets (positive) and on the passage
 tickets (negative: the bundled samples, the sets' clean tickets, ``clean_realistic.jsonl``,
 ``clean_training.jsonl``, review sentences). How it was measured: docs/injection.md.
 
-A passage is scored only where it holds ``MIN_WORDS`` words: a short one ("System:", "<p>",
-"Positive") says too little to be read by its words, and the cues read those.
+A unit (a passage, or a line of several) is scored only where it holds ``MIN_WORDS`` words: a
+short one ("System:", "<p>", "Positive") says too little to be read by its words, and the
+cues read those. A ticket whose only unit of that size is the injection ("Hi,\\n<injection>\\n
+Thanks") is not flagged by the model: nothing stands apart from it (``flagged``).
 
 The weights are a NumPy ``.npz`` (read with ``allow_pickle=False``: no code in a model file).
+NumPy, SciPy and scikit-learn are imported at the first ticket with a unit to score (about a
+CPU-second, once per process), not with this module.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
-if TYPE_CHECKING:  # scipy and scikit-learn take a second to import: only where a model is read
+if TYPE_CHECKING:
     import scipy.sparse as sp
     from sklearn.feature_extraction.text import HashingVectorizer
 
+log = logging.getLogger(__name__)
+
 MODEL_FILE = Path(__file__).with_name("injection_model.npz")
-N_FEATURES = 2**18  # per vectorizer; collisions cost little at a few thousand passages
+# Per vectorizer: the training units hold ~150,000 distinct n-grams, so 2**18 buckets collide
+# little; the file stores only the nonzero weights.
+N_FEATURES = 2**18
+# Below four words, headers and labels ("Date: Thu, May 16") were most of the false alarms
+# (bench/injection_model.py --cross-validate, 2026-12-07).
 MIN_WORDS = 4
 _WORD = re.compile(r"[^\W\d_]{2,}")  # a word: two letters or more, in any script
+# Scripts written without spaces (CJK, kana, Thai, Lao, Khmer, Myanmar): two characters count
+# as a word, so a Japanese sentence is read like an English one.
+_UNSPACED = re.compile(
+    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    r"\u0e00-\u0e7f\u0e80-\u0eff\u1780-\u17ff\u1000-\u109f]"
+)
 LINE_BREAK = re.compile(r"[\n\u2028\u2029\x85]")  # and Unicode's line and paragraph separators
+
+Unit = tuple[int, int, str]  # start, end (characters), the unit as the model reads it
 
 
 @functools.cache
@@ -56,15 +74,14 @@ def _vectorizers() -> tuple[HashingVectorizer, HashingVectorizer]:
     return words, chars
 
 
-def eligible(reading: str) -> bool:
-    """Whether a unit (as the cues read it, ``common.injection.reading``) has words enough
-    to be scored: counted in its first reading, since a second one spells the same words
-    out ("HX7731" read as digits for letters is no more words)."""
-    return len(_WORD.findall(reading.split("\n", 1)[0])) >= MIN_WORDS
+def eligible(plain: str) -> bool:
+    """Whether a unit has words enough to be scored; ``plain``: its first reading
+    (``common.injection.readings``), not the spelled-out second one."""
+    return len(_WORD.findall(plain)) + len(_UNSPACED.findall(plain)) // 2 >= MIN_WORDS
 
 
 def features(readings: Sequence[str]) -> sp.csr_matrix:
-    """The rows the model reads: one per passage, ``2 * N_FEATURES`` columns (word n-grams,
+    """The rows the model reads: one per unit, ``2 * N_FEATURES`` columns (word n-grams,
     then character n-grams), each half L2-normalized."""
     import scipy.sparse as sp
 
@@ -74,11 +91,16 @@ def features(readings: Sequence[str]) -> sp.csr_matrix:
 
 def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
     """The lines of ``text`` (start, end, without their blank ends) that hold two or more of
-    ``spans`` (start, end) whole: read as units of their own."""
-    out = []
+    ``spans`` (start, end; in order and apart, as ``passages`` gives them) whole: units of
+    their own. One pass over the lines and the spans together."""
+    out, at = [], 0
     starts = [0, *(m.end() for m in LINE_BREAK.finditer(text))]
     for start, end in zip(starts, [*(s - 1 for s in starts[1:]), len(text)], strict=True):
-        inside = sum(start <= s and e <= end + 1 for s, e in spans)
+        while at < len(spans) and spans[at][0] < start:
+            at += 1
+        inside = 0
+        while at < len(spans) and spans[at][1] <= end + 1:  # a sentence may end with its "\n"
+            inside, at = inside + 1, at + 1
         line = text[start:end]
         if inside >= 2 and line.strip():
             lead = len(line) - len(line.lstrip())
@@ -86,31 +108,41 @@ def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
-def flagged(units: Sequence[tuple[int, int, str]]) -> list[tuple[int, int]]:
-    """The units (start, end, reading) the shipped model reads as written to the labeler,
-    where some unit apart from them stays below its threshold; none of a unit inside another
-    flagged one. An injection stands out from the customer's words around it; a ticket the
-    model reads as odd throughout (one written in Russian: the sets' injections in other
-    languages taught it that) stands out from nothing, and none of it is flagged."""
-    model = shipped()
-    probabilities = model.probabilities([r for *_, r in units])
-    above = [
-        (s, e) for (s, e, _), p in zip(units, probabilities, strict=True) if p >= model.threshold
-    ]
-    below = [(s, e) for s, e, _ in units if (s, e) not in above]
-    if not any(all(e <= fs or fe <= s for fs, fe in above) for s, e in below):
+def flagged(units: Sequence[Unit], model: PassageModel | None = None) -> list[tuple[int, int]]:
+    """The spans of ``units`` that ``model`` (default: ``shipped()``) reads as written to the
+    labeler, each only where some unit apart from it stays below the threshold, none inside
+    another flagged one. An injection stands out from the customer's words around it; a
+    ticket the model reads as odd throughout (one written in Russian: the sets' injections
+    in other languages taught it that) stands out from nothing. [] where the model cannot be
+    read (logged once): the cues still read."""
+    if not units:
         return []
-    return [
-        (s, e)
-        for s, e in above
-        if not any(ls <= s and e <= le and (ls, le) != (s, e) for ls, le in above)
-    ]
+    if model is None and (model := _shipped_or_none()) is None:
+        return []
+    scored = list(zip(units, model.probabilities([r for *_, r in units]), strict=True))
+    below = [(s, e) for (s, e, _), p in scored if p < model.threshold]
+    if not below:
+        return []
+    # a unit below stands apart from (s, e) where it ends by s or starts from e
+    first_end, last_start = min(e for _, e in below), max(s for s, _ in below)
+    above = sorted(
+        ((s, e) for (s, e, _), p in scored if p >= model.threshold),
+        key=lambda span: (span[0], -span[1]),
+    )
+    out, reach = [], -1
+    for s, e in above:
+        if e <= reach:  # inside a flagged unit that starts no later (a line holds passages)
+            continue
+        reach = e
+        if first_end <= s or last_start >= e:
+            out.append((s, e))
+    return out
 
 
 @dataclass(frozen=True)
 class PassageModel:
     """A linear model over ``features``: ``weights`` one per column (sparse), ``intercept``;
-    a passage is flagged where its probability reaches ``threshold``."""
+    a unit is flagged where its probability reaches ``threshold``."""
 
     weights: sp.csr_matrix  # shape (2 * N_FEATURES, 1)
     intercept: float
@@ -120,10 +152,16 @@ class PassageModel:
         """P(written to the labeler) for each reading, in order; [] for none."""
         if not readings:
             return []
+        import numpy as np
+
         logits = (features(readings) @ self.weights).toarray().ravel() + self.intercept
         return [float(p) for p in 1.0 / (1.0 + np.exp(-logits))]
 
     def save(self, path: Path) -> None:
+        """Writes the nonzero weights, the intercept and the threshold to ``path``, a
+        compressed ``.npz`` of NumPy arrays only. Raises OSError."""
+        import numpy as np
+
         coo = self.weights.tocoo()
         np.savez_compressed(
             path,
@@ -136,7 +174,9 @@ class PassageModel:
 
     @classmethod
     def load(cls, path: Path) -> PassageModel:
-        """Raises OSError (no file), ValueError (not such a model, or for other features)."""
+        """Raises OSError (no file), zipfile.BadZipFile (no ``.npz``), KeyError (the ``.npz``
+        of something else), ValueError (a model for other features)."""
+        import numpy as np
         import scipy.sparse as sp
 
         with np.load(path, allow_pickle=False) as data:
@@ -151,5 +191,15 @@ class PassageModel:
 
 @functools.cache
 def shipped() -> PassageModel:
-    """The model packaged with tribunal (``MODEL_FILE``), read once per process."""
+    """The model packaged with tribunal (``MODEL_FILE``), read once per process (about a
+    CPU-second with its imports). Raises as ``PassageModel.load``."""
     return PassageModel.load(MODEL_FILE)
+
+
+@functools.cache
+def _shipped_or_none() -> PassageModel | None:
+    try:
+        return shipped()
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        log.error("injection model unreadable, the detector reads with its cues only: %s", exc)
+        return None

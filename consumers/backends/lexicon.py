@@ -123,7 +123,9 @@ def _hidden(*optional: str) -> Iterator[None]:
     ``sys.modules`` makes an import fail as not found (the import system's documented rule);
     packages already imported are left alone, and later imports find them as usual. (The
     nltk modules imported meanwhile keep running without them: nltk's NumPy parts, unused by
-    tribunal, fail in this process.)"""
+    tribunal, fail in this process.) The injection detector's learned model still imports
+    all three at the worker's first ticket it scores (``common.injection_model``; a task's
+    ``injection_model = false`` keeps them out)."""
     hidden = [name for name in optional if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
