@@ -290,7 +290,7 @@ def test_a_second_run_on_the_same_data_dir_exits_naming_the_first(
     # a fleet file that labels it by a path that holds wherever tribunal is installed.
     note = procs.output("run1.log").decode().replace("\n", " ")
     assert "no model of this fleet handles task 'similar_ticket'" in note
-    assert re.search(r"the fleet file /\S+/tribunal/fleets/local\.toml labels every", note), note
+    assert re.search(r"start with --fleet /\S+/tribunal/fleets/local\.toml", note), note
     other_port = free_port()
     second = procs.start("run", "--data-dir", data, "--port", str(other_port), log="run2.log")
     assert second.wait(60) == 1

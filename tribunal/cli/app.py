@@ -277,8 +277,8 @@ def run(
                 "[yellow]note:[/]",
                 f"no model of this fleet handles task {task!r} (workers: "
                 f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
-                f"{s.judge.backend}): items of that task end as dead letters with the reason "
-                f"(the fleet file {LOCAL_FLEET} labels every built-in task)",
+                f"{s.judge.backend}): items of that task end as dead letters with the reason; "
+                f"to label every built-in task, start with --fleet {LOCAL_FLEET}",
             )
 
     log_dir = data_dir.parent / "logs"
