@@ -157,7 +157,7 @@ def _cost_cell(snap: Snapshot) -> str:
     cost = snap.cost
     if cost is None or cost.per_label_s is None:
         return "-"
-    text = f"{cost.per_label_s:.3f} model-s per label"
+    text = f"{cost.per_label_s:.3f} s of model time per label (every model call it took)"
     if cost.judge_per_item_s is not None and cost.ratio is not None:
         text += (
             f", the judge alone {cost.judge_per_item_s:.3f} s per item ({cost.ratio:.2f}x: "
