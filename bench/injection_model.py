@@ -28,9 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import orjson
-import scipy.sparse as sp
 from sklearn.linear_model import LogisticRegression
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,14 +136,13 @@ def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
         train = [r for r in data if r.group != group and r.group not in held_out_clean]
         test = [r for r in data if r.group == group]
         model = fit(train)
-        fold = PassageModel(
-            _column(model.coef_[0]), float(model.intercept_[0]), threshold=THRESHOLDS[0]
-        )
         by_text: dict[str, list[Row]] = defaultdict(list)
         for row in test:
             by_text[row.item].append(row)
         for threshold in THRESHOLDS:
-            at = PassageModel(fold.weights, fold.intercept, threshold)
+            at = PassageModel.from_coefficients(
+                model.coef_[0], float(model.intercept_[0]), threshold
+            )
             caught: set[str] = set()
             flagged_items: set[str] = set()
             for key, text_rows in by_text.items():
@@ -202,17 +199,15 @@ def main() -> None:
         return
     data = corpus([], args.allow_no_reviews)
     model = fit(data)
-    weights = _column(model.coef_[0])
-    PassageModel(weights, float(model.intercept_[0]), args.threshold).save(args.out)
+    passage_model = PassageModel.from_coefficients(
+        model.coef_[0], float(model.intercept_[0]), args.threshold
+    )
+    passage_model.save(args.out)
     positives = sum(r.injected for r in data)
-    print(f"wrote {args.out}: {weights.nnz} weights, {positives} injected of {len(data)} units")
-
-
-def _column(coef: np.ndarray) -> sp.csr_matrix:
-    """A model's coefficients as the sparse column ``PassageModel`` holds (nonzero only)."""
-    kept = np.flatnonzero(coef)
-    values = np.asarray(coef[kept], dtype=np.float64)
-    return sp.csr_matrix((values, (kept, np.zeros_like(kept))), shape=(len(coef), 1))
+    print(
+        f"wrote {args.out}: {passage_model.weights.nnz} weights, "
+        f"{positives} injected of {len(data)} units"
+    )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import numpy as np
     import scipy.sparse as sp
+    from numpy.typing import NDArray
     from sklearn.feature_extraction.text import HashingVectorizer
 
 log = logging.getLogger(__name__)
@@ -177,16 +179,32 @@ class PassageModel:
         """Raises OSError (no file), zipfile.BadZipFile (no ``.npz``), KeyError (the ``.npz``
         of something else), ValueError (a model for other features)."""
         import numpy as np
-        import scipy.sparse as sp
 
         with np.load(path, allow_pickle=False) as data:
             if int(data["n_features"]) != N_FEATURES:
                 raise ValueError(f"{path}: trained for {int(data['n_features'])} features")
-            index, weight = data["index"], data["weight"].astype(np.float64)
-            weights = sp.csr_matrix(
-                (weight, (index, np.zeros_like(index))), shape=(2 * N_FEATURES, 1)
-            )
+            weights = _column(data["index"], data["weight"].astype(np.float64))
             return cls(weights, float(data["intercept"]), float(data["threshold"]))
+
+    @classmethod
+    def from_coefficients(
+        cls, coef: Sequence[float], intercept: float, threshold: float
+    ) -> PassageModel:
+        """A fitted logistic regression's dense ``coef`` (``2 * N_FEATURES`` of them), kept
+        where nonzero."""
+        import numpy as np
+
+        dense = np.asarray(coef, dtype=np.float64)
+        kept = np.flatnonzero(dense)
+        return cls(_column(kept, dense[kept]), intercept, threshold)
+
+
+def _column(index: NDArray[np.integer], values: NDArray[np.float64]) -> sp.csr_matrix:
+    """``values`` at rows ``index`` of a sparse ``(2 * N_FEATURES, 1)`` column."""
+    import numpy as np
+    import scipy.sparse as sp
+
+    return sp.csr_matrix((values, (index, np.zeros_like(index))), shape=(2 * N_FEATURES, 1))
 
 
 @functools.cache
