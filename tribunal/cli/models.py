@@ -135,7 +135,7 @@ def serve_models(
         ),
     ] = 0,
     ready_file: Annotated[
-        Path | None,
+        str | None,  # not Path: Path("new/") drops the slash that says a folder was meant
         typer.Option(
             help="Written once every server is up and the warm-up of its prompt cache has run "
             "(it holds the URLs, as JSON), removed when serving stops: a readiness check for "
@@ -161,38 +161,42 @@ def serve_models(
             "(give one, e.g. tribunal --fleet examples/local.toml models serve)",
         )
         raise typer.Exit(2)
-    if ready_file is not None:
-        _check_ready_file(ready_file)
+    ready = None if ready_file is None else _checked_ready_file(ready_file)
     stop = StopFlag(doing="stopping the model servers").install()
     try:
         with clear_errors(s):
             servers.start()
         warm_prompt_caches(s, servers.urls())
         urls = orjson.dumps(servers.urls()).decode()
-        if ready_file is not None:
-            ready_file.write_text(urls)
+        if ready is not None:
+            ready.write_text(urls)
         say("", f"export TRIBUNAL_MODEL_URLS='{urls}'")
         while not stop.wait(0.5):
             servers.supervise()
     finally:
-        if ready_file is not None:
+        if ready is not None:
             with contextlib.suppress(OSError):  # the servers stop whatever happens to it
-                ready_file.unlink(missing_ok=True)
+                ready.unlink(missing_ok=True)
         servers.stop()
 
 
-def _check_ready_file(path: Path) -> None:
-    """Remove a ready file a killed run left (it says nothing of this one), and refuse at once,
-    in one line, a path that cannot be written: not minutes later, after the warm-up."""
-    try:
-        path.unlink(missing_ok=True)
-        why = None
-    except OSError as exc:
-        why = exc.strerror or str(exc)
+def _checked_ready_file(given: str) -> Path:
+    """``given`` as a path, a ready file a killed run left there removed (it says nothing of
+    this one); a path that cannot be written is refused at once, in one line: not minutes
+    later, after the warm-up."""
+    path, why = Path(given), None
+    if given.endswith(("/", os.sep)):  # checked first: unlink would take a file "new" for "new/"
+        why = "names a folder; give a file in it, e.g. --ready-file DIR/ready.json"
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
     if why is None and not path.parent.is_dir():
         why = f"no folder {path.parent}"
     elif why is None and not os.access(path.parent, os.W_OK):
         why = f"folder {path.parent} is not writable"
     if why is not None:
-        say("[red]error:[/]", f"--ready-file {path}: {why}")
+        say("[red]error:[/]", f"--ready-file {given}: {why}")
         raise typer.Exit(2)
+    return path

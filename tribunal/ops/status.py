@@ -193,7 +193,14 @@ def render(snap: Snapshot) -> RenderableType:
     """The snapshot as rich tables: queues first, then outcomes and the fleet."""
     parts = f" · {snap.partitions} partitions (summed)" if snap.partitions > 1 else ""
     title = f"tribunal · namespace {snap.namespace}{parts}"
-    queues = Table(title=title, title_justify="left")
+    queues = Table(
+        title=title,
+        title_justify="left",
+        # without it a newcomer reads ready's count as items and finds one too many
+        caption="ready holds notices, not items: each names the items a batch of votes made "
+        "decidable, and a later vote on an open item names it again",
+        caption_justify="left",
+    )
     for column in ("stream", "length", "added", "group", "lag", "pending", "live"):
         queues.add_column(column, justify="left" if column in ("stream", "group") else "right")
     queues.add_column("consumers (idle, pending)")
