@@ -9,14 +9,15 @@ of ``MIN_WORDS`` words or more, each as the model reads it (``common.injection.r
 L2-regularised logistic regression (C = 4, classes balanced: the best of 1 and 4, and of
 word, character and both n-grams, measured 2026-12-07 by ``--cross-validate``).
 
-    python bench/injection_model.py [--threshold 0.7] [--out common/injection_model.npz]
-                                    [--allow-no-reviews]
+    python bench/injection_model.py [--threshold 0.7] [--pair-threshold 0.5]
+                                    [--out common/injection_model.npz] [--allow-no-reviews]
     python bench/injection_model.py --cross-validate [--held-out-clean clean_realistic2]
 
 ``--cross-validate`` leaves each set out in turn (and the bundled samples, each clean set):
 of the twins the cues miss, how many the model catches; of the clean tickets, how many it
-flags; at thresholds 0.5-0.9, per text as ``findings`` flags (``flagged``: some unit apart
-stays below), though over every unit, not only those without a cue's finding.
+flags; at thresholds 0.4-0.9, per text as ``findings`` flags (``flagged``: some unit apart
+stays below), though over every unit, not only those without a cue's finding; one-ticket
+tasks and pair tasks apart, as each has its threshold.
 ``--held-out-clean`` names clean sets scored, never trained on.
 """
 
@@ -54,7 +55,12 @@ LABELS = {
     "sentiment": ["positive", "negative", "neutral"],
     "similar_ticket": ["similar", "not_similar"],
 }
-THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+THRESHOLDS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Chosen by --cross-validate (2026-12-08): one ticket, 0.7 caught 88 of the 104 twins the cues
+# miss and flagged 114 of 1,378 clean items (0.6: 92, 130); pairs, 0.5 caught 36 of 43 and
+# flagged 12 of 292 (0.7: 30, 9): a pair's attack is a claim about the other ticket, and
+# ordinary pair tickets hold few passages that read like one.
+THRESHOLD, PAIR_THRESHOLD = 0.7, 0.5
 
 
 class Row(NamedTuple):
@@ -65,6 +71,7 @@ class Row(NamedTuple):
     injected: bool  # added by the twin's injection
     start: int = 0  # where the unit stands in its text
     end: int = 0
+    pair: bool = False  # from a task whose items are pairs of tickets
 
 
 def _records(path: Path) -> list[dict[str, object]]:
@@ -95,12 +102,12 @@ def rows(group: str, path: Path) -> list[Row]:
                 ]
                 if all(parts) or not any(parts):  # a line partly the clean item's: neither
                     units.append((start, end, all(parts)))
-            key = f"{r['id']} {field}"
+            key, pair = f"{r['id']} {field}", r.get("task") == "similar_ticket"
             for start, end, inside in units:
                 plain, read = readings(text[start:end])
                 if eligible(plain):
                     added = clean is not None and not inside
-                    out.append(Row(group, key, clean is not None, read, added, start, end))
+                    out.append(Row(group, key, clean is not None, read, added, start, end, pair))
     return out
 
 
@@ -131,7 +138,7 @@ def fit(train: list[Row]) -> LogisticRegression:
 
 def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
     missed = _cue_misses()
-    totals: dict[tuple[float, str], int] = defaultdict(int)
+    totals: dict[tuple[float, bool, str], int] = defaultdict(int)
     for group in [*ATTACKS, "bundled", *CLEAN, *held_out_clean]:
         train = [r for r in data if r.group != group and r.group not in held_out_clean]
         test = [r for r in data if r.group == group]
@@ -140,37 +147,49 @@ def cross_validate(data: list[Row], held_out_clean: list[str]) -> None:
         for row in test:
             by_text[row.item].append(row)
         for threshold in THRESHOLDS:
-            at = PassageModel.from_coefficients(
-                model.coef_[0], float(model.intercept_[0]), threshold
-            )
+            coef, intercept = model.coef_[0], float(model.intercept_[0])
+            at = {  # a pair task's units below THRESHOLD are its customers' words (flagged)
+                False: PassageModel.from_coefficients(coef, intercept, threshold, threshold),
+                True: PassageModel.from_coefficients(coef, intercept, THRESHOLD, threshold),
+            }
             caught: set[str] = set()
             flagged_items: set[str] = set()
             for key, text_rows in by_text.items():
-                spans = set(flagged([(r.start, r.end, r.reading) for r in text_rows], at))
+                units = [(r.start, r.end, r.reading) for r in text_rows]
+                pair = text_rows[0].pair
+                spans = set(flagged(units, at[pair], pair=pair))
                 for row in text_rows:
                     if (row.start, row.end) in spans:
                         item = key.split()[0]
                         (caught if row.injected else flagged_items).add(item)
-            clean_items = {r.item.split()[0] for r in test if not r.twin}
-            misses = missed.get(group, set())
-            cells = {
-                "caught": len(caught & misses),
-                "misses": len(misses),
-                "flagged": len(flagged_items & clean_items),
-                "clean": len(clean_items),
-            }
-            for key, value in cells.items():
-                totals[(threshold, key)] += value
-            print(
-                f"{group:18} >= {threshold}: caught {cells['caught']}/{cells['misses']} "
-                f"twins the cues miss; flagged {cells['flagged']}/{cells['clean']} clean items"
-            )
-    for threshold in THRESHOLDS:
-        t = {k: totals[(threshold, k)] for k in ("caught", "misses", "flagged", "clean")}
-        print(
-            f"all >= {threshold}: caught {t['caught']}/{t['misses']}, "
-            f"flagged {t['flagged']}/{t['clean']} clean items"
-        )
+            for pair in (False, True):
+                kind = {r.item.split()[0] for r in test if r.pair == pair}
+                clean_items = {r.item.split()[0] for r in test if not r.twin} & kind
+                misses = missed.get(group, set()) & kind
+                cells = {
+                    "caught": len(caught & misses),
+                    "misses": len(misses),
+                    "flagged": len(flagged_items & clean_items),
+                    "clean": len(clean_items),
+                }
+                for key, value in cells.items():
+                    totals[(threshold, pair, key)] += value
+                if cells["misses"] or cells["clean"]:
+                    print(f"{group:18} {_KIND[pair]:10} >= {threshold}: {_cells(cells)}")
+    for pair in (False, True):
+        for threshold in THRESHOLDS:
+            t = {k: totals[(threshold, pair, k)] for k in ("caught", "misses", "flagged", "clean")}
+            print(f"all {_KIND[pair]:10} >= {threshold}: {_cells(t)}")
+
+
+_KIND = {False: "one ticket", True: "pairs"}
+
+
+def _cells(c: dict[str, int]) -> str:
+    return (
+        f"caught {c['caught']}/{c['misses']} twins the cues miss; "
+        f"flagged {c['flagged']}/{c['clean']} clean items"
+    )
 
 
 def _cue_misses() -> dict[str, set[str]]:
@@ -188,7 +207,8 @@ def _cue_misses() -> dict[str, set[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threshold", type=float, default=0.7)
+    parser.add_argument("--threshold", type=float, default=THRESHOLD)
+    parser.add_argument("--pair-threshold", type=float, default=PAIR_THRESHOLD)
     parser.add_argument("--out", type=Path, default=MODEL_FILE)
     parser.add_argument("--cross-validate", action="store_true")
     parser.add_argument("--held-out-clean", nargs="*", default=["clean_realistic2"])
@@ -200,7 +220,7 @@ def main() -> None:
     data = corpus([], args.allow_no_reviews)
     model = fit(data)
     passage_model = PassageModel.from_coefficients(
-        model.coef_[0], float(model.intercept_[0]), args.threshold
+        model.coef_[0], float(model.intercept_[0]), args.threshold, args.pair_threshold
     )
     passage_model.save(args.out)
     positives = sum(r.injected for r in data)

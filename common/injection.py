@@ -280,12 +280,12 @@ def findings(
         elif learned:
             unread.append((start, end, plain, _reading(plain, second)))
     if unread:
-        found += _learned_findings(text, unread, found)
+        found += _learned_findings(text, unread, found, pair)
     return sorted(found, key=lambda f: f.start)
 
 
 def _learned_findings(
-    text: str, unread: list[tuple[int, int, str, str]], found: list[Finding]
+    text: str, unread: list[tuple[int, int, str, str]], found: list[Finding], pair: bool
 ) -> list[Finding]:
     """What the learned model flags (``common.injection_model.flagged``) of ``unread``
     (start, end, first reading, reading: passages without a finding) and of the lines that
@@ -299,7 +299,7 @@ def _learned_findings(
             (line := readings(text[start:end]))[0]
         ):
             units.append((start, end, line[1]))
-    return [_finding(text[s:e], LEARNED, s, e) for s, e in flagged(units)]
+    return [_finding(text[s:e], LEARNED, s, e) for s, e in flagged(units, pair=pair)]
 
 
 def readings(passage: str) -> tuple[str, str]:

@@ -110,17 +110,22 @@ def lines_of(text: str, spans: Sequence[tuple[int, int]]) -> list[tuple[int, int
     return out
 
 
-def flagged(units: Sequence[Unit], model: PassageModel | None = None) -> list[tuple[int, int]]:
+def flagged(
+    units: Sequence[Unit], model: PassageModel | None = None, pair: bool = False
+) -> list[tuple[int, int]]:
     """The spans of ``units`` that ``model`` (default: ``shipped()``) reads as written to the
-    labeler, each only where some unit apart from it stays below the threshold, none inside
-    another flagged one. An injection stands out from the customer's words around it; a
-    ticket the model reads as odd throughout (one written in Russian: the sets' injections
-    in other languages taught it that) stands out from nothing. [] where the model cannot be
-    read (logged once): the cues still read."""
+    labeler — from the model's ``threshold``, or its lower ``pair_threshold`` in a ``pair``
+    task's ticket — each only where some unit apart from it stays below ``threshold``, none
+    inside another flagged one. An injection stands out from the customer's words around it;
+    a ticket the model reads as odd throughout (one written in Russian: the sets' injections
+    in other languages taught it that) stands out from nothing. What counts as the customer's
+    words does not move with the task: a pair ticket's one other sentence at 0.6 is still
+    them. [] where the model cannot be read (logged once): the cues still read."""
     if not units:
         return []
     if model is None and (model := _shipped_or_none()) is None:
         return []
+    threshold = model.pair_threshold if pair else model.threshold
     scored = list(zip(units, model.probabilities([r for *_, r in units]), strict=True))
     below = [(s, e) for (s, e, _), p in scored if p < model.threshold]
     if not below:
@@ -128,27 +133,31 @@ def flagged(units: Sequence[Unit], model: PassageModel | None = None) -> list[tu
     # a unit below stands apart from (s, e) where it ends by s or starts from e
     first_end, last_start = min(e for _, e in below), max(s for s, _ in below)
     above = sorted(
-        ((s, e) for (s, e, _), p in scored if p >= model.threshold),
+        ((s, e) for (s, e, _), p in scored if p >= threshold),
         key=lambda span: (span[0], -span[1]),
     )
     out, reach = [], -1
     for s, e in above:
         if e <= reach:  # inside a flagged unit that starts no later (a line holds passages)
             continue
-        reach = e
-        if first_end <= s or last_start >= e:
+        if first_end <= s or last_start >= e:  # a line not flagged leaves its passages to be
             out.append((s, e))
+            reach = e
     return out
 
 
 @dataclass(frozen=True)
 class PassageModel:
     """A linear model over ``features``: ``weights`` one per column (sparse), ``intercept``;
-    a unit is flagged where its probability reaches ``threshold``."""
+    a unit is flagged where its probability reaches ``threshold`` (``pair_threshold`` in a
+    task whose items are pairs of tickets: there a claim about the other ticket is the whole
+    attack; both chosen by ``bench/injection_model.py --cross-validate``, which writes them
+    with the weights)."""
 
     weights: sp.csr_matrix  # shape (2 * N_FEATURES, 1)
     intercept: float
     threshold: float
+    pair_threshold: float
 
     def probabilities(self, readings: Sequence[str]) -> list[float]:
         """P(written to the labeler) for each reading, in order; [] for none."""
@@ -160,7 +169,7 @@ class PassageModel:
         return [float(p) for p in 1.0 / (1.0 + np.exp(-logits))]
 
     def save(self, path: Path) -> None:
-        """Writes the nonzero weights, the intercept and the threshold to ``path``, a
+        """Writes the nonzero weights, the intercept and the thresholds to ``path``, a
         compressed ``.npz`` of NumPy arrays only. Raises OSError."""
         import numpy as np
 
@@ -171,6 +180,7 @@ class PassageModel:
             weight=coo.data.astype(np.float32),
             intercept=np.float64(self.intercept),
             threshold=np.float64(self.threshold),
+            pair_threshold=np.float64(self.pair_threshold),
             n_features=np.int64(N_FEATURES),
         )
 
@@ -184,11 +194,16 @@ class PassageModel:
             if int(data["n_features"]) != N_FEATURES:
                 raise ValueError(f"{path}: trained for {int(data['n_features'])} features")
             weights = _column(data["index"], data["weight"].astype(np.float64))
-            return cls(weights, float(data["intercept"]), float(data["threshold"]))
+            return cls(
+                weights,
+                float(data["intercept"]),
+                float(data["threshold"]),
+                float(data["pair_threshold"]),
+            )
 
     @classmethod
     def from_coefficients(
-        cls, coef: Sequence[float], intercept: float, threshold: float
+        cls, coef: Sequence[float], intercept: float, threshold: float, pair_threshold: float
     ) -> PassageModel:
         """A fitted logistic regression's dense ``coef`` (``2 * N_FEATURES`` of them), kept
         where nonzero."""
@@ -196,7 +211,7 @@ class PassageModel:
 
         dense = np.asarray(coef, dtype=np.float64)
         kept = np.flatnonzero(dense)
-        return cls(_column(kept, dense[kept]), intercept, threshold)
+        return cls(_column(kept, dense[kept]), intercept, threshold, pair_threshold)
 
 
 def _column(index: NDArray[np.integer], values: NDArray[np.float64]) -> sp.csr_matrix:

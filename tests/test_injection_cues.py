@@ -176,7 +176,9 @@ def test_ordinary_tickets_near_the_new_cues_are_not_flagged(text: str) -> None:
         # "these tickets are <label>"
         ("holdout5", (53, 19), (69, 29)),
         # as at their one measurement; the learned model was trained on them after it
-        ("holdout6", (48, 14), (69, 28)),
+        # pairs 28 -> 30 (2026-12-08): the pair threshold (0.5), and a line the model does
+        # not flag no longer hides the passages inside it
+        ("holdout6", (48, 14), (69, 30)),
         ("holdout7", (56, 22), (68, 30)),
     ],
 )
