@@ -21,6 +21,7 @@ from llm_server import JUNK_P, MODEL, LLMServer, Reply, llm_server
 from test_consumers import WORKERS, Fleet, drain
 
 from common.settings import ModelSpec, load_settings
+from common.tasks import BUILTIN_TASKS
 from consumers.backends import load_backend
 from consumers.backends.openai_compat import OpenAICompatible
 from producers.api import Producer
@@ -60,7 +61,14 @@ def fleet(make_settings: Any, servers: dict[str, LLMServer]) -> Iterator[Fleet]:
         assert isinstance(backend, OpenAICompatible)
         backends.append(backend)
     workers = {name: ModelSpec(backend="openai") for name in WORKERS}
-    fleet = Fleet(make_settings(workers=workers, block_ms=20, vote_timeout_s=60))
+    # The items tell the fake servers what to answer ("... judge=negative"): the learned half
+    # of the injection detector rightly reads that as a label assignment beside a ticket's
+    # sentence, so these fleets read with the cues only.
+    cues_only = BUILTIN_TASKS["sentiment"].model_copy(update={"injection_model": False})
+    settings = make_settings(
+        workers=workers, block_ms=20, vote_timeout_s=60, tasks={"sentiment": cues_only}
+    )
+    fleet = Fleet(settings)
     for name, backend in zip(WORKERS, backends, strict=False):
         fleet.workers[name].handler.backend = backend  # type: ignore[attr-defined]
     fleet.judge.handler.backend = backends[-1]  # type: ignore[attr-defined]
