@@ -11,7 +11,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-from common.injection import Finding, findings, neutralized, redacted
+from common.injection import Finding, findings, neutralized
+from common.redaction import redacted
 from common.schemas import Item
 
 
@@ -37,7 +38,7 @@ class TaskSpec(BaseModel):
     An item's texts are data (``common.injection``): a prompt holds them with every control
     token and tag spelling broken, and under ``injection = "redact"`` (the default) every
     model reads them without the paragraphs (or lines) where the injection detector flags a
-    passage (``view``, ``common.injection.redacted``);
+    passage (``view``, ``common.redaction.redacted``);
     ``"flag"`` shows them. ``"review"`` redacts them too, sends every flagged item to the
     judge, asks it once more with the item whole and hands a person (the review stream)
     those whose label the passages would have changed. The outcome lists what was flagged
@@ -118,7 +119,7 @@ class TaskSpec(BaseModel):
     def view(self, item: Item) -> Item:
         """The item as every model reads it (``consumers.backends.ask`` hands this to the
         backend): unless ``injection = "flag"``, its texts lack the paragraphs, or lines, that
-        hold what the detector flags (``common.injection.redacted``)."""
+        hold what the detector flags (``common.redaction.redacted``)."""
         if self.injection == "flag":
             return item
         found = [self._findings(text) for text in (item.text, item.text_b or "")]

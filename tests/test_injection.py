@@ -13,9 +13,10 @@ import httpx
 import pytest
 from test_consumers import WORKERS, Fleet, Scripted, produce
 
-from common.injection import findings, neutralized, redacted
+from common.injection import findings, neutralized
 from common.injection_cues import CUES, cues
 from common.keys import JUDGE_GROUP
+from common.redaction import redacted
 from common.schemas import Item, Prediction, Vote
 from common.settings import LocalModel, ModelSpec, load_settings
 from common.tasks import BUILTIN_TASKS

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from common.injection import findings, redacted
+from common.injection import findings
+from common.redaction import redacted
 from common.schemas import Item
 from common.tasks import BUILTIN_TASKS
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.injection import LEARNED, findings, readings, redacted
+from common.injection import LEARNED, findings, readings
 from common.injection_model import MODEL_FILE, PassageModel, eligible, shipped
+from common.redaction import redacted
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = ["positive", "negative", "neutral"]
