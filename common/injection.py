@@ -174,6 +174,9 @@ _LEET_WORD = re.compile(
     re.I,
 )
 _LEET = str.maketrans("013457", "oieast")
+# Pig Latin with hyphens ("abel-lay ese-thay": label these), read where a passage holds two
+# such words or more: a ticket's "mid-day" alone stays as it is.
+_PIG_LATIN = re.compile(r"(?<![\w-])([a-z]+)-([b-df-hj-np-tv-z]{0,3})ay(?![\w-])", re.I)
 _SPACED = re.compile(r"(?<!\S)\w(?: \w){3,}(?!\S)")  # four letters or more, one space apart
 _SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
 # Zero-width characters are dropped in the first reading ("ig\u200bnore"); in the second they
@@ -198,6 +201,8 @@ def _spelled_out(plain: str) -> str:
     text = _ESCAPES.sub(lambda m: unquote(m.group(0), errors="replace"), plain)
     text = _BASE64.sub(lambda m: _decoded(m.group(0)), text)
     text = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
+    if len(_PIG_LATIN.findall(text)) >= 2:
+        text = _PIG_LATIN.sub(lambda m: (m.group(2) + m.group(1)).lower(), text)
     if _SPACED.search(text):
         text = _SPACED_SHORT.sub(lambda m: m.group(0).replace(" ", ""), text)
     return text

@@ -28,6 +28,13 @@ _MIN_WORDS_BESIDE = 3
 # customer's paragraph ("...investigated.<|eot_id|>") they take only themselves, never the
 # customer's sentences around them.
 _MARKUP_CUES = frozenset({"control token", "inside a fake turn", "hidden text"})
+# An element whose content goes goes whole: the opening tags just before a span that goes and
+# the closing tags just after it (only whitespace between). Left behind, an emptied
+# "<tool_call>\n\n</tool_call>" or a "</span>" glued to the customer's first sentence still
+# told the judge something was there (holdout11's pairs, 2026-12-08: two of its four flips).
+_OPENING_TAGS = re.compile(r"(?:<[A-Za-z][\w:.-]*(?:\s[^<>]*)?>\s*)+\Z")
+_CLOSING_TAGS = re.compile(r"\s*(?:</[A-Za-z][\w:.-]*\s*>\s*)+")
+_TAGS_REACH = 2000  # characters looked back for opening tags: a bound, not a parse
 
 
 def redacted(text: str, found: Sequence[Finding]) -> str:
@@ -48,14 +55,26 @@ def redacted(text: str, found: Sequence[Finding]) -> str:
     if not found:
         return text
     by_words = [f for f in found if f.cue not in _MARKUP_CUES]
-    spans = [(f.start, f.end) for f in found]
+    spans = _with_tags(text, [(f.start, f.end) for f in found])
     for block_break in _BLOCK_BREAKS:
         blocks = _touched(_between(text, block_break), by_words) if by_words else []
-        out = _without(text, [*spans, *blocks]) if blocks else ""
+        out = _without(text, [*spans, *_with_tags(text, blocks)]) if blocks else ""
         if len(out.split()) >= _MIN_WORDS_BESIDE:
             return out
     out = _without(text, spans)
     return out if len(out.split()) >= _MIN_WORDS_LEFT else text
+
+
+def _with_tags(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``spans``, each widened over the opening tags just before it and the closing tags just
+    after it (``_OPENING_TAGS``, ``_CLOSING_TAGS``)."""
+    out = []
+    for start, end in spans:
+        window = max(0, start - _TAGS_REACH)
+        before = _OPENING_TAGS.search(text[window:start])
+        after = _CLOSING_TAGS.match(text, end)
+        out.append((window + before.start() if before else start, after.end() if after else end))
+    return out
 
 
 def _between(text: str, separator: re.Pattern[str]) -> list[tuple[int, int]]:
