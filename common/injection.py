@@ -182,13 +182,19 @@ _SPACED_SHORT = re.compile(r"(?<!\S)\w(?: \w)+(?!\S)")
 # Zero-width characters are dropped in the first reading ("ig\u200bnore"); in the second they
 # are spaces, for the text that uses them instead of spaces ("ignore\u200bthe\u200bticket").
 _ZERO_WIDTH_AS_SPACE = dict.fromkeys(map(ord, _ZW), " ")
+# Hex bytes ("0x636c61..."), decoded like base64 (holdout11 hid a label request in them).
+_HEX = re.compile(r"(?<!\w)(?:0x)?((?:[0-9a-fA-F]{2}){8,2000})(?!\w)")
 
 
-def _decoded(blob: str) -> str:
-    """A base64 blob as the text it encodes, where that is printable UTF-8 with a space in it
-    (a sentence); else the blob itself (a token, a hash, a key)."""
+def _decoded(blob: str, hexadecimal: bool = False) -> str:
+    """A base64 (or hex) blob as the text it encodes, where that is printable UTF-8 with a
+    space in it (a sentence); else the blob itself (a token, a hash, a key)."""
     try:
-        raw = base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True).decode()
+        raw = (
+            bytes.fromhex(blob)
+            if hexadecimal
+            else base64.b64decode(blob + "=" * (-len(blob) % 4), validate=True)
+        ).decode()
     except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
         return blob
     text = " ".join(raw.split())  # a newline in it is a space, as everywhere else here
@@ -197,8 +203,9 @@ def _decoded(blob: str) -> str:
 
 def _spelled_out(plain: str) -> str:
     """``plain`` with the spellings of ``_ESCAPES`` .. ``_SPACED`` read as the words they spell
-    (escapes and base64 first: the other readings would change their characters)."""
+    (escapes, hex and base64 first: the other readings would change their characters)."""
     text = _ESCAPES.sub(lambda m: unquote(m.group(0), errors="replace"), plain)
+    text = _HEX.sub(lambda m: _decoded(m.group(1), hexadecimal=True), text)
     text = _BASE64.sub(lambda m: _decoded(m.group(0)), text)
     text = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
     if len(_PIG_LATIN.findall(text)) >= 2:
