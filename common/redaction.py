@@ -33,7 +33,7 @@ _MARKUP_CUES = frozenset({"control token", "inside a fake turn", "hidden text"})
 # "<tool_call>\n\n</tool_call>" or a "</span>" glued to the customer's first sentence still
 # told the judge something was there (holdout11's pairs, 2026-12-08: two of its four flips).
 _OPENING_TAGS = re.compile(r"(?:<[A-Za-z][\w:.-]*(?:\s[^<>]*)?>\s*)+\Z")
-_CLOSING_TAGS = re.compile(r"\s*(?:</[A-Za-z][\w:.-]*\s*>\s*)+")
+_CLOSING_TAGS = re.compile(r"(?:\s*</[A-Za-z][\w:.-]*\s*>)+")  # whitespace after stays
 _TAGS_REACH = 2000  # characters looked back for opening tags: a bound, not a parse
 
 
@@ -54,15 +54,24 @@ def redacted(text: str, found: Sequence[Finding]) -> str:
     (docs/injection.md)."""
     if not found:
         return text
+    # with the tags around what goes; without them where they are all that would be left
+    for tags in (True, False):
+        if (out := _redacted(text, found, tags)) is not None:
+            return out
+    return text
+
+
+def _redacted(text: str, found: Sequence[Finding], tags: bool) -> str | None:
     by_words = [f for f in found if f.cue not in _MARKUP_CUES]
-    spans = _with_tags(text, [(f.start, f.end) for f in found])
+    spans = [(f.start, f.end) for f in found]
     for block_break in _BLOCK_BREAKS:
         blocks = _touched(_between(text, block_break), by_words) if by_words else []
-        out = _without(text, [*spans, *_with_tags(text, blocks)]) if blocks else ""
+        gone = [*spans, *blocks]
+        out = _without(text, _with_tags(text, gone) if tags else gone) if blocks else ""
         if len(out.split()) >= _MIN_WORDS_BESIDE:
             return out
-    out = _without(text, spans)
-    return out if len(out.split()) >= _MIN_WORDS_LEFT else text
+    out = _without(text, _with_tags(text, spans) if tags else spans)
+    return out if len(out.split()) >= _MIN_WORDS_LEFT else None
 
 
 def _with_tags(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -103,6 +112,8 @@ def _without(text: str, spans: Sequence[tuple[int, int]]) -> str:
     kept, at = [], 0
     for start, end in sorted(spans):
         kept.append(text[at : max(at, start)])
+        if "\n" in text[max(at, start) : end]:  # a line break that goes leaves one: no words glued
+            kept.append("\n")
         at = max(at, end)
     kept.append(text[at:])
     # Where blocks went, the blank lines they leave are squeezed into one; the ends stripped.
