@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--held-out-clean", nargs="*", default=["clean_realistic2"])
     parser.add_argument("--allow-no-reviews", action="store_true")
     args = parser.parse_args()
+    if not 0 < args.pair_threshold <= args.threshold < 1:
+        parser.error("need 0 < --pair-threshold <= --threshold < 1 (pairs flag from the lower)")
     if args.cross_validate:
         cross_validate(corpus(args.held_out_clean, args.allow_no_reviews), args.held_out_clean)
         return

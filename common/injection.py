@@ -162,11 +162,11 @@ _UNDISGUISED = {**_TAG_TEXT, **_OVERLAYS}
 
 
 # Spellings that hide words from a reader of regular expressions and not from a model: a
-# URL's percent-escapes, base64, digits for letters ("p051t1v3"), letters spaced out ("C L A
-# S S I F Y   A S"). Read as a second reading only (``findings``), so what the first reads as
-# written ("ROT13") stays as it is; narrow, so product codes ("A1", "B0T-3") keep their
-# spelling. (Words joined by underscores are not read: code names such as
-# mark_review_as_negative are ordinary text in a ticket.)
+# URL's percent-escapes, base64 and hex bytes, digits for letters ("p051t1v3"), hyphenated Pig
+# Latin ("abel-lay"), letters spaced out ("C L A S S I F Y   A S"). Read as a second reading
+# only (``findings``), so what the first reads as written ("ROT13") stays as it is; narrow,
+# so product codes ("A1", "B0T-3") keep their spelling. (Words joined by underscores are not
+# read: code names such as mark_review_as_negative are ordinary text in a ticket.)
 _ESCAPES = re.compile(r"(?:%[0-9A-Fa-f]{2}){3,}")
 _BASE64 = re.compile(r"(?<![\w+/])[A-Za-z0-9+/]{16,4000}={0,2}(?![\w+/=])")
 _LEET_WORD = re.compile(
@@ -201,15 +201,22 @@ def _decoded(blob: str, hexadecimal: bool = False) -> str:
     return text if " " in text and text.isprintable() else blob
 
 
+def _unpigged(m: re.Match[str]) -> str:
+    """A Pig Latin word as English: "abel-lay" label, "o-tway" two, "ignore-way" ignore (a
+    word that starts with a vowel takes "way", "yay" or "hay")."""
+    stem, moved = m.group(1).lower(), m.group(2).lower()
+    return stem if stem[0] in "aeiou" and moved in ("", "w", "y", "h") else moved + stem
+
+
 def _spelled_out(plain: str) -> str:
-    """``plain`` with the spellings of ``_ESCAPES`` .. ``_SPACED`` read as the words they spell
+    """``plain`` with the spellings of ``_ESCAPES`` .. ``_HEX`` read as the words they spell
     (escapes, hex and base64 first: the other readings would change their characters)."""
     text = _ESCAPES.sub(lambda m: unquote(m.group(0), errors="replace"), plain)
     text = _HEX.sub(lambda m: _decoded(m.group(1), hexadecimal=True), text)
     text = _BASE64.sub(lambda m: _decoded(m.group(0)), text)
     text = _LEET_WORD.sub(lambda m: m.group(0).translate(_LEET), text)
     if len(_PIG_LATIN.findall(text)) >= 2:
-        text = _PIG_LATIN.sub(lambda m: (m.group(2) + m.group(1)).lower(), text)
+        text = _PIG_LATIN.sub(_unpigged, text)
     if _SPACED.search(text):
         text = _SPACED_SHORT.sub(lambda m: m.group(0).replace(" ", ""), text)
     return text

@@ -140,9 +140,9 @@ def flagged(
     for s, e in above:
         if e <= reach:  # inside a flagged unit that starts no later (a line holds passages)
             continue
-        if first_end <= s or last_start >= e:  # a line not flagged leaves its passages to be
+        if first_end <= s or last_start >= e:
             out.append((s, e))
-            reach = e
+            reach = e  # only a flagged unit hides those inside it: a line not flagged does not
     return out
 
 

@@ -379,7 +379,7 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False)
 
 
-@pytest.mark.parametrize("where", ["missing/ready", ".", "new/"])
+@pytest.mark.parametrize("where", ["missing/ready", ".", "new/", ""])
 def test_a_ready_file_that_cannot_be_written_is_refused_before_any_server_starts(
     model_dir: Path, tmp_path: Path, where: str
 ) -> None:
@@ -387,7 +387,7 @@ def test_a_ready_file_that_cannot_be_written_is_refused_before_any_server_starts
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRIBUNAL_")}
     env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
     argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
-    given = f"{tmp_path}/{where}"  # as typed: "new/" (a folder meant) keeps its slash
+    given = where and f"{tmp_path}/{where}"  # as typed: "new/" (a folder meant) keeps its slash
     argv += ["serve", "--log-dir", str(tmp_path), "--ready-file", given]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr

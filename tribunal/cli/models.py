@@ -185,7 +185,9 @@ def _checked_ready_file(given: str) -> Path:
     this one); a path that cannot be written is refused at once, in one line: not minutes
     later, after the warm-up."""
     path, why = Path(given), None
-    if given.endswith(("/", os.sep)):  # checked first: unlink would take a file "new" for "new/"
+    if not given.strip():
+        why = "an empty path; give a file, e.g. --ready-file ready.json"
+    elif given.endswith(("/", os.sep)):  # checked first: unlink would take a file "new" for "new/"
         why = "names a folder; give a file in it, e.g. --ready-file DIR/ready.json"
     else:
         try:
