@@ -379,7 +379,7 @@ def test_models_serve_listens_where_told_warms_and_stops_on_sigterm(
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, trust_env=False)
 
 
-@pytest.mark.parametrize("where", ["missing/ready", ".", "new/", ""])
+@pytest.mark.parametrize("where", ["missing/ready", ".", "new/", "", "notes.txt"])
 def test_a_ready_file_that_cannot_be_written_is_refused_before_any_server_starts(
     model_dir: Path, tmp_path: Path, where: str
 ) -> None:
@@ -388,10 +388,13 @@ def test_a_ready_file_that_cannot_be_written_is_refused_before_any_server_starts
     env["TRIBUNAL_MODEL_DIR"] = str(model_dir)
     argv = [sys.executable, "-m", "tribunal", "--fleet", str(fleet_file(tmp_path)), "models"]
     given = where and f"{tmp_path}/{where}"  # as typed: "new/" (a folder meant) keeps its slash
+    notes = tmp_path / "notes.txt"  # not a ready file: never removed
+    notes.write_text("my notes")
     argv += ["serve", "--log-dir", str(tmp_path), "--ready-file", given]
     result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"error: --ready-file {given}: ")
+    assert result.stderr.startswith(f"error: --ready-file {given!r}: ")
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert not list(tmp_path.glob("*.log"))  # no server was started
     assert not (tmp_path / "new").exists()  # nor a file written where a folder was meant
+    assert notes.read_text() == "my notes"

@@ -277,8 +277,9 @@ def run(
                 "[yellow]note:[/]",
                 f"no model of this fleet handles task {task!r} (workers: "
                 f"{', '.join(spec.backend for spec in s.workers.values())}; judge: "
-                f"{s.judge.backend}): items of that task end as dead letters with the reason; "
-                f"to label every built-in task, start with --fleet {LOCAL_FLEET}",
+                f"{s.judge.backend}): items of that task, if you send any, end as dead "
+                f"letters with the reason; to label every built-in task, start with --fleet "
+                f"{LOCAL_FLEET}",
             )
 
     log_dir = data_dir.parent / "logs"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -169,7 +170,11 @@ def serve_models(
         warm_prompt_caches(s, servers.urls())
         urls = orjson.dumps(servers.urls()).decode()
         if ready is not None:
-            ready.write_text(urls)
+            try:
+                ready.write_text(urls)
+            except OSError as exc:  # the folder went away meanwhile: one line, servers stopped
+                say("[red]error:[/]", f"--ready-file {str(ready)!r}: {exc.strerror or exc}")
+                raise typer.Exit(2) from None
         say("", f"export TRIBUNAL_MODEL_URLS='{urls}'")
         while not stop.wait(0.5):
             servers.supervise()
@@ -182,23 +187,41 @@ def serve_models(
 
 def _checked_ready_file(given: str) -> Path:
     """``given`` as a path, a ready file a killed run left there removed (it says nothing of
-    this one); a path that cannot be written is refused at once, in one line: not minutes
-    later, after the warm-up."""
+    this one); a path that cannot be written, or that holds a file of something else (a
+    fleet file named by mistake), is refused at once, in one line: not minutes later, after
+    the warm-up."""
     path, why = Path(given), None
     if not given.strip():
         why = "an empty path; give a file, e.g. --ready-file ready.json"
-    elif given.endswith(("/", os.sep)):  # checked first: unlink would take a file "new" for "new/"
+    elif given.endswith(("/", os.sep)) or path.is_dir():  # checked first: never unlink a folder
         why = "names a folder; give a file in it, e.g. --ready-file DIR/ready.json"
+    elif path.exists() and not _is_ready_file(path):
+        why = "a file that is not a ready file is there; remove it or give another path"
+    elif not path.parent.is_dir():
+        why = f"no folder {path.parent}" + (
+            " (a quoted ~ is not your home)" if "~" in given else ""
+        )
     else:
-        try:
+        try:  # written for real, as at the end: os.access says yes to /proc as root
             path.unlink(missing_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=".ready-"):
+                pass
         except OSError as exc:
             why = exc.strerror or str(exc)
-    if why is None and not path.parent.is_dir():
-        why = f"no folder {path.parent}"
-    elif why is None and not os.access(path.parent, os.W_OK):
-        why = f"folder {path.parent} is not writable"
     if why is not None:
-        say("[red]error:[/]", f"--ready-file {given}: {why}")
+        say("[red]error:[/]", f"--ready-file {given!r}: {why}")
         raise typer.Exit(2)
     return path
+
+
+def _is_ready_file(path: Path) -> bool:
+    """Whether ``path`` holds what ``serve`` writes there: a JSON object of model URLs."""
+    import orjson
+
+    try:
+        urls = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return False
+    return isinstance(urls, dict) and all(
+        isinstance(u, str) and u.startswith("http") for u in urls.values()
+    )

@@ -228,7 +228,7 @@ def render(snap: Snapshot) -> RenderableType:
     by_workers, by_judge = d.by_source.get("workers", 0), d.by_source.get("judge", 0)
     rows = [
         ("throughput", _throughput_cell(snap.throughput)),
-        ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} judge)"),
+        ("decisions", f"{d.total} ({by_workers} by workers, {by_judge} by the judge)"),
         (
             "judge-call rate",
             f"{_percent(snap.judge_call_rate)} ({snap.escalations} escalations per {d.total} "
@@ -248,9 +248,10 @@ def render(snap: Snapshot) -> RenderableType:
         rows.append(
             (
                 "",
-                "a vote counts only while its item is open: votes that arrive after the item "
-                "was decided (late, or after early_exit) are not counted; abstain: the "
-                "model's answer held no usable label",
+                "a vote counts if it reaches Redis before its item is settled: one that came "
+                "in while the decision was being made (early_exit: the slowest worker) is "
+                "counted here though the label's record lists only the votes it was decided "
+                "on; later ones are dropped; abstain: the model's answer held no usable label",
             )
         )
     for t in snap.thresholds:
