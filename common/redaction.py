@@ -37,7 +37,6 @@ _MARKUP_CUES = frozenset({"control token", "inside a fake turn", "hidden text"})
 _TAG = re.compile(r"<(/?)([A-Za-z][\w:.-]{0,40})(?:[ \t][^<>\n]{0,200})?/?>")
 _TAG_LONGEST = 250  # characters: no tag _TAG reads is longer
 _SPACE = " \t\r"
-_BREAKS = "\n\u2028\u2029\x85"
 
 
 def redacted(text: str, found: Sequence[Finding]) -> str:
@@ -132,7 +131,7 @@ def _skip_space(text: str, at: int, step: int) -> int:
     breaks = 0
     while at > 0 if step < 0 else at < len(text):
         c = text[at - 1] if step < 0 else text[at]
-        if c in _BREAKS and breaks == 0:
+        if breaks == 0 and LINE_BREAK.match(c):
             breaks = 1
         elif c not in _SPACE:
             break
